@@ -1,0 +1,113 @@
+"""``hybrid-ds``: list presets, validate a run config, train.
+
+Every user mistake ends as one line on stderr and exit code 2; see :class:`hybrid_ds.errors.UserError`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from collections.abc import Callable
+
+from hybrid_ds.errors import UserError
+
+
+def _add_config_args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("config", nargs="?", help="run config JSON (e.g. configs/gpt.json)")
+    parser.add_argument("--config", dest="config_flag", metavar="CONFIG", help="same as the positional CONFIG")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a key, VALUE read as JSON where it parses (repeatable)")
+
+
+def _config_path(args: argparse.Namespace) -> str:
+    path = args.config_flag or args.config
+    if not path:
+        raise UserError("--config", "no config given; e.g. configs/gpt.json")
+    return path
+
+
+def cmd_presets(args: argparse.Namespace) -> int:
+    from hybrid_ds import presets
+    from hybrid_ds.config import ModelConfig
+    from hybrid_ds.models.resolve import count_params, meta_model, resolve_model
+
+    rows = []
+    for preset in presets.PRESETS.values():
+        row = presets.describe(preset)
+        row["params"] = count_params(meta_model(resolve_model(ModelConfig(name=preset.name))))
+        rows.append(row)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return 0
+    print(f"{'name':<14} {'family':<9} {'layers':>6} {'hidden':>6} {'heads':>5} {'params':>17}  published")
+    for row in rows:
+        published = row["published"] or 0
+        published = f"{published / 1e9:g}B" if published >= 1e9 else f"{published / 1e6:g}M" if published else "-"
+        print(f"{row['name']:<14} {row['family']:<9} {row['layers']:>6} {row['hidden']:>6} {row['heads']:>5} "
+              f"{row['params']:>17,}  {published}")
+    return 0
+
+
+def cmd_validate(args: argparse.Namespace) -> int:
+    from hybrid_ds.config import load_config
+    from hybrid_ds.plan import build_plan, format_plan, plan_dict
+
+    cfg = load_config(_config_path(args), args.set)
+    plan = build_plan(cfg, args.world_size)
+    if args.json:
+        print(json.dumps(plan_dict(plan), indent=2))
+    else:
+        print(format_plan(plan))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from hybrid_ds.config import load_config
+    from hybrid_ds.plan import build_plan, format_plan
+
+    cfg = load_config(_config_path(args), args.set)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = build_plan(cfg, world_size)
+    if args.dry_run:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(format_plan(plan))
+        return 0
+    raise UserError("train", "training runs are not available in this version yet; use --dry-run to see the plan")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="hybrid-ds", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    p = sub.add_parser("presets", help="list architecture presets")
+    p.add_argument("--json", action="store_true", help="print a JSON list of {name, family, layers, ...}")
+    p.set_defaults(func=cmd_presets)
+
+    p = sub.add_parser("validate", help="check a run config and print its plan (no weights loaded)")
+    _add_config_args(p)
+    p.add_argument("--world-size", type=int, help="processes in the run (default: stages x dp the batch implies)")
+    p.add_argument("--json", action="store_true", help="print the plan as JSON")
+    p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("train", help="train (what launch/train.py runs)")
+    _add_config_args(p)
+    p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_train)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    func: Callable[[argparse.Namespace], int] = args.func
+    try:
+        return func(args)
+    except UserError as err:
+        print(f"hybrid-ds: error: {err}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,329 @@
+"""One config file: a DeepSpeed config plus the sections ``model``, ``data``, ``pipeline`` and ``train``.
+
+A run config is a JSON object. DeepSpeed's own top-level keys (``train_micro_batch_size_per_gpu``,
+``optimizer``, ``zero_optimization``, ``bf16`` ...) are passed to DeepSpeed unchanged; our sections are
+validated strictly here. ``extends`` inherits from another file (paths relative to the file that names
+it, merged key by key); ``--set a.b=VALUE`` overrides any key, VALUE read as JSON where it parses.
+
+This module is pure Python: it must never import torch, deepspeed or transformers.
+
+>>> cfg = load_config_dict({"train_micro_batch_size_per_gpu": 2, "model": {"name": "gpt2-tiny"}})
+>>> cfg.pipeline.stages, cfg.micro_batch, cfg.zero_stage
+(1, 2, 0)
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import re
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from hybrid_ds.errors import UserError, suggest
+
+# Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the config classes it builds).
+# Anything else at the top level is a typo that DeepSpeed would silently ignore, so we reject it.
+DEEPSPEED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "grad_accum_dtype",
+    "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op",
+    "sparse_gradients", "communication_data_type", "seq_parallel_communication_data_type",
+    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "aio",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "disable_allgather",
+    "disable_python_gc", "log_level", "flops_profiler", "activation_checkpointing", "sparse_attention",
+    "data_efficiency", "curriculum_learning", "progressive_layer_drop", "eigenvalue",
+    "quantize_training", "compression_training", "elasticity", "autotuning", "checkpoint",
+    "data_types", "dataloader_drop_last", "pipeline", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "timers", "nebula", "weight_quantization", "compile", "hybrid_engine",
+    "tensor_parallel", "expert_parallel", "managed_gradient_accumulation",
+    "use_data_before_expert_parallel_", "vocabulary_size", "zero_optimization_stage",
+})
+
+# DeepSpeed's own pipeline keys that we do not interpret; they are handed to DeepSpeed as given.
+_DS_PIPELINE_KEYS = ("pipe_partitioned", "grad_partitioned")
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class ModelConfig(_Section):
+    name: str = Field(description="architecture preset (`hybrid-ds presets`), hub name ORG/NAME, or local folder")
+    pretrained: bool = Field(False, description="load the checkpoint's weights; false = the model's own random init")
+    revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name is a hub name")
+    trust_remote_code: bool = Field(False, description="allow a hub model's own Python code; off by default")
+    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel of the HF layers")
+    overrides: dict[str, Any] = Field(default_factory=dict,
+                                      description="HF config fields to change, e.g. {\"n_layer\": 6}")
+
+
+class DataConfig(_Section):
+    source: str = Field("builtin", description="\"builtin\" (offline corpus), local files, or a hub dataset")
+    tokenizer: str | None = Field(None, description="HF tokenizer name or folder; null = the family's default")
+    seq_len: int = Field(1024, ge=8, description="tokens per training sequence")
+
+
+class PipelineConfig(_Section):
+    stages: int = Field(1, ge=1, description="pipeline stages; data-parallel size = world size / stages")
+    partition: str | list[int] = Field(
+        "parameters",
+        description="\"parameters\" (balance parameter counts), \"uniform\" (balance layer counts), "
+                    "\"type:REGEX\" (balance layers whose class matches), or blocks per stage, e.g. [6, 6]")
+    activation_checkpoint_interval: int = Field(0, ge=0, description="recompute every N layers; 0 = off")
+    pipe_partitioned: bool = Field(True, description="DeepSpeed: split activations sent between stages over TP")
+    grad_partitioned: bool = Field(True, description="DeepSpeed: split gradients sent between stages over TP")
+
+    @field_validator("partition")
+    @classmethod
+    def _known_partition(cls, value: str | list[int]) -> str | list[int]:
+        if isinstance(value, list):
+            if any(n < 0 for n in value):
+                raise ValueError(f"block counts must be >= 0, got {value}")
+            return value
+        if value.lower().startswith("type:"):
+            try:
+                re.compile(value[5:])
+            except re.error as err:
+                raise ValueError(f"bad regular expression {value[5:]!r}: {err}") from None
+            return value
+        if value not in ("parameters", "uniform"):
+            raise ValueError(f"{value!r} is not a method; valid: 'parameters', 'uniform', "
+                             "'type:REGEX' or a list of blocks per stage")
+        return value
+
+
+class TrainConfig(_Section):
+    max_steps: int = Field(100, ge=1, description="optimizer steps to run")
+    seed: int = Field(1234, description="seed of model init, data order and dropout")
+    save_dir: str | None = Field(None, description="checkpoint folder; null = no checkpoints")
+    save_interval: int = Field(0, ge=0, description="save every N steps (and at the end); 0 = only at the end")
+    eval_interval: int = Field(0, ge=0, description="evaluate every N steps; 0 = never")
+    eval_batches: int = Field(8, ge=1, description="batches per evaluation")
+    resume: bool | Literal["auto"] = Field(False, description="true/\"auto\": continue from the latest checkpoint")
+    export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run")
+
+
+_SECTIONS: dict[str, type[_Section]] = {
+    "model": ModelConfig, "data": DataConfig, "pipeline": PipelineConfig, "train": TrainConfig,
+}
+_META_KEYS = ("extends", "description")
+
+
+class RunConfig:
+    """A validated run config: our four sections, plus DeepSpeed's keys kept as given."""
+
+    def __init__(self, raw: dict[str, Any], source: str = "<dict>"):
+        self.source = source
+        self.raw = raw
+        self.description: str = raw.get("description", "")
+        self.model: ModelConfig = _section(raw, "model")
+        self.data: DataConfig = _section(raw, "data")
+        self.pipeline: PipelineConfig = _section(raw, "pipeline")
+        self.train: TrainConfig = _section(raw, "train")
+        self.deepspeed: dict[str, Any] = {k: v for k, v in raw.items()
+                                          if k not in _SECTIONS and k not in _META_KEYS}
+        _check_deepspeed_keys(self.deepspeed)
+        _check_cross_section(self)
+
+    @property
+    def micro_batch(self) -> int | None:
+        return self.deepspeed.get("train_micro_batch_size_per_gpu")
+
+    @property
+    def grad_accum(self) -> int | None:
+        return self.deepspeed.get("gradient_accumulation_steps")
+
+    @property
+    def train_batch(self) -> int | None:
+        return self.deepspeed.get("train_batch_size")
+
+    @property
+    def zero_stage(self) -> int:
+        return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
+
+    @property
+    def precision(self) -> str:
+        """"bf16", "fp16" or "fp32": the dtype the engine trains in."""
+        for name in ("bf16", "fp16"):
+            if self.deepspeed.get(name, {}).get("enabled", False):
+                return name
+        return "fp32"
+
+    def deepspeed_config(self, batch: dict[str, int] | None = None) -> dict[str, Any]:
+        """The dict to hand to ``deepspeed.initialize``: DeepSpeed's keys only, with resolved batch sizes."""
+        ds = copy.deepcopy(self.deepspeed)
+        ds.update(batch or {})
+        pipe = {k: getattr(self.pipeline, k) for k in _DS_PIPELINE_KEYS}
+        pipe["activation_checkpoint_interval"] = self.pipeline.activation_checkpoint_interval
+        ds["pipeline"] = pipe
+        return ds
+
+    def to_dict(self) -> dict[str, Any]:
+        """The fully resolved config (extends and --set applied) as plain JSON data."""
+        out: dict[str, Any] = {"description": self.description} if self.description else {}
+        for name in _SECTIONS:
+            out[name] = getattr(self, name).model_dump()
+        out.update(copy.deepcopy(self.deepspeed))
+        return out
+
+
+# ---------------------------------------------------------------- loading
+
+
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read ``path`` (following ``extends``), apply ``--set`` overrides, validate."""
+    raw = _read_with_extends(Path(path), chain=())
+    for item in overrides:
+        apply_override(raw, item)
+    return RunConfig(raw, source=str(path))
+
+
+def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    raw = copy.deepcopy(raw)
+    for item in overrides:
+        apply_override(raw, item)
+    return RunConfig(raw)
+
+
+def _read_json(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise UserError(str(path), "config file not found")
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise UserError(str(path), f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
+    if not isinstance(data, dict):
+        raise UserError(str(path), f"a config must be a JSON object, got {type(data).__name__}")
+    return data
+
+
+def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    resolved = path.resolve()
+    if resolved in chain:
+        cycle = " -> ".join(p.name for p in (*chain, resolved))
+        raise UserError("extends", f"cycle: {cycle}")
+    data = _read_json(path)
+    parents = data.pop("extends", [])
+    if isinstance(parents, str):
+        parents = [parents]
+    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
+        raise UserError("extends", f"must be a file name or a list of them, got {parents!r}")
+    merged: dict[str, Any] = {}
+    for parent in parents:
+        parent_path = path.parent / parent
+        if not parent_path.is_file():
+            raise UserError("extends", f"{parent!r} (named in {path}) not found")
+        merged = deep_merge(merged, _read_with_extends(parent_path, (*chain, resolved)))
+    return deep_merge(merged, data)
+
+
+def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
+    """``top`` over ``base``: objects merge key by key, anything else replaces.
+
+    >>> deep_merge({"a": {"x": 1, "y": 2}}, {"a": {"y": 3}})
+    {'a': {'x': 1, 'y': 3}}
+    """
+    out = copy.deepcopy(base)
+    for key, value in top.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def apply_override(raw: dict[str, Any], item: str) -> None:
+    """Apply one ``a.b.c=VALUE`` in place; VALUE is JSON where it parses, else a string.
+
+    >>> cfg = {"pipeline": {"stages": 2}}
+    >>> apply_override(cfg, "pipeline.stages=4"); apply_override(cfg, "model.name=gpt2")
+    >>> cfg
+    {'pipeline': {'stages': 4}, 'model': {'name': 'gpt2'}}
+    """
+    key, sep, text = item.partition("=")
+    if not sep or not key or any(not part for part in key.split(".")):
+        raise UserError("--set", f"expected KEY.PATH=VALUE, got {item!r}")
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError:
+        value = text
+    *parents, leaf = key.split(".")
+    node = raw
+    for i, part in enumerate(parents):
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            prefix = ".".join(parents[: i + 1])
+            raise UserError("--set", f"{key}: {prefix} is {child!r}, not an object")
+        node = child
+    node[leaf] = value
+
+
+# ---------------------------------------------------------------- validation
+
+
+def _section(raw: dict[str, Any], name: str) -> Any:
+    data = raw.get(name, {})
+    if not isinstance(data, dict):
+        raise UserError(name, f"must be an object, got {data!r}")
+    model_cls = _SECTIONS[name]
+    try:
+        return model_cls(**data)
+    except ValidationError as err:
+        # An unknown key often explains a missing one (a misspelt `name`): report it first.
+        errors = sorted(err.errors(), key=lambda e: e["type"] != "extra_forbidden")
+        raise _user_error(name, model_cls, errors[0]) from None
+
+
+def _user_error(section: str, model_cls: type[_Section], error: dict[str, Any]) -> UserError:
+    loc = [str(part) for part in error["loc"] if not isinstance(part, int)]
+    # pydantic reports union members (`str`, `list[int]`) as loc parts: keep only real field names.
+    fields = [p for p in loc if p in model_cls.model_fields] or loc[:1]
+    key = ".".join([section, *fields]) if fields else section
+    if error["type"] == "extra_forbidden":
+        return UserError(key, f"unknown key; {suggest(loc[-1], model_cls.model_fields)}")
+    if error["type"] == "missing":
+        return UserError(key, f"required; {model_cls.model_fields[fields[-1]].description}")
+    message = error["msg"].removeprefix("Value error, ")
+    return UserError(key, f"{message}, got {error['input']!r}")
+
+
+def _check_deepspeed_keys(ds: dict[str, Any]) -> None:
+    for key in ds:
+        if key not in DEEPSPEED_KEYS:
+            valid = [*DEEPSPEED_KEYS, *_SECTIONS, *_META_KEYS]
+            raise UserError(key, f"unknown top-level key; {suggest(key, valid)}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise UserError(key, f"must be a positive integer, got {value!r}")
+    for key in ("zero_optimization", "fp16", "bf16"):
+        if not isinstance(ds.get(key, {}), dict):
+            raise UserError(key, f"must be an object, got {ds[key]!r}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+    for key in ("fp16", "bf16"):
+        enabled = ds.get(key, {}).get("enabled", False)
+        if enabled not in (True, False, "auto"):
+            raise UserError(f"{key}.enabled", f"must be true or false, got {enabled!r}")
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise UserError("gradient_clipping", f"must be a number >= 0 (0 = off), got {clip!r}")
+
+
+def _check_cross_section(cfg: RunConfig) -> None:
+    if cfg.deepspeed.get("fp16", {}).get("enabled") and cfg.deepspeed.get("bf16", {}).get("enabled"):
+        raise UserError("bf16.enabled", "fp16 and bf16 are both enabled; enable one of them")
+    if cfg.zero_stage >= 2 and cfg.pipeline.stages > 1:
+        raise UserError(
+            "zero_optimization.stage",
+            f"ZeRO stage {cfg.zero_stage} cannot be combined with pipeline.stages={cfg.pipeline.stages} "
+            "(DeepSpeed's PipelineEngine supports ZeRO 0 and 1); use zero_optimization.stage <= 1, "
+            "or pipeline.stages=1 for ZeRO-2/3")
+    partition = cfg.pipeline.partition
+    if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
+        raise UserError("pipeline.partition",
+                        f"{partition} names {len(partition)} stages but pipeline.stages is {cfg.pipeline.stages}")

@@ -1,0 +1,131 @@
+"""From ``model.name`` to a Hugging Face config, and the model's skeleton on the meta device.
+
+``model.name`` is tried as, in order: an architecture preset (``hybrid-ds presets``), a local folder
+holding ``config.json``, and a hub name (``ORG/NAME``), which resolves through the local Hugging Face
+cache exactly as ``from_pretrained`` does, so a model downloaded before works with the network off.
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from hybrid_ds import presets
+from hybrid_ds.config import ModelConfig
+from hybrid_ds.errors import UserError, suggest
+from hybrid_ds.models import Family, get_family
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    hf_config: Any          # transformers.PretrainedConfig, overrides applied
+    family: Family
+    checkpoint: str | None  # folder or hub name to read weights from; None for presets
+
+
+@dataclass(frozen=True)
+class PipelineLayer:
+    name: str          # "embedding", "block 3", "head"
+    class_name: str    # what `pipeline.partition: "type:REGEX"` matches
+    params: int        # parameters the layer holds (a tied weight counts in each layer holding it)
+
+
+def resolve_model(model: ModelConfig) -> ResolvedModel:
+    """The HF config named by ``model.name`` with ``model.overrides`` applied, and its family.
+
+    An architecture preset is used when ``pretrained`` is false; with ``pretrained: true`` the name is
+    a folder or a hub model, since only those have weights.
+    """
+    import transformers
+
+    if presets.is_preset(model.name) and not model.pretrained:
+        preset = presets.get_preset(model.name)
+        hf_config = transformers.CONFIG_MAPPING[preset.model_type](**copy.deepcopy(preset.config))
+        checkpoint = None
+    else:  # a folder or hub name; `pretrained: true` with a preset's name (gpt2) means that hub model
+        hf_config = _load_hf_config(model)
+        checkpoint = model.name
+    family = get_family(hf_config.model_type)
+    _apply_overrides(hf_config, model.overrides)
+    hf_config._attn_implementation = model.attn_implementation
+    return ResolvedModel(hf_config, family, checkpoint)
+
+
+def _load_hf_config(model: ModelConfig) -> Any:
+    import transformers
+
+    is_folder = Path(model.name).is_dir()
+    if not is_folder and (model.name.startswith((".", "/")) or model.name.count("/") > 1):
+        raise UserError("model.name", f"{model.name!r}: no such folder")
+    try:
+        return transformers.AutoConfig.from_pretrained(
+            model.name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+    except (OSError, ValueError) as err:
+        where = "folder" if is_folder else "preset, local folder or hub model in the local cache"
+        reason = str(err).strip().splitlines()[0][:300]
+        hint = "" if is_folder else f"; presets: {suggest(model.name, presets.PRESETS)}"
+        raise UserError("model.name", f"{model.name!r} is not a usable {where}: {reason}{hint}") from None
+
+
+def _apply_overrides(hf_config: Any, overrides: dict[str, Any]) -> None:
+    known = set(hf_config.to_dict()) | set(getattr(hf_config, "attribute_map", {}))
+    for key, value in overrides.items():
+        if key not in known:
+            raise UserError(f"model.overrides.{key}",
+                            f"not a field of {type(hf_config).__name__}; {suggest(key, known)}")
+        setattr(hf_config, key, value)
+
+
+def meta_model(resolved: ResolvedModel) -> Any:
+    """The whole Hugging Face model on the meta device: shapes and structure, no memory, no weights."""
+    import torch
+    import transformers
+
+    auto = {"causal_lm": transformers.AutoModelForCausalLM,
+            "masked_lm": transformers.AutoModelForMaskedLM}[resolved.family.task]
+    with torch.device("meta"):
+        return auto.from_config(resolved.hf_config, trust_remote_code=False)
+
+
+def count_params(model: Any) -> int:
+    """Parameters of ``model``, a tied weight counted once."""
+    return sum({id(p): p.numel() for p in model.parameters()}.values())
+
+
+def submodule(model: Any, path: str) -> Any:
+    """``model.get_submodule(path)``, or None where the family's optional module is absent."""
+    try:
+        return model.get_submodule(path)
+    except AttributeError:
+        return None
+
+
+def _unique_params(modules: list[Any]) -> int:
+    seen: dict[int, int] = {}
+    for module in modules:
+        if module is not None:
+            for p in module.parameters():
+                seen[id(p)] = p.numel()
+    return sum(seen.values())
+
+
+def pipeline_layers(model: Any, family: Family) -> list[PipelineLayer]:
+    """[embedding, block 0 .. block n-1, head] with the parameters each holds."""
+    embedding = [submodule(model, p) for p in family.embedding]
+    head = [submodule(model, p) for p in family.head]
+    blocks = model.get_submodule(family.blocks)
+    layers = [PipelineLayer("embedding", "Embedding", _unique_params(embedding))]
+    for i, block in enumerate(blocks):
+        layers.append(PipelineLayer(f"block {i}", type(block).__name__, _unique_params([block])))
+    layers.append(PipelineLayer("head", "Head", _unique_params(head)))
+    return layers
+
+
+def stage_params(model: Any, family: Family, parts: list[int]) -> list[int]:
+    """Parameters each stage holds: unique within the stage, a tied weight counted on each stage holding it."""
+    blocks = list(model.get_submodule(family.blocks))
+    modules = ([[submodule(model, p) for p in family.embedding]] + [[b] for b in blocks]
+               + [[submodule(model, p) for p in family.head]])
+    return [_unique_params([m for layer in modules[lo:hi] for m in layer]) for lo, hi in zip(parts, parts[1:])]

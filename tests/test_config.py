@@ -1,0 +1,244 @@
+"""Config files: loading, extends, --set, strict validation, and one clear line for every mistake."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybrid_ds.cli import main
+from hybrid_ds.config import DEEPSPEED_KEYS, load_config, load_config_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+RUN_CONFIGS = sorted((ROOT / "configs").glob("*.json"))
+
+TINY = {
+    "model": {"name": "gpt2-tiny"},
+    "data": {"seq_len": 64},
+    "pipeline": {"stages": 2},
+    "train_micro_batch_size_per_gpu": 2,
+    "gradient_accumulation_steps": 8,
+}
+
+
+def run_cli(capsys, *args: str) -> tuple[int, str, str]:
+    rc = main(list(args))
+    out, err = capsys.readouterr()
+    return rc, out, err
+
+
+def write(tmp_path: Path, data: dict | str, name: str = "run.json") -> str:
+    path = tmp_path / name
+    path.write_text(data if isinstance(data, str) else json.dumps(data))
+    return str(path)
+
+
+def with_(base: dict, **sections) -> dict:
+    """``base`` with some top-level keys replaced; a value of None deletes the key."""
+    out = json.loads(json.dumps(base))
+    for key, value in sections.items():
+        if value is None:
+            out.pop(key, None)
+        else:
+            out[key] = value
+    return out
+
+
+# ------------------------------------------------------------------ shipped configs
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_validates(path, capsys):
+    cfg = load_config(path)
+    assert cfg.description, f"{path.name} needs a description naming the cluster it fits"
+    rc, out, err = run_cli(capsys, "validate", str(path))
+    assert rc == 0, err
+    assert f"stages={cfg.pipeline.stages}" in out
+
+
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_deepspeed_accepts_our_deepspeed_section(path, monkeypatch):
+    """DeepSpeed's own config parser takes what we pass through, batch numbers resolved."""
+    pytest.importorskip("deepspeed")
+    monkeypatch.setenv("DS_ACCELERATOR", "cpu")
+    from deepspeed.runtime.config import DeepSpeedConfig
+
+    from hybrid_ds.plan import build_plan
+
+    cfg = load_config(path)
+    plan = build_plan(cfg)
+    # Without a process group DeepSpeedConfig assumes a world of 1: give it one data-parallel rank's share.
+    batch = {"train_batch_size": plan.layout.micro_batch * plan.layout.grad_accum,
+             "train_micro_batch_size_per_gpu": plan.layout.micro_batch,
+             "gradient_accumulation_steps": plan.layout.grad_accum}
+    ds_cfg = DeepSpeedConfig(cfg.deepspeed_config(batch))
+    assert ds_cfg.zero_optimization_stage == cfg.zero_stage
+    assert ds_cfg.gradient_clipping == cfg.deepspeed.get("gradient_clipping", 0.0)
+    assert ds_cfg.bfloat16_config.enabled == (cfg.precision == "bf16")
+
+
+def test_validate_gpt_world_size_4(capsys):
+    rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4", "--json")
+    assert rc == 0
+    plan = json.loads(out)
+    assert (plan["stages"], plan["dp"], plan["world_size"]) == (2, 2, 4)
+    assert plan["train_batch"] == 4 * 8 * 2
+    blocks = [sum(name.startswith("block") for name in s["layers"]) for s in plan["stage_plan"]]
+    assert sum(blocks) == 12 and abs(blocks[0] - blocks[1]) <= 2, blocks
+    params = [s["params"] for s in plan["stage_plan"]]
+    assert max(params) / min(params) < 1.15, params
+    rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4")
+    assert "stages=2 x dp=2" in out
+
+
+def test_validate_loads_no_weights(tmp_path):
+    """Validate the 70B preset in a subprocess: it must stay far below the 138 GB of its fp16 weights."""
+    code = ("import resource, sys; from hybrid_ds.cli import main; "
+            "rc = main(['validate', sys.argv[1]]); "
+            "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024); sys.exit(rc)")
+    proc = subprocess.run([sys.executable, "-c", code, str(ROOT / "configs/llama2-70b.json")],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert int(proc.stdout.strip().splitlines()[-1]) < 2000  # MiB of peak RSS
+
+
+# ------------------------------------------------------------------ extends and --set
+
+
+def test_extends_merges_and_set_overrides(tmp_path):
+    write(tmp_path, {"model": {"name": "gpt2-tiny", "overrides": {"n_layer": 4}},
+                     "train_micro_batch_size_per_gpu": 2, "zero_optimization": {"stage": 1, "overlap_comm": True}},
+          "base.json")
+    child = write(tmp_path, {"extends": "base.json", "pipeline": {"stages": 2},
+                             "zero_optimization": {"stage": 0}})
+    cfg = load_config(child, ["pipeline.partition=[1, 3]", "train.max_steps=7", "model.name=llama-tiny"])
+    assert cfg.model.name == "llama-tiny" and cfg.model.overrides == {"n_layer": 4}
+    assert cfg.deepspeed["zero_optimization"] == {"stage": 0, "overlap_comm": True}
+    assert cfg.pipeline.partition == [1, 3] and cfg.train.max_steps == 7
+    again = load_config_dict(cfg.to_dict())
+    assert again.to_dict() == cfg.to_dict()
+
+
+def test_set_keeps_strings_that_are_not_json():
+    cfg = load_config_dict(TINY, ["model.name=llama-tiny", "data.tokenizer=gpt2", "train.export_hf=out/hf"])
+    assert (cfg.model.name, cfg.data.tokenizer, cfg.train.export_hf) == ("llama-tiny", "gpt2", "out/hf")
+
+
+def test_deepspeed_section_passes_through_unchanged():
+    raw = with_(TINY, optimizer={"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}},
+                wall_clock_breakdown=True, csv_monitor={"enabled": True, "output_path": "logs"})
+    ds = load_config_dict(raw).deepspeed_config()
+    for key in ("optimizer", "wall_clock_breakdown", "csv_monitor", "train_micro_batch_size_per_gpu"):
+        assert ds[key] == raw[key]
+    assert not {"model", "data", "train"} & set(ds)
+    assert set(ds["pipeline"]) == {"pipe_partitioned", "grad_partitioned", "activation_checkpoint_interval"}
+    assert set(ds) <= DEEPSPEED_KEYS
+
+
+def test_config_module_imports_no_torch():
+    code = ("import sys, hybrid_ds.config, hybrid_ds.topology, hybrid_ds.presets; "
+            "heavy = {'torch', 'deepspeed', 'transformers'} & set(sys.modules); assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ mistakes: one line, exit 2
+
+MALFORMED = {
+    "unknown-top-level": (with_(TINY, train_micro_batch_size_per_gpuu=2), "train_micro_batch_size_per_gpuu",
+                          "did you mean 'train_micro_batch_size_per_gpu'"),
+    "unknown-model-key": (with_(TINY, model={"nmae": "gpt2-tiny"}), "model.nmae", "did you mean 'name'"),
+    "missing-model-name": (with_(TINY, model={"pretrained": False}), "model.name", "required"),
+    "stages-not-int": (with_(TINY, pipeline={"stages": "two"}), "pipeline.stages", "'two'"),
+    "stages-zero": (with_(TINY, pipeline={"stages": 0}), "pipeline.stages", "greater than or equal to 1"),
+    "partition-unknown": (with_(TINY, pipeline={"stages": 2, "partition": "balanced"}), "pipeline.partition",
+                          "'balanced'"),
+    "partition-bad-regex": (with_(TINY, pipeline={"stages": 2, "partition": "type:(Block"}),
+                            "pipeline.partition", "regular expression"),
+    "partition-list-length": (with_(TINY, pipeline={"stages": 2, "partition": [1, 1, 0]}),
+                              "pipeline.partition", "3 stages"),
+    "partition-list-sum": (with_(TINY, pipeline={"stages": 2, "partition": [1, 2]}), "pipeline.partition",
+                           "places 3 blocks"),
+    "partition-type-no-match": (with_(TINY, pipeline={"stages": 2, "partition": "type:Nothing"}),
+                                "pipeline.partition", "matches none"),
+    "zero3-with-pipeline": (with_(TINY, zero_optimization={"stage": 3}), "zero_optimization.stage",
+                            "pipeline.stages=1"),
+    "zero-stage-7": (with_(TINY, zero_optimization={"stage": 7}), "zero_optimization.stage", "7"),
+    "fp16-and-bf16": (with_(TINY, fp16={"enabled": True}, bf16={"enabled": True}), "bf16.enabled", "both"),
+    "negative-micro-batch": (with_(TINY, train_micro_batch_size_per_gpu=-1), "train_micro_batch_size_per_gpu",
+                             "-1"),
+    "inconsistent-batch": (with_(TINY, train_batch_size=100), "train_batch_size", "2 x gradient_accumulation"),
+    "no-batch-size": (with_(TINY, train_micro_batch_size_per_gpu=None), "train_micro_batch_size_per_gpu",
+                      "not set"),
+    "stages-over-layers": (with_(TINY, pipeline={"stages": 8}), "pipeline.stages", "the model has 2"),
+    "unknown-model": (with_(TINY, model={"name": "gpt5-tiny"}), "model.name", "gpt5-tiny"),
+    "unknown-override": (with_(TINY, model={"name": "gpt2-tiny", "overrides": {"n_layers": 4}}),
+                         "model.overrides.n_layers", "did you mean"),
+    "seq-len-over-positions": (with_(TINY, data={"seq_len": 100000}), "data.seq_len", "positions"),
+    "clipping-not-number": (with_(TINY, gradient_clipping="big"), "gradient_clipping", "'big'"),
+    "resume-bad": (with_(TINY, train={"resume": "sometimes"}), "train.resume", "'sometimes'"),
+    "pretrained-not-cached": (with_(TINY, model={"name": "gpt2-tiny", "pretrained": True}), "model.name",
+                              "local cache"),
+    "section-not-object": (with_(TINY, pipeline=2), "pipeline", "must be an object"),
+    "max-steps-zero": (with_(TINY, train={"max_steps": 0}), "train.max_steps", "0"),
+    "bad-json": ('{\n  "model": {"name": "gpt2-tiny"},\n  "pipeline": {"stages": 2,}\n}', "run.json",
+                 "line 3"),
+    "not-an-object": ("[1, 2]", "run.json", "JSON object"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(MALFORMED))
+def test_malformed_config_gives_one_line_and_exit_2(name, tmp_path, capsys):
+    data, key, detail = MALFORMED[name]
+    rc, out, err = run_cli(capsys, "validate", write(tmp_path, data))
+    assert rc == 2, (out, err)
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("hybrid-ds: error: "), err
+    assert key in lines[0] and detail in lines[0], lines[0]
+
+
+def test_layout_mistakes_from_the_command_line(tmp_path, capsys):
+    path = write(tmp_path, TINY)
+    cases = [
+        (["--world-size", "3"], "world size 3 is not divisible by 2 stages"),
+        (["--set", "pipeline.stages"], "--set: expected KEY.PATH=VALUE"),
+        (["--set", "pipeline.stages.x=2"], "pipeline.stages is 2, not an object"),
+    ]
+    for extra, detail in cases:
+        rc, _, err = run_cli(capsys, "validate", path, *extra)
+        assert rc == 2 and detail in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_extends_cycle_and_missing_parent(tmp_path, capsys):
+    write(tmp_path, with_(TINY, extends="b.json"), "a.json")
+    write(tmp_path, {"extends": "a.json"}, "b.json")
+    rc, _, err = run_cli(capsys, "validate", str(tmp_path / "a.json"))
+    assert rc == 2 and "extends: cycle: a.json -> b.json -> a.json" in err
+    rc, _, err = run_cli(capsys, "validate", write(tmp_path, with_(TINY, extends="nope.json")))
+    assert rc == 2 and "'nope.json'" in err and "not found" in err
+    rc, _, err = run_cli(capsys, "validate", str(tmp_path / "missing.json"))
+    assert rc == 2 and "config file not found" in err
+
+
+def test_unsupported_model_type_lists_families(tmp_path, capsys):
+    transformers = pytest.importorskip("transformers")
+    folder = tmp_path / "t5"
+    transformers.T5Config(num_layers=2, d_model=32).save_pretrained(folder)
+    rc, _, err = run_cli(capsys, "validate", write(tmp_path, with_(TINY, model={"name": str(folder)})))
+    assert rc == 2 and "'t5' is not supported" in err and "llama" in err and "to add one" in err
+
+
+def test_warns_about_a_large_bubble(tmp_path, capsys):
+    rc, out, _ = run_cli(capsys, "validate", write(tmp_path, with_(TINY, gradient_accumulation_steps=2)))
+    assert rc == 0 and "warning: gradient_accumulation_steps=2 is below 4 x stages=8" in out
+    assert "33.3%" in out  # (p-1)/(m+p-1) = 1/3
+
+
+def test_console_script_error_has_no_traceback(tmp_path):
+    path = write(tmp_path, with_(TINY, pipeline={"stages": "two"}))
+    proc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "validate", path],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
