@@ -127,7 +127,7 @@ def test_describe_agrees_with_hf_config(name):
     assert info["name"] == name and info["family"] == cfg.model_type
     assert info["layers"] == n_layers(preset) == cfg.num_hidden_layers
     assert (info["hidden"], info["heads"]) == (cfg.hidden_size, cfg.num_attention_heads)
-    assert info["params"] == preset.published_params
+    assert info["published"] == preset.published_params
 
 
 @pytest.mark.parametrize("name", ["llama3-8b", "gpt-neox-tiny", "phi-tiny"])
