@@ -7,6 +7,7 @@ layer, and the same layer list decides the stage boundaries the pipeline will us
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from hybrid_ds.config import RunConfig
 from hybrid_ds.errors import UserError
@@ -36,6 +37,7 @@ class Plan:
     parts: list[int]
     stages: list[StagePlan]
     total_params: int
+    skeleton: Any = None          # the whole model on the meta device (what the counts came from)
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -63,7 +65,7 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     bytes_per_param = _DTYPE_BYTES[cfg.precision]
     stages = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param)
               for s, (lo, hi, n) in enumerate(zip(parts, parts[1:], stage_params(model, resolved.family, parts)))]
-    return Plan(cfg, resolved, layout, layers, parts, stages, count_params(model), layout.warnings())
+    return Plan(cfg, resolved, layout, layers, parts, stages, count_params(model), model, layout.warnings())
 
 
 def _check_seq_len(cfg: RunConfig, resolved: ResolvedModel) -> None:

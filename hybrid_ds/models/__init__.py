@@ -1,44 +1,94 @@
-"""Model families: where each Hugging Face architecture keeps its parts.
+"""Model families: where each Hugging Face architecture keeps its parts, and the glue between them.
 
-One entry per Hugging Face ``model_type``. A pipeline of a model is
-``[embedding, block 0, ..., block n-1, head]``: the embedding modules run on the first stage, the
-blocks are spread over the stages, the head modules (final norm, LM head) run on the last stage.
-Adding a family means adding one entry here plus its parity test.
+A pipeline of a model is ``[embedding, block 0, ..., block n-1, head]``. The embedding runs on the
+first stage, the blocks are spread over the stages, the head (final norm and output projection) runs
+on the last stage. Everything a family needs beyond the Hugging Face modules themselves is here: which
+modules form each part, how the embedding part combines them, how position ids are made, and whether
+attention is causal. Adding a family means adding one entry plus its parity test.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 from hybrid_ds.errors import UserError, suggest
+
+# embed(modules, inputs_embeds, attention_mask, token_type_ids, position_ids) -> hidden states.
+# `modules` maps the last name of each path in Family.embedding ("wpe", "drop") to the built module.
+EmbedFn = Callable[[dict[str, Any], Any, Any, Any, Any], Any]
+
+
+def _add_positions_then_dropout(mods, embeds, mask, types, positions):  # gpt2
+    return mods["drop"](embeds + mods["wpe"](positions))
+
+
+def _identity(mods, embeds, mask, types, positions):  # llama, mistral, qwen2, gemma (it scales inside)
+    return embeds
+
+
+def _dropout(name: str) -> EmbedFn:
+    return lambda mods, embeds, mask, types, positions: mods[name](embeds)
+
+
+def _opt(mods, embeds, mask, types, positions):
+    if mods.get("project_in") is not None:
+        embeds = mods["project_in"](embeds)
+    return embeds + mods["embed_positions"](mask, 0, position_ids=positions)
+
+
+def _bert(mods, embeds, mask, types, positions):
+    return mods["embeddings"](inputs_embeds=embeds, token_type_ids=types)
 
 
 @dataclass(frozen=True)
 class Family:
     model_type: str
-    embedding: tuple[str, ...]   # module paths run before the first block; absent optional ones are skipped
-    blocks: str                  # path of the nn.ModuleList of transformer blocks
-    head: tuple[str, ...]        # module paths run after the last block (final norm, projections, LM head)
-    task: str = "causal_lm"      # "causal_lm" (AutoModelForCausalLM) or "masked_lm" (AutoModelForMaskedLM)
+    token_embedding: str             # the token embedding: the weight a tied output projection shares
+    embedding: tuple[str, ...]       # the rest of the embedding part (positions, dropout); absent ones skipped
+    embed: EmbedFn                   # how the embedding part combines them
+    blocks: str                      # the nn.ModuleList of transformer blocks
+    final: tuple[str, ...]           # modules after the last block, applied in order (norms, projections)
+    output: str                      # the output projection; its weight may be tied to token_embedding
+    output_bias: str | None = None   # a bias applied after a tied projection (BERT's cls.predictions.bias)
+    rotary: str | None = None        # module giving (cos, sin) from position ids; rebuilt on each stage
+    positions: str = "arange"        # "arange", "cumsum" (OPT: from the padding mask, not given to masks),
+                                     # or "absolute" (BERT: the embedding makes its own)
+    task: str = "causal_lm"          # "causal_lm" or "masked_lm"
+
+    @property
+    def embedding_modules(self) -> tuple[str, ...]:
+        return (self.token_embedding, *self.embedding)
+
+    @property
+    def head_modules(self) -> tuple[str, ...]:
+        return (*self.final, self.output)
 
 
-def _decoder(model_type: str, norm: str = "model.norm") -> Family:
-    """The llama layout shared by most decoder-only models (embed_tokens, layers, norm, lm_head)."""
-    return Family(model_type, ("model.embed_tokens",), "model.layers", (norm, "lm_head"))
+def _decoder(model_type: str, norm: str = "model.norm", dropout: str | None = None) -> Family:
+    """The layout most decoder-only models share: embed_tokens, layers, rotary_emb, norm, lm_head."""
+    return Family(model_type, "model.embed_tokens", (f"model.{dropout}",) if dropout else (),
+                  _dropout(dropout) if dropout else _identity, "model.layers", (norm,), "lm_head",
+                  rotary="model.rotary_emb")
 
 
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    Family("gpt2", ("transformer.wte", "transformer.wpe"), "transformer.h", ("transformer.ln_f", "lm_head")),
+    Family("gpt2", "transformer.wte", ("transformer.wpe", "transformer.drop"), _add_positions_then_dropout,
+           "transformer.h", ("transformer.ln_f",), "lm_head"),
     _decoder("llama"),
     _decoder("mistral"),
     _decoder("qwen2"),
     _decoder("gemma"),
-    _decoder("phi", norm="model.final_layernorm"),
-    Family("gpt_neox", ("gpt_neox.embed_in",), "gpt_neox.layers", ("gpt_neox.final_layer_norm", "embed_out")),
-    Family("opt", ("model.decoder.embed_tokens", "model.decoder.embed_positions", "model.decoder.project_in"),
-           "model.decoder.layers",
-           ("model.decoder.final_layer_norm", "model.decoder.project_out", "lm_head")),
-    Family("bert", ("bert.embeddings",), "bert.encoder.layer", ("cls",), task="masked_lm"),
+    _decoder("phi", norm="model.final_layernorm", dropout="embed_dropout"),
+    Family("gpt_neox", "gpt_neox.embed_in", ("gpt_neox.emb_dropout",), _dropout("emb_dropout"),
+           "gpt_neox.layers", ("gpt_neox.final_layer_norm",), "lm_head", rotary="gpt_neox.rotary_emb"),
+    Family("opt", "model.decoder.embed_tokens", ("model.decoder.embed_positions", "model.decoder.project_in"),
+           _opt, "model.decoder.layers", ("model.decoder.final_layer_norm", "model.decoder.project_out"),
+           "lm_head", positions="cumsum"),
+    Family("bert", "bert.embeddings.word_embeddings", ("bert.embeddings",), _bert, "bert.encoder.layer",
+           ("cls.predictions.transform",), "cls.predictions.decoder", output_bias="cls.predictions.bias",
+           positions="absolute", task="masked_lm"),
 )}
 
 

@@ -113,8 +113,8 @@ def _unique_params(modules: list[Any]) -> int:
 
 def pipeline_layers(model: Any, family: Family) -> list[PipelineLayer]:
     """[embedding, block 0 .. block n-1, head] with the parameters each holds."""
-    embedding = [submodule(model, p) for p in family.embedding]
-    head = [submodule(model, p) for p in family.head]
+    embedding = [submodule(model, p) for p in family.embedding_modules]
+    head = [submodule(model, p) for p in family.head_modules]
     blocks = model.get_submodule(family.blocks)
     layers = [PipelineLayer("embedding", "Embedding", _unique_params(embedding))]
     for i, block in enumerate(blocks):
@@ -126,6 +126,6 @@ def pipeline_layers(model: Any, family: Family) -> list[PipelineLayer]:
 def stage_params(model: Any, family: Family, parts: list[int]) -> list[int]:
     """Parameters each stage holds: unique within the stage, a tied weight counted on each stage holding it."""
     blocks = list(model.get_submodule(family.blocks))
-    modules = ([[submodule(model, p) for p in family.embedding]] + [[b] for b in blocks]
-               + [[submodule(model, p) for p in family.head]])
+    modules = ([[submodule(model, p) for p in family.embedding_modules]] + [[b] for b in blocks]
+               + [[submodule(model, p) for p in family.head_modules]])
     return [_unique_params([m for layer in modules[lo:hi] for m in layer]) for lo, hi in zip(parts, parts[1:])]

@@ -1,0 +1,154 @@
+"""The pipeline's layers: small modules around the Hugging Face modules, passing only tensors.
+
+Between layers (and so between stages) travels a tuple of tensors:
+``(input_ids, attention_mask[, token_type_ids])`` into the first layer, then
+``(hidden_states, attention_mask)``, and logits out of the last. The attention mask is an int64
+padding mask (1 = real token): no bools (DeepSpeed cannot send them) and nothing that needs grad.
+Position ids, rotary cos/sin and the 4-D attention mask are recomputed on each layer with the same
+helpers Hugging Face uses, so nothing derived has to cross a stage boundary.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from hybrid_ds.models import Family
+from hybrid_ds.models.build import StageBuilder
+
+
+def position_ids(family: Family, attention_mask: torch.Tensor) -> torch.Tensor | None:
+    """Position ids as the family's model computes them when none are given."""
+    if family.positions == "cumsum":  # OPT: padding-aware
+        return (torch.cumsum(attention_mask, dim=1) * attention_mask - 1).long()
+    if family.positions == "absolute":  # BERT: the embedding uses its own buffer
+        return None
+    return torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
+
+
+def attention_mask_4d(family: Family, config: Any, layer_index: int, hidden: torch.Tensor,
+                      attention_mask: torch.Tensor, positions: torch.Tensor | None) -> Any:
+    """The mask the Hugging Face model gives block ``layer_index``, from the same helper it uses."""
+    from transformers import masking_utils
+
+    if family.task == "masked_lm":
+        return masking_utils.create_bidirectional_mask(config=config, inputs_embeds=hidden,
+                                                       attention_mask=attention_mask)
+    layer_types = getattr(config, "layer_types", None)
+    sliding = (layer_types[layer_index] == "sliding_attention" if layer_types
+               else getattr(config, "sliding_window", None) is not None)
+    make = masking_utils.create_sliding_window_causal_mask if sliding else masking_utils.create_causal_mask
+    kwargs = {} if family.positions == "cumsum" else {"position_ids": positions}
+    return make(config=config, inputs_embeds=hidden, attention_mask=attention_mask, cache=None, **kwargs)
+
+
+class TokenEmbedding(nn.Module):
+    """Token ids -> embeddings. Tied models build it on the first and the last stage (TiedLayerSpec)."""
+
+    def __init__(self, builder: StageBuilder):
+        super().__init__()
+        self.embed = builder.module(builder.family.token_embedding)
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        input_ids, *rest = inputs
+        return (self.embed(input_ids), *rest)
+
+
+def project_with_embedding(module: TokenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+    """A tied output projection: the embedding's own weight, unscaled (Gemma scales only the lookup)."""
+    return F.linear(hidden, module.embed.weight)
+
+
+class EmbeddingRest(nn.Module):
+    """The rest of the embedding part: positions, token types, dropout, as the family combines them."""
+
+    def __init__(self, builder: StageBuilder):
+        super().__init__()
+        family = builder.family
+        token_child = family.token_embedding.rpartition(".")[2]
+        mods = {}
+        for path in family.embedding:
+            inside = family.token_embedding.startswith(path + ".")  # BERT: embeddings holds word_embeddings
+            mods[path.rpartition(".")[2]] = builder.module(path, without=(token_child,) if inside else ())
+        self.mods = nn.ModuleDict({k: v for k, v in mods.items() if v is not None})
+        self.family = family
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        embeds, attention_mask, *rest = inputs
+        token_types = rest[0] if rest else None
+        hidden = self.family.embed(dict(self.mods), embeds, attention_mask, token_types,
+                                   position_ids(self.family, attention_mask))
+        return hidden, attention_mask
+
+
+class Block(nn.Module):
+    """One Hugging Face transformer block, with the mask and rotary embedding recomputed here."""
+
+    def __init__(self, builder: StageBuilder, index: int):
+        super().__init__()
+        self.layer = builder.module(f"{builder.family.blocks}.{index}")
+        self.rotary = builder.rotary()
+        self.family, self.config, self.index = builder.family, builder.config, index
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden, attention_mask = inputs
+        positions = position_ids(self.family, attention_mask)
+        kwargs: dict[str, Any] = {
+            "attention_mask": attention_mask_4d(self.family, self.config, self.index, hidden, attention_mask,
+                                                positions)}
+        if positions is not None:
+            kwargs["position_ids"] = positions
+        if self.rotary is not None:
+            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=positions)
+        return self.layer(hidden, **kwargs), attention_mask
+
+
+class FinalNorm(nn.Module):
+    """What runs after the last block and before the output projection (final norm, projections)."""
+
+    def __init__(self, builder: StageBuilder):
+        super().__init__()
+        self.mods = nn.ModuleList(m for m in (builder.module(p) for p in builder.family.final) if m is not None)
+
+    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        hidden = inputs[0]
+        for module in self.mods:
+            hidden = module(hidden)
+        return hidden
+
+
+class OutputProjection(nn.Module):
+    """An untied output projection (the Hugging Face module itself, with its bias where it has one)."""
+
+    def __init__(self, builder: StageBuilder):
+        super().__init__()
+        self.proj = builder.module(builder.family.output)
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        return self.proj(hidden)
+
+
+class LogitsBias(nn.Module):
+    """The output bias of a tied head (BERT's cls.predictions.bias), added after the tied projection."""
+
+    def __init__(self, builder: StageBuilder):
+        super().__init__()
+        self.bias = builder.parameter(builder.family.output_bias)
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return logits + self.bias
+
+
+def loss_function(family: Family, vocab_size: int):
+    """The Hugging Face model's own loss: shifted causal-LM or plain masked-LM cross-entropy, in fp32."""
+    from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
+
+    hf_loss = ForCausalLMLoss if family.task == "causal_lm" else ForMaskedLMLoss
+
+    def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return hf_loss(logits, labels, vocab_size)
+
+    return lm_loss

@@ -1,0 +1,150 @@
+"""A Hugging Face model as a DeepSpeed ``PipelineModule`` of layer specs, each stage building only its own.
+
+Layer specs, in order: token embedding (a ``TiedLayerSpec`` where the model ties it to the output
+projection), the rest of the embedding, one ``Block`` per transformer block, the final norm, and the
+output projection (the tied embedding again, or the untied head). Stage boundaries come from
+:func:`hybrid_ds.topology.partition_layers` over ``[embedding, blocks..., head]``, computed on the meta
+device, and are handed to DeepSpeed as they are: DeepSpeed's own ``partition_method="parameters"``
+would build every layer on every rank just to count parameters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from hybrid_ds.config import RunConfig
+from hybrid_ds.models.build import StageBuilder
+from hybrid_ds.models.parts import (Block, EmbeddingRest, FinalNorm, LogitsBias, OutputProjection, TokenEmbedding,
+                                    loss_function, project_with_embedding)
+from hybrid_ds.plan import Plan, build_plan
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TIE_KEY = "token_embedding"
+
+
+def layer_specs(builder: StageBuilder) -> tuple[list[Any], list[int]]:
+    """DeepSpeed layer specs for the whole model, and for each spec its unit (0 embedding, i+1 block i, n+1 head)."""
+    from deepspeed.pipe import LayerSpec, TiedLayerSpec
+
+    family = builder.family
+    n_blocks = len(builder.skeleton.get_submodule(family.blocks))
+    tie = dict(tied_weight_attr=["embed.weight"])
+    embed = TiedLayerSpec(TIE_KEY, TokenEmbedding, builder, **tie) if builder.tied else LayerSpec(TokenEmbedding, builder)
+    specs = [embed, LayerSpec(EmbeddingRest, builder)]
+    specs += [LayerSpec(Block, builder, i) for i in range(n_blocks)]
+    head = [LayerSpec(FinalNorm, builder)]
+    if builder.tied:
+        head.append(TiedLayerSpec(TIE_KEY, TokenEmbedding, builder, forward_fn=project_with_embedding, **tie))
+        if family.output_bias:
+            head.append(LayerSpec(LogitsBias, builder))
+    else:
+        head.append(LayerSpec(OutputProjection, builder))
+    units = [0, 0] + [i + 1 for i in range(n_blocks)] + [n_blocks + 1] * len(head)
+    return specs + head, units
+
+
+def spec_parts(unit_parts: list[int], units: list[int]) -> list[int]:
+    """Stage boundaries over units -> boundaries over specs.
+
+    >>> spec_parts([0, 2, 4], [0, 0, 1, 2, 3, 3])
+    [0, 3, 6]
+    """
+    return [next((i for i, u in enumerate(units) if u >= boundary), len(units)) for boundary in unit_parts]
+
+
+def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilder:
+    cfg = plan.config
+    return StageBuilder(plan.resolved, cfg.model.pretrained, cfg.train.seed, DTYPES[cfg.precision], device,
+                        cfg.model.revision, skeleton=plan.skeleton)
+
+
+def build_pipeline_module(cfg: RunConfig, world_size: int, device: str | torch.device = "cpu") -> Any:
+    """The DeepSpeed PipelineModule of this rank (needs an initialized process group)."""
+    from deepspeed.pipe import PipelineModule
+    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+
+    plan = build_plan(cfg, world_size)
+    builder = stage_builder(plan, device)
+    specs, units = layer_specs(builder)
+    parts = spec_parts(plan.parts, units)
+
+    class HybridPipelineModule(PipelineModule):
+        def _partition_layers(self, method: str = "uniform") -> None:
+            self.parts = parts
+            stage = self._topo.get_coord(self.global_rank).pipe
+            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
+
+    return HybridPipelineModule(
+        layers=specs, num_stages=cfg.pipeline.stages, loss_fn=loss_function(builder.family, _vocab(builder)),
+        partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
+        # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
+        activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
+
+
+def _vocab(builder: StageBuilder) -> int:
+    return builder.skeleton.get_output_embeddings().weight.shape[0]
+
+
+class SequentialStages:
+    """All stages in one process, each built exactly as its rank builds it (own builder, own reads).
+
+    For parity checks: the forward runs the stages one after another on the same batch.
+    """
+
+    def __init__(self, plan: Plan):
+        self.plan = plan
+        self.stages: list[list[tuple[Any, Any]]] = []   # per stage: (callable, module) per layer
+        self.builders: list[StageBuilder] = []
+        for stage in range(plan.config.pipeline.stages):
+            builder = stage_builder(_fresh(plan))
+            specs, units = layer_specs(builder)
+            lo, hi = spec_parts(plan.parts, units)[stage:stage + 2]
+            built = {}
+            layers = []
+            for spec in specs[lo:hi]:
+                key = getattr(spec, "key", None)
+                module = built.get(key) if key else None
+                if module is None:
+                    module = spec.build()
+                    if key:
+                        built[key] = module
+                fn = getattr(spec, "forward_fn", None)
+                layers.append(((lambda x, f=fn, m=module: f(m, x)) if fn else module, module))
+            self.stages.append(layers)
+            self.builders.append(builder)
+        self.loss_fn = loss_function(plan.resolved.family, _vocab(self.builders[0]))
+
+    def modules(self) -> list[torch.nn.Module]:
+        return [m for layers in self.stages for _, m in layers]
+
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        x: Any = inputs
+        for layers in self.stages:
+            for fn, _ in layers:
+                x = fn(x)
+        return x
+
+    def named_gradients(self) -> dict[str, torch.Tensor]:
+        """Gradients by Hugging Face parameter name; a tied weight's two copies summed, as DeepSpeed reduces them."""
+        grads: dict[str, torch.Tensor] = {}
+        for builder in self.builders:
+            for path, module in builder.built_modules().items():
+                for name, param in module.named_parameters():
+                    if param.grad is not None:
+                        key = f"{path}.{name}"
+                        grads[key] = grads[key] + param.grad if key in grads else param.grad.clone()
+            for path, param in builder.built_parameters().items():
+                if param.grad is not None:
+                    grads[path] = param.grad.clone()
+        return grads
+
+
+def _fresh(plan: Plan) -> Plan:
+    """The plan with a skeleton of its own: each simulated rank starts from an untouched meta model."""
+    from dataclasses import replace
+
+    from hybrid_ds.models.resolve import meta_model
+
+    return replace(plan, skeleton=meta_model(plan.resolved))
