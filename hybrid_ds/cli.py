@@ -63,6 +63,21 @@ def cmd_validate(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_parity(args: argparse.Namespace) -> int:
+    from hybrid_ds import presets
+    from hybrid_ds.config import load_config, load_config_dict
+    from hybrid_ds.parity import check_parity
+
+    if args.target.endswith(".json"):
+        cfg = load_config(args.target, args.set)
+    else:  # a model: preset (random init), folder or hub name (its weights)
+        model = {"name": args.target, "pretrained": not presets.is_preset(args.target)}
+        cfg = load_config_dict({"model": model, "train_micro_batch_size_per_gpu": 1}, args.set)
+    report = check_parity(cfg, args.stages or cfg.pipeline.stages, args.seq_len)
+    print("\n".join(report.lines()))
+    return 0 if report.ok else 1
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hybrid_ds.config import load_config
     from hybrid_ds.plan import build_plan, format_plan
@@ -90,6 +105,13 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, help="processes in the run (default: stages x dp the batch implies)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_validate)
+
+    p = sub.add_parser("parity", help="compare the pipelined model with the Hugging Face model on one batch")
+    p.add_argument("target", metavar="CONFIG|MODEL", help="a run config, preset, local folder or hub name")
+    p.add_argument("--stages", type=int, help="stages to split into (default: the config's pipeline.stages)")
+    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence of the test batch")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("train", help="train (what launch/train.py runs)")
     _add_config_args(p)

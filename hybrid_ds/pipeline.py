@@ -60,12 +60,16 @@ def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilde
                         cfg.model.revision, skeleton=plan.skeleton)
 
 
-def build_pipeline_module(cfg: RunConfig, world_size: int, device: str | torch.device = "cpu") -> Any:
-    """The DeepSpeed PipelineModule of this rank (needs an initialized process group)."""
+def build_pipeline_module(cfg: RunConfig, world_size: int, device: str | torch.device = "cpu",
+                          plan: Plan | None = None) -> Any:
+    """The DeepSpeed PipelineModule of this rank (needs an initialized process group).
+
+    ``module.builder.built_modules()`` maps Hugging Face module paths to what this rank built.
+    """
     from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
-    plan = build_plan(cfg, world_size)
+    plan = plan or build_plan(cfg, world_size)
     builder = stage_builder(plan, device)
     specs, units = layer_specs(builder)
     parts = spec_parts(plan.parts, units)
@@ -76,11 +80,13 @@ def build_pipeline_module(cfg: RunConfig, world_size: int, device: str | torch.d
             stage = self._topo.get_coord(self.global_rank).pipe
             self._set_bounds(start=parts[stage], stop=parts[stage + 1])
 
-    return HybridPipelineModule(
+    module = HybridPipelineModule(
         layers=specs, num_stages=cfg.pipeline.stages, loss_fn=loss_function(builder.family, _vocab(builder)),
         partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
         # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
         activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
+    module.builder = builder
+    return module
 
 
 def _vocab(builder: StageBuilder) -> int:

@@ -1,0 +1,99 @@
+"""Process group, threads and the DeepSpeed engine for a run config, with DeepSpeed's sharp edges wrapped."""
+
+from __future__ import annotations
+
+import os
+from datetime import timedelta
+from typing import Any
+
+import torch
+
+from hybrid_ds.config import RunConfig
+from hybrid_ds.plan import Plan, build_plan
+
+
+def init_distributed(timeout_minutes: float = 30.0) -> int:
+    """Start the process group (nccl on GPUs, gloo on CPU, DeepSpeed's choice) and return the world size.
+
+    Works under the ``deepspeed`` launcher, torchrun, or as a plain single process (world size 1).
+    """
+    import deepspeed
+    from deepspeed.accelerator import get_accelerator
+
+    for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
+                       ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
+        os.environ.setdefault(key, value)
+    if get_accelerator().device_name() == "cpu":
+        # The launcher sets no thread count: without this every rank uses every core and they fight.
+        local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    return torch.distributed.get_world_size()
+
+
+def device() -> torch.device:
+    from deepspeed.accelerator import get_accelerator
+
+    name = get_accelerator().device_name()
+    return torch.device(name if name == "cpu" else f"{name}:{get_accelerator().current_device()}")
+
+
+def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
+    """DeepSpeed's dict: batch numbers resolved for the real world size, CPU-friendly optimizer choice."""
+    layout = plan.layout
+    ds = cfg.deepspeed_config({"train_batch_size": layout.train_batch,
+                               "train_micro_batch_size_per_gpu": layout.micro_batch,
+                               "gradient_accumulation_steps": layout.grad_accum})
+    optimizer = ds.get("optimizer", {})
+    if device().type == "cpu" and optimizer.get("type", "").lower() in ("adam", "adamw"):
+        # DeepSpeed's FusedAdam JIT-compiles an extension on CPU (minutes); torch's AdamW is the same update.
+        optimizer.setdefault("params", {}).setdefault("torch_adam", True)
+    ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed's default is 1.0: clip only when the config says so
+    return ds
+
+
+def build_pipeline_engine(cfg: RunConfig, world_size: int) -> tuple[Any, Plan]:
+    """PipelineModule + PipelineEngine for this rank, with a global gradient-clipping norm."""
+    import deepspeed
+
+    from hybrid_ds.pipeline import build_pipeline_module
+
+    plan = build_plan(cfg, world_size)
+    module = build_pipeline_module(cfg, world_size, device(), plan=plan)
+    engine, _, _, _ = deepspeed.initialize(
+        model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+        config=deepspeed_config(cfg, plan))
+    _use_global_clip_norm(engine)
+    return engine, plan
+
+
+def _use_global_clip_norm(engine: Any) -> None:
+    """DeepSpeed's fp32 ZeRO-0 pipeline path clips each stage by its own gradient norm; use the global one.
+
+    The norm is reduced over the pipeline group (data-parallel replicas hold the same averaged
+    gradients), and a tied weight, present on the first and the last stage, counts once.
+    """
+    import types
+
+    def clip_fp32_gradients(self: Any) -> None:
+        grads = [p.grad for p in _owned_parameters(self) if p.grad is not None]
+        local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+        local = local.to(device())
+        torch.distributed.all_reduce(local, group=self.grid.get_pipe_parallel_group())
+        total = local.sqrt()
+        coef = torch.clamp(self.gradient_clipping() / (total + 1e-6), max=1.0)
+        for p in self.module.parameters():
+            if p.grad is not None:
+                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+
+    engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
+
+
+def _owned_parameters(engine: Any) -> list[torch.nn.Parameter]:
+    """This stage's parameters, leaving out tied copies that an earlier stage of the tie group owns."""
+    module = engine.module
+    skip = set()
+    for key, comm in module.tied_comms.items():
+        if engine.global_rank != min(comm["ranks"]):
+            skip.update(id(p) for p in module.tied_modules[key].parameters())
+    return [p for p in module.parameters() if id(p) not in skip]

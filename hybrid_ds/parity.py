@@ -1,0 +1,133 @@
+"""``hybrid-ds parity``: does the pipelined model compute what the Hugging Face model computes?
+
+One batch goes through the original model and through the pipeline's stages, each stage built as its
+rank would build it (its own meta skeleton, its own reads from the folder's safetensors), run one after
+another in this process. Reported: both losses, the largest logit difference, the largest gradient
+difference relative to the gradient's scale, and parameters whose gradient one side lacks.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from hybrid_ds.config import RunConfig, load_config_dict
+from hybrid_ds.plan import build_plan
+
+TOLERANCE = 1e-5
+
+
+@dataclass
+class ParityReport:
+    model: str
+    stages: int
+    hf_loss: float
+    pipeline_loss: float
+    max_logit_diff: float
+    max_grad_diff: float          # max over parameters of max|g_pipe - g_hf| / max|g_hf|
+    worst_grad: str
+    unmatched_grads: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return (abs(self.hf_loss - self.pipeline_loss) <= TOLERANCE and self.max_logit_diff <= TOLERANCE
+                and self.max_grad_diff <= TOLERANCE and not self.unmatched_grads)
+
+    def lines(self) -> list[str]:
+        return [f"model           {self.model} ({self.stages} stages)",
+                f"loss            hf {self.hf_loss:.8f}   pipeline {self.pipeline_loss:.8f}   "
+                f"diff {abs(self.hf_loss - self.pipeline_loss):.3g}",
+                f"max |logit diff| {self.max_logit_diff:.3g}",
+                f"max grad diff   {self.max_grad_diff:.3g} (relative, worst: {self.worst_grad})",
+                *([f"unmatched grads {self.unmatched_grads[:5]}"] if self.unmatched_grads else []),
+                f"parity          {'OK' if self.ok else 'FAILED'} (tolerance {TOLERANCE:g})"]
+
+
+def sample_batch(vocab_size: int, seq_len: int, task: str, batch: int = 2, seed: int = 0,
+                 pad_last: int = 3) -> dict[str, torch.Tensor]:
+    """Random token ids; the last row right-padded by ``pad_last`` tokens (mask 0, label -100)."""
+    generator = torch.Generator().manual_seed(seed)
+    ids = torch.randint(0, vocab_size, (batch, seq_len), generator=generator)
+    mask = torch.ones_like(ids)
+    if pad_last:
+        mask[-1, seq_len - pad_last:] = 0
+    labels = ids.masked_fill(mask == 0, -100)
+    if task == "masked_lm":  # predict a random 15% of the real tokens
+        labels = labels.masked_fill(torch.rand(ids.shape, generator=generator) > 0.15, -100)
+    return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
+
+
+def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport:
+    """Compare the HF model and the pipeline on one padded batch (fp32, dropout off)."""
+    import transformers
+
+    original = cfg.model.name
+    cfg = load_config_dict(cfg.raw, [f"pipeline.stages={stages}", "train_micro_batch_size_per_gpu=1",
+                                     "gradient_accumulation_steps=1", "fp16.enabled=false", "bf16.enabled=false",
+                                     f"data.seq_len={seq_len}", f"pipeline.partition={_partition(cfg)}"])
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = _checkpoint_folder(cfg, Path(tmp))
+        cfg = load_config_dict(cfg.raw, [f"model.name={folder}", "model.pretrained=true"])
+        plan = build_plan(cfg, world_size=stages)
+        task = plan.resolved.family.task
+        auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForMaskedLM
+        hf = auto.from_pretrained(folder, attn_implementation=cfg.model.attn_implementation,
+                                  dtype=torch.float32).eval()
+        batch = sample_batch(hf.config.vocab_size, seq_len, task)
+        hf_kwargs = {k: v for k, v in batch.items() if k != "token_type_ids" or task == "masked_lm"}
+        out = hf(**hf_kwargs)
+        out.loss.backward()
+
+        from hybrid_ds.pipeline import SequentialStages
+
+        pipe = SequentialStages(plan)
+        for module in pipe.modules():
+            module.eval()
+        inputs = (batch["input_ids"], batch["attention_mask"])
+        if task == "masked_lm":
+            inputs += (batch["token_type_ids"],)
+        logits = pipe.forward(inputs)
+        loss = pipe.loss_fn(logits, batch["labels"])
+        loss.backward()
+        return _report(original, stages, out, logits, loss, hf, pipe)
+
+
+def _partition(cfg: RunConfig) -> str:
+    import json
+
+    return json.dumps(cfg.pipeline.partition) if isinstance(cfg.pipeline.partition, list) else cfg.pipeline.partition
+
+
+def _checkpoint_folder(cfg: RunConfig, tmp: Path) -> str:
+    """The folder to compare from: the model's own, or a random init of a preset saved to ``tmp``."""
+    if cfg.model.pretrained:
+        from hybrid_ds.models.build import checkpoint_folder
+
+        return str(checkpoint_folder(cfg.model.name, cfg.model.revision))
+    import transformers
+
+    from hybrid_ds.models.resolve import resolve_model
+
+    resolved = resolve_model(cfg.model)
+    auto = {"causal_lm": transformers.AutoModelForCausalLM,
+            "masked_lm": transformers.AutoModelForMaskedLM}[resolved.family.task]
+    torch.manual_seed(cfg.train.seed)
+    auto.from_config(resolved.hf_config).save_pretrained(tmp)
+    return str(tmp)
+
+
+def _report(name, stages, out, logits, loss, hf, pipe) -> ParityReport:
+    hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
+    grads = pipe.named_gradients()
+    worst, worst_name = 0.0, "-"
+    for key, hf_grad in hf_grads.items():
+        if key in grads:
+            diff = ((grads[key] - hf_grad).abs().max() / hf_grad.abs().max().clamp_min(1e-12)).item()
+            if diff > worst:
+                worst, worst_name = diff, key
+    unmatched = sorted(set(hf_grads) ^ set(grads))
+    return ParityReport(name, stages, out.loss.item(), loss.item(), (logits - out.logits).abs().max().item(),
+                        worst, worst_name, unmatched)

@@ -1,0 +1,56 @@
+"""Multi-process test worker: a few DeepSpeed pipeline steps on fixed batches; results go to --out.
+
+Run by tests through the ``deepspeed`` launcher, exactly as a user runs training. Writes
+``losses.json`` (rank 0: the eval loss of the first batch, then the loss of every step) and
+``params-rank{R}.pt`` (this rank's parameters by Hugging Face name).
+"""
+
+import argparse
+import json
+from pathlib import Path
+
+import torch
+
+from hybrid_ds.config import load_config
+from hybrid_ds.engine import build_pipeline_engine, init_distributed
+
+
+def micro_batches(batches, step, grad_accum, dp, dp_rank):
+    """Step ``step``'s micro-batches for one data-parallel rank, in DeepSpeed's (inputs, labels) form."""
+    for j in range(grad_accum):
+        b = batches[(step * grad_accum + j) * dp + dp_rank]
+        inputs = (b["input_ids"], b["attention_mask"]) + ((b["token_type_ids"],) if "token_type_ids" in b else ())
+        yield inputs, b["labels"]
+
+
+def main():
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--batches", required=True)
+    parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--out", required=True)
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+
+    world = init_distributed()
+    engine, plan = build_pipeline_engine(load_config(args.config), world)
+    batches = torch.load(args.batches)
+    gas, dp = plan.layout.grad_accum, plan.layout.dp
+    dp_rank = engine.grid.get_data_parallel_rank()
+    losses = [engine.eval_batch(micro_batches(batches, 0, gas, dp, dp_rank)).item()]
+    for step in range(args.steps):
+        losses.append(engine.train_batch(micro_batches(batches, step, gas, dp, dp_rank)).item())
+
+    out = Path(args.out)
+    rank = torch.distributed.get_rank()
+    params = {f"{path}.{name}": p.detach().clone()
+              for path, module in engine.module.builder.built_modules().items()
+              for name, p in module.named_parameters()}
+    params.update({path: p.detach().clone() for path, p in engine.module.builder.built_parameters().items()})
+    torch.save({"stage": engine.stage_id, "dp_rank": dp_rank, "params": params}, out / f"params-rank{rank}.pt")
+    if rank == 0:
+        (out / "losses.json").write_text(json.dumps(losses))
+
+
+if __name__ == "__main__":
+    main()
