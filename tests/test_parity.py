@@ -1,0 +1,155 @@
+"""Every family: the pipeline's stages, each built as its rank builds it, compute what the HF model computes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from hybrid_ds.cli import main
+from hybrid_ds.config import load_config_dict
+from hybrid_ds.parity import check_parity
+from hybrid_ds.pipeline import SequentialStages, layer_specs, spec_parts, stage_builder
+from hybrid_ds.plan import build_plan
+
+FAMILIES = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny", "gemma-tiny", "phi-tiny", "gpt-neox-tiny",
+            "opt-tiny", "bert-tiny"]
+
+
+def config(name: str, **raw) -> object:
+    return load_config_dict({"model": {"name": name, **raw.pop("model", {})}, "train_micro_batch_size_per_gpu": 1,
+                             "data": {"seq_len": 16}, **raw})
+
+
+@pytest.mark.parametrize("attn", ["sdpa", "eager"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_family_parity(name, attn):
+    """Loss, logits and every gradient within 1e-5 on a padded batch, at 1 and 2 stages."""
+    for stages in (1, 2):
+        report = check_parity(config(name, model={"attn_implementation": attn}), stages)
+        assert report.ok, "\n".join(report.lines())
+        assert report.hf_loss > 0
+
+
+def test_parity_with_long_sequences_and_sliding_window():
+    """mistral-tiny's 32-token sliding window only matters past 32 tokens."""
+    report = check_parity(config("mistral-tiny"), 2, seq_len=96)
+    assert report.ok, "\n".join(report.lines())
+
+
+@pytest.mark.parametrize("partition", ["uniform", "type:DecoderLayer", [1, 3], [3, 0, 0, 1]])
+def test_llama_partitions_keep_parity(partition):
+    stages = len(partition) if isinstance(partition, list) else 4
+    cfg = config("llama-tiny", pipeline={"partition": partition, "stages": stages})
+    if isinstance(partition, list) and 0 in partition[1:-1]:
+        with pytest.raises(Exception, match="middle stage"):
+            check_parity(cfg, stages)
+        return
+    report = check_parity(cfg, stages)
+    assert report.ok, "\n".join(report.lines())
+
+
+def test_parity_detects_a_wrong_model(monkeypatch):
+    """The tool must fail when the pipeline computes something else (here: one block skipped)."""
+    from hybrid_ds.models import parts
+
+    original = parts.Block.forward
+
+    def skip_block_one(self, inputs):
+        return inputs if self.index == 1 else original(self, inputs)
+
+    monkeypatch.setattr(parts.Block, "forward", skip_block_one)
+    report = check_parity(config("llama-tiny"), 2)
+    assert not report.ok and report.max_logit_diff > 1e-3
+
+
+def test_each_stage_builds_only_its_own_layers():
+    """Stage 0 of 2 materializes the embedding and its blocks; the other stage's modules stay on meta."""
+    cfg = config("llama-tiny", pipeline={"stages": 2})
+    plan = build_plan(cfg, world_size=2)
+    builder = stage_builder(plan)
+    specs, units = layer_specs(builder)
+    lo, hi = spec_parts(plan.parts, units)[:2]
+    for spec in specs[lo:hi]:
+        spec.build()
+    built = set(builder.built_modules())
+    assert "model.embed_tokens" in built and "lm_head" not in built and "model.norm" not in built
+    blocks = {p for p in built if p.startswith("model.layers.")}
+    n_stage0 = sum(name.startswith("block") for name in plan.stages[0].layer_names)
+    assert blocks == {f"model.layers.{i}" for i in range(n_stage0)} and 0 < n_stage0 < 4
+    on_meta = [n for n, p in builder.skeleton.named_parameters() if p.is_meta]
+    real = [n for n, p in builder.skeleton.named_parameters() if not p.is_meta]
+    assert all(n.startswith(("model.embed_tokens.", *(b + "." for b in blocks))) for n in real), real
+    assert any(n.startswith("lm_head") for n in on_meta)
+
+
+def test_initialization_does_not_depend_on_the_layout():
+    """pretrained: false gives the same weights whether a layer lands on stage 0 or 1."""
+    one = SequentialStages(build_plan(config("llama-tiny", pipeline={"stages": 1}), 1))
+    two = SequentialStages(build_plan(config("llama-tiny", pipeline={"stages": 2}), 2))
+    weights_one = {n: p for m in one.builders for path, mod in m.built_modules().items()
+                   for n, p in ((f"{path}.{k}", v) for k, v in mod.named_parameters())}
+    weights_two = {n: p for m in two.builders for path, mod in m.built_modules().items()
+                   for n, p in ((f"{path}.{k}", v) for k, v in mod.named_parameters())}
+    assert weights_one.keys() == weights_two.keys()
+    for key in weights_one:
+        assert torch.equal(weights_one[key], weights_two[key]), key
+    std = weights_one["model.layers.0.mlp.up_proj.weight"].std().item()
+    assert 0.005 < std < 0.05, std  # the model's own init (normal, std 0.02), not to_empty garbage
+
+
+def test_parity_command(capsys):
+    assert main(["parity", "gpt2-tiny", "--stages", "2", "--seq-len", "16"]) == 0
+    out = capsys.readouterr().out
+    assert "parity          OK" in out and "(2 stages)" in out
+
+
+def test_hub_name_resolves_through_the_local_cache(tmp_path):
+    """model.name ORG/NAME with pretrained true loads from a standard HF cache, network off."""
+    import transformers
+
+    cfg = transformers.CONFIG_MAPPING["llama"](hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                               max_position_embeddings=128)
+    snapshot = tmp_path / "hub" / "models--acme--tiny-llama" / "snapshots" / "0123456789abcdef"
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0123456789abcdef")
+    env = {**os.environ, "HF_HOME": str(tmp_path), "HF_HUB_OFFLINE": "1", "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "parity", "acme/tiny-llama", "--stages", "2",
+                           "--seq-len", "16"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "parity          OK" in proc.stdout
+    run = tmp_path / "run.json"
+    run.write_text(json.dumps({"model": {"name": "acme/tiny-llama", "pretrained": True},
+                               "data": {"seq_len": 64}, "pipeline": {"stages": 2},
+                               "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8}))
+    proc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "validate", str(run)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and "(pretrained)" in proc.stdout, proc.stderr
+    env["HF_HOME"] = str(tmp_path / "empty")
+    proc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "validate", str(run)], capture_output=True,
+                          text=True, env=env, timeout=300)
+    assert proc.returncode == 2 and "model.name" in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+
+
+def test_missing_tensor_is_a_clear_error(tmp_path, capsys):
+    """A checkpoint lacking a tensor the stage needs is named, never silently left at its init."""
+    import transformers
+    from safetensors.torch import load_file, save_file
+
+    cfg = transformers.CONFIG_MAPPING["llama"](hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                               num_attention_heads=4, num_key_value_heads=2, vocab_size=256)
+    transformers.AutoModelForCausalLM.from_config(cfg).save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.down_proj.weight"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    rc = main(["parity", str(tmp_path), "--stages", "2", "--seq-len", "16"])
+    err = capsys.readouterr().err
+    assert rc == 2 and "model.layers.1.mlp.down_proj.weight" in err, err
