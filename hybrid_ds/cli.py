@@ -78,18 +78,34 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def machine_profile() -> str:
+    """"gpu" where DeepSpeed finds an accelerator, else "cpu": selects a config's on_gpu / on_cpu section."""
+    from deepspeed.accelerator import get_accelerator
+
+    return "cpu" if get_accelerator().device_name() == "cpu" else "gpu"
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from hybrid_ds.config import load_config
     from hybrid_ds.plan import build_plan, format_plan
 
-    cfg = load_config(_config_path(args), args.set)
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    plan = build_plan(cfg, world_size)
+    cfg = load_config(_config_path(args), args.set, profile=machine_profile())
     if args.dry_run:
+        plan = build_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_plan(plan))
         return 0
-    raise UserError("train", "training runs are not available in this version yet; use --dry-run to see the plan")
+    from hybrid_ds.train import run
+
+    run(cfg, resume=True if args.resume else None)
+    return 0
+
+
+def cmd_export(args: argparse.Namespace) -> int:
+    from hybrid_ds.checkpoint import export
+
+    print(f"wrote {export(args.checkpoint, args.out_dir)}")
+    return 0
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -116,8 +132,14 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (what launch/train.py runs)")
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
+    p.add_argument("--resume", action="store_true", help="continue from train.save_dir's latest checkpoint")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("export", help="write a Hugging Face folder from a training checkpoint")
+    p.add_argument("checkpoint", help="a train.save_dir (its latest checkpoint) or one step folder in it")
+    p.add_argument("out_dir", help="folder to write (config, safetensors, tokenizer)")
+    p.set_defaults(func=cmd_export)
     return parser
 
 

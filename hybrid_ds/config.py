@@ -121,7 +121,8 @@ class TrainConfig(_Section):
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "data": DataConfig, "pipeline": PipelineConfig, "train": TrainConfig,
 }
-_META_KEYS = ("extends", "description")
+_META_KEYS = ("extends", "description", "on_cpu", "on_gpu")
+PROFILES = ("cpu", "gpu")
 
 
 class RunConfig:
@@ -185,19 +186,24 @@ class RunConfig:
 # ---------------------------------------------------------------- loading
 
 
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read ``path`` (following ``extends``), apply ``--set`` overrides, validate."""
-    raw = _read_with_extends(Path(path), chain=())
-    for item in overrides:
-        apply_override(raw, item)
-    return RunConfig(raw, source=str(path))
+def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), profile: str | None = None) -> RunConfig:
+    """Read ``path`` (following ``extends``), merge the ``on_cpu``/``on_gpu`` section of ``profile``,
+    apply ``--set`` overrides, validate."""
+    return load_config_dict(_read_with_extends(Path(path), chain=()), overrides, profile, source=str(path))
 
 
-def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), profile: str | None = None,
+                     source: str = "<dict>") -> RunConfig:
     raw = copy.deepcopy(raw)
+    for name in PROFILES:
+        section = raw.pop(f"on_{name}", {})
+        if not isinstance(section, dict):
+            raise UserError(f"on_{name}", f"must be an object of keys to change on a {name} machine, got {section!r}")
+        if name == profile:
+            raw = deep_merge(raw, section)
     for item in overrides:
         apply_override(raw, item)
-    return RunConfig(raw)
+    return RunConfig(raw, source=source)
 
 
 def _read_json(path: Path) -> dict[str, Any]:
