@@ -4,7 +4,9 @@ A pipeline of a model is ``[embedding, block 0, ..., block n-1, head]``. The emb
 first stage, the blocks are spread over the stages, the head (final norm and output projection) runs
 on the last stage. Everything a family needs beyond the Hugging Face modules themselves is here: which
 modules form each part, how the embedding part combines them, how position ids are made, and whether
-attention is causal. Adding a family means adding one entry plus its parity test.
+attention is causal. Adding a family means adding one entry plus its parity test. A model type with
+no entry goes to the generic adapter (generic.py), which maps the common decoder-only layout from the
+model's own structure or refuses it with the reason.
 """
 
 from __future__ import annotations
@@ -30,6 +32,15 @@ def _identity(mods, embeds, mask, types, positions):  # llama, mistral, qwen2, g
 
 def _dropout(name: str) -> EmbedFn:
     return lambda mods, embeds, mask, types, positions: mods[name](embeds)
+
+
+def _apply_in_order(names: tuple[str, ...]) -> EmbedFn:
+    """Modules applied in order to the embeddings alone (what the generic adapter found before block 0)."""
+    def embed(mods, embeds, mask, types, positions):
+        for name in names:
+            embeds = mods[name](embeds)
+        return embeds
+    return embed
 
 
 def _opt(mods, embeds, mask, types, positions):
@@ -92,10 +103,19 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 )}
 
 
-def get_family(model_type: str) -> Family:
-    if model_type not in FAMILIES:
+def get_family(model_type: str, hf_config: Any = None) -> Family:
+    """The named family of ``model_type``, else the generic decoder-only adapter's mapping of ``hf_config``.
+
+    The generic adapter (hybrid_ds/models/generic.py) builds the model on the meta device from
+    ``hf_config`` (overrides applied) and maps it, or raises a UserError saying what it cannot map.
+    """
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if hf_config is None:
         raise UserError("model.name",
                         f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))} "
                         f"({suggest(model_type, FAMILIES)}); to add one, add a Family entry in "
                         "hybrid_ds/models/__init__.py and a parity test")
-    return FAMILIES[model_type]
+    from hybrid_ds.models.generic import generic_family, meta_causal_lm
+
+    return generic_family(model_type, meta_causal_lm(model_type, hf_config))

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import zlib
 from pathlib import Path
-from typing import Any
 
 import torch
 from torch import nn
@@ -67,7 +66,6 @@ class SafetensorsCheckpoint:
             self.keys[model_key] = key
             if converter is not None:
                 self.converted.add(model_key)
-        self._open: dict[str, Any] = {}
 
     def find(self, model_key: str) -> str | None:
         if model_key in self.converted:
@@ -77,12 +75,15 @@ class SafetensorsCheckpoint:
         return self.keys.get(model_key)
 
     def read(self, key: str) -> torch.Tensor:
+        """The tensor, memory-mapped from its file: copy it where it belongs and drop it.
+
+        Each read maps the file anew, so the mapping goes when the tensor goes: the pages a copy touches
+        count in RSS for as long as the file stays mapped, which would double a stage's memory.
+        """
         from safetensors import safe_open
 
-        file = self.files[key]
-        if file not in self._open:
-            self._open[file] = safe_open(self.folder / file, framework="pt", device="cpu")
-        return self._open[file].get_tensor(key)
+        with safe_open(self.folder / self.files[key], framework="pt", device="cpu") as f:
+            return f.get_tensor(key)
 
 
 def _model_keys(checkpoint_keys: list[str], skeleton: nn.Module) -> list[tuple[str, str | None]]:
@@ -181,7 +182,7 @@ class StageBuilder:
                 self.skeleton._init_weights(sub)
 
     def _load(self, module: nn.Module, path: str) -> None:
-        tensors, missing = {}, []
+        keys, missing = {}, []
         names = dict(module.named_parameters())
         names.update({n: b for n, b in module.named_buffers() if _is_persistent(module, n)})
         for name in names:
@@ -194,17 +195,18 @@ class StageBuilder:
                 if name in dict(module.named_parameters()):
                     missing.append(f"{path}.{name}")
                 continue
-            tensors[name] = self.checkpoint.read(key)
+            keys[name] = key
         if missing:
             raise UserError("model.name", f"checkpoint {self.checkpoint.folder} lacks {len(missing)} tensors this "
                                           f"stage needs, e.g. {missing[:3]}")
         with torch.no_grad():
-            for name, tensor in tensors.items():
-                target = names[name]
+            for name, key in keys.items():  # one tensor mapped at a time (see SafetensorsCheckpoint.read)
+                tensor, target = self.checkpoint.read(key), names[name]
                 if target.shape != tensor.shape:
                     raise UserError("model.name", f"checkpoint tensor for {path}.{name} has shape "
                                                   f"{tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
                 target.copy_(tensor)
+                del tensor
 
 
 def _is_persistent(module: nn.Module, name: str) -> bool:

@@ -47,9 +47,9 @@ def resolve_model(model: ModelConfig) -> ResolvedModel:
     else:  # a folder or hub name; `pretrained: true` with a preset's name (gpt2) means that hub model
         hf_config = _load_hf_config(model)
         checkpoint = model.name
-    family = get_family(hf_config.model_type)
     _apply_overrides(hf_config, model.overrides)
     hf_config._attn_implementation = model.attn_implementation
+    family = get_family(hf_config.model_type, hf_config)  # the generic adapter must see the final config
     return ResolvedModel(hf_config, family, checkpoint)
 
 

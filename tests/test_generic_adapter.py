@@ -1,0 +1,153 @@
+"""The generic decoder-only adapter: models with no named family match Hugging Face, or are refused clearly.
+
+Each accepted model is a tiny random model saved to a folder and compared with ``check_parity`` on one
+and two stages. Each refused one raises a one-line UserError that names the model type, what could
+not be mapped, the named families and how to add one.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from hybrid_ds.config import load_config_dict  # noqa: E402
+from hybrid_ds.errors import UserError  # noqa: E402
+from hybrid_ds.models import FAMILIES, get_family  # noqa: E402
+from hybrid_ds.models.generic import generic_family, meta_causal_lm  # noqa: E402
+
+TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+            head_dim=16, vocab_size=256, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+            num_local_experts=4, num_experts_per_tok=2)
+
+
+def tiny_config(model_type: str, **overrides):
+    """A tiny config of ``model_type``: the TINY sizes its config class knows, then ``overrides``."""
+    cls = transformers.CONFIG_MAPPING[model_type]
+    known = set(cls().to_dict()) | set(getattr(cls, "attribute_map", {}))
+    return cls(**{k: v for k, v in {**TINY, **overrides}.items() if k in known or k in overrides})
+
+
+def saved(tmp_path, config) -> str:
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(tmp_path)
+    return str(tmp_path)
+
+
+def run_config(folder: str):
+    return load_config_dict({"model": {"name": folder, "pretrained": True}, "train_micro_batch_size_per_gpu": 1})
+
+
+# model_type -> overrides. What each adds beyond Llama's layout, and so what the parity check covers:
+ACCEPTED = {
+    "qwen3": dict(num_hidden_layers=4, use_sliding_window=True, sliding_window=4,  # q/k norms; full and
+                  max_window_layers=2),                                           # sliding layers (window 4 < 16)
+    "olmo2": {},                           # norms after attention and MLP, q/k norms
+    "starcoder2": dict(sliding_window=4),  # LayerNorm with biases; one sliding mask for all layers, no layer_types;
+                                           # tied head through the generic path
+    "stablelm": {},                        # partial rotary, LayerNorm
+    "helium": {},                          # Llama-like, untied head
+    "smollm3": dict(num_hidden_layers=4),  # rotary skipped in some layers (no_rope_layers), inside the block; tied
+    "exaone4": dict(num_hidden_layers=4, sliding_window=4),  # sliding and full layers, post-norms
+    "gptj": dict(n_embd=64, n_head=4, rotary_dim=8, n_positions=128),  # no rotary module: it is inside attention
+    "jetmoe": dict(num_hidden_layers=2),   # mixture-of-experts blocks (attention experts too), tied head
+}
+
+# model_type -> (overrides, what the error must say). Each is refused for a structural reason.
+REFUSED = {
+    "t5": ({}, "encoder-decoder"),
+    "bart": (dict(d_model=64, encoder_layers=1, decoder_layers=1), "encoder-decoder"),
+    # Granite's embedding multiplier is refused even at 1.0: the structure, not the value, decides.
+    "granite": (dict(embedding_multiplier=1.0), "applies mul to the hidden states between the embedding and block 0"),
+    "cohere": ({}, "applies mul to the logits"),                                    # logit_scale
+    "gemma2": ({}, "applies div to the logits"),                                    # logit soft-cap
+    "gemma3_text": ({}, "rotary module model.rotary_emb is not called once"),        # rotary per layer type
+    "gemma4_text": ({}, "embed_tokens_per_layer"),                                   # per-layer embeddings
+    "bloom": (dict(n_layer=2, n_head=4), "requires alibi"),                          # ALiBi bias from the mask
+    "mamba": (dict(num_hidden_layers=2), "attention mask that no masking_utils helper made"),
+    "qwen3_moe": (dict(output_router_logits=True), "output_router_logits=true adds a loss"),  # router aux loss
+}
+
+
+@pytest.mark.parametrize("model_type", sorted(ACCEPTED))
+def test_generic_adapter_matches_hugging_face(model_type, tmp_path):
+    from hybrid_ds.parity import check_parity
+
+    assert model_type not in FAMILIES
+    config = tiny_config(model_type, **ACCEPTED[model_type])
+    folder = saved(tmp_path, config)
+    for stages in (1, 2):
+        report = check_parity(run_config(folder), stages)
+        assert report.ok, "\n".join(report.lines())
+
+
+@pytest.mark.parametrize("model_type", sorted(REFUSED))
+def test_generic_adapter_refuses_what_it_cannot_map(model_type):
+    overrides, reason = REFUSED[model_type]
+    config = tiny_config(model_type, **overrides)
+    with pytest.raises(UserError) as err:
+        get_family(model_type, config)
+    message = str(err.value)
+    assert "\n" not in message
+    assert f"model_type {model_type!r}" in message and reason in message, message
+    assert "named families: " in message and "to add one, add a Family entry" in message
+
+
+def test_refusal_reaches_the_user_from_the_config(tmp_path):
+    """Through the whole path a run takes: config -> plan. A model whose parity would fail is never built."""
+    from hybrid_ds.plan import build_plan
+
+    folder = saved(tmp_path, tiny_config("granite", embedding_multiplier=12.0, logits_scaling=8.0))
+    with pytest.raises(UserError, match="model_type 'granite'.* mul to the hidden states between the embedding and"):
+        build_plan(run_config(folder), world_size=1)
+
+
+def test_parity_would_catch_what_the_adapter_refuses(tmp_path, monkeypatch):
+    """Granite mapped as if it were Llama (its embedding and logit multipliers dropped) fails parity."""
+    from hybrid_ds.models import _decoder
+    from hybrid_ds.parity import check_parity
+
+    monkeypatch.setitem(FAMILIES, "granite", _decoder("granite"))
+    folder = saved(tmp_path, tiny_config("granite", embedding_multiplier=12.0, logits_scaling=8.0))
+    report = check_parity(run_config(folder), stages=1)
+    assert not report.ok and report.max_logit_diff > 1e-2, "\n".join(report.lines())
+
+
+def test_dropout_outside_modules_is_accepted_only_when_it_does_nothing():
+    """StarCoder2 applies embedding dropout as a function: fine at p=0, not reproducible at p>0."""
+    assert get_family("starcoder2", tiny_config("starcoder2")).embedding == ()
+    with pytest.raises(UserError, match="applies dropout to the hidden states"):
+        get_family("starcoder2", tiny_config("starcoder2", embedding_dropout=0.1))
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "qwen2", "gemma", "phi", "gpt_neox"])
+def test_generic_adapter_finds_what_the_named_families_say(model_type):
+    """On the named families of this layout the generic mapping equals the hand-written one."""
+    named = FAMILIES[model_type]
+    found = generic_family(model_type, meta_causal_lm(model_type, tiny_config(model_type)))
+    fields = ("token_embedding", "embedding", "blocks", "final", "output", "rotary", "positions", "task")
+    assert {f: getattr(found, f) for f in fields} == {f: getattr(named, f) for f in fields}
+
+
+def test_named_families_come_first_and_unknown_types_without_a_config_are_refused():
+    assert get_family("llama") is FAMILIES["llama"]
+    assert get_family("llama", tiny_config("llama")) is FAMILIES["llama"]
+    with pytest.raises(UserError, match="model_type 'qwen3' is not supported; supported: .*to add one"):
+        get_family("qwen3")
+
+
+def test_the_trace_leaves_the_model_and_transformers_as_they_were():
+    """The meta-device trace patches mask helpers, block forwards and the loss: all restored, refused or not."""
+    from transformers import masking_utils
+    from transformers.models.granite import modeling_granite
+
+    helper = masking_utils.create_causal_mask
+    skeleton = meta_causal_lm("granite", tiny_config("granite"))
+    with pytest.raises(UserError):
+        generic_family("granite", skeleton)
+    assert masking_utils.create_causal_mask is helper and modeling_granite.create_causal_mask is helper
+    assert all("forward" not in vars(block) for block in skeleton.model.layers)
+    assert "_loss_function" not in vars(skeleton)
+    assert not any(m._forward_hooks or m._forward_pre_hooks for m in skeleton.modules())
+    assert skeleton.training
