@@ -8,7 +8,7 @@ export DS_ACCELERATOR ?= cpu
 LAUNCH_FLAGS ?= --num_gpus 2
 endif
 CONFIG ?= configs/gpt.json
-ARGS ?= --dry-run
+ARGS ?=
 
 .PHONY: setup train test clean
 

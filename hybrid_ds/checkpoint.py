@@ -68,8 +68,9 @@ def resume(engine: Any, folder: Path) -> dict:
     """Load model, optimizer, scheduler and this rank's RNG; returns the saved step and data position."""
     try:
         load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
-    except (RuntimeError, OSError, KeyError, ValueError) as err:
-        raise UserError("train.resume", f"checkpoint {folder} cannot be loaded: {str(err).splitlines()[0][:200]}")
+    except Exception as err:  # torch.load and DeepSpeed raise many types for a damaged file
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        raise UserError("train.resume", f"checkpoint {folder} cannot be loaded: {reason}") from None
     if load_path is None:
         raise UserError("train.resume", f"checkpoint {folder} cannot be loaded (DeepSpeed found no model states)")
     rng = folder / f"rng-rank{torch.distributed.get_rank()}.pt"

@@ -149,7 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except UserError as err:
-        print(f"hybrid-ds: error: {err}", file=sys.stderr)
+        # Every rank of a run meets the same mistake: one line per node, from its first rank.
+        if os.environ.get("LOCAL_RANK", "0") == "0":
+            print(f"hybrid-ds: error: {err}", file=sys.stderr, flush=True)
         return 2
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from datetime import timedelta
 from typing import Any
 
@@ -27,6 +28,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
         # The launcher sets no thread count: without this every rank uses every core and they fight.
         local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
+        # DeepSpeed JIT-compiles its shared-memory all-reduce op at process-group start on CPU (minutes
+        # on a first run); only inference_all_reduce uses it, training's collectives go through gloo.
+        import deepspeed.ops
+
+        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    # Tied weights make DeepSpeed broadcast inside autograd; torch warns, the gradients are right (PITFALLS 8).
+    warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     return torch.distributed.get_world_size()
 

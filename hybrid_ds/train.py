@@ -139,6 +139,8 @@ def _loop(cfg: RunConfig, engine: Any, plan: Any, data: Any, batches: Any, step:
         summary.eval_loss = evaluate(engine, data, plan, train.eval_batches, dp_rank, step, None)
     if rank == 0:
         print(summary.line(), flush=True)
+        if save_dir:
+            (save_dir / "summary.json").write_text(summary_json(summary))
     return summary
 
 
@@ -158,4 +160,4 @@ def evaluate(engine: Any, data: Any, plan: Any, n_batches: int, dp_rank: int, st
 
 
 def summary_json(summary: Summary) -> str:
-    return json.dumps({k: v for k, v in summary.__dict__.items()})
+    return json.dumps(summary.__dict__, indent=2)

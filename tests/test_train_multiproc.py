@@ -1,0 +1,166 @@
+"""launch/train.py end to end through the deepspeed launcher: 2 gloo processes on CPU, built-in data."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pytestmark = pytest.mark.multiproc
+
+ROOT = Path(__file__).resolve().parents[1]
+LAUNCHER = Path(sys.executable).with_name("deepspeed")
+
+
+def tiny_config(tmp_path: Path, name: str, stages: int, **train) -> Path:
+    config = {
+        "model": {"name": name, "vocab_from_tokenizer": True},
+        "data": {"seq_len": 32, "cache_dir": str(tmp_path.parent / "data-cache")},
+        "pipeline": {"stages": stages},
+        "train": {"max_steps": 8, "save_dir": str(tmp_path / "run"), "eval_interval": 4, "eval_batches": 2,
+                  **train},
+        "train_micro_batch_size_per_gpu": 2,
+        "gradient_accumulation_steps": 4,
+        "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 0.01}},
+        "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_max_lr": 2e-3}},
+        "zero_optimization": {"stage": 1},
+        "steps_per_print": 1000,
+    }
+    path = tmp_path / "config.json"
+    path.write_text(json.dumps(config))
+    return path
+
+
+def _port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def command(script: Path, config: Path, nproc: int, *extra: str) -> list[str]:
+    return [str(LAUNCHER), "--num_gpus", str(nproc), "--master_port", str(_port()), str(script),
+            "--config", str(config), *extra]
+
+
+def train(config: Path, nproc: int = 2, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.run(command(ROOT / "launch" / "train.py", config, nproc, *extra), capture_output=True,
+                          text=True, timeout=600, env=env, cwd=ROOT)
+    assert proc.returncode == expect, proc.stdout[-4000:] + proc.stderr[-4000:]
+    return proc
+
+
+def summary(config: Path) -> dict:
+    return json.loads((Path(json.loads(config.read_text())["train"]["save_dir"]) / "summary.json").read_text())
+
+
+@pytest.mark.parametrize("name, stages", [("gpt2-tiny", 2), ("gpt2-tiny", 1), ("bert-tiny", 2), ("bert-tiny", 1)])
+def test_training_loss_falls(tmp_path, name, stages):
+    """pp=2 (2 stages x dp 1) and pp=1 (dp 2) runs on the built-in corpus."""
+    config = tiny_config(tmp_path, name, stages)
+    proc = train(config)
+    result = summary(config)
+    assert result["steps"] == 8 and len(result["losses"]) == 8
+    assert result["last_loss"] < result["first_loss"] - 0.1, result["losses"]
+    assert result["eval_loss"] < result["first_loss"], result
+    assert "done: 8 steps" in proc.stdout + proc.stderr
+    assert (tmp_path / "run" / "step_8" / "COMPLETE").is_file()
+
+
+def test_resume_reproduces_the_uninterrupted_run(tmp_path):
+    """Stopped after step 4 and resumed: steps 5-8 give the uninterrupted run's losses (dropout on)."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = tiny_config(tmp_path / "a", "gpt2-tiny", 2, save_interval=4)
+    train(straight)
+    first = tiny_config(tmp_path / "b", "gpt2-tiny", 2, save_interval=4, max_steps=4)
+    train(first)
+    resumed = tiny_config(tmp_path / "b", "gpt2-tiny", 2, save_interval=4)
+    train(resumed, 2, "--resume")
+    want, got = summary(straight)["losses"], summary(resumed)["losses"]
+    assert len(got) == 4 and got == pytest.approx(want[4:], abs=1e-6), (want, got)
+
+
+def test_export_round_trip(tmp_path):
+    """pp=2 checkpoint -> hybrid-ds export -> from_pretrained: logits equal the pipeline's within 1e-5."""
+    import transformers
+
+    config = tiny_config(tmp_path, "gpt2-tiny", 2, max_steps=3, export_hf=str(tmp_path / "hf"))
+    train(config)
+    batch = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    torch.save(batch, tmp_path / "batch.pt")
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    worker = ROOT / "tests" / "workers" / "checkpoint_logits.py"
+    proc = subprocess.run(command(worker, config, 2, "--batch", str(tmp_path / "batch.pt"), "--out",
+                                  str(tmp_path / "logits.pt")), capture_output=True, text=True, timeout=600, env=env)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    pipeline_logits = torch.load(tmp_path / "logits.pt")
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        hf_logits = model(input_ids=batch).logits
+    torch.testing.assert_close(hf_logits, pipeline_logits, atol=1e-5, rtol=0)
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
+    assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    again = tmp_path / "hf-again"
+    rc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "export", str(tmp_path / "run"), str(again)],
+                        capture_output=True, text=True, env=env, timeout=300)
+    assert rc.returncode == 0, rc.stderr
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(again).eval()
+    with torch.no_grad():
+        assert torch.equal(reloaded(input_ids=batch).logits, hf_logits)
+
+
+def test_killing_a_rank_ends_the_run(tmp_path):
+    """One of two ranks killed mid-run: the launcher exits non-zero within 60 s, no hang."""
+    config = tiny_config(tmp_path, "gpt2-tiny", 2, max_steps=100000, eval_interval=0)
+    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.Popen(command(ROOT / "launch" / "train.py", config, 2), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
+    pids, output = [], []
+    deadline = time.time() + 300
+    for line in proc.stdout:  # wait until training is under way
+        output.append(line)
+        pids += [int(p) for p in re.findall(r"process (\d+) spawned", line)]
+        if "train:" in line and "loss=" in line or time.time() > deadline:
+            break
+    assert len(pids) == 2, "".join(output[-20:])
+    os.kill(pids[1], signal.SIGKILL)
+    killed = time.time()
+    try:
+        rc = proc.wait(timeout=60)
+    finally:
+        proc.kill()
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+    assert rc != 0 and time.time() - killed < 60
+
+
+def test_missing_and_corrupt_checkpoints_are_one_clear_line(tmp_path):
+    config = tiny_config(tmp_path, "gpt2-tiny", 2, max_steps=2, resume=True)
+    proc = train(config, expect=2)
+    errors = [line for line in proc.stderr.splitlines() if "hybrid-ds: error" in line]
+    assert len(errors) == 1 and "train.resume" in errors[0] and "no checkpoint" in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+
+    good = tiny_config(tmp_path, "gpt2-tiny", 2, max_steps=2)
+    train(good)
+    layer = tmp_path / "run" / "step_2" / "layer_00-model_states.pt"
+    layer.write_bytes(layer.read_bytes()[:100])
+    proc = train(good, 2, "--resume", expect=2)
+    errors = [line for line in proc.stderr.splitlines() if "hybrid-ds: error" in line]
+    assert len(errors) == 1 and "cannot be loaded" in errors[0], proc.stderr[-2000:]
+    (tmp_path / "run" / "step_2" / "COMPLETE").unlink()
+    proc = train(good, 2, "--resume", expect=2)
+    assert "incomplete" in proc.stderr and "Traceback" not in proc.stderr
