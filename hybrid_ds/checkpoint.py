@@ -122,9 +122,14 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     folder = resolve_checkpoint(checkpoint)
     cfg = load_config_dict(json.loads((folder.parent / RUN_CONFIG).read_text()))
     plan = build_plan(cfg, world_size=cfg.pipeline.stages)
-    builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=plan.skeleton)
-    specs, _ = layer_specs(builder)
-    state = _gather_layers(folder, specs, builder)
+    if cfg.zero_stage >= 2:  # the plain HF model: DeepSpeed's own consolidation of ZeRO partitions
+        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+        state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
+    else:  # a PipelineModule: per-layer files, named back through the layer specs on the meta device
+        builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=plan.skeleton)
+        specs, _ = layer_specs(builder)
+        state = _gather_layers(folder, specs, builder)
     task = plan.resolved.family.task
     auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForMaskedLM
     model = auto.from_config(plan.resolved.hf_config)

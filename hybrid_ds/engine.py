@@ -105,3 +105,88 @@ def _owned_parameters(engine: Any) -> list[torch.nn.Parameter]:
         if engine.global_rank != min(comm["ranks"]):
             skip.update(id(p) for p in module.tied_modules[key].parameters())
     return [p for p in module.parameters() if id(p) not in skip]
+
+
+# ---------------------------------------------------------------- ZeRO-2/3: the plain Hugging Face model
+
+
+class PlainEngine:
+    """DeepSpeed's ordinary engine on the Hugging Face model, driven like the PipelineEngine.
+
+    ``train_batch`` runs gradient_accumulation_steps micro-batches (the model's own loss, scaled by
+    DeepSpeed) and returns their mean loss averaged over data-parallel ranks; ``eval_batch`` returns
+    this rank's mean eval loss. Everything else is the DeepSpeed engine's own.
+    """
+
+    def __init__(self, engine: Any, grad_accum: int):
+        self.engine = engine
+        self.grad_accum = grad_accum
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.engine, name)
+
+    @staticmethod
+    def _kwargs(micro_batch: tuple) -> dict[str, torch.Tensor]:
+        inputs, labels = micro_batch
+        names = ("input_ids", "attention_mask", "token_type_ids")
+        return {**{n: t.to(device()) for n, t in zip(names, inputs)}, "labels": labels.to(device())}
+
+    def train_batch(self, data_iter: Any) -> torch.Tensor:
+        total = torch.zeros((), device=device())
+        for _ in range(self.grad_accum):
+            loss = self.engine(**self._kwargs(next(data_iter))).loss
+            self.engine.backward(loss)
+            self.engine.step()
+            total += loss.detach().float()
+        total /= self.grad_accum
+        torch.distributed.all_reduce(total)
+        return total / torch.distributed.get_world_size()
+
+    def eval_batch(self, data_iter: Any, num_micro_batches: int) -> torch.Tensor:
+        self.engine.eval()
+        with torch.no_grad():
+            losses = [self.engine(**self._kwargs(next(data_iter))).loss.float() for _ in range(num_micro_batches)]
+        self.engine.train()
+        return torch.stack(losses).mean()
+
+
+def build_plain_engine(cfg: RunConfig, world_size: int) -> tuple[PlainEngine, Plan]:
+    """The whole Hugging Face model under ZeRO-2/3 (one stage, data parallel over every rank)."""
+    import deepspeed
+    import transformers
+    from transformers.integrations import HfDeepSpeedConfig
+
+    from hybrid_ds.models.build import checkpoint_folder
+
+    plan = build_plan(cfg, world_size)
+    ds = deepspeed_config(cfg, plan)
+    # Kept alive while the model is built: transformers then builds under deepspeed.zero.Init for
+    # ZeRO-3 (each rank allocates only its partition) and initializes through gathered parameters.
+    hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841
+    resolved = plan.resolved
+    auto = {"causal_lm": transformers.AutoModelForCausalLM,
+            "masked_lm": transformers.AutoModelForMaskedLM}[resolved.family.task]
+    torch.manual_seed(cfg.train.seed)
+    if cfg.model.pretrained:
+        folder = checkpoint_folder(resolved.checkpoint, cfg.model.revision)
+        model = auto.from_pretrained(folder, config=resolved.hf_config, dtype=torch.float32)
+    else:
+        model = auto.from_config(resolved.hf_config)
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    return PlainEngine(engine, plan.layout.grad_accum), plan
+
+
+def build_engine(cfg: RunConfig, world_size: int) -> tuple[Any, Plan]:
+    """PipelineEngine for ZeRO 0/1 (any number of stages), the plain engine for ZeRO-2/3 (one stage)."""
+    if cfg.zero_stage >= 2:
+        return build_plain_engine(cfg, world_size)
+    return build_pipeline_engine(cfg, world_size)
+
+
+def data_parallel(engine: Any) -> tuple[int, int, Any]:
+    """(data-parallel rank, size, group) of this rank under either engine."""
+    grid = getattr(engine, "grid", None)
+    if grid is not None:
+        return grid.get_data_parallel_rank(), grid.get_data_parallel_world_size(), grid.get_data_parallel_group()
+    return torch.distributed.get_rank(), torch.distributed.get_world_size(), None

@@ -66,17 +66,14 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Any]:
 
 def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
     """Train ``cfg`` in this process group (every rank calls it)."""
-    from hybrid_ds.engine import build_pipeline_engine, init_distributed
+    from hybrid_ds.engine import build_engine, data_parallel, init_distributed
 
     world_size = init_distributed()
     torch.manual_seed(cfg.train.seed)
     cfg, data = prepare(cfg, world_size)
-    if cfg.zero_stage >= 2:
-        raise UserError("zero_optimization.stage", f"{cfg.zero_stage}: training with ZeRO-2/3 (plain engine) is "
-                                                   "not available yet; use ZeRO 0 or 1")
-    engine, plan = build_pipeline_engine(cfg, world_size)
+    engine, plan = build_engine(cfg, world_size)
     rank = torch.distributed.get_rank()
-    dp_rank = engine.grid.get_data_parallel_rank()
+    dp_rank = data_parallel(engine)[0]
     batches = data.train_batches(plan.layout.micro_batch, dp_rank, plan.layout.dp, cfg.train.seed)
     save_dir = Path(cfg.train.save_dir) if cfg.train.save_dir else None
     step = _maybe_resume(engine, save_dir, batches, cfg.train.resume if resume is None else resume)
@@ -148,8 +145,10 @@ def evaluate(engine: Any, data: Any, plan: Any, n_batches: int, dp_rank: int, st
     """Mean loss over the held-out split's first ``n_batches`` micro-batches per data-parallel rank."""
     batches = data.eval_batches(plan.layout.micro_batch, n_batches, dp_rank, plan.layout.dp)
     n_batches = min(n_batches, batches.per_epoch)
+    from hybrid_ds.engine import data_parallel
+
     loss = engine.eval_batch(batches, num_micro_batches=n_batches).detach().float().reshape(1)
-    torch.distributed.all_reduce(loss, group=engine.grid.get_data_parallel_group())
+    torch.distributed.all_reduce(loss, group=data_parallel(engine)[2])
     loss = loss.item() / plan.layout.dp
     if engine.monitor.enabled and engine.global_rank == 0:
         samples = step * plan.layout.train_batch
