@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -54,7 +55,7 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Any]:
 
     resolved = resolve_model(cfg.model)
     folder = resolved.checkpoint if resolved.checkpoint and Path(resolved.checkpoint).is_dir() else None
-    local_rank = int(__import__("os").environ.get("LOCAL_RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if local_rank == 0:
         data = load_data(cfg.data, resolved.family.task, folder)
     if world_size > 1:
