@@ -46,10 +46,17 @@ class Plan:
 
 
 def default_world_size(cfg: RunConfig) -> int:
-    """stages x the data-parallel size that the batch numbers imply (1 when they don't fix it)."""
+    """The world size a config implies: from its batch numbers, else the cluster its description names
+    ("64x A100-80GB"), else one data-parallel replica (stages)."""
+    from hybrid_ds.gpus import parse_cluster
+
     micro, accum, total = cfg.micro_batch, cfg.grad_accum, cfg.train_batch
-    dp = total // (micro * accum) if micro and accum and total and total % (micro * accum) == 0 else 1
-    return cfg.pipeline.stages * dp
+    if micro and accum and total and total % (micro * accum) == 0:
+        return cfg.pipeline.stages * (total // (micro * accum))
+    cluster = parse_cluster(cfg.description)
+    if cluster and cluster[0] % cfg.pipeline.stages == 0:
+        return cluster[0]
+    return cfg.pipeline.stages
 
 
 def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
