@@ -89,11 +89,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hybrid_ds.config import load_config
     from hybrid_ds.plan import build_plan, format_plan
 
-    cfg = load_config(_config_path(args), args.set, profile=machine_profile())
+    profile = machine_profile()
+    cfg = load_config(_config_path(args), args.set, profile=profile)
     if args.dry_run:
+        from hybrid_ds.estimate import estimate_for_config, format_estimate
+
         plan = build_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_plan(plan))
+            runtime = "cpu" if profile == "cpu" else "cuda"
+            print(format_estimate(estimate_for_config(cfg, plan.layout.world_size, runtime=runtime)))
         return 0
     from hybrid_ds.train import run
 
@@ -111,6 +116,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-ds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
+    from hybrid_ds.compare import add_compare_parser, add_plan_parser  # pure Python, no torch
+
+    add_compare_parser(sub)
+    add_plan_parser(sub)
 
     p = sub.add_parser("presets", help="list architecture presets")
     p.add_argument("--json", action="store_true", help="print a JSON list of {name, family, layers, ...}")

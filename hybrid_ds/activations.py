@@ -1,0 +1,123 @@
+"""Bytes autograd saves for backward in each part of a model, per micro-batch. Pure Python.
+
+Korthikanti et al. 2022's catalogue of saved tensors, with the kernels these Hugging Face models
+really call; :mod:`hybrid_ds.estimate` multiplies them by the micro-batches DeepSpeed's 1F1B
+TrainSchedule keeps in flight. bench/estimator_accuracy.py holds them against autograd graphs on CPU.
+
+>>> round(korthikanti_layer_bytes(seq=2048, batch=1, hidden=12288, heads=96) / 2**30, 2)  # sbh(34 + 5as/h)
+2.67
+"""
+
+from __future__ import annotations
+
+from hybrid_ds.architecture import Arch
+
+DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+# Tensors an activation function saves, in units of its input (b x s x ffn): torch's fused kernels save
+# their input; Hugging Face's python GELUs save every intermediate; ReLU saves its output, which is
+# also the next linear's input and so costs nothing extra.
+_ACT_SAVES = {"relu": 0, "gelu_new": 4, "gelu_fast": 4, "quick_gelu": 2}
+
+
+def korthikanti_layer_bytes(seq: int, batch: int, hidden: int, heads: int) -> float:
+    """Korthikanti et al. 2022, eq. 1: one GPT layer, 16-bit activations, 1-byte dropout masks, no recompute."""
+    return seq * batch * hidden * (34 + 5 * heads * seq / hidden)
+
+
+def block_activation_terms(arch: Arch, seq: int, batch: int, precision: str, attn: str = "sdpa",
+                           runtime: str = "cuda") -> dict[str, float]:
+    """Bytes autograd saves in one block for one micro-batch, by term.
+
+    ``runtime`` "cuda" assumes what GPUs run: dropout keeps 1-byte masks, ``sdpa`` takes a fused
+    (flash / memory-efficient) kernel that saves q, k, v, the output and the log-sum-exp but no s x s
+    matrix. "cpu" is what bench/estimator_accuracy.py measures: CPU dropout keeps a mask of the tensor's
+    dtype, and CPU sdpa with attention dropout falls back to the math kernel, computing 16-bit attention
+    in fp32. Batches are packed (no padding), so sdpa gets no mask and grouped k, v stay grouped.
+
+    Under Korthikanti's assumptions (Megatron's fused GeLU, attention scores materialized, LayerNorm
+    statistics left out) the terms add up to their eq. 1 exactly:
+
+    >>> from dataclasses import replace
+    >>> from hybrid_ds.architecture import arch_from_preset
+    >>> gpt3 = replace(arch_from_preset("gpt3-175b"), act="gelu")
+    >>> terms = block_activation_terms(gpt3, 2048, 1, "bf16", attn="eager")
+    >>> sum(terms.values()) - terms["norm statistics"] == korthikanti_layer_bytes(2048, 1, 12288, 96)
+    True
+    """
+    w, tokens, h = DTYPE_BYTES[precision], seq * batch, arch.hidden
+    mask = 1 if runtime == "cuda" else w
+    stat = 4 if runtime == "cuda" else w
+    norms = 1 if arch.parallel == "one_norm" else 2
+    norm_inputs = 1 if arch.parallel else 2
+    terms: dict[str, float] = {}
+    if arch.norm == "layernorm":
+        terms["norm inputs"] = norm_inputs * w * tokens * h
+        terms["norm statistics"] = norms * 2 * stat * tokens
+    else:  # Hugging Face RMSNorm: fp32 copy of the input, rsqrt, the normalized tensor the weight multiplies
+        terms["norm inputs"] = norm_inputs * 4 * tokens * h
+        terms["norm statistics"] = norms * 4 * tokens
+        terms["normalized"] = norms * (4 if arch.norm == "rmsnorm_fp32" else w) * tokens * h
+    terms["linear inputs"] = (1 if arch.parallel == "one_norm" else 2) * w * tokens * h
+    terms.update(_attention_terms(arch, seq, batch, w, attn, runtime))
+    terms["output projection input"] = w * tokens * arch.heads * arch.head_dim
+    if arch.rotary_dim:
+        terms["rotary cos/sin"] = 2 * seq * arch.rotary_dim * w
+    act = _ACT_SAVES.get(arch.act, 1)
+    terms["mlp"] = (3 + act if arch.gated else act + 1) * w * tokens * arch.ffn
+    if arch.resid_dropout > 0:
+        terms["dropout masks"] = 2 * mask * tokens * h
+    return terms
+
+
+def _attention_terms(arch: Arch, seq: int, batch: int, w: int, attn: str, runtime: str) -> dict[str, float]:
+    tokens, q_width = seq * batch, arch.heads * arch.head_dim
+    scores = arch.heads * seq * seq * batch
+    if attn == "sdpa" and (runtime == "cuda" or arch.attn_dropout == 0):
+        kv_width = arch.kv_heads * arch.head_dim
+        out = {"softmax log-sum-exp": 4 * arch.heads * tokens}
+        if 0 < arch.sliding_window < seq:  # a materialized mask: sdpa saves it, and k, v are repeated to all heads
+            out["attention mask"] = w * batch * seq * seq
+            kv_width = q_width
+        qkv = q_width + 2 * kv_width
+        if arch.fused_qkv and arch.rotary_dim:  # rotary makes new q, k; v is a view of the fused projection
+            qkv += q_width + kv_width
+        out["q, k, v"] = w * tokens * qkv
+        if arch.attn_out_copy:
+            out["attention output"] = w * tokens * q_width
+        return out
+    # math kernel (eager, or CPU sdpa with dropout): q, k, v after repeat_kv, and the s x s scores
+    compute = 4 if (attn == "sdpa" and runtime == "cpu") else w
+    if attn == "sdpa" or not arch.softmax_fp32:
+        score_bytes = compute
+    else:  # eager: softmax in fp32, then the copy in the model dtype that multiplies v
+        score_bytes = 4 + (w if w < 4 else 0)
+    out = {"q, k, v": 3 * compute * tokens * q_width, "attention scores": score_bytes * scores}
+    if arch.attn_dropout > 0:
+        out["attention dropout"] = ((compute if runtime == "cpu" else 1) + compute) * scores
+    return out
+
+
+def embedding_activation_bytes(arch: Arch, seq: int, batch: int, precision: str, runtime: str = "cuda") -> float:
+    """Saved by the embedding layer: token ids, position ids, dropout mask (BERT: token types and LayerNorm)."""
+    w, tokens, h = DTYPE_BYTES[precision], seq * batch, arch.hidden
+    saved = 8 * tokens + (8 * (tokens if arch.position_ids_per_token else seq) if arch.learned_positions else 0)
+    if arch.embd_dropout > 0:
+        saved += (1 if runtime == "cuda" else w) * tokens * h
+    if arch.family == "bert":
+        saved += 8 * tokens + w * tokens * h + 2 * (4 if runtime == "cuda" else w) * tokens
+    return saved
+
+
+def head_activation_bytes(arch: Arch, seq: int, batch: int, precision: str, runtime: str = "cuda") -> float:
+    """Saved by the final norm, output projection and loss (fp32 log-softmax over the vocabulary)."""
+    w, tokens, h = DTYPE_BYTES[precision], seq * batch, arch.hidden
+    if arch.norm == "layernorm":
+        norm = w * tokens * h + 2 * (4 if runtime == "cuda" else w) * tokens
+    else:
+        norm = 4 * tokens * h + 4 * tokens + (4 if arch.norm == "rmsnorm_fp32" else w) * tokens * h
+    return norm + (1 + arch.head_extra) * w * tokens * h + 4 * tokens * arch.vocab + 8 * tokens
+
+
+__all__ = ["DTYPE_BYTES", "block_activation_terms", "embedding_activation_bytes", "head_activation_bytes",
+           "korthikanti_layer_bytes"]

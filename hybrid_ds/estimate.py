@@ -1,0 +1,543 @@
+"""Per-stage memory, FLOPs, communication and step time of a run, before renting the GPUs. Pure Python.
+
+Everything here is arithmetic on the architecture numbers of a preset (or a local ``config.json``):
+no torch, no deepspeed, no transformers. The numbers follow what the code that will run actually
+allocates, and the tests and ``bench/estimator_accuracy.py`` hold them against a real DeepSpeed engine:
+
+* parameters (:mod:`hybrid_ds.architecture`): per family, the tensors Hugging Face builds, grouped as
+  the pipeline groups them ([embedding, block 0 .. n-1, head]); a tied weight counts on every stage
+  holding it;
+* model states: the buffers of the optimizer DeepSpeed 0.19 picks for the precision and ZeRO stage
+  (torch AdamW, BF16_Optimizer, FP16_Optimizer, DeepSpeedZeroOptimizer, ZeRO-3), partitioned over the
+  data-parallel group, as the peak over the accumulate and step phases;
+* activations (:mod:`hybrid_ds.activations`): the tensors autograd saves in each Hugging Face block
+  (Korthikanti et al. 2022's catalogue, with the kernels these models really call), times the
+  micro-batches DeepSpeed's 1F1B TrainSchedule keeps in flight on each stage, plus the logits on the
+  last stage;
+* FLOPs, bubble, bytes sent per rank, step time and MFU from :mod:`hybrid_ds.gpus`.
+
+>>> arch = arch_from_preset("gpt3-175b")
+>>> round(arch.params / 1e9, 1)          # Narayanan et al. 2021, Table 1: 174.6B
+174.6
+>>> round(korthikanti_layer_bytes(seq=2048, batch=1, hidden=12288, heads=96) / 2**30, 2)  # sbh(34 + 5as/h)
+2.67
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any
+
+from hybrid_ds.activations import (DTYPE_BYTES, block_activation_terms, embedding_activation_bytes,
+                                   head_activation_bytes, korthikanti_layer_bytes)
+from hybrid_ds.architecture import (FAMILIES, Arch, arch_from_config_dict, arch_from_model, arch_from_preset,
+                                    stage_boundaries)
+from hybrid_ds.errors import UserError
+from hybrid_ds.topology import bubble_fraction, resolve_layout
+
+ADAM_BYTES = 8                 # exp_avg + exp_avg_sq, fp32, on the partition an optimizer owns
+MASTER_BYTES = 4               # fp32 master weights (and fp32 gradient partitions)
+RUNTIME_OVERHEAD = 2 * 2**30   # CUDA context, cuBLAS/NCCL workspaces, allocator slack: a stated constant
+COMPUTE_EFFICIENCY = 0.45      # achieved / peak matmul FLOP/s: Narayanan et al. 2021 reach 140-163 of 312
+LINK_EFFICIENCY = 0.7          # achieved / peak bus bandwidth of NCCL collectives and p2p
+ALLREDUCE_BUCKET = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE (elements)
+
+
+# ---------------------------------------------------------------- model states (DeepSpeed 0.19 code paths)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes one rank holds for parameters, gradients, fp32 master weights and Adam state, at its peak phase.
+
+    ``transient`` are flat copies made and dropped inside the optimizer step; ``comm_buffer`` is the
+    reduce bucket DeepSpeed allocates for gradient reduction (``reduce_bucket_size`` elements).
+    """
+
+    optimizer_path: str
+    phase: str            # "accumulate" (forward/backward, gradients building up) or "step"
+    params: float
+    grads: float
+    master: float
+    optimizer: float
+    transient: float = 0.0
+    comm_buffer: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.master + self.optimizer
+
+
+def optimizer_path(zero: int, precision: str, grad_accum_dtype: str | None = None) -> str:
+    """The optimizer DeepSpeed 0.19 wraps around AdamW (``DeepSpeedEngine._do_optimizer_sanity_check``).
+
+    The gradient-accumulation dtype defaults to the model dtype (``get_data_types``), so bf16 with
+    ZeRO-1 uses the ZeRO optimizer unless ``data_types.grad_accum_dtype`` is "fp32".
+
+    >>> optimizer_path(0, "bf16"), optimizer_path(1, "bf16", "fp32"), optimizer_path(1, "bf16")
+    ('BF16_Optimizer', 'BF16_Optimizer', 'DeepSpeedZeroOptimizer')
+    """
+    accum = grad_accum_dtype or precision
+    if zero == 3:
+        return "DeepSpeedZeroOptimizer_Stage3"
+    if zero >= 1:
+        return "BF16_Optimizer" if (zero == 1 and precision == "bf16" and accum == "fp32") else "DeepSpeedZeroOptimizer"
+    if accum != precision:
+        raise UserError("data_types.grad_accum_dtype", f"{accum} with {precision} needs ZeRO stage 1 or higher "
+                                                       "(DeepSpeed: unsupported mix of model and accumulation dtype)")
+    return {"fp32": "torch AdamW", "bf16": "BF16_Optimizer", "fp16": "FP16_Optimizer"}[precision]
+
+
+def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtype: str | None = None,
+                persistent: int = 0, largest_module: int = 0, reduce_bucket: int = 500_000_000,
+                contiguous_gradients: bool = True, prefetch_bucket: int = 50_000_000) -> ModelState:
+    """Model-state bytes per rank for ``params`` parameters on this rank's stage, ``dp`` data-parallel ranks.
+
+    Phases are the peak of what each optimizer keeps, read from DeepSpeed 0.19.8 and measured by
+    bench/estimator_accuracy.py. ZeRO-1 keeps the full gradient until the reduction at the accumulation
+    boundary; ZeRO-2 reduces every micro-batch into a partition; both clone an fp32 master partition even
+    in fp32. BF16_Optimizer keeps bf16 gradients plus a full accumulation buffer in the accumulation
+    dtype (bf16 by default, fp32 with ``data_types.grad_accum_dtype``), and partitions master weights and
+    Adam over the data-parallel group even at ZeRO-0. ZeRO-3 keeps parameters smaller than
+    ``stage3_param_persistence_threshold`` whole through forward and backward.
+
+    >>> ms = model_state(1_000_000, dp=1, zero=0, precision="fp32")   # 4 + 4 + 8 bytes per parameter
+    >>> ms.optimizer_path, ms.total
+    ('torch AdamW', 16000000.0)
+    >>> model_state(1_000_000, dp=4, zero=2, precision="bf16").total   # 2 + 16 / 4
+    6000000.0
+    """
+    path = optimizer_path(zero, precision, grad_accum_dtype)
+    n, w = float(params), DTYPE_BYTES[precision]
+    accum = DTYPE_BYTES[grad_accum_dtype or precision]
+    part = n / dp
+    adam, master = ADAM_BYTES * part, MASTER_BYTES * part
+    bucket = reduce_bucket * w if contiguous_gradients else 0.0
+    allreduce_bucket = min(n, ALLREDUCE_BUCKET) * w if dp > 1 else 0.0
+    if path == "torch AdamW":
+        phases = {"step": (4 * n, 4 * n, 0.0, 8 * n)}
+        return _peak(path, phases, comm_buffer=allreduce_bucket)
+    if path == "FP16_Optimizer":  # fused_optimizer.py: fp32 master copy of everything, fp32 flat grads at the step
+        phases = {"accumulate": (2 * n, 2 * n, 4 * n, 8 * n), "step": (2 * n, 2 * n + 4 * n, 4 * n, 8 * n)}
+        return _peak(path, phases, comm_buffer=allreduce_bucket)
+    if path == "BF16_Optimizer":  # bf16_optimizer.py: lp grads + flat hp grad buffer; fp32 copy of the partition
+        grads = w * n + accum * n
+        phases = {"accumulate": (w * n, grads, master, adam),
+                  "step": (w * n, grads + (MASTER_BYTES * part if accum != MASTER_BYTES else 0.0), master, adam)}
+        return _peak(path, phases, comm_buffer=allreduce_bucket)
+    if zero in (1, 2):  # stage_1_and_2.py; the flat 16-bit partition is cast to fp32 inside step()
+        building = w * n if zero == 1 else accum * part
+        phases = {"accumulate": (w * n, building, master, adam), "step": (w * n, MASTER_BYTES * part, master, adam)}
+        return _peak(path, phases, transient=accum * part, comm_buffer=bucket)
+    # stage3.py: 16-bit param and grad partitions, fp32 master/grad/Adam partitions; gathered modules in flight
+    persistent_bytes = w * persistent
+    gathered = w * (largest_module + min(prefetch_bucket, max(0.0, n - persistent)))
+    phases = {"accumulate": (w * part + persistent_bytes + gathered, w * part + w * largest_module, master, adam),
+              "step": (w * part, w * part + MASTER_BYTES * part, master, adam)}
+    return _peak(path, phases, comm_buffer=reduce_bucket * w if contiguous_gradients else 0.0)
+
+
+def _peak(path: str, phases: dict[str, tuple[float, float, float, float]], transient: float = 0.0,
+          comm_buffer: float = 0.0) -> ModelState:
+    phase = max(phases, key=lambda name: sum(phases[name]))
+    return ModelState(path, phase, *phases[phase], transient=transient, comm_buffer=comm_buffer)
+
+
+# ---------------------------------------------------------------- FLOPs
+
+
+def block_flops(arch: Arch, seq: int) -> float:
+    """Forward matmul FLOPs per token of one block. Causal attention is counted as the full s x s product,
+    as Narayanan et al. 2021 (eq. 3) and Megatron-LM count it, not halved as FlashAttention papers do.
+
+    >>> a = arch_from_preset("gpt3-175b")
+    >>> math.isclose(block_flops(a, 2048), 24 * a.hidden**2 * (1 + 2048 / (6 * a.hidden)))
+    True
+    """
+    h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
+    attention = 2 * h * (q + 2 * kv) + 2 * q * h + 4 * seq * q
+    return attention + 2 * h * arch.ffn * (3 if arch.gated else 2)
+
+
+def head_flops(arch: Arch) -> float:
+    """Forward FLOPs per token of the output projection (and BERT's transform)."""
+    return 2 * arch.hidden * arch.vocab + (2 * arch.hidden**2 if arch.family == "bert" else 0)
+
+
+def narayanan_training_days(tokens: float, params: float, gpus: int, flops_per_gpu: float) -> float:
+    """Narayanan et al. 2021, eq. 4: end-to-end time ~ 8 T P / (n X) (forward, backward and recompute).
+
+    >>> round(narayanan_training_days(300e9, 174.6e9, 1024, 140e12), 1)   # the paper: ~34 days
+    33.8
+    """
+    return 8 * tokens * params / (gpus * flops_per_gpu) / 86400
+
+
+# ---------------------------------------------------------------- the run
+
+
+@dataclass(frozen=True)
+class Run:
+    """What the estimate needs from a run config: model, layout, batch, precision, ZeRO settings."""
+
+    arch: Arch
+    world_size: int
+    stages: int
+    dp: int
+    micro_batch: int
+    grad_accum: int
+    seq_len: int
+    zero: int = 0
+    precision: str = "bf16"
+    grad_accum_dtype: str | None = None
+    checkpoint_interval: int = 0
+    partition: str | list[int] = "parameters"
+    attn: str = "sdpa"
+    reduce_bucket: int = 500_000_000       # zero_optimization.reduce_bucket_size
+    contiguous_gradients: bool = True
+    persistence_threshold: int = 100_000   # zero_optimization.stage3_param_persistence_threshold
+    prefetch_bucket: int = 50_000_000      # zero_optimization.stage3_prefetch_bucket_size
+    source: str = ""
+    description: str = ""
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.micro_batch * self.grad_accum * self.dp * self.seq_len
+
+
+_DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
+                "float16": "fp16"}
+
+
+def run_from_config(cfg: Any, world_size: int) -> Run:
+    """A :class:`Run` from a validated RunConfig (hybrid_ds.config), checking the layout as build_plan does."""
+    arch = arch_from_model(cfg.model.name, cfg.model.pretrained, cfg.model.overrides)
+    layout = resolve_layout(world_size, cfg.pipeline.stages, arch.layers, cfg.micro_batch, cfg.grad_accum,
+                            cfg.train_batch)
+    if cfg.data.seq_len > arch.max_positions:
+        raise UserError("data.seq_len", f"{cfg.data.seq_len} exceeds the model's {arch.max_positions} positions "
+                                        f"(max_position_embeddings); use at most {arch.max_positions}")
+    zero = cfg.deepspeed.get("zero_optimization", {})
+    accum = cfg.deepspeed.get("data_types", {}).get("grad_accum_dtype")
+    if accum is not None and str(accum).lower() not in _DTYPE_NAMES:
+        raise UserError("data_types.grad_accum_dtype", f"must be fp32, bf16 or fp16, got {accum!r}")
+    return Run(arch, world_size, layout.stages, layout.dp, layout.micro_batch, layout.grad_accum, cfg.data.seq_len,
+               cfg.zero_stage, cfg.precision, _DTYPE_NAMES[str(accum).lower()] if accum else None,
+               cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation,
+               int(zero.get("reduce_bucket_size", 5e8)), bool(zero.get("contiguous_gradients", True)),
+               int(zero.get("stage3_param_persistence_threshold", 1e5)),
+               int(zero.get("stage3_prefetch_bucket_size", 5e7)), cfg.source, cfg.description)
+
+
+def partition(run: Run) -> list[int]:
+    """Stage boundaries over [embedding, blocks..., head], as hybrid_ds.plan computes them."""
+    return stage_boundaries(run.arch, run.partition, run.stages)
+
+
+# ---------------------------------------------------------------- per stage
+
+
+@dataclass(frozen=True)
+class StageEstimate:
+    stage: int
+    first_layer: int               # pipeline layers [embedding, blocks..., head], inclusive
+    last_layer: int
+    blocks: int
+    params: int
+    state: ModelState
+    activations: float             # saved tensors of the micro-batches in flight (+ one recompute chunk)
+    in_flight: int                 # micro-batches whose activations this stage holds at once
+    logits: float                  # last stage: logits held for the loss, and their gradient
+    pipe_buffers: float            # activations received and sent between stages, p2p buffers
+    overhead: float
+    flops_per_micro_batch: float   # hardware FLOPs (forward, backward, recompute)
+    comm: dict[str, float]         # bytes this rank sends per step, by kind
+
+    @property
+    def total(self) -> float:
+        return (self.state.total + self.state.comm_buffer + self.activations + self.logits
+                + self.pipe_buffers + self.overhead)
+
+    def holds(self, n_layers: int) -> str:
+        parts = ["embedding"] if self.first_layer == 0 else []
+        if self.blocks:
+            first = max(self.first_layer, 1) - 1
+            parts.append(f"blocks {first}-{first + self.blocks - 1}" if self.blocks > 1 else f"block {first}")
+        if self.last_layer == n_layers + 1:
+            parts.append("head")
+        return " + ".join(parts)
+
+
+def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cuda") -> tuple[float, int, float, float]:
+    """(activations, micro-batches in flight, logits, pipeline buffers) of the stage holding layers [lo, hi)."""
+    arch, p, w = run.arch, run.stages, DTYPE_BYTES[run.precision]
+    seq, batch, tokens = run.seq_len, run.micro_batch, run.seq_len * run.micro_batch
+    blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
+    block = sum(block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime).values())
+    per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if lo == 0 else 0.0
+    if hi == arch.layers + 2:
+        per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime)
+    interval, working = run.checkpoint_interval, 0.0
+    if interval and blocks:  # each chunk of `interval` blocks keeps its input; backward recomputes one chunk at a time
+        per_micro_batch += math.ceil(blocks / interval) * w * tokens * arch.hidden + 8 * tokens
+        working = min(interval, blocks) * block
+    else:
+        per_micro_batch += blocks * block
+    # TrainSchedule (1F1B): stage s runs min(p - s, m) forwards before its first backward.
+    in_flight = min(p - stage, run.grad_accum)
+    activation = w * tokens * arch.hidden
+    buffers = in_flight * activation * ((stage > 0) + (stage < p - 1)) + activation * ((stage > 0) + (stage < p - 1))
+    logits = (w + 4 + w) * tokens * arch.vocab if hi == arch.layers + 2 else 0.0  # held, then fp32 and 16-bit grads
+    return in_flight * per_micro_batch + working, in_flight, logits, buffers
+
+
+def stage_flops(run: Run, lo: int, hi: int) -> float:
+    """Hardware FLOPs of one micro-batch on the stage holding layers [lo, hi): 3 passes, plus recompute."""
+    arch, tokens = run.arch, run.seq_len * run.micro_batch
+    blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
+    forward = blocks * block_flops(arch, run.seq_len) + (head_flops(arch) if hi == arch.layers + 2 else 0.0)
+    recompute = blocks * block_flops(arch, run.seq_len) if run.checkpoint_interval else 0.0
+    return tokens * (3 * forward + recompute)
+
+
+def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, float]:
+    """Bytes one rank of ``stage`` sends per step (ring collectives: 2(d-1)/d of the buffer for an all-reduce)."""
+    d, p, m, w = run.dp, run.stages, run.grad_accum, DTYPE_BYTES[run.precision]
+    share = (d - 1) / d
+    comm: dict[str, float] = {}
+    if d > 1:
+        if run.zero == 3:  # per micro-batch: gather for forward and for backward, reduce-scatter the gradients
+            comm["zero-3 gathers"] = m * share * 2 * (params - persistent) * w + share * persistent * w
+            comm["gradient reduce-scatter"] = m * share * params * w
+        elif run.zero == 2:  # reduce-scatter every micro-batch, all-gather the updated parameters once
+            comm["gradient reduce-scatter"] = m * share * params * w
+            comm["parameter all-gather"] = share * params * w
+        else:  # all-reduce (ZeRO-0) or reduce-scatter + all-gather (ZeRO-1) once per step: the same volume
+            comm["gradient all-reduce" if run.zero == 0 else "reduce-scatter + all-gather"] = 2 * share * params * w
+    activation = w * run.seq_len * run.micro_batch * run.arch.hidden
+    sends = (stage < p - 1) + (stage > 0)   # activations forward, their gradients backward
+    if sends:
+        comm["pipeline p2p"] = m * sends * activation
+    if p > 1 and run.arch.tied and stage in (0, p - 1):
+        comm["tied gradients"] = run.arch.tied * w  # all-reduce between the first and the last stage
+    return comm
+
+
+def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = None) -> list[StageEstimate]:
+    arch = run.arch
+    parts = partition(run)
+    persistent = (sum(n for _, n in arch.tensors() if n <= run.persistence_threshold) if run.zero == 3 else 0)
+    largest = arch.largest_module() if run.zero == 3 else 0
+    out = []
+    for s, (lo, hi, params) in enumerate(zip(parts, parts[1:], arch.stage_params(parts))):
+        state = model_state(params, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
+                            largest if largest > run.persistence_threshold else 0, run.reduce_bucket,
+                            run.contiguous_gradients, run.prefetch_bucket)
+        activations, in_flight, logits, buffers = stage_activations(run, s, lo, hi, runtime)
+        blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
+        out.append(StageEstimate(s, lo, hi - 1, blocks, params, state, activations, in_flight, logits, buffers,
+                                 RUNTIME_OVERHEAD if overhead is None else overhead, stage_flops(run, lo, hi),
+                                 stage_comm(run, s, params, persistent)))
+    return out
+
+
+# ---------------------------------------------------------------- the whole step
+
+
+@dataclass
+class Estimate:
+    run: Run
+    stages: list[StageEstimate]
+    cluster: Any = None            # hybrid_ds.gpus.Cluster, or None (memory only)
+    runtime: str = "cuda"
+    model_flops: float = 0.0       # per step, whole run: 3 passes (forward + backward)
+    hardware_flops: float = 0.0    # plus the recomputed forward of checkpointed blocks
+    bubble: float = 0.0
+    step_time: float | None = None
+    mfu: float | None = None
+    time_parts: dict[str, float] = field(default_factory=dict)
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def binding(self) -> StageEstimate:
+        """The stage with the largest memory need: the one that decides whether the layout fits."""
+        return max(self.stages, key=lambda s: s.total)
+
+    @property
+    def device_memory(self) -> int | None:
+        return self.cluster.memory if self.cluster else None
+
+    @property
+    def fits(self) -> bool | None:
+        return None if self.cluster is None else self.binding.total <= self.cluster.memory
+
+    @property
+    def comm_per_rank(self) -> float:
+        return max(sum(s.comm.values()) for s in self.stages)
+
+
+def estimate(run: Run, cluster: Any = None, runtime: str = "cuda", efficiency: float = COMPUTE_EFFICIENCY) -> Estimate:
+    """The per-stage memory and per-step cost of ``run`` on ``cluster`` (None: memory and FLOPs only)."""
+    if cluster is not None and cluster.gpus != run.world_size:
+        raise UserError("--gpus", f"{cluster.gpus} GPUs but the run's world size is {run.world_size}")
+    stages = stage_estimates(run, runtime, overhead=RUNTIME_OVERHEAD if runtime == "cuda" else 0.0)
+    arch, tokens = run.arch, run.tokens_per_step
+    model_flops = 3 * tokens * (arch.layers * block_flops(arch, run.seq_len) + head_flops(arch))
+    recompute = tokens * arch.layers * block_flops(arch, run.seq_len) if run.checkpoint_interval else 0.0
+    est = Estimate(run, stages, cluster, runtime, model_flops, model_flops + recompute,
+                   bubble_fraction(run.stages, run.grad_accum))
+    if run.stages > 1 and run.grad_accum < 4 * run.stages:
+        est.warnings.append(f"gradient_accumulation_steps={run.grad_accum} < 4 x stages: the bubble is {est.bubble:.0%}")
+    if cluster is not None:
+        _step_time(est, cluster, efficiency)
+    return est
+
+
+def _step_time(est: Estimate, cluster: Any, efficiency: float) -> None:
+    run, gpu = est.run, cluster.gpu
+    peak = gpu.flops[run.precision]
+    if run.precision == "bf16" and gpu.name == "v100":
+        est.warnings.append("V100 has no bf16 units: bf16 runs at about the fp32 rate; use fp16 or fp32")
+    node = cluster.per_node
+    inter = gpu.inter_node * LINK_EFFICIENCY if cluster.nodes > 1 else gpu.intra_node * LINK_EFFICIENCY
+    dp_bw = gpu.intra_node * LINK_EFFICIENCY if run.dp <= node else inter
+    p2p_bw = gpu.intra_node * LINK_EFFICIENCY if run.dp * run.stages <= node else inter
+    activation = DTYPE_BYTES[run.precision] * run.seq_len * run.micro_batch * run.arch.hidden
+    per_micro_batch, after_flush = [], []
+    for s in est.stages:
+        compute = s.flops_per_micro_batch / (peak * efficiency)
+        if run.zero == 3:  # DeepSpeed prefetches ZeRO-3 gathers under compute (overlap_comm defaults on)
+            compute = max(compute, (s.comm.get("zero-3 gathers", 0) + s.comm.get("gradient reduce-scatter", 0))
+                          / run.grad_accum / dp_bw)
+        sends = (s.stage < run.stages - 1) + (s.stage > 0)
+        per_micro_batch.append(compute + sends * activation / p2p_bw)
+        data_parallel = sum(v for k, v in s.comm.items() if k not in ("pipeline p2p", "tied gradients",
+                                                                         "zero-3 gathers", "gradient reduce-scatter")
+                            or (k == "gradient reduce-scatter" and run.zero != 3))
+        after_flush.append(data_parallel / dp_bw + s.comm.get("tied gradients", 0) / p2p_bw)
+    slowest = max(per_micro_batch)
+    pipeline = (run.grad_accum + run.stages - 1) * slowest
+    est.time_parts = {"compute": run.grad_accum * slowest, "bubble": (run.stages - 1) * slowest,
+                      "gradient sync": max(after_flush)}
+    est.step_time = pipeline + max(after_flush)
+    est.mfu = est.model_flops / (cluster.gpus * peak * est.step_time)
+
+
+def training_days(est: Estimate, tokens: float) -> float:
+    """Days to train on ``tokens`` tokens at the estimated step time."""
+    return tokens / est.run.tokens_per_step * est.step_time / 86400
+
+
+def estimate_for_config(cfg: Any, world_size: int, cluster: Any = None, runtime: str = "cuda") -> Estimate:
+    """The estimate of a run config at ``world_size`` ranks (what ``train --dry-run`` prints).
+
+    With no ``cluster``, a GPU named in the config's description ("8x A100-40GB") is used for the
+    memory verdict and step time when ``runtime`` is "cuda"; on "cpu" only memory and FLOPs are given.
+    """
+    from hybrid_ds.gpus import make_cluster, parse_cluster
+
+    run = run_from_config(cfg, world_size)
+    if cluster is None and runtime == "cuda":
+        described = parse_cluster(cfg.description)
+        if described:
+            cluster = make_cluster(world_size, described[1], described[2])
+    return estimate(run, cluster, runtime)
+
+
+# ---------------------------------------------------------------- output
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in GiB / MiB / KiB.
+
+    >>> human_bytes(3 * 2**30), human_bytes(1536)
+    ('3.00 GiB', '1.5 KiB')
+    """
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def human_count(n: float, unit: str = "") -> str:
+    for suffix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_time(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def layout_text(run: Run) -> str:
+    ckpt = f", recompute every {run.checkpoint_interval}" if run.checkpoint_interval else ""
+    return (f"{run.stages} stages x {run.dp} dp, ZeRO-{run.zero}, {run.precision}, micro-batch {run.micro_batch} "
+            f"x {run.grad_accum} accumulation, seq {run.seq_len}{ckpt}")
+
+
+def format_estimate(est: Estimate) -> str:
+    run, arch = est.run, est.run.arch
+    where = est.cluster.describe() if est.cluster else f"{run.world_size} ranks ({est.runtime}, no device memory given)"
+    lines = [f"estimate   {arch.name}: {human_count(arch.params)} parameters on {where}",
+             f"layout     {layout_text(run)}; optimizer {est.stages[0].state.optimizer_path}",
+             "",
+             f"{'stage':>5}  {'holds':<26} {'params':>8}  {'model states':>12}  {'activations (in flight)':>23}  "
+             f"{'buffers':>10}  {'total':>10}"]
+    for s in est.stages:
+        acts = f"{human_bytes(s.activations + s.logits)} ({s.in_flight} mb)"
+        buffers = s.state.comm_buffer + s.pipe_buffers + s.overhead
+        lines.append(f"{s.stage:>5}  {s.holds(arch.layers):<26} {human_count(s.params):>8}  "
+                     f"{human_bytes(s.state.total):>12}  {acts:>23}  {human_bytes(buffers):>10}  "
+                     f"{human_bytes(s.total):>10}")
+    b = est.binding
+    busiest = max((s.comm for s in est.stages), key=lambda comm: sum(comm.values()))
+    lines += ["",
+              f"model states on stage {b.stage} ({b.state.phase} phase): params {human_bytes(b.state.params)}, "
+              f"grads {human_bytes(b.state.grads)}, fp32 master {human_bytes(b.state.master)}, "
+              f"Adam {human_bytes(b.state.optimizer)}; reduce bucket {human_bytes(b.state.comm_buffer)}",
+              f"FLOPs/step  model {human_count(est.model_flops)} (3 passes), hardware {human_count(est.hardware_flops)}"
+              f" (with recompute); causal attention counted as full s x s",
+              f"bubble     (p-1)/(m+p-1) = {est.bubble:.1%}",
+              f"comm/rank  {human_bytes(est.comm_per_rank)} per step"
+              + (f" ({', '.join(f'{k} {human_bytes(v)}' for k, v in busiest.items())})" if busiest else "")]
+    if est.step_time is not None:
+        lines.append(f"step time  {human_time(est.step_time)} at {COMPUTE_EFFICIENCY:.0%} of peak FLOP/s; "
+                     f"MFU {est.mfu:.1%}; {run.tokens_per_step / est.step_time:,.0f} tokens/s")
+    if est.fits is not None:
+        verdict = "fits" if est.fits else "DOES NOT FIT"
+        lines.append(f"verdict    {verdict}: stage {b.stage} needs {human_bytes(b.total)} of "
+                     f"{human_bytes(est.cluster.memory)} ({b.total / est.cluster.memory:.0%})")
+    lines += [f"warning: {w}" for w in est.warnings]
+    return "\n".join(lines)
+
+
+def estimate_dict(est: Estimate) -> dict[str, Any]:
+    """The estimate as JSON data."""
+    run = est.run
+    stages = [{"stage": s.stage, "holds": s.holds(run.arch.layers), "params": s.params,
+               "optimizer": s.state.optimizer_path, "peak_phase": s.state.phase,
+               "bytes": {"params": s.state.params, "grads": s.state.grads, "master": s.state.master,
+                         "optimizer_states": s.state.optimizer, "reduce_bucket": s.state.comm_buffer,
+                         "activations": s.activations, "logits": s.logits, "pipe_buffers": s.pipe_buffers,
+                         "overhead": s.overhead, "total": s.total},
+               "micro_batches_in_flight": s.in_flight, "hardware_flops_per_micro_batch": s.flops_per_micro_batch,
+               "comm_bytes_per_step": s.comm} for s in est.stages]
+    return {"model": run.arch.name, "params": run.arch.params, "source": run.source,
+            "cluster": est.cluster.describe() if est.cluster else None,
+            "device_memory": est.device_memory, "world_size": run.world_size, "stages": run.stages, "dp": run.dp,
+            "zero": run.zero, "precision": run.precision, "micro_batch": run.micro_batch,
+            "grad_accum": run.grad_accum, "seq_len": run.seq_len, "checkpoint_interval": run.checkpoint_interval,
+            "model_flops_per_step": est.model_flops, "hardware_flops_per_step": est.hardware_flops,
+            "bubble": est.bubble, "comm_bytes_per_rank": est.comm_per_rank, "step_time_s": est.step_time,
+            "mfu": est.mfu, "fits": est.fits, "binding_stage": est.binding.stage,
+            "peak_bytes": est.binding.total, "stage_estimates": stages, "warnings": est.warnings}
+
+
+# Arch, FAMILIES, the arch_from_* readers and the activation terms are re-exported from
+# hybrid_ds.architecture and hybrid_ds.activations, where they are defined.
+__all__ = ["FAMILIES", "Arch", "Estimate", "ModelState", "Run", "StageEstimate", "arch_from_config_dict",
+           "arch_from_model", "arch_from_preset", "block_activation_terms", "embedding_activation_bytes",
+           "estimate", "estimate_dict", "estimate_for_config", "format_estimate", "head_activation_bytes",
+           "korthikanti_layer_bytes", "model_state", "narayanan_training_days", "run_from_config"]

@@ -1,0 +1,313 @@
+"""The estimator against references: meta-device parameter counts, published numbers, DeepSpeed's own
+estimators and schedule, and bytes measured in real DeepSpeed engines and autograd graphs on CPU."""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import math
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from hybrid_ds import presets
+from hybrid_ds.compare import add_compare_parser, add_plan_parser
+from hybrid_ds.config import ModelConfig, load_config, load_config_dict
+from hybrid_ds.errors import UserError
+from hybrid_ds.estimate import (arch_from_preset, block_activation_terms, embedding_activation_bytes, estimate,
+                                estimate_for_config, format_estimate, head_activation_bytes, korthikanti_layer_bytes, model_state, narayanan_training_days,
+                                partition, run_from_config, stage_estimates, training_days)
+from hybrid_ds.gpus import make_cluster, parse_cluster
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").glob("*.json"))
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("estimator_accuracy", ROOT / "bench" / "estimator_accuracy.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def cli(*argv: str) -> int:
+    """``hybrid-ds compare|plan`` as hybrid_ds.cli.main runs them (a UserError is exit code 2)."""
+    parser = argparse.ArgumentParser(prog="hybrid-ds")
+    sub = parser.add_subparsers(dest="command", required=True)
+    add_compare_parser(sub)
+    add_plan_parser(sub)
+    args = parser.parse_args(argv)
+    try:
+        return args.func(args)
+    except UserError as err:
+        print(f"hybrid-ds: error: {err}", file=sys.stderr)
+        return 2
+
+
+def _run(name: str, world: int = 1, **keys) -> object:
+    raw = {"model": {"name": name}, "train_micro_batch_size_per_gpu": 1, **keys}
+    return run_from_config(load_config_dict(raw), world)
+
+
+# ---------------------------------------------------------------- parameters
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_parameter_counts_match_the_meta_model(name):
+    """Per layer, per stage and in total, the formulas give exactly what the meta-device model holds."""
+    from hybrid_ds.models.resolve import count_params, meta_model, pipeline_layers, resolve_model, stage_params
+
+    resolved = resolve_model(ModelConfig(name=name))
+    model = meta_model(resolved)
+    arch = arch_from_preset(name)
+    assert arch.layer_params() == [layer.params for layer in pipeline_layers(model, resolved.family)]
+    assert arch.params == count_params(model)
+    n = arch.layers + 2
+    for parts in ([0, n], [0, 2, n], [0, 1, n - 1, n]):
+        assert arch.stage_params(parts) == stage_params(model, resolved.family, parts), parts
+    largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
+    assert arch.largest_module() == largest  # DeepSpeed's model_to_params definition
+    assert sum(t for _, t in arch.tensors()) == arch.params
+
+
+def test_overridden_architectures_count_exactly():
+    from hybrid_ds.models.resolve import count_params, meta_model, resolve_model
+
+    for name, overrides in (("gpt2-tiny", {"n_inner": 100, "n_positions": 64}),
+                            ("llama-tiny", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
+                            ("opt-tiny", {"word_embed_proj_dim": 32}), ("phi-tiny", {"qk_layernorm": True})):
+        model = meta_model(resolve_model(ModelConfig(name=name, overrides=overrides)))
+        assert arch_from_preset(name, overrides).params == count_params(model), name
+
+
+@pytest.mark.parametrize("name, stages", [("gpt2", 2), ("llama2-7b", 4), ("gpt3-175b", 32), ("bert-tiny", 2)])
+def test_partition_matches_the_plan(name, stages):
+    from hybrid_ds.plan import build_plan
+
+    raw = {"model": {"name": name}, "pipeline": {"stages": stages}, "train_micro_batch_size_per_gpu": 1,
+           "data": {"seq_len": 128}}
+    cfg = load_config_dict(raw)
+    plan = build_plan(cfg, stages)
+    run = run_from_config(cfg, stages)
+    assert partition(run) == plan.parts
+    assert [s.params for s in stage_estimates(run)] == [s.params for s in plan.stages]
+
+
+# ---------------------------------------------------------------- published numbers
+
+
+def test_gpt3_175b_has_174_6_billion_parameters():
+    # Narayanan et al. 2021, Table 1 (and eq. 2: 12lh^2 (1 + 13/12h + (V + s)/12lh)).
+    arch = arch_from_preset("gpt3-175b")
+    l, h, v, s = arch.layers, arch.hidden, arch.vocab, arch.max_positions
+    assert arch.params == pytest.approx(12 * l * h**2 * (1 + 13 / (12 * h) + (v + s) / (12 * l * h)), abs=2 * h)
+    assert arch.params == pytest.approx(174.6e9, rel=1e-3)
+
+
+def test_narayanan_eq3_34_days_for_gpt3_on_1024_a100s():
+    # "training GPT-3 175B on 300B tokens on 1024 A100s at 140 teraFLOP/s per GPU takes 34 days"
+    assert narayanan_training_days(300e9, 174.6e9, 1024, 140e12) == pytest.approx(34, abs=0.5)
+    run = _run("gpt3-175b", 1024, data={"seq_len": 2048}, gradient_accumulation_steps=48, train_batch_size=1536,
+               pipeline={"stages": 32, "activation_checkpoint_interval": 1}, zero_optimization={"stage": 1},
+               bf16={"enabled": True})
+    est = estimate(run)
+    arch, batch, s = run.arch, 1536, 2048
+    eq3 = 96 * batch * s * arch.layers * arch.hidden**2 * (1 + s / (6 * arch.hidden)
+                                                           + arch.vocab / (16 * arch.layers * arch.hidden))
+    assert est.hardware_flops == pytest.approx(eq3, rel=1e-12)
+    days = 300e9 / run.tokens_per_step * est.hardware_flops / (1024 * 140e12) / 86400
+    assert days == pytest.approx(34, rel=0.05)  # eq. 3's FLOPs with its s/6h and V/16lh terms: 34.8 days
+
+
+def test_korthikanti_layer_activations():
+    """With Megatron's fused GeLU, 1-byte masks and materialized scores, the catalogue is their eq. 1."""
+    for seq, batch, name in ((2048, 1, "gpt3-175b"), (1024, 4, "gpt2"), (2048, 2, "gpt3-1.3b")):
+        arch = replace(arch_from_preset(name), act="gelu")
+        terms = block_activation_terms(arch, seq, batch, "bf16", attn="eager", runtime="cuda")
+        expected = korthikanti_layer_bytes(seq, batch, arch.hidden, arch.heads)
+        assert sum(terms.values()) - terms["norm statistics"] == expected
+    recompute = _run("gpt3-175b", data={"seq_len": 2048}, bf16={"enabled": True},
+                     pipeline={"activation_checkpoint_interval": 1})
+    plain = replace(recompute, checkpoint_interval=0)
+    with_ckpt, without = stage_estimates(recompute)[0], stage_estimates(plain)[0]
+    block = sum(block_activation_terms(recompute.arch, 2048, 1, "bf16").values())
+    ends = (embedding_activation_bytes(recompute.arch, 2048, 1, "bf16")
+            + head_activation_bytes(recompute.arch, 2048, 1, "bf16"))
+    # full recompute: 2sbh per layer (the 16-bit block input) plus one block being recomputed
+    saved = with_ckpt.activations - block - ends
+    assert saved == pytest.approx(96 * 2 * 2048 * 12288, rel=1e-4)
+    assert without.activations > 20 * with_ckpt.activations
+
+
+def test_deepspeed_zero2_and_zero3_estimators_agree():
+    from deepspeed.runtime.zero.stage3 import estimate_zero3_model_states_mem_needs
+    from deepspeed.runtime.zero.stage_1_and_2 import estimate_zero2_model_states_mem_needs
+
+    arch = arch_from_preset("llama2-7b")
+    n, largest, gpus = arch.params, arch.largest_module(), 8
+    for precision in ("fp16", "bf16"):
+        _, ds_zero2 = estimate_zero2_model_states_mem_needs(n, gpus, 1, cpu_offload=False)
+        ours = model_state(n, gpus, 2, precision)
+        # 2N + 18N/d: their 16-bit gradient partition is our transient flat copy cast to fp32 in step()
+        assert ours.total + ours.transient == pytest.approx(ds_zero2, abs=1)
+    _, ds_zero3, _ = estimate_zero3_model_states_mem_needs(n, largest, gpus, 1, cpu_offload=False,
+                                                           cpu_offload_params=False)
+    step = model_state(n, gpus, 3, "bf16", prefetch_bucket=0)
+    gathering = model_state(n, gpus, 3, "bf16", largest_module=10 * n, prefetch_bucket=0)
+    assert step.phase == "step" and gathering.phase == "accumulate"
+    # 4 x largest layer (its 16-bit parameters and gradients), measured like theirs
+    assert gathering.total - 16 * n / gpus == pytest.approx(4 * 10 * n)
+    # 18N/d = 16-bit parameter partition + fp32 master, gradient and Adam; DeepSpeed 0.19.8 also keeps the
+    # 16-bit gradient partition (grad_partitions_flat_buffer), which bench/estimator_accuracy.py measures
+    assert ds_zero3 - 4 * largest == pytest.approx(step.total - 2 * n / gpus, abs=1)
+
+
+def test_in_flight_micro_batches_follow_deepspeeds_train_schedule():
+    from deepspeed.runtime.pipe import schedule
+
+    for stages, micro in ((4, 8), (4, 2), (8, 64), (2, 1)):
+        run = _run("gpt3-1.3b", stages * 2, pipeline={"stages": stages}, gradient_accumulation_steps=micro,
+                   data={"seq_len": 256})
+        for s in stage_estimates(run):
+            outstanding = peak = 0
+            for step in schedule.TrainSchedule(micro_batches=micro, stages=stages, stage_id=s.stage).steps():
+                for cmd in step:
+                    outstanding += isinstance(cmd, schedule.ForwardPass) - isinstance(cmd, schedule.BackwardPass)
+                    peak = max(peak, outstanding)
+            assert s.in_flight == peak, (stages, micro, s.stage)
+
+
+# ---------------------------------------------------------------- model states
+
+
+@pytest.mark.parametrize("zero, precision, dp, per_param", [
+    (0, "fp32", 4, 4 + 4 + 8),                     # torch AdamW: nothing partitioned
+    (0, "bf16", 4, 2 + 2 + 2 + 16 / 4),            # BF16_Optimizer: bf16 grads + bf16 accumulation buffer
+    (0, "fp16", 4, 2 + 2 + 4 + 4 + 8),             # FP16_Optimizer: fp32 master and grads of everything
+    (1, "bf16", 4, 2 + 2 + 12 / 4),                # full bf16 grads until the boundary, then partitions
+    (1, "fp32", 1, 4 + 4 + 12),
+    (2, "bf16", 4, 2 + 16 / 4),                    # fp32 gradient partition at the step
+    (3, "bf16", 4, 20 / 4),                        # 16-bit param + grad partitions, fp32 master/grad/Adam
+])
+def test_model_state_bytes_per_parameter(zero, precision, dp, per_param):
+    assert model_state(10**6, dp, zero, precision, prefetch_bucket=0).total == pytest.approx(per_param * 10**6)
+
+
+def test_bf16_with_fp32_accumulation_keeps_a_full_fp32_gradient_buffer():
+    state = model_state(10**6, 4, 1, "bf16", grad_accum_dtype="fp32")
+    assert state.optimizer_path == "BF16_Optimizer"
+    assert state.grads == pytest.approx((2 + 4) * 10**6)
+    with pytest.raises(UserError, match="grad_accum_dtype"):
+        model_state(10**6, 4, 0, "bf16", grad_accum_dtype="fp32")
+
+
+@pytest.mark.multiproc
+def test_model_states_match_real_engines():
+    """ZeRO 0/1/2/3 x pp 1/2 x fp32/bf16 (2 gloo processes): bytes held by the engine within 5%."""
+    bench = _bench()
+    cases = [(0, 1, "fp32"), (1, 2, "fp32"), (2, 1, "fp32"), (3, 1, "fp32"),
+             (0, 2, "bf16"), (1, 1, "bf16"), (2, 1, "bf16"), (3, 1, "bf16")]
+    rows = bench.compare_states(bench.measure_states(cases, bucket=2_000_000))
+    assert len(rows) == 2 * len(cases)
+    assert {r["optimizer"] for r in rows} == {"torch AdamW", "BF16_Optimizer", "DeepSpeedZeroOptimizer",
+                                              "DeepSpeedZeroOptimizer_Stage3"}
+    for r in rows:
+        assert abs(r["error"]) <= 0.05, r
+        if r["zero"] >= 1:  # ZeRO's reduce bucket: reduce_bucket_size elements of the training dtype
+            assert r["reduce_bucket"] == r["predicted_bucket"], r
+
+
+@pytest.mark.parametrize("name", ["gpt2-tiny", "llama-tiny"])
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_layer_activations_match_saved_tensors(name, precision):
+    """Bytes autograd saves per block, embedding and head (saved-tensor hooks) within 15%."""
+    bench = _bench()
+    for attn in ("sdpa", "eager"):
+        measured = bench.measure_activations(name, precision, attn, seq=64, micro=2)
+        predicted = bench.predict_activations(name, precision, attn, seq=64, micro=2)
+        for part in ("block", "embedding", "head"):
+            assert predicted[part] == pytest.approx(measured[part], rel=0.15), (attn, part)
+
+
+# ---------------------------------------------------------------- compare, plan, dry run
+
+
+def test_compare_all_configs_is_fast_and_never_imports_torch():
+    code = ("import argparse, sys, time; t = time.perf_counter(); "
+            "from hybrid_ds.compare import add_compare_parser; "
+            "parser = argparse.ArgumentParser(); add_compare_parser(parser.add_subparsers()); "
+            f"args = parser.parse_args(['compare', *{[str(p) for p in CONFIGS]!r}, '--json']); "
+            "rc = args.func(args); print(time.perf_counter() - t, file=sys.stderr); "
+            "assert rc == 0; assert not [m for m in sys.modules if m == 'torch' or m.startswith('torch.')]")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stderr.strip().splitlines()[-1]) < 2.0
+    entries = json.loads(proc.stdout)
+    assert len(entries) == len(CONFIGS) >= 10 and all(e["valid"] for e in entries)
+    assert all(e["estimate"]["fits"] for e in entries)  # every shipped config fits the cluster it names
+
+
+def test_compare_shows_invalid_layouts_with_their_reason(capsys):
+    assert cli("compare", str(ROOT / "configs/gpt.json"), "gpt2", "--stages", "2", "--zero", "2") == 0
+    out = capsys.readouterr().out
+    assert "ZeRO stage 2 cannot be combined with pipeline.stages=2" in out
+    assert cli("compare", "gpt2-tiny", "--stages", "3", "--gpus", "3") == 0
+    assert "3 stages need at least 3 layers; the model has 2" in capsys.readouterr().out
+    assert cli("compare", "gpt2", "--gpu", "h1000") == 2
+    assert "did you mean 'h100'" in capsys.readouterr().err
+
+
+def test_compare_table_and_plot(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    out = tmp_path / "memory.png"
+    assert cli("compare", str(ROOT / "configs/llama2-7b.json"), "llama2-7b", "--gpus", "4", "--plot", str(out)) == 0
+    text = capsys.readouterr().out
+    assert "pp4 x dp1 ZeRO-1" in text and "pp1 x dp4 ZeRO-1" in text
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_cluster_comes_from_flags_then_the_description():
+    assert parse_cluster(load_config(ROOT / "configs/gpt3-13b.json").description)[0] == 128
+    est = estimate_for_config(load_config(ROOT / "configs/gpt3-13b.json", profile="gpu"), 128)
+    assert est.cluster.describe() == "128x a100 80GB, 16 nodes" and est.fits
+    small = make_cluster(128, "a100-40gb")
+    assert estimate(est.run, small).device_memory == 40 * 10**9
+
+
+def test_plan_prints_ready_configs_fastest_first(capsys):
+    assert cli("plan", "llama2-7b", "--gpus", "16", "--gpu", "a100", "--gpu-mem", "80GB", "--json") == 0
+    found = json.loads(capsys.readouterr().out)
+    assert found and [f["rank"] for f in found] == list(range(1, len(found) + 1))
+    times = [f["estimate"]["step_time_s"] for f in found]
+    assert times == sorted(times)
+    for f in found[:5]:
+        cfg = load_config_dict(f["config"])
+        est = estimate_for_config(cfg, 16)
+        assert est.fits and est.step_time == pytest.approx(f["estimate"]["step_time_s"])
+        assert cfg.train_batch is None and cfg.micro_batch * cfg.grad_accum * est.run.dp == 512
+    assert cli("plan", "llama2-70b", "--gpus", "8", "--gpu-mem", "24GB") == 1
+    assert "None fits" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
+def test_dry_run_estimate_of_every_config(path):
+    cfg = load_config(path, profile="cpu")
+    est = estimate_for_config(cfg, cfg.pipeline.stages * 2, runtime="cpu")
+    assert len(est.stages) == cfg.pipeline.stages and est.fits is None
+    text = format_estimate(est)
+    assert all(f"\n{s:>5}  " in text for s in range(cfg.pipeline.stages))
+    assert sum(s.params for s in est.stages) >= est.run.arch.params
+
+
+def test_training_time_and_mfu_are_consistent():
+    run = _run("gpt3-1.3b", 8, data={"seq_len": 2048}, pipeline={"stages": 2}, gradient_accumulation_steps=32,
+               bf16={"enabled": True})
+    est = estimate(run, make_cluster(8, "a100"))
+    assert est.mfu == pytest.approx(est.model_flops / (8 * 312e12 * est.step_time))
+    assert 0 < est.mfu < 0.45  # below the stated matmul efficiency: the bubble and communication cost time
+    assert training_days(est, run.tokens_per_step * 86400 / est.step_time) == pytest.approx(1)
+    assert math.isclose(est.bubble, 1 / 33)
