@@ -88,6 +88,29 @@ def test_each_stage_builds_only_its_own_layers():
     assert any(n.startswith("lm_head") for n in on_meta)
 
 
+def test_blocks_of_a_stage_share_one_mask_per_micro_batch(monkeypatch):
+    """The 4-D mask is made once per micro-batch and stage (as the HF model makes it once per forward),
+    and never reused for another padding mask, nor for the same tensor changed in place."""
+    from transformers import masking_utils
+
+    calls = []
+    original = masking_utils.create_causal_mask
+    monkeypatch.setattr(masking_utils, "create_causal_mask", lambda **kw: calls.append(1) or original(**kw))
+    pipe = SequentialStages(build_plan(config("llama-tiny", pipeline={"stages": 1}), 1))
+    fresh = SequentialStages(build_plan(config("llama-tiny", pipeline={"stages": 1}), 1))
+    ids = torch.randint(0, pipe.plan.resolved.hf_config.vocab_size, (2, 16))
+    full, padded = torch.ones_like(ids), torch.ones_like(ids)
+    padded[0, 12:] = 0
+    with torch.no_grad():
+        pipe.forward((ids, full))
+        assert len(calls) == 1   # 4 blocks, one mask
+        logits = pipe.forward((ids, padded))
+        assert len(calls) == 2
+        assert torch.equal(logits, fresh.forward((ids, padded)))
+        padded[1, 10:] = 0   # in place: a new version of the same tensor
+        assert torch.equal(pipe.forward((ids, padded)), fresh.forward((ids, padded.clone())))
+
+
 def test_initialization_does_not_depend_on_the_layout():
     """pretrained: false gives the same weights whether a layer lands on stage 0 or 1."""
     one = SequentialStages(build_plan(config("llama-tiny", pipeline={"stages": 1}), 1))

@@ -4,8 +4,9 @@ Between layers (and so between stages) travels a tuple of tensors:
 ``(input_ids, attention_mask[, token_type_ids])`` into the first layer, then
 ``(hidden_states, attention_mask)``, and logits out of the last. The attention mask is an int64
 padding mask (1 = real token): no bools (DeepSpeed cannot send them) and nothing that needs grad.
-Position ids, rotary cos/sin and the 4-D attention mask are recomputed on each layer with the same
-helpers Hugging Face uses, so nothing derived has to cross a stage boundary.
+Position ids, rotary cos/sin and the 4-D attention mask are recomputed on each stage with the same
+helpers Hugging Face uses, so nothing derived has to cross a stage boundary; within a stage they are made
+once per micro-batch and shared by its blocks (``Derived``), as the Hugging Face model makes them once.
 """
 
 from __future__ import annotations
@@ -84,25 +85,54 @@ class EmbeddingRest(nn.Module):
         return hidden, attention_mask
 
 
+class Derived:
+    """Position ids, rotary cos/sin and 4-D masks of the micro-batch flowing through one stage, made once.
+
+    Made again in every block they would cost a GPU->CPU sync per block (the mask helper reads the
+    padding mask to choose SDPA's causal fast path) and ~0.3 ms of Python per block on CPU. Values are
+    kept for one padding-mask tensor (the same object, unmodified, with activations of the same shape and
+    dtype); anything else, such as the next micro-batch or the detached inputs that activation
+    checkpointing recomputes from, starts afresh. None of them needs grad.
+    """
+
+    def __init__(self) -> None:
+        self.mask: torch.Tensor | None = None
+        self.key: tuple = ()
+        self.values: dict[str, Any] = {}
+
+    def get(self, name: str, attention_mask: torch.Tensor, hidden: torch.Tensor, make: Any) -> Any:
+        key = (attention_mask._version, hidden.shape, hidden.dtype, hidden.device)
+        if attention_mask is not self.mask or key != self.key:
+            self.mask, self.key, self.values = attention_mask, key, {}
+        if name not in self.values:
+            self.values[name] = make()
+        return self.values[name]
+
+
 class Block(nn.Module):
-    """One Hugging Face transformer block, with the mask and rotary embedding recomputed here."""
+    """One Hugging Face transformer block, given the mask and rotary embedding its model would give it."""
 
     def __init__(self, builder: StageBuilder, index: int):
         super().__init__()
         self.layer = builder.module(f"{builder.family.blocks}.{index}")
         self.rotary = builder.rotary()
         self.family, self.config, self.index = builder.family, builder.config, index
+        layer_types = getattr(self.config, "layer_types", None)
+        self.mask_kind = layer_types[index] if layer_types else "all"
+        self.derived: Derived = builder.shared.setdefault("derived", Derived())
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
         hidden, attention_mask = inputs
-        positions = position_ids(self.family, attention_mask)
-        kwargs: dict[str, Any] = {
-            "attention_mask": attention_mask_4d(self.family, self.config, self.index, hidden, attention_mask,
-                                                positions)}
+        positions = self.derived.get("positions", attention_mask, hidden,
+                                     lambda: position_ids(self.family, attention_mask))
+        kwargs: dict[str, Any] = {"attention_mask": self.derived.get(
+            f"mask:{self.mask_kind}", attention_mask, hidden,
+            lambda: attention_mask_4d(self.family, self.config, self.index, hidden, attention_mask, positions))}
         if positions is not None:
             kwargs["position_ids"] = positions
         if self.rotary is not None:
-            kwargs["position_embeddings"] = self.rotary(hidden, position_ids=positions)
+            kwargs["position_embeddings"] = self.derived.get(
+                "rotary", attention_mask, hidden, lambda: self.rotary(hidden, position_ids=positions))
         return self.layer(hidden, **kwargs), attention_mask
 
 
