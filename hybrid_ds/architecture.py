@@ -9,7 +9,7 @@ deepspeed, no transformers: tests/test_estimate.py holds these counts against mo
 >>> round(arch.params / 1e9, 1)          # Narayanan et al. 2021, Table 1: 174.6B
 174.6
 >>> tiny = arch_from_preset("gpt2-tiny")   # tied wte: counted in the embedding and again in the head
->>> tiny.layer_params(), stage_boundaries(tiny, "parameters", 2)
+>>> tiny.layer_params(), stage_boundaries(tiny, "parameters", 2, seq_len=64)
 ([24576, 49984, 49984, 16512], [0, 2, 4])
 """
 
@@ -276,18 +276,19 @@ def _local_config_json(name: str) -> Path | None:
 # ---------------------------------------------------------------- stages
 
 
-def stage_boundaries(arch: Arch, method: str | list[int], stages: int) -> list[int]:
+def stage_boundaries(arch: Arch, method: str | list[int], stages: int, seq_len: int) -> list[int]:
     """Stage boundaries over [embedding, blocks..., head], as hybrid_ds.plan computes them."""
     key = tuple(method) if isinstance(method, list) else method
-    return list(_partition(key, tuple(arch.layer_params()), stages))
+    return list(_partition(key, tuple(arch.layer_params()), stages, seq_len, arch.hidden))
 
 
 @functools.lru_cache(maxsize=256)
-def _partition(method: str | tuple[int, ...], per_layer: tuple[int, ...], stages: int) -> tuple[int, ...]:
+def _partition(method: str | tuple[int, ...], per_layer: tuple[int, ...], stages: int, seq_len: int,
+               hidden: int) -> tuple[int, ...]:
     # `plan` asks for the same split of one model many times; the balanced split is O(layers^2 x stages).
     classes = ["Embedding", *["Block"] * (len(per_layer) - 2), "Head"]
     method = list(method) if isinstance(method, tuple) else method
-    return tuple(partition_layers(method, list(per_layer), classes, stages))
+    return tuple(partition_layers(method, list(per_layer), classes, stages, seq_len, hidden))
 
 
 __all__ = ["FAMILIES", "Arch", "Tensor", "arch_from_config_dict", "arch_from_model", "arch_from_preset",

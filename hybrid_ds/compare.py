@@ -302,7 +302,7 @@ def _layout_config(raw: dict[str, Any], stages: int, zero: int, micro: int, accu
     config = json.loads(json.dumps(raw))
     config["pipeline"].update(stages=stages, activation_checkpoint_interval=ckpt)
     if isinstance(config["pipeline"].get("partition"), list):
-        config["pipeline"]["partition"] = "parameters"
+        config["pipeline"]["partition"] = "flops"
     config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": zero}
     config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"] = micro, accum
     for key, on in _PRECISION_KEYS[precision].items():

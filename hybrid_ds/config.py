@@ -81,9 +81,10 @@ class DataConfig(_Section):
 class PipelineConfig(_Section):
     stages: int = Field(1, ge=1, description="pipeline stages; data-parallel size = world size / stages")
     partition: str | list[int] = Field(
-        "parameters",
-        description="\"parameters\" (balance parameter counts), \"uniform\" (balance layer counts), "
-                    "\"type:REGEX\" (balance layers whose class matches), or blocks per stage, e.g. [6, 6]")
+        "flops",
+        description="\"flops\" (balance forward FLOPs: compute), \"parameters\" (balance parameter counts: "
+                    "memory, DeepSpeed's default), \"uniform\" (balance layer counts), \"type:REGEX\" (balance "
+                    "layers whose class matches), or blocks per stage, e.g. [6, 6]")
     activation_checkpoint_interval: int = Field(0, ge=0, description="recompute every N layers; 0 = off")
     pipe_partitioned: bool = Field(True, description="DeepSpeed: split activations sent between stages over TP")
     grad_partitioned: bool = Field(True, description="DeepSpeed: split gradients sent between stages over TP")
@@ -101,8 +102,8 @@ class PipelineConfig(_Section):
             except re.error as err:
                 raise ValueError(f"bad regular expression {value[5:]!r}: {err}") from None
             return value
-        if value not in ("parameters", "uniform"):
-            raise ValueError(f"{value!r} is not a method; valid: 'parameters', 'uniform', "
+        if value not in ("flops", "parameters", "uniform"):
+            raise ValueError(f"{value!r} is not a method; valid: 'flops', 'parameters', 'uniform', "
                              "'type:REGEX' or a list of blocks per stage")
         return value
 

@@ -192,7 +192,7 @@ class Run:
     precision: str = "bf16"
     grad_accum_dtype: str | None = None
     checkpoint_interval: int = 0
-    partition: str | list[int] = "parameters"
+    partition: str | list[int] = "flops"
     attn: str = "sdpa"
     reduce_bucket: int = 500_000_000       # zero_optimization.reduce_bucket_size
     contiguous_gradients: bool = True
@@ -232,7 +232,7 @@ def run_from_config(cfg: Any, world_size: int) -> Run:
 
 def partition(run: Run) -> list[int]:
     """Stage boundaries over [embedding, blocks..., head], as hybrid_ds.plan computes them."""
-    return stage_boundaries(run.arch, run.partition, run.stages)
+    return stage_boundaries(run.arch, run.partition, run.stages, run.seq_len)
 
 
 # ---------------------------------------------------------------- per stage

@@ -68,7 +68,8 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
                             cfg.micro_batch, cfg.grad_accum, cfg.train_batch)
     _check_seq_len(cfg, resolved)
     parts = partition_layers(cfg.pipeline.partition, [layer.params for layer in layers],
-                             [layer.class_name for layer in layers], cfg.pipeline.stages)
+                             [layer.class_name for layer in layers], cfg.pipeline.stages, cfg.data.seq_len,
+                             resolved.hf_config.hidden_size)
     bytes_per_param = _DTYPE_BYTES[cfg.precision]
     stages = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param)
               for s, (lo, hi, n) in enumerate(zip(parts, parts[1:], stage_params(model, resolved.family, parts)))]

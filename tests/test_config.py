@@ -87,9 +87,8 @@ def test_validate_gpt_world_size_4(capsys):
     assert (plan["stages"], plan["dp"], plan["world_size"]) == (2, 2, 4)
     assert plan["train_batch"] == 4 * 8 * 2
     blocks = [sum(name.startswith("block") for name in s["layers"]) for s in plan["stage_plan"]]
-    assert sum(blocks) == 12 and abs(blocks[0] - blocks[1]) <= 2, blocks
-    params = [s["params"] for s in plan["stage_plan"]]
-    assert max(params) / min(params) < 1.15, params
+    # partition "flops": the head's 2 x 50257 x 768 FLOPs per token weigh ~4 blocks at seq_len 1024
+    assert blocks == [8, 4], blocks
     rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4")
     assert "stages=2 x dp=2" in out
 

@@ -10,8 +10,8 @@ import pytest
 
 from hybrid_ds.cli import main
 from hybrid_ds.errors import UserError
-from hybrid_ds.topology import (bubble_fraction, partition_balanced, partition_layers, partition_uniform,
-                                resolve_layout)
+from hybrid_ds.topology import (bubble_fraction, layer_flops, partition_balanced, partition_layers,
+                                partition_uniform, resolve_layout)
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -96,3 +96,17 @@ def test_presets_command_json(capsys):
                             "published": 124_000_000, "params": 124_439_808}
     assert all(type(row["params"]) is int and row["params"] > 0 for row in rows.values())
     assert rows["llama2-70b"]["params"] == pytest.approx(69.0e9, rel=0.02)
+
+
+def test_flops_partition_balances_compute_not_parameters():
+    """GPT-2 small: the tied head (2 x 50257 x 768 FLOPs per token) is compute on the last stage, not on
+    stage 0 where the same weight is a free lookup; "parameters" puts it on both and splits 6 + 6."""
+    embedding, block, head = 38_597_376 + 786_432, 7_087_872, 38_597_376 + 1536
+    params = [embedding, *[block] * 12, head]
+    classes = ["Embedding", *["Block"] * 12, "Head"]
+    assert partition_layers("parameters", params, classes, 2) == [0, 7, 14]
+    assert partition_layers("flops", params, classes, 2, seq_len=128, hidden=768) == [0, 10, 14]
+    assert partition_layers("flops", params, classes, 2, seq_len=1024, hidden=768) == [0, 9, 14]
+    flops = layer_flops(params, 128, 768)
+    stage0, stage1 = sum(flops[:10]), sum(flops[10:])
+    assert abs(stage0 - stage1) / max(stage0, stage1) < 0.1
