@@ -237,10 +237,18 @@ FAMILIES = {"gpt2": _gpt2, "phi": _phi, "gpt_neox": _gpt_neox, "opt": _opt, "ber
             **{t: (lambda c, t=t: _llama_like(c, t)) for t in _DECODER_DEFAULTS}}
 
 
+# transformers' ``attribute_map`` of the families that have one: the generic names a config (or an
+# override) may use for the family's own keys.
+ALIASES = {"gpt2": {"hidden_size": "n_embd", "max_position_embeddings": "n_positions",
+                    "num_attention_heads": "n_head", "num_hidden_layers": "n_layer"}}
+
+
 def arch_from_config_dict(name: str, model_type: str, config: dict[str, Any]) -> Arch:
     if model_type not in FAMILIES:
         raise UserError("model.name", f"{name}: no parameter formulas for model_type {model_type!r}; "
                                       f"the estimator knows {', '.join(sorted(FAMILIES))}")
+    aliases = ALIASES.get(model_type, {})
+    config = {aliases.get(key, key): value for key, value in config.items()}
     task = "masked_lm" if model_type == "bert" else "causal_lm"
     return Arch(name=name, family=model_type, task=task, **FAMILIES[model_type](config))
 

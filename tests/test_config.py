@@ -241,3 +241,22 @@ def test_console_script_error_has_no_traceback(tmp_path):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr and len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+
+
+def test_overrides_rebuild_the_fields_derived_from_them(tmp_path):
+    """Overriding hidden_size re-derives llama's head_dim (hidden / heads) unless head_dim is given, for a
+    preset and for a folder whose config.json does not state head_dim."""
+    from hybrid_ds.config import ModelConfig
+    from hybrid_ds.models.resolve import resolve_model
+
+    config = resolve_model(ModelConfig(name="llama-tiny", overrides={"hidden_size": 256})).hf_config
+    assert (config.hidden_size, config.head_dim) == (256, 64)
+    config = resolve_model(ModelConfig(name="llama-tiny", overrides={"hidden_size": 256, "head_dim": 32})).hf_config
+    assert config.head_dim == 32
+    folder = tmp_path / "tiny"
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps({"model_type": "llama", "hidden_size": 64, "num_attention_heads": 4,
+                                                    "num_hidden_layers": 2, "intermediate_size": 128,
+                                                    "vocab_size": 100}))
+    config = resolve_model(ModelConfig(name=str(folder), overrides={"hidden_size": 128})).hf_config
+    assert (config.hidden_size, config.head_dim, config.num_hidden_layers) == (128, 32, 2)

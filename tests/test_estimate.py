@@ -79,7 +79,9 @@ def test_overridden_architectures_count_exactly():
 
     for name, overrides in (("gpt2-tiny", {"n_inner": 100, "n_positions": 64}),
                             ("llama-tiny", {"attention_bias": True, "mlp_bias": True, "tie_word_embeddings": True}),
-                            ("opt-tiny", {"word_embed_proj_dim": 32}), ("phi-tiny", {"qk_layernorm": True})):
+                            ("opt-tiny", {"word_embed_proj_dim": 32}), ("phi-tiny", {"qk_layernorm": True}),
+                            ("llama-tiny", {"hidden_size": 128, "num_attention_heads": 2}),   # head_dim 64
+                            ("gpt2-tiny", {"num_hidden_layers": 3})):                      # an alias of n_layer
         model = meta_model(resolve_model(ModelConfig(name=name, overrides=overrides)))
         assert arch_from_preset(name, overrides).params == count_params(model), name
 
@@ -311,3 +313,12 @@ def test_training_time_and_mfu_are_consistent():
     assert 0 < est.mfu < 0.45  # below the stated matmul efficiency: the bubble and communication cost time
     assert training_days(est, run.tokens_per_step * 86400 / est.step_time) == pytest.approx(1)
     assert math.isclose(est.bubble, 1 / 33)
+
+
+def test_estimator_aliases_are_transformers_attribute_maps():
+    import transformers
+
+    from hybrid_ds.architecture import ALIASES, FAMILIES
+
+    for model_type in FAMILIES:
+        assert ALIASES.get(model_type, {}) == dict(transformers.CONFIG_MAPPING[model_type].attribute_map), model_type

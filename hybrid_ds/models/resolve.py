@@ -43,11 +43,12 @@ def resolve_model(model: ModelConfig) -> ResolvedModel:
     if presets.is_preset(model.name) and not model.pretrained:
         preset = presets.get_preset(model.name)
         hf_config = transformers.CONFIG_MAPPING[preset.model_type](**copy.deepcopy(preset.config))
-        checkpoint = None
+        source, checkpoint = preset.config, None
     else:  # a folder or hub name; `pretrained: true` with a preset's name (gpt2) means that hub model
         hf_config = _load_hf_config(model)
         checkpoint = model.name
-    _apply_overrides(hf_config, model.overrides)
+        source = hf_config.get_config_dict(model.name, revision=model.revision)[0] if model.overrides else {}
+    hf_config = _with_overrides(hf_config, source, model.overrides)
     hf_config._attn_implementation = model.attn_implementation
     family = get_family(hf_config.model_type, hf_config)  # the generic adapter must see the final config
     return ResolvedModel(hf_config, family, checkpoint)
@@ -69,13 +70,27 @@ def _load_hf_config(model: ModelConfig) -> Any:
         raise UserError("model.name", f"{model.name!r} is not a usable {where}: {reason}{hint}") from None
 
 
-def _apply_overrides(hf_config: Any, overrides: dict[str, Any]) -> None:
-    known = set(hf_config.to_dict()) | set(getattr(hf_config, "attribute_map", {}))
-    for key, value in overrides.items():
+def _with_overrides(hf_config: Any, source: dict[str, Any], overrides: dict[str, Any]) -> Any:
+    """The config built again from ``source`` (what it was made from) with ``overrides`` in it.
+
+    Setting a field on a built config would leave the fields derived from it stale: llama's ``head_dim``
+    is ``hidden_size // num_attention_heads`` at construction, so overriding ``hidden_size`` alone kept the
+    old head width (a "1.1B" llama-tiny override came out at 944M).
+    """
+    aliases = getattr(hf_config, "attribute_map", {})
+    known = set(hf_config.to_dict()) | set(aliases)
+    for key in overrides:
         if key not in known:
             raise UserError(f"model.overrides.{key}",
                             f"not a field of {type(hf_config).__name__}; {suggest(key, known)}")
-        setattr(hf_config, key, value)
+    if not overrides:
+        return hf_config
+    merged = {**copy.deepcopy(source), **{aliases.get(k, k): v for k, v in overrides.items()}}
+    rebuilt = type(hf_config).from_dict(merged)
+    for key, value in overrides.items():
+        if getattr(rebuilt, key) != value:   # a field the constructor recomputes: the override wins
+            setattr(rebuilt, key, value)
+    return rebuilt
 
 
 def meta_model(resolved: ResolvedModel) -> Any:
