@@ -260,3 +260,18 @@ def test_overrides_rebuild_the_fields_derived_from_them(tmp_path):
                                                     "vocab_size": 100}))
     config = resolve_model(ModelConfig(name=str(folder), overrides={"hidden_size": 128})).hf_config
     assert (config.hidden_size, config.head_dim, config.num_hidden_layers) == (128, 32, 2)
+
+
+def test_cpu_runs_use_torch_fused_adamw_unless_told_otherwise():
+    """On CPU, Adam/AdamW become torch's fused AdamW (no JIT-compiled DeepSpeed op, one pass per step)."""
+    import torch
+
+    from hybrid_ds.engine import deepspeed_config
+    from hybrid_ds.plan import build_plan
+
+    cfg = load_config_dict({**TINY, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    params = deepspeed_config(cfg, build_plan(cfg, 2))["optimizer"]["params"]
+    assert params == {"lr": 1e-3, "torch_adam": True, "fused": True}
+    torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, fused=True)   # CPU has the kernel
+    cfg = load_config_dict({**TINY, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "fused": False}}})
+    assert deepspeed_config(cfg, build_plan(cfg, 2))["optimizer"]["params"]["fused"] is False
