@@ -1,0 +1,46 @@
+"""The performance benchmarks (bench/) still run and still time the same computation on both sides."""
+
+import doctest
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+
+
+@pytest.mark.parametrize("module", ["common", "overhead", "scaling", "default_config"])
+def test_bench_arithmetic(module, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    result = doctest.testmod(__import__(module))
+    assert result.attempted > 0 and result.failed == 0
+
+
+def test_overhead_bench_compares_the_same_computation(tmp_path):
+    """A tiny run of bench/overhead.py: our engine and DeepSpeed's engine on the HF model, from the same
+    weights on the same micro-batches, report the same losses and the same FLOPs per step."""
+    env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+    args = ["--models", "gpt2-tiny", "--grad-accum", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
+            "--quiet-wait", "0", "--max-pairs", "1", "--out", "smoke"]
+    proc = subprocess.run([sys.executable, str(BENCH / "overhead.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (result,) = json.loads((tmp_path / "smoke.json").read_text())["results"]
+    assert result["max_loss_diff"] < 1e-5
+    assert result["work"]["ours_flops"] == result["work"]["baseline_flops"] > 0
+    assert result["ours_median_s"] > 0 and result["baseline_median_s"] > 0
+
+
+def test_gpu_bench_runs_on_cpu(tmp_path):
+    """bench/gpu.py (run on a lent GPU) checked here on the CPU: both engines, the same losses."""
+    env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
+    args = ["--models", "gpt2-tiny", "--seq-len", "32", "--grad-accum", "2", "--pairs", "1", "--warmup", "0",
+            "--out", "gpu-smoke"]
+    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), *args], env=env, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    (result,) = json.loads((tmp_path / "gpu-smoke.json").read_text())["results"]
+    assert result["max_loss_diff"] < 1e-5 and result["tokens_per_s_ours"] > 0
