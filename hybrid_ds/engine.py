@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -33,10 +34,25 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
         import deepspeed.ops
 
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+    else:
+        _arch_list_deepspeed_can_parse()
     # Tied weights make DeepSpeed broadcast inside autograd; torch warns, the gradients are right (PITFALLS 8).
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     return torch.distributed.get_world_size()
+
+
+def _arch_list_deepspeed_can_parse() -> None:
+    """Drop the arch-specific suffixes of ``TORCH_CUDA_ARCH_LIST`` ("9.0a" -> "9.0") for this process.
+
+    PyTorch accepts "9.0a" (Hopper's arch-specific features), and CUDA images set it; DeepSpeed 0.19's JIT
+    builder reads each entry as numbers and dies with "invalid literal for int(): '0a'" when it compiles
+    FusedAdam at the first step. Its fused ops use none of those features.
+    """
+    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
+    plain = re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", value)
+    if plain != value:
+        os.environ["TORCH_CUDA_ARCH_LIST"] = plain
 
 
 def device() -> torch.device:

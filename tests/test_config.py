@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -275,3 +276,21 @@ def test_cpu_runs_use_torch_fused_adamw_unless_told_otherwise():
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, fused=True)   # CPU has the kernel
     cfg = load_config_dict({**TINY, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "fused": False}}})
     assert deepspeed_config(cfg, build_plan(cfg, 2))["optimizer"]["params"]["fused"] is False
+
+
+def test_cuda_arch_list_is_made_parsable_for_deepspeed(monkeypatch):
+    """CUDA images set TORCH_CUDA_ARCH_LIST="9.0a"; DeepSpeed 0.19's JIT builder (FusedAdam at the first
+    GPU step) crashes on it, so the GPU path rewrites it for the process (seen on an H200 image)."""
+    from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
+
+    from hybrid_ds.engine import _arch_list_deepspeed_can_parse
+
+    builder = FusedAdamBuilder()
+    builder.jit_mode = True
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a;10.0a+PTX")
+    with pytest.raises(ValueError, match="invalid literal"):
+        builder.compute_capability_args()
+    _arch_list_deepspeed_can_parse()
+    assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0 9.0;10.0+PTX"
+    builder.compute_capability_args()   # DeepSpeed parses it now
+    assert "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"]
