@@ -59,7 +59,8 @@ def pipelined(folder):
     from hybrid_ds.pipeline import SequentialStages
     from hybrid_ds.plan import build_plan
 
-    cfg = load_config_dict({"model": {"name": str(folder), "pretrained": True}, "pipeline": {"stages": 2},
+    cfg = load_config_dict({"model": {"name": str(folder), "pretrained": True},
+                            "pipeline": {"stages": 2, "partition": "parameters"},
                             "data": {"seq_len": SEQ_LEN}, "train_micro_batch_size_per_gpu": 1})
     plan = build_plan(cfg, world_size=2)
     reads: dict[int, set[str]] = {}
