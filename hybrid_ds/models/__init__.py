@@ -5,7 +5,7 @@ first stage, the blocks are spread over the stages, the head (final norm and out
 on the last stage. Everything a family needs beyond the Hugging Face modules themselves is here: which
 modules form each part, how the embedding part combines them, how position ids are made, and whether
 attention is causal. Adding a family means adding one entry plus its parity test. A model type with
-no entry goes to the generic adapter (generic.py), which maps the common decoder-only layout from the
+no entry goes to the generic adapter (models/generic/), which maps the common decoder-only layout from the
 model's own structure or refuses it with the reason.
 """
 
@@ -106,7 +106,7 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 def get_family(model_type: str, hf_config: Any = None) -> Family:
     """The named family of ``model_type``, else the generic decoder-only adapter's mapping of ``hf_config``.
 
-    The generic adapter (hybrid_ds/models/generic.py) builds the model on the meta device from
+    The generic adapter (hybrid_ds/models/generic/) builds the model on the meta device from
     ``hf_config`` (overrides applied) and maps it, or raises a UserError saying what it cannot map.
     """
     if model_type in FAMILIES:

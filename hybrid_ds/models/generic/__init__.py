@@ -1,0 +1,65 @@
+"""The generic adapter: a Family for a decoder-only model that no named family describes.
+
+It maps the layout most Hugging Face decoder-only models share (token embedding, a list of blocks,
+one rotary module, final norms, an output projection) from the model's own structure, then proves
+the mapping by running the model once on the meta device with every part recorded:
+
+- the token embedding's output reaches block 0 unchanged, or through modules called on it alone
+  (an embedding dropout), each block's output is the next block's input, and the last block's output
+  reaches the output projection only through modules called on it alone (the final norm);
+- the logits are the output projection's output, and the loss is ``ForCausalLMLoss`` of them;
+- each block gets exactly what the pipeline gives it: the mask from the same ``masking_utils`` helper
+  that :func:`hybrid_ds.models.parts.attention_mask_4d` picks for that block, the rotary module's
+  ``(cos, sin)``, ``position_ids`` made by ``arange``, and nothing else;
+- every submodule or parameter of the model has a place in the pipeline.
+
+Anything else (a multiplier on the embeddings or the logits, per-layer inputs, a mask helper the
+pipeline does not use, an extra tower) is refused with a UserError: a structure it cannot map is
+never turned into a wrong model. That the numbers match is what ``hybrid-ds parity`` then checks.
+
+``structure`` finds the parts, ``trace`` runs the recorded forward, ``checks`` reads the record.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybrid_ds.models import Family
+from hybrid_ds.models.generic.checks import FlowChecker, check_unplaced
+from hybrid_ds.models.generic.structure import find_parts, first_line, refuse
+from hybrid_ds.models.generic.trace import trace_model
+
+
+def meta_causal_lm(model_type: str, hf_config: Any) -> nn.Module:
+    """The causal-LM model of ``hf_config`` on the meta device (the config is copied, never changed)."""
+    import transformers
+
+    if getattr(hf_config, "is_encoder_decoder", False):
+        raise refuse(model_type, "it is an encoder-decoder model, not decoder-only")
+    try:
+        with torch.device("meta"):
+            return transformers.AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), trust_remote_code=False)
+    except Exception as err:  # noqa: BLE001 - the model's own code rejecting its config, in many types
+        raise refuse(model_type, f"it cannot be built as a causal LM ({first_line(err)})") from None
+
+
+def generic_family(model_type: str, skeleton: nn.Module) -> Family:
+    """The Family of ``skeleton`` (a causal LM on the meta device), or a UserError saying why there is none."""
+    config = skeleton.config
+    if getattr(config, "is_encoder_decoder", False):
+        raise refuse(model_type, "it is an encoder-decoder model, not decoder-only")
+    if getattr(config, "output_router_logits", False):
+        raise refuse(model_type, "output_router_logits=true adds a loss from inside the blocks, which pipeline stages "
+                                 "do not pass on; set model.overrides.output_router_logits=false")
+    parts = find_parts(model_type, skeleton)
+    trace = trace_model(model_type, skeleton, parts)
+    checker = FlowChecker(model_type, skeleton, parts, trace)
+    for call in trace.calls:
+        checker.visit(call)
+    family = checker.family()
+    check_unplaced(model_type, skeleton, parts, family, trace)
+    return family

@@ -1,0 +1,236 @@
+"""The generic adapter's checks: the recorded flow is the one the pipeline reproduces, or a refusal."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import nn
+
+from hybrid_ds.errors import UserError
+from hybrid_ds.models import Family, _apply_in_order
+from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, Parts, refuse
+from hybrid_ds.models.generic.trace import Call, Mask, Trace
+
+
+class FlowChecker:
+    """Follows the hidden states through the recorded calls: embedding -> pre -> blocks -> post -> head."""
+
+    def __init__(self, model_type: str, skeleton: nn.Module, parts: Parts, trace: Trace):
+        self.model_type, self.skeleton, self.parts, self.trace = model_type, skeleton, parts, trace
+        self.paths = parts.paths
+        self.embedding_path = self.paths[id(parts.embedding)]
+        self.output_path = self.paths[id(parts.output)]
+        self.rotary_path = self.paths[id(parts.rotary)] if parts.rotary is not None else None
+        self.stage = "embedding"     # embedding -> pre -> blocks -> post -> head -> logits -> done
+        self.hidden: Any = None      # the tensor that is "the hidden states" now
+        self.pre: list[str] = []     # modules between the embedding and block 0
+        self.post: list[str] = []    # modules between the last block and the output projection
+        self.blocks_seen = 0
+        self.positions: Any = None
+        self.rotary_out: Any = None
+        self.logits: Any = None
+        self.loss: Any = None
+
+    def fail(self, reason: str) -> UserError:
+        return refuse(self.model_type, reason)
+
+    def touches(self, call: Call) -> bool:
+        return any(v is self.hidden for v in (*call.args, *call.kwargs.values())) if self.hidden is not None else False
+
+    def visit(self, call: Call) -> None:
+        getattr(self, f"_{call.kind}")(call)
+
+    def _module(self, call: Call) -> None:
+        path = call.name
+        if path == self.embedding_path:
+            if self.stage != "embedding" or not _only(call, self.trace.inputs["input_ids"]):
+                raise self.fail(f"its embedding {path} is called other than once on the token ids alone")
+            self.hidden, self.stage = call.out, "pre"
+        elif path == self.rotary_path:
+            self._rotary(call)
+        elif path == self.output_path:
+            if self.stage != "head" or len(call.args) != 1 or call.kwargs or not self._same_hidden(call.args[0]):
+                raise self.fail(f"its output projection {path} is not applied to the final hidden states alone")
+            self.logits, self.stage = call.out, "logits"
+        elif self.stage in ("pre", "post") and _only(call, self.hidden):
+            (self.pre if self.stage == "pre" else self.post).append(path)
+            self.hidden = call.out
+        else:
+            raise self.fail(f"it calls {path} ({type(self.skeleton.get_submodule(path)).__name__}) in a way the "
+                            "pipeline does not reproduce (only modules applied to the hidden states alone can be "
+                            "placed before the first or after the last block)")
+
+    def _rotary(self, call: Call) -> None:
+        bound = _bind(self.parts.rotary, call)
+        names = list(bound)
+        if (self.rotary_out is not None or self.stage not in ("pre", "blocks") or len(names) < 2
+                or names[1] != "position_ids" or any(v is not None for v in list(bound.values())[2:])):
+            raise self.fail(f"its rotary module {self.rotary_path} is not called once as (hidden_states, position_ids)")
+        self._set_positions(bound["position_ids"])
+        self.rotary_out = call.out
+
+    def _set_positions(self, positions: Any) -> None:
+        if self.positions is None:
+            self.positions = positions
+        elif positions is not self.positions:
+            raise self.fail("its blocks, masks and rotary module do not share one position_ids tensor")
+
+    def _block(self, call: Call) -> None:
+        index = int(call.name)
+        if self.stage not in ("pre", "blocks") or index != self.blocks_seen:
+            raise self.fail(f"its blocks are not called once each, in order (block {index} came "
+                            f"{'after the head' if self.stage not in ('pre', 'blocks') else 'out of order'})")
+        args = dict(call.kwargs)
+        hidden = args.pop(next(iter(args)))
+        if hidden is not self.hidden:
+            raise self.fail(f"block {index} does not receive the {'embeddings' if index == 0 else 'previous output'}"
+                            " unchanged")
+        self._check_block_kwargs(index, args)
+        self.hidden, self.stage, self.blocks_seen = call.out, "blocks", index + 1
+        if self.blocks_seen == len(self.parts.blocks):
+            self.stage = "post"
+
+    def _check_block_kwargs(self, index: int, args: dict[str, Any]) -> None:
+        mask = args.pop("attention_mask", None)
+        if not isinstance(mask, Mask):
+            raise self.fail(f"block {index} gets an attention mask that no masking_utils helper made")
+        if mask != self.trace.glue_masks[index]:
+            raise self.fail(f"block {index} gets the mask of {mask} where the pipeline would use "
+                            f"{self.trace.glue_masks[index]} (see layer_types / sliding_window in the config)")
+        if "position_ids" not in args:
+            raise self.fail(f"block {index} is not given position_ids")
+        self._set_positions(args.pop("position_ids"))
+        cos_sin = args.pop("position_embeddings", None)
+        if cos_sin is not self.rotary_out:
+            raise self.fail(f"block {index} gets position_embeddings that are not its rotary module's output")
+        signature = inspect.signature(self.parts.blocks[index].forward).parameters
+        extras = {}
+        for name, value in args.items():
+            extras.update(value if signature[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
+        for name, value in extras.items():
+            default = signature[name].default if name in signature else None
+            if value is not None and value is not False and value is not default:
+                raise self.fail(f"block {index} gets {name}={type(value).__name__}, which the pipeline does not pass")
+
+    def _mask(self, call: Call) -> None:
+        known = {"config", "inputs_embeds", "input_embeds", "attention_mask", "cache", "past_key_values",
+                 "position_ids", "cache_position"}
+        kwargs = call.kwargs
+        if call.args or set(kwargs) - known:
+            raise self.fail(f"it calls {call.name} with {sorted(set(kwargs) - known) or 'positional arguments'}")
+        if kwargs.get("config") is not self.skeleton.config or kwargs.get("attention_mask") is not \
+                self.trace.inputs["attention_mask"]:
+            raise self.fail(f"it calls {call.name} with another config or attention mask than its own")
+        if kwargs.get("cache") is not None or kwargs.get("past_key_values") is not None:
+            raise self.fail(f"it calls {call.name} with a cache while training")
+        if kwargs.get("position_ids") is not None:
+            self._set_positions(kwargs["position_ids"])
+
+    def _op(self, call: Call) -> None:
+        name = call.name
+        if not isinstance(call.out, torch.Tensor):
+            return  # shapes, devices, dtypes
+        if self.touches(call):
+            if name == "dropout" and _dropout_p(call) == 0:
+                self.hidden = call.out  # dropout with p=0 is the identity
+                return
+            if name == "__getitem__" and self.stage == "head" and call.out.shape == self.hidden.shape:
+                return  # hidden_states[:, slice(0, None), :] (logits_to_keep=0); checked at the projection
+            raise self.fail(f"it applies {name} to the hidden states {WHERE[self.stage]}, outside its modules, "
+                            "which the pipeline does not reproduce")
+        if self.logits is not None and any(v is self.logits for v in (*call.args, *call.kwargs.values())):
+            raise self.fail(f"it applies {name} to the logits after the output projection (a logit scale or "
+                            "soft-cap the pipeline does not reproduce)")
+        if name in POSITION_OPS or (name in ("add", "__add__", "__radd__") and _adds_zero(call)):
+            return
+        raise self.fail(f"it computes {name} outside its modules (e.g. for position ids), which the pipeline "
+                        "does not reproduce")
+
+    def _base(self, call: Call) -> None:
+        if self.stage == "blocks":
+            raise self.fail(f"only {self.blocks_seen} of its {len(self.parts.blocks)} blocks are called")
+        if self.stage != "post" or getattr(call.out, "last_hidden_state", None) is not self.hidden:
+            raise self.fail("its base model's last_hidden_state is not the last block's output after the final "
+                            "modules")
+        self.stage = "head"
+
+    def _loss(self, call: Call) -> None:
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        bound = inspect.signature(ForCausalLMLoss).bind(*call.args, **call.kwargs).arguments
+        vocab = self.parts.output.weight.shape[0]
+        if (call.name != ForCausalLMLoss.__name__ or self.stage != "logits" or bound.get("logits") is not self.logits
+                or bound.get("labels") is not self.trace.inputs["labels"] or bound.get("vocab_size") != vocab
+                or any(v is not None for k, v in bound.items() if k not in ("logits", "labels", "vocab_size"))
+                or self.loss is not None):
+            raise self.fail(f"its loss is not ForCausalLMLoss(logits, labels, vocab_size={vocab}) (it is {call.name})")
+        self.loss = call.out
+
+    def _check_positions_are_arange(self) -> None:
+        """The position ids come from ``arange(seq_len)`` (+ 0 cached tokens), as the pipeline makes them."""
+        made_by = {id(c.out): c for c in self.trace.calls if c.kind == "op" and isinstance(c.out, torch.Tensor)}
+        tensor, seq = self.positions, TRACE_SHAPE[1]
+        while (call := made_by.get(id(tensor))) is not None and call.name != "arange":
+            tensor = next((a for a in call.args if isinstance(a, torch.Tensor)), None)
+        numbers = [a for a in (call.args if call else ()) if isinstance(a, (int, float))]
+        if (call is None or call.kwargs.get("start", 0) != 0 or call.out.shape != (seq,)
+                or (len(numbers) > 1 and numbers[0] != 0) or tuple(self.positions.shape[-1:]) != (seq,)):
+            raise self.fail("its position ids are not arange(sequence length), which the pipeline assumes")
+
+    def _same_hidden(self, tensor: Any) -> bool:
+        return tensor is self.hidden or (getattr(tensor, "_base", None) is self.hidden
+                                         and tensor.shape == self.hidden.shape)
+
+    def family(self) -> Family:
+        out = self.trace.output
+        if self.stage != "logits" or getattr(out, "logits", None) is not self.logits:
+            raise self.fail("its logits are not the output projection's output unchanged")
+        if self.loss is None or getattr(out, "loss", None) is not self.loss:
+            raise self.fail("its loss is not ForCausalLMLoss of the logits alone (e.g. an auxiliary loss is added)")
+        if self.parts.rotary is not None and self.rotary_out is None:
+            raise self.fail(f"its rotary module {self.rotary_path} is never called")
+        self._check_positions_are_arange()
+        names = [p.rpartition(".")[2] for p in self.pre]
+        return Family(self.model_type, self.embedding_path, tuple(self.pre), _apply_in_order(tuple(names)),
+                      self.paths[id(self.parts.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path)
+
+
+def _only(call: Call, tensor: Any) -> bool:
+    """The call's one argument is ``tensor`` (by identity: comparing tensors with == would compare values)."""
+    return len(call.args) == 1 and call.args[0] is tensor and not call.kwargs
+
+
+def _adds_zero(call: Call) -> bool:
+    return any(type(v) is int and v == 0 for v in (*call.args, *call.kwargs.values()))
+
+
+def _bind(module: nn.Module, call: Call) -> dict[str, Any]:
+    return dict(inspect.signature(module.forward).bind(*call.args, **call.kwargs).arguments)
+
+
+def _dropout_p(call: Call) -> float:
+    """The probability of F.dropout(input, p, training); 1 for a call it cannot read, so that it counts."""
+    args = {**dict(zip(("input", "p", "training"), call.args)), **call.kwargs}
+    p, training = args.get("p", 0.5), args.get("training", True)
+    return p if training and isinstance(p, (int, float)) else (0 if not training else 1)
+
+
+def check_unplaced(model_type: str, skeleton: nn.Module, parts: Parts, family: Family, trace: Trace) -> None:
+    """Every parameter and buffer of the model belongs to a part the pipeline builds."""
+    placed = {family.token_embedding, *family.embedding, family.blocks, *family.final, family.output}
+    placed |= {family.rotary} if family.rotary else set()
+    called = {c.name for c in trace.calls if c.kind == "module"}
+    for owner in (skeleton, parts.base):
+        own = [n for n, _ in owner.named_parameters(recurse=False)] + [n for n, _ in owner.named_buffers(recurse=False)]
+        if own:
+            raise refuse(model_type, f"{type(owner).__name__} holds {', '.join(own)} outside any submodule")
+        for name, child in owner.named_children():
+            path = parts.paths[id(child)]
+            if child is parts.base or path in placed:
+                continue
+            has_state = any(True for _ in child.parameters()) or any(True for _ in child.buffers())
+            if has_state or path in called:
+                raise refuse(model_type, f"it has a submodule {path} ({type(child).__name__}) that is neither "
+                                         "embedding, block, rotary, final norm nor output projection")

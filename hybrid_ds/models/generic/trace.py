@@ -1,0 +1,172 @@
+"""The generic adapter's trace: one forward on the meta device with every module, op and mask recorded."""
+
+from __future__ import annotations
+
+import inspect
+import sys
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+from torch.overrides import TorchFunctionMode
+
+from hybrid_ds.models import Family
+from hybrid_ds.models.generic.structure import TRACE_SHAPE, Parts, first_line, refuse
+
+
+class Mask(str):
+    """What a patched mask helper returns: the helper's name."""
+
+
+@dataclass
+class Call:
+    kind: str               # "module", "block", "mask", "op", "loss", "base"
+    name: str               # module path, block index, helper or op name
+    args: tuple
+    kwargs: dict
+    out: Any
+
+
+class Trace(TorchFunctionMode):
+    """What the model does in one forward on the meta device, in order (``calls``).
+
+    Recorded: calls of the direct children of the base and head models, of the blocks (whose forward is
+    replaced: their insides need real data), of the mask helpers and of the loss, and the torch ops run
+    outside all of these ("op" calls, at depth 0).
+    """
+
+    def __init__(self, inputs: dict[str, torch.Tensor]):
+        super().__init__()
+        self.inputs, self.calls, self.depth = inputs, [], 0
+        self.output: Any = None
+        self.glue_masks: list[str] = []  # the helper parts.attention_mask_4d picks for each block
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        if self.depth == 0:
+            self.calls.append(Call("op", getattr(func, "__name__", str(func)), args, kwargs or {}, out))
+        return out
+
+    def record(self, kind: str, name: str, args: tuple, kwargs: dict, make_output) -> Any:
+        self.depth += 1
+        try:
+            out = make_output()
+        finally:
+            self.depth -= 1
+        self.calls.append(Call(kind, name, args, kwargs, out))
+        return out
+
+
+def trace_model(model_type: str, skeleton: nn.Module, parts: Parts) -> Trace:
+    """Run the model once on the meta device, in training mode (dropout shows), recording what it does."""
+    ids = torch.zeros(*TRACE_SHAPE, dtype=torch.long, device="meta")
+    trace = Trace({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros_like(ids)})
+    with ExitStack() as stack:
+        for patch in (_patched_mask_helpers(skeleton, trace), _recorded_modules(skeleton, parts, trace),
+                      _recorded_blocks(parts, trace), _recorded_loss(skeleton, trace)):
+            stack.enter_context(patch)
+        stack.callback(skeleton.train, skeleton.training)
+        skeleton.train()
+        try:
+            with trace:
+                trace.output = skeleton(**trace.inputs, use_cache=False)
+        except Exception as err:  # noqa: BLE001 - its forward needs more from a block than the pipeline gives
+            raise refuse(model_type, "its forward does not run on blocks that take and return only hidden states "
+                                     f"({first_line(err)})") from None
+        trace.glue_masks = _glue_masks(skeleton, parts, trace)
+    return trace
+
+
+@contextmanager
+def _patched_mask_helpers(skeleton: nn.Module, trace: Trace):
+    """Every ``masking_utils.create_*mask*`` helper, where the model's code can reach it, records its calls.
+
+    Each call returns a new ``Mask`` naming the helper: blocks are matched to it by identity.
+    """
+    from transformers import masking_utils
+
+    helpers = {name: fn for name, fn in vars(masking_utils).items()
+               if name.startswith("create_") and "mask" in name and callable(fn)}
+    modules = {sys.modules[type(m).__module__] for m in skeleton.modules()} | {masking_utils}
+    saved = [(module, name, fn) for module in modules for name, fn in helpers.items()
+             if getattr(module, name, None) is fn]
+    for module, name, _ in saved:
+        setattr(module, name, lambda *a, _name=name, **k: trace.record("mask", _name, a, k, lambda: Mask(_name)))
+    try:
+        yield
+    finally:
+        for module, name, fn in saved:
+            setattr(module, name, fn)
+
+
+@contextmanager
+def _recorded_modules(skeleton: nn.Module, parts: Parts, trace: Trace):
+    """Hooks on the direct children of the base model and of the head model (the blocks aside)."""
+    watched = [m for m in parts.base.children() if m is not parts.blocks]
+    watched += [m for m in skeleton.children() if m is not parts.base]
+
+    def enter(module, args, kwargs):
+        trace.depth += 1
+
+    def leave(module, args, kwargs, out):
+        trace.depth -= 1
+        trace.calls.append(Call("module", parts.paths[id(module)], args, kwargs, out))
+
+    handles = [h for m in watched for h in (m.register_forward_pre_hook(enter, with_kwargs=True),
+                                            m.register_forward_hook(leave, with_kwargs=True))]
+    handles.append(parts.base.register_forward_hook(
+        lambda module, args, kwargs, out: trace.calls.append(Call("base", "", args, kwargs, out)), with_kwargs=True))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@contextmanager
+def _recorded_blocks(parts: Parts, trace: Trace):
+    """Each block's forward is replaced by a recorder returning a fresh tensor of the input's shape."""
+    def stub(index: int, signature: inspect.Signature):
+        def forward(*args, **kwargs):
+            bound = dict(signature.bind(*args, **kwargs).arguments)  # by name, however the model passes them
+            hidden = next(iter(bound.values()))
+            return trace.record("block", str(index), (), bound, lambda: torch.empty_like(hidden))
+        return forward
+
+    for i, block in enumerate(parts.blocks):
+        block.forward = stub(i, inspect.signature(block.forward))
+    try:
+        yield
+    finally:
+        for block in parts.blocks:
+            del block.forward
+
+
+@contextmanager
+def _recorded_loss(skeleton: nn.Module, trace: Trace):
+    had_own, original = "_loss_function" in vars(skeleton), skeleton.loss_function
+    name = getattr(original, "__name__", str(original))
+    skeleton._loss_function = lambda *a, **k: trace.record("loss", name, a, k, lambda: torch.zeros((), device="meta"))
+    try:
+        yield
+    finally:
+        if had_own:
+            skeleton._loss_function = original
+        else:
+            del skeleton._loss_function
+
+
+def _glue_masks(skeleton: nn.Module, parts: Parts, trace: Trace) -> list[str]:
+    """Which mask helper the pipeline's glue calls for each block (the helpers are still patched)."""
+    from hybrid_ds.models.parts import attention_mask_4d
+
+    probe = Family("probe", "", (), None, "", (), "")
+    hidden = torch.empty(*TRACE_SHAPE, 1, device="meta")
+    positions = torch.arange(TRACE_SHAPE[1], device="meta").unsqueeze(0)
+    start = len(trace.calls)
+    helpers = [str(attention_mask_4d(probe, skeleton.config, i, hidden, trace.inputs["attention_mask"], positions))
+               for i in range(len(parts.blocks))]
+    del trace.calls[start:]
+    return helpers
