@@ -1,0 +1,114 @@
+"""Model-state bytes per rank along the optimizer DeepSpeed 0.19 picks for a precision and ZeRO stage. Pure Python.
+
+torch AdamW, BF16_Optimizer, FP16_Optimizer, DeepSpeedZeroOptimizer (ZeRO-1/2) and ZeRO-3, each with the
+buffers it really allocates, partitioned over the data-parallel group, as the peak over the accumulate
+and step phases; ``bench/estimator_accuracy.py`` holds the totals against real engines.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from hybrid_ds.activations import DTYPE_BYTES
+from hybrid_ds.errors import UserError
+
+ADAM_BYTES = 8                 # exp_avg + exp_avg_sq, fp32, on the partition an optimizer owns
+MASTER_BYTES = 4               # fp32 master weights (and fp32 gradient partitions)
+ALLREDUCE_BUCKET = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE (elements)
+
+
+@dataclass(frozen=True)
+class ModelState:
+    """Bytes one rank holds for parameters, gradients, fp32 master weights and Adam state, at its peak phase.
+
+    ``transient`` are flat copies made and dropped inside the optimizer step; ``comm_buffer`` is the
+    reduce bucket DeepSpeed allocates for gradient reduction (``reduce_bucket_size`` elements).
+    """
+
+    optimizer_path: str
+    phase: str            # "accumulate" (forward/backward, gradients building up) or "step"
+    params: float
+    grads: float
+    master: float
+    optimizer: float
+    transient: float = 0.0
+    comm_buffer: float = 0.0
+
+    @property
+    def total(self) -> float:
+        return self.params + self.grads + self.master + self.optimizer
+
+
+def optimizer_path(zero: int, precision: str, grad_accum_dtype: str | None = None) -> str:
+    """The optimizer DeepSpeed 0.19 wraps around AdamW (``DeepSpeedEngine._do_optimizer_sanity_check``).
+
+    The gradient-accumulation dtype defaults to the model dtype (``get_data_types``), so bf16 with
+    ZeRO-1 uses the ZeRO optimizer unless ``data_types.grad_accum_dtype`` is "fp32".
+
+    >>> optimizer_path(0, "bf16"), optimizer_path(1, "bf16", "fp32"), optimizer_path(1, "bf16")
+    ('BF16_Optimizer', 'BF16_Optimizer', 'DeepSpeedZeroOptimizer')
+    """
+    accum = grad_accum_dtype or precision
+    if zero == 3:
+        return "DeepSpeedZeroOptimizer_Stage3"
+    if zero >= 1:
+        return "BF16_Optimizer" if (zero == 1 and precision == "bf16" and accum == "fp32") else "DeepSpeedZeroOptimizer"
+    if accum != precision:
+        raise UserError("data_types.grad_accum_dtype", f"{accum} with {precision} needs ZeRO stage 1 or higher "
+                                                       "(DeepSpeed: unsupported mix of model and accumulation dtype)")
+    return {"fp32": "torch AdamW", "bf16": "BF16_Optimizer", "fp16": "FP16_Optimizer"}[precision]
+
+
+def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtype: str | None = None,
+                persistent: int = 0, largest_module: int = 0, reduce_bucket: int = 500_000_000,
+                contiguous_gradients: bool = True, prefetch_bucket: int = 50_000_000) -> ModelState:
+    """Model-state bytes per rank for ``params`` parameters on this rank's stage, ``dp`` data-parallel ranks.
+
+    Phases are the peak of what each optimizer keeps, read from DeepSpeed 0.19.8 and measured by
+    bench/estimator_accuracy.py. ZeRO-1 keeps the full gradient until the reduction at the accumulation
+    boundary; ZeRO-2 reduces every micro-batch into a partition; both clone an fp32 master partition even
+    in fp32. BF16_Optimizer keeps bf16 gradients plus a full accumulation buffer in the accumulation
+    dtype (bf16 by default, fp32 with ``data_types.grad_accum_dtype``), and partitions master weights and
+    Adam over the data-parallel group even at ZeRO-0. ZeRO-3 keeps parameters smaller than
+    ``stage3_param_persistence_threshold`` whole through forward and backward.
+
+    >>> ms = model_state(1_000_000, dp=1, zero=0, precision="fp32")   # 4 + 4 + 8 bytes per parameter
+    >>> ms.optimizer_path, ms.total
+    ('torch AdamW', 16000000.0)
+    >>> model_state(1_000_000, dp=4, zero=2, precision="bf16").total   # 2 + 16 / 4
+    6000000.0
+    """
+    path = optimizer_path(zero, precision, grad_accum_dtype)
+    n, w = float(params), DTYPE_BYTES[precision]
+    accum = DTYPE_BYTES[grad_accum_dtype or precision]
+    part = n / dp
+    adam, master = ADAM_BYTES * part, MASTER_BYTES * part
+    bucket = reduce_bucket * w if contiguous_gradients else 0.0
+    allreduce_bucket = min(n, ALLREDUCE_BUCKET) * w if dp > 1 else 0.0
+    if path == "torch AdamW":
+        phases = {"step": (4 * n, 4 * n, 0.0, 8 * n)}
+        return _peak(path, phases, comm_buffer=allreduce_bucket)
+    if path == "FP16_Optimizer":  # fused_optimizer.py: fp32 master copy of everything, fp32 flat grads at the step
+        phases = {"accumulate": (2 * n, 2 * n, 4 * n, 8 * n), "step": (2 * n, 2 * n + 4 * n, 4 * n, 8 * n)}
+        return _peak(path, phases, comm_buffer=allreduce_bucket)
+    if path == "BF16_Optimizer":  # bf16_optimizer.py: lp grads + flat hp grad buffer; fp32 copy of the partition
+        grads = w * n + accum * n
+        phases = {"accumulate": (w * n, grads, master, adam),
+                  "step": (w * n, grads + (MASTER_BYTES * part if accum != MASTER_BYTES else 0.0), master, adam)}
+        return _peak(path, phases, comm_buffer=allreduce_bucket)
+    if zero in (1, 2):  # stage_1_and_2.py; the flat 16-bit partition is cast to fp32 inside step()
+        building = w * n if zero == 1 else accum * part
+        phases = {"accumulate": (w * n, building, master, adam), "step": (w * n, MASTER_BYTES * part, master, adam)}
+        return _peak(path, phases, transient=accum * part, comm_buffer=bucket)
+    # stage3.py: 16-bit param and grad partitions, fp32 master/grad/Adam partitions; gathered modules in flight
+    persistent_bytes = w * persistent
+    gathered = w * (largest_module + min(prefetch_bucket, max(0.0, n - persistent)))
+    phases = {"accumulate": (w * part + persistent_bytes + gathered, w * part + w * largest_module, master, adam),
+              "step": (w * part, w * part + MASTER_BYTES * part, master, adam)}
+    return _peak(path, phases, comm_buffer=reduce_bucket * w if contiguous_gradients else 0.0)
+
+
+def _peak(path: str, phases: dict[str, tuple[float, float, float, float]], transient: float = 0.0,
+          comm_buffer: float = 0.0) -> ModelState:
+    phase = max(phases, key=lambda name: sum(phases[name]))
+    return ModelState(path, phase, *phases[phase], transient=transient, comm_buffer=comm_buffer)
