@@ -106,21 +106,32 @@ def matmul_params(skeleton: Any) -> int:
     return total
 
 
-def matmul_peak(threads: int, n: int = 2048, seconds: float = 2.0) -> float:
-    """Best fp32 GEMM FLOP/s of torch (n x n x n, ``threads`` threads) over about ``seconds``."""
+def matmul_peak(threads: int, n: int = 2048, seconds: float = 2.0, device: Any = "cpu", dtype: Any = None) -> float:
+    """Best GEMM FLOP/s of torch (n x n x n, ``threads`` CPU threads, fp32 unless ``dtype``) over about ``seconds``."""
     import torch
 
     before = torch.get_num_threads()
     torch.set_num_threads(threads)
-    a, b = torch.randn(n, n), torch.randn(n, n)
-    torch.mm(a, b)
+    a, b = (torch.randn(n, n, device=device, dtype=dtype or torch.float32) for _ in range(2))
+    for _ in range(3):
+        torch.mm(a, b)
     best, start = float("inf"), time.perf_counter()
     while time.perf_counter() - start < seconds:
+        synchronize(device)
         tick = time.perf_counter()
         torch.mm(a, b)
+        synchronize(device)
         best = min(best, time.perf_counter() - tick)
     torch.set_num_threads(before)
     return 2 * n**3 / best
+
+
+def synchronize(device: Any) -> None:
+    """Wait for the device's queued work (a no-op on the CPU), so that wall-clock timings cover it."""
+    import torch
+
+    if torch.device(device).type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 def machine_busy_s() -> float:

@@ -7,7 +7,7 @@ on the text). Models: GPT-2 small (124M) and a ~1.1B llama (TinyLlama-1.1B's sha
     python bench/gpu.py [--models gpt2,llama-1b] [--seq-len 1024] [--grad-accum 4] [--pairs 8]
 
 MFU counts 6 x matmul parameters + 12 x layers x hidden x seq_len FLOPs per token (the PaLM count), over
-the H100's dense bf16 peak (989 TFLOP/s, its spec sheet) and over a large bf16 GEMM measured in the run.
+the H100's dense bf16 peak (989 TFLOP/s, ``hybrid_ds.gpus``' H100 entry) and over a large bf16 GEMM measured in the run.
 Runs on the CPU too (``--device cpu``, fp32, for checking the script itself).
 """
 
@@ -20,10 +20,10 @@ from pathlib import Path
 from typing import Any, Iterator
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import MODELS, bench_config, matmul_params, median, training_flops_per_token, write_result  # noqa: E402
+from common import (MODELS, bench_config, matmul_params, matmul_peak, median, synchronize,  # noqa: E402
+                    training_flops_per_token, write_result)
 from overhead import baseline_step, build_pair, median_ci, ours_step  # noqa: E402
 
-H100_BF16_DENSE = 989.4e12
 # TinyLlama-1.1B's shape: 22 blocks of width 2048, grouped-query attention (4 KV heads), untied head.
 GPU_MODELS = {
     **MODELS,
@@ -43,30 +43,6 @@ def synthetic(vocab: int, micro_batch: int, seq_len: int, device: Any, seed: int
     while True:
         ids = torch.randint(0, vocab, (micro_batch, seq_len), generator=generator).to(device)
         yield (ids, torch.ones_like(ids)), ids.clone()
-
-
-def gemm_peak(device: Any, dtype: Any, n: int = 8192, repeats: int = 10) -> float:
-    """FLOP/s of an n x n x n matrix product in ``dtype`` (best of ``repeats`` after warm-up)."""
-    import torch
-
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    for _ in range(3):
-        a @ b
-    best = float("inf")
-    for _ in range(repeats):
-        sync(device)
-        tick = time.perf_counter()
-        a @ b
-        sync(device)
-        best = min(best, time.perf_counter() - tick)
-    return 2 * n**3 / best
-
-
-def sync(device: Any) -> None:
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def measure(model: str, args: argparse.Namespace, device: Any) -> dict[str, Any]:
@@ -93,10 +69,10 @@ def measure(model: str, args: argparse.Namespace, device: Any) -> dict[str, Any]
         for name in (("ours", "baseline") if k % 2 == 0 else ("baseline", "ours")):
             engine, step = runners[name]
             torch.manual_seed(k)   # the same dropout masks for both
-            sync(device)
+            synchronize(device)
             tick = time.perf_counter()
             losses[name].append(step(engine, batches[name], args.grad_accum))
-            sync(device)
+            synchronize(device)
             if k >= args.warmup:
                 times[name].append(time.perf_counter() - tick)
     tokens = micro * args.grad_accum * args.seq_len
@@ -142,18 +118,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from common import single_process_env
     from hybrid_ds.engine import device as engine_device, init_distributed
 
-    if not torch.cuda.is_available():
-        single_process_env()   # sets DS_ACCELERATOR=cpu
-    else:
-        import os
+    from hybrid_ds.gpus import get_gpu
 
-        for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"), ("MASTER_ADDR", "127.0.0.1")):
-            os.environ.setdefault(key, value)
+    if not torch.cuda.is_available():
+        single_process_env()   # sets DS_ACCELERATOR=cpu (init_distributed fills in a world of one on GPUs)
     init_distributed()
     device = engine_device()
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    peak = gemm_peak(device, dtype, n=8192 if device.type == "cuda" else 1024)
-    spec = H100_BF16_DENSE if device.type == "cuda" else None
+    peak = matmul_peak(torch.get_num_threads(), n=8192 if device.type == "cuda" else 1024, device=device, dtype=dtype)
+    spec = get_gpu("h100").flops["bf16"] if device.type == "cuda" else None
     results = [measure(model, args, device) for model in args.models.split(",")]
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
     print(f"device: {name}; torch {torch.__version__}; measured {dtype} GEMM peak {peak / 1e12:.1f} TFLOP/s")
@@ -162,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for side in ("ours", "baseline"):
             r[f"mfu_measured_{side}"] = r[f"flops_{side}"] / peak
             r[f"mfu_spec_{side}"] = r[f"flops_{side}"] / spec if spec else None
-        mfu = (f"MFU {r['mfu_spec_ours']:.1%} vs {r['mfu_spec_baseline']:.1%} of the 989 TFLOP/s spec, "
+        mfu = (f"MFU {r['mfu_spec_ours']:.1%} vs {r['mfu_spec_baseline']:.1%} of the {spec / 1e12:.0f} TFLOP/s spec, "
                if spec else "")
         print(f"{r['model']:>9} ({r['params'] / 1e6:.0f}M, micro {r['micro_batch']} x {r['grad_accum']}, "
               f"seq {r['seq_len']}): ours {r['tokens_per_s_ours']:,.0f} tokens/s, baseline "
