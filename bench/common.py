@@ -72,6 +72,14 @@ def median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
 
+def steady(result: dict[str, Any], warmup: int) -> tuple[list[float], int]:
+    """Step seconds of a train_worker result after the first step and the warm-up (the clean ones unless
+    none is), and how many were clean."""
+    steps = result["steps"][1 + warmup:]
+    clean = [s["s"] for s in steps if s["clean"]]
+    return clean or [s["s"] for s in steps], len(clean)
+
+
 def spread(values: list[float]) -> float:
     """(max - min) / median: how noisy a set of repeated timings is."""
     return (max(values) - min(values)) / median(values) if values else float("nan")

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import launch, matmul_peak, median, training_flops_per_token, write_result  # noqa: E402
+from common import launch, matmul_peak, median, steady, training_flops_per_token, write_result  # noqa: E402
 
 CONFIG = "configs/gpt.json"
 PHASES = [  # (name, what it covers); each ends at the worker's stamp of the same name
@@ -59,15 +59,14 @@ def phase_table(phases_at: dict[str, float]) -> list[dict[str, Any]]:
 
 
 def efficiency(result: dict[str, Any], warmup: int) -> dict[str, Any]:
-    steps = result["steps"][1 + warmup:]
-    times = [s["s"] for s in steps if s["clean"]] or [s["s"] for s in steps]
+    times, clean = steady(result, warmup)
     tokens_per_s = result["tokens_per_step"] / median(times)
     per_token = training_flops_per_token(result["matmul_params"], result["layers"], result["hidden"],
                                          result["seq_len"])
     achieved = tokens_per_s * per_token
     peak = sum(result["gemm_flops_per_rank"])
-    return {"tokens_per_s": tokens_per_s, "step_s": median(times), "clean_steps": sum(s["clean"] for s in steps),
-            "steady_steps": len(steps), "flops_per_token": per_token, "achieved_flops": achieved,
+    return {"tokens_per_s": tokens_per_s, "step_s": median(times), "clean_steps": clean,
+            "steady_steps": len(result["steps"]) - 1 - warmup, "flops_per_token": per_token, "achieved_flops": achieved,
             "peak_flops": peak, "efficiency": achieved / peak}
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import REPO, launcher_command, log_tail, median, write_result  # noqa: E402
+from common import REPO, launcher_command, log_tail, median, steady, write_result  # noqa: E402
 
 TARGETS = {"pp2": 1.6, "dp2": 1.8}
 GPT2_NO_DROPOUT = ["model.overrides.resid_pdrop=0", "model.overrides.embd_pdrop=0", "model.overrides.attn_pdrop=0"]
@@ -102,13 +102,6 @@ def wait_all(procs: dict[str, Any], folder: Path, timeout_s: float) -> None:
     if failed:
         name = failed if failed in procs else next(iter(procs))
         raise RuntimeError(f"scaling launch {failed} failed; {log_tail(folder / f'{name}.log')}")
-
-
-def steady(result: dict[str, Any], warmup: int) -> tuple[list[float], int]:
-    """Step seconds after the first step and the warm-up (the clean ones unless none is), and how many clean."""
-    steps = result["steps"][1 + warmup:]
-    clean = [s["s"] for s in steps if s["clean"]]
-    return clean or [s["s"] for s in steps], len(clean)
 
 
 def compare(runs: dict[str, dict[str, Any]], args: argparse.Namespace) -> dict[str, Any]:
