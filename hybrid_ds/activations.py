@@ -104,7 +104,7 @@ def embedding_activation_bytes(arch: Arch, seq: int, batch: int, precision: str,
     saved = 8 * tokens + (8 * (tokens if arch.position_ids_per_token else seq) if arch.learned_positions else 0)
     if arch.embd_dropout > 0:
         saved += (1 if runtime == "cuda" else w) * tokens * h
-    if arch.family == "bert":
+    if arch.token_types:
         saved += 8 * tokens + w * tokens * h + 2 * (4 if runtime == "cuda" else w) * tokens
     return saved
 
@@ -116,7 +116,7 @@ def head_activation_bytes(arch: Arch, seq: int, batch: int, precision: str, runt
         norm = w * tokens * h + 2 * (4 if runtime == "cuda" else w) * tokens
     else:
         norm = 4 * tokens * h + 4 * tokens + (4 if arch.norm == "rmsnorm_fp32" else w) * tokens * h
-    return norm + (1 + arch.head_extra) * w * tokens * h + 4 * tokens * arch.vocab + 8 * tokens
+    return norm + (3 if arch.head_transform else 1) * w * tokens * h + 4 * tokens * arch.vocab + 8 * tokens
 
 
 __all__ = ["DTYPE_BYTES", "block_activation_terms", "embedding_activation_bytes", "head_activation_bytes",

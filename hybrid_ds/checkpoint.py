@@ -116,6 +116,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
     from hybrid_ds.config import load_config_dict
     from hybrid_ds.models.build import StageBuilder
+    from hybrid_ds.models.resolve import auto_class
     from hybrid_ds.pipeline import layer_specs
     from hybrid_ds.plan import build_plan
 
@@ -130,9 +131,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=plan.skeleton)
         specs, _ = layer_specs(builder)
         state = _gather_layers(folder, specs, builder)
-    task = plan.resolved.family.task
-    auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForMaskedLM
-    model = auto.from_config(plan.resolved.hf_config)
+    model = auto_class(plan.resolved.family).from_config(plan.resolved.hf_config)
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - \
         {name for name, _ in model.named_parameters()}

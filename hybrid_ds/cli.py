@@ -94,11 +94,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.dry_run:
         from hybrid_ds.estimate import estimate_for_config, format_estimate
 
+        from hybrid_ds.models.shape import model_arch
+
         plan = build_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_plan(plan))
             runtime = "cpu" if profile == "cpu" else "cuda"
-            print(format_estimate(estimate_for_config(cfg, plan.layout.world_size, runtime=runtime)))
+            arch = model_arch(cfg.model, plan.resolved.family, plan.skeleton)  # the plan's model, not resolved again
+            print(format_estimate(estimate_for_config(cfg, plan.layout.world_size, runtime=runtime, arch=arch)))
         return 0
     from hybrid_ds.train import run
 

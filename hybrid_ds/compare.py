@@ -11,11 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hybrid_ds.config import RunConfig, load_config, load_config_dict
+from hybrid_ds.config import ModelConfig, RunConfig, load_config, load_config_dict
 from hybrid_ds.errors import UserError
-from hybrid_ds.estimate import (COMPUTE_EFFICIENCY, Estimate, arch_from_model, estimate, estimate_dict,
-                                human_bytes, human_count, human_time, run_from_config)
+from hybrid_ds.estimate import (COMPUTE_EFFICIENCY, Estimate, estimate, estimate_dict, human_bytes, human_count,
+                                human_time, run_from_config)
 from hybrid_ds.gpus import GIGA, Cluster, get_gpu, make_cluster, parse_cluster, parse_memory
+from hybrid_ds.models.shape import model_arch
 
 _PRECISION_KEYS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True, "fp16": False},
                    "fp16": {"bf16": False, "fp16": True}}
@@ -102,7 +103,7 @@ def load_input(item: str, overrides: list[str]) -> RunConfig:
     """A run config file (its GPU profile: the cluster is GPUs), or a preset with the compare defaults."""
     if _is_config_file(item):
         return load_config(item, overrides, profile="gpu")
-    arch = arch_from_model(item)
+    arch = model_arch(ModelConfig(name=item))
     raw = {"description": "", "model": {"name": item}, "data": {"seq_len": min(2048, arch.max_positions)},
            "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 8,
            "zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}
@@ -127,7 +128,8 @@ def _entry(item: str, args: argparse.Namespace) -> Entry:
     try:
         cfg = load_input(item, [*args.set, *_layout_overrides(args)])
         cluster = cluster_for(cfg, args)
-        return Entry(label, estimate(run_from_config(cfg, cluster.gpus), cluster, efficiency=args.efficiency))
+        run = run_from_config(cfg, cluster.gpus, model_arch(cfg.model))
+        return Entry(label, estimate(run, cluster, efficiency=args.efficiency))
     except UserError as err:
         return Entry(label, error=str(err))
 
@@ -262,7 +264,7 @@ def _plan_base(args: argparse.Namespace) -> tuple[dict[str, Any], int, int]:
         batch = cfg.train_batch or (cfg.micro_batch or 1) * (cfg.grad_accum or 1) * dp
         raw = cfg.to_dict()
     else:
-        arch = arch_from_model(args.model)
+        arch = model_arch(ModelConfig(name=args.model))
         raw = {"model": {"name": args.model}, "data": {"seq_len": min(2048, arch.max_positions)},
                "optimizer": _DEFAULT_OPTIMIZER, "gradient_clipping": 1.0}
         raw = load_config_dict(raw, args.set, source=args.model).to_dict()
@@ -278,10 +280,9 @@ def _plan_base(args: argparse.Namespace) -> tuple[dict[str, Any], int, int]:
 def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, precision: str,
                  efficiency: float = COMPUTE_EFFICIENCY) -> list[tuple[dict[str, Any], Estimate]]:
     """Every (stages, ZeRO stage, micro-batch, checkpointing) that divides the batch and fits, fastest first."""
-    layers = arch_from_model(raw["model"]["name"], raw["model"].get("pretrained", False),
-                             raw["model"].get("overrides")).layers
+    arch = model_arch(ModelConfig(**raw["model"]))   # once: every candidate varies the layout, not the model
     found = []
-    for stages in (p for p in _divisors(cluster.gpus) if p <= layers):
+    for stages in (p for p in _divisors(cluster.gpus) if p <= arch.layers):
         dp = cluster.gpus // stages
         for zero in ((0, 1) if stages > 1 else (0, 1, 2, 3)):
             for micro in (b for b in (1, 2, 4, 8, 16, 32) if global_batch % (b * dp) == 0):
@@ -289,7 +290,7 @@ def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, preci
                     candidate = _layout_config(raw, stages, zero, micro, global_batch // (micro * dp), ckpt, precision)
                     try:
                         cfg = load_config_dict(candidate, source="plan")
-                        est = estimate(run_from_config(cfg, cluster.gpus), cluster, efficiency=efficiency)
+                        est = estimate(run_from_config(cfg, cluster.gpus, arch), cluster, efficiency=efficiency)
                     except UserError:
                         continue
                     if est.fits:

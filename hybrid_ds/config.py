@@ -175,6 +175,24 @@ class RunConfig:
         ds["pipeline"] = pipe
         return ds
 
+    def replace(self, *, model: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+                pipeline: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
+                **deepspeed: Any) -> RunConfig:
+        """A new config with fields changed, validated like a file (``--set`` is for users, this for code).
+
+        Each section argument maps field names to values and is merged into that section; objects merge
+        key by key (``model={"overrides": {"vocab_size": 512}}`` keeps the other overrides). Other keyword
+        arguments are DeepSpeed's top-level keys, merged the same way.
+
+        >>> cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "train_micro_batch_size_per_gpu": 2})
+        >>> new = cfg.replace(pipeline={"stages": 2}, bf16={"enabled": True})
+        >>> new.pipeline.stages, new.precision, new.micro_batch, cfg.pipeline.stages
+        (2, 'bf16', 2, 1)
+        """
+        sections = {"model": model, "data": data, "pipeline": pipeline, "train": train}
+        changes = {**{k: v for k, v in sections.items() if v is not None}, **deepspeed}
+        return RunConfig(deep_merge(self.raw, changes), source=self.source)
+
     def to_dict(self) -> dict[str, Any]:
         """The fully resolved config (extends and --set applied) as plain JSON data."""
         out: dict[str, Any] = {"description": self.description} if self.description else {}

@@ -177,6 +177,7 @@ def build_plain_engine(cfg: RunConfig, world_size: int) -> tuple[PlainEngine, Pl
     from transformers.integrations import HfDeepSpeedConfig
 
     from hybrid_ds.models.build import checkpoint_folder
+    from hybrid_ds.models.resolve import auto_class
 
     plan = build_plan(cfg, world_size)
     ds = deepspeed_config(cfg, plan)
@@ -184,8 +185,7 @@ def build_plain_engine(cfg: RunConfig, world_size: int) -> tuple[PlainEngine, Pl
     # ZeRO-3 (each rank allocates only its partition) and initializes through gathered parameters.
     hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841
     resolved = plan.resolved
-    auto = {"causal_lm": transformers.AutoModelForCausalLM,
-            "masked_lm": transformers.AutoModelForMaskedLM}[resolved.family.task]
+    auto = auto_class(resolved.family)
     torch.manual_seed(cfg.train.seed)
     if cfg.model.pretrained:
         folder = checkpoint_folder(resolved.checkpoint, cfg.model.revision)

@@ -60,7 +60,7 @@ def block_flops(arch: Arch, seq: int) -> float:
 
 def head_flops(arch: Arch) -> float:
     """Forward FLOPs per token of the output projection (and BERT's transform)."""
-    return 2 * arch.hidden * arch.vocab + (2 * arch.hidden**2 if arch.family == "bert" else 0)
+    return 2 * arch.hidden * arch.vocab + (2 * arch.hidden**2 if arch.head_transform else 0)
 
 
 def narayanan_training_days(tokens: float, params: float, gpus: int, flops_per_gpu: float) -> float:
@@ -108,9 +108,13 @@ _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "
                 "float16": "fp16"}
 
 
-def run_from_config(cfg: Any, world_size: int) -> Run:
-    """A :class:`Run` from a validated RunConfig (hybrid_ds.config), checking the layout as build_plan does."""
-    arch = arch_from_model(cfg.model.name, cfg.model.pretrained, cfg.model.overrides)
+def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
+    """A :class:`Run` from a validated RunConfig (hybrid_ds.config), checking the layout as build_plan does.
+
+    ``arch`` is the model's shape when the caller has it (:func:`hybrid_ds.models.shape.model_arch` reads
+    any model the adapter accepts); without it the config's model must be a named family.
+    """
+    arch = arch or arch_from_model(cfg.model.name, cfg.model.pretrained, cfg.model.overrides)
     layout = resolve_layout(world_size, cfg.pipeline.stages, arch.layers, cfg.micro_batch, cfg.grad_accum,
                             cfg.train_batch)
     if cfg.data.seq_len > arch.max_positions:
@@ -327,7 +331,8 @@ def training_days(est: Estimate, tokens: float) -> float:
     return tokens / est.run.tokens_per_step * est.step_time / 86400
 
 
-def estimate_for_config(cfg: Any, world_size: int, cluster: Any = None, runtime: str = "cuda") -> Estimate:
+def estimate_for_config(cfg: Any, world_size: int, cluster: Any = None, runtime: str = "cuda",
+                        arch: Arch | None = None) -> Estimate:
     """The estimate of a run config at ``world_size`` ranks (what ``train --dry-run`` prints).
 
     With no ``cluster``, a GPU named in the config's description ("8x A100-40GB") is used for the
@@ -335,7 +340,7 @@ def estimate_for_config(cfg: Any, world_size: int, cluster: Any = None, runtime:
     """
     from hybrid_ds.gpus import make_cluster, parse_cluster
 
-    run = run_from_config(cfg, world_size)
+    run = run_from_config(cfg, world_size, arch)
     if cluster is None and runtime == "cuda":
         described = parse_cluster(cfg.description)
         if described:

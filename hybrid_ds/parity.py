@@ -14,7 +14,10 @@ from pathlib import Path
 
 import torch
 
-from hybrid_ds.config import RunConfig, load_config_dict
+from hybrid_ds.config import RunConfig
+from hybrid_ds.models.build import checkpoint_folder
+from hybrid_ds.models.resolve import auto_class, resolve_model
+from hybrid_ds.pipeline import SequentialStages
 from hybrid_ds.plan import build_plan
 
 TOLERANCE = 1e-5
@@ -62,32 +65,26 @@ def sample_batch(vocab_size: int, seq_len: int, task: str, batch: int = 2, seed:
 
 def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport:
     """Compare the HF model and the pipeline on one padded batch (fp32, dropout off)."""
-    import transformers
-
     original = cfg.model.name
-    cfg = load_config_dict(cfg.raw, [f"pipeline.stages={stages}", "train_micro_batch_size_per_gpu=1",
-                                     "gradient_accumulation_steps=1", "fp16.enabled=false", "bf16.enabled=false",
-                                     f"data.seq_len={seq_len}", f"pipeline.partition={_partition(cfg)}"])
+    cfg = cfg.replace(pipeline={"stages": stages}, data={"seq_len": seq_len}, train_micro_batch_size_per_gpu=1,
+                      gradient_accumulation_steps=1, fp16={"enabled": False}, bf16={"enabled": False})
     with tempfile.TemporaryDirectory() as tmp:
         folder = _checkpoint_folder(cfg, Path(tmp))
-        cfg = load_config_dict(cfg.raw, [f"model.name={folder}", "model.pretrained=true"])
+        cfg = cfg.replace(model={"name": folder, "pretrained": True})
         plan = build_plan(cfg, world_size=stages)
-        task = plan.resolved.family.task
-        auto = transformers.AutoModelForCausalLM if task == "causal_lm" else transformers.AutoModelForMaskedLM
-        hf = auto.from_pretrained(folder, attn_implementation=cfg.model.attn_implementation,
-                                  dtype=torch.float32).eval()
-        batch = sample_batch(hf.config.vocab_size, seq_len, task)
-        hf_kwargs = {k: v for k, v in batch.items() if k != "token_type_ids" or task == "masked_lm"}
+        family = plan.resolved.family
+        hf = auto_class(family).from_pretrained(folder, attn_implementation=cfg.model.attn_implementation,
+                                                dtype=torch.float32).eval()
+        batch = sample_batch(hf.config.vocab_size, seq_len, family.task)
+        hf_kwargs = {k: v for k, v in batch.items() if k != "token_type_ids" or family.task_info.token_types}
         out = hf(**hf_kwargs)
         out.loss.backward()
-
-        from hybrid_ds.pipeline import SequentialStages
 
         pipe = SequentialStages(plan)
         for module in pipe.modules():
             module.eval()
         inputs = (batch["input_ids"], batch["attention_mask"])
-        if task == "masked_lm":
+        if family.task_info.token_types:
             inputs += (batch["token_type_ids"],)
         logits = pipe.forward(inputs)
         loss = pipe.loss_fn(logits, batch["labels"])
@@ -95,27 +92,13 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
         return _report(original, stages, out, logits, loss, hf, pipe)
 
 
-def _partition(cfg: RunConfig) -> str:
-    import json
-
-    return json.dumps(cfg.pipeline.partition) if isinstance(cfg.pipeline.partition, list) else cfg.pipeline.partition
-
-
 def _checkpoint_folder(cfg: RunConfig, tmp: Path) -> str:
     """The folder to compare from: the model's own, or a random init of a preset saved to ``tmp``."""
     if cfg.model.pretrained:
-        from hybrid_ds.models.build import checkpoint_folder
-
         return str(checkpoint_folder(cfg.model.name, cfg.model.revision))
-    import transformers
-
-    from hybrid_ds.models.resolve import resolve_model
-
     resolved = resolve_model(cfg.model)
-    auto = {"causal_lm": transformers.AutoModelForCausalLM,
-            "masked_lm": transformers.AutoModelForMaskedLM}[resolved.family.task]
     torch.manual_seed(cfg.train.seed)
-    auto.from_config(resolved.hf_config).save_pretrained(tmp)
+    auto_class(resolved.family).from_config(resolved.hf_config).save_pretrained(tmp)
     return str(tmp)
 
 

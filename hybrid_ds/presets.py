@@ -18,37 +18,9 @@ dicts such as ``rope_parameters`` in place.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple
 
 from hybrid_ds.errors import UserError, suggest
-
-TASKS = ("causal_lm", "masked_lm")
-
-
-class ConfigKeys(NamedTuple):
-    """The config dict keys one family uses for its layer count, hidden size and head count."""
-
-    layers: str
-    hidden: str
-    heads: str
-
-
-_STANDARD_KEYS = ConfigKeys("num_hidden_layers", "hidden_size", "num_attention_heads")
-
-# model_type -> key names. GPT-2 keeps its 2019 names; the other families use the standard ones.
-# A family missing here cannot have presets: adding one is one line.
-FAMILY_KEYS: dict[str, ConfigKeys] = {
-    "gpt2": ConfigKeys("n_layer", "n_embd", "n_head"),
-    "bert": _STANDARD_KEYS,
-    "llama": _STANDARD_KEYS,
-    "mistral": _STANDARD_KEYS,
-    "qwen2": _STANDARD_KEYS,
-    "gpt_neox": _STANDARD_KEYS,
-    "opt": _STANDARD_KEYS,
-    "gemma": _STANDARD_KEYS,
-    "phi": _STANDARD_KEYS,
-}
-
+from hybrid_ds.families import FAMILIES
 
 @dataclass(frozen=True)
 class Preset:
@@ -59,18 +31,20 @@ class Preset:
     """
 
     name: str  # lowercase-with-dashes, e.g. "gpt3-1.3b"
-    model_type: str  # Hugging Face model_type, a key of FAMILY_KEYS
+    model_type: str  # Hugging Face model_type, a key of hybrid_ds.families.FAMILIES
     config: dict  # kwargs for transformers.CONFIG_MAPPING[model_type]; read-only
     published_params: int | None  # parameter count the source publishes
     source: str  # where the numbers come from, one short line
-    task: str = "causal_lm"  # "causal_lm" or "masked_lm"
 
     def __post_init__(self):
         # A bad entry in the table below is a bug in hybrid_ds, not a user mistake.
-        if self.model_type not in FAMILY_KEYS:
-            raise ValueError(f"preset {self.name}: no FAMILY_KEYS for {self.model_type!r}")
-        if self.task not in TASKS:
-            raise ValueError(f"preset {self.name}: task {self.task!r} not in {TASKS}")
+        if self.model_type not in FAMILIES:
+            raise ValueError(f"preset {self.name}: {self.model_type!r} is not in the family table")
+
+    @property
+    def task(self) -> str:
+        """"causal_lm" or "masked_lm": the family's."""
+        return FAMILIES[self.model_type].task
 
 
 MILLION, BILLION = 10**6, 10**9  # the units the papers round to: "125M", "1.3B"
@@ -101,7 +75,7 @@ def _bert(name, layers, hidden, heads, published):
                   intermediate_size=4 * hidden, vocab_size=30522, max_position_embeddings=512,
                   type_vocab_size=2)
     source = "Devlin et al. 2019 (BERT), section 3; HF config.json"
-    return Preset(name, "bert", config, published, source, task="masked_lm")
+    return Preset(name, "bert", config, published, source)
 
 
 def _llama2(name, layers, hidden, heads, kv_heads, ffn, published):
@@ -114,11 +88,11 @@ def _llama2(name, layers, hidden, heads, kv_heads, ffn, published):
     return Preset(name, "llama", config, published, source)
 
 
-def _tiny(name, model_type, task="causal_lm", **config):
+def _tiny(name, model_type, **config):
     # Debug presets: 64 wide, 4 heads of 16 (even, so rotary halves split cleanly), 128 positions,
     # a 256-512 token vocab. They build and run a forward on CPU in milliseconds.
     source = "hybrid_ds debug preset, not a published model"
-    return Preset(name, model_type, config, None, source, task)
+    return Preset(name, model_type, config, None, source)
 
 
 _ALL = [
@@ -163,7 +137,7 @@ _ALL = [
     _tiny("gpt2-tiny", "gpt2", n_layer=2, n_embd=64, n_head=4, n_positions=128, vocab_size=256,
           bos_token_id=255, eos_token_id=255),
     # bert: post-LN encoder, token types, tied MLM decoder plus its bias.
-    _tiny("bert-tiny", "bert", "masked_lm", num_hidden_layers=2, hidden_size=64,
+    _tiny("bert-tiny", "bert", num_hidden_layers=2, hidden_size=64,
           num_attention_heads=4, intermediate_size=256, vocab_size=512,
           max_position_embeddings=128, type_vocab_size=2),
     # llama: GQA (4 query heads share 2 KV heads), SwiGLU (ffn ~ 8/3 x 64, rounded to 16), untied.
@@ -233,7 +207,7 @@ def n_layers(preset: Preset) -> int:
     >>> n_layers(get_preset("llama2-70b"))
     80
     """
-    return preset.config[FAMILY_KEYS[preset.model_type].layers]
+    return preset.config[FAMILIES[preset.model_type].keys.layers]
 
 
 def describe(preset: Preset) -> dict:
@@ -243,7 +217,7 @@ def describe(preset: Preset) -> dict:
     {'name': 'gpt2', 'family': 'gpt2', 'layers': 12, 'hidden': 768, 'heads': 12,
      'published': 124000000}
     """
-    keys = FAMILY_KEYS[preset.model_type]
+    keys = FAMILIES[preset.model_type].keys
     return {
         "name": preset.name,
         "family": preset.model_type,

@@ -318,7 +318,7 @@ def test_training_time_and_mfu_are_consistent():
 def test_estimator_aliases_are_transformers_attribute_maps():
     import transformers
 
-    from hybrid_ds.architecture import ALIASES, FAMILIES
+    from hybrid_ds.families import FAMILIES
 
-    for model_type in FAMILIES:
-        assert ALIASES.get(model_type, {}) == dict(transformers.CONFIG_MAPPING[model_type].attribute_map), model_type
+    for model_type, family in FAMILIES.items():
+        assert dict(family.aliases) == dict(transformers.CONFIG_MAPPING[model_type].attribute_map), model_type

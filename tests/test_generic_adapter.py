@@ -105,10 +105,11 @@ def test_refusal_reaches_the_user_from_the_config(tmp_path):
 
 def test_parity_would_catch_what_the_adapter_refuses(tmp_path, monkeypatch):
     """Granite mapped as if it were Llama (its embedding and logit multipliers dropped) fails parity."""
-    from hybrid_ds.models import _decoder
+    from hybrid_ds.families import _decoder
     from hybrid_ds.parity import check_parity
+    from hybrid_ds.shapes import DecoderDefaults
 
-    monkeypatch.setitem(FAMILIES, "granite", _decoder("granite"))
+    monkeypatch.setitem(FAMILIES, "granite", _decoder("granite", "GraniteDecoderLayer", DecoderDefaults()))
     folder = saved(tmp_path, tiny_config("granite", embedding_multiplier=12.0, logits_scaling=8.0))
     report = check_parity(run_config(folder), stages=1)
     assert not report.ok and report.max_logit_diff > 1e-2, "\n".join(report.lines())
@@ -126,7 +127,8 @@ def test_generic_adapter_finds_what_the_named_families_say(model_type):
     """On the named families of this layout the generic mapping equals the hand-written one."""
     named = FAMILIES[model_type]
     found = generic_family(model_type, meta_causal_lm(model_type, tiny_config(model_type)))
-    fields = ("token_embedding", "embedding", "blocks", "final", "output", "rotary", "positions", "task")
+    fields = ("token_embedding", "embedding", "blocks", "final", "output", "rotary", "positions", "task",
+              "block_class")
     assert {f: getattr(found, f) for f in fields} == {f: getattr(named, f) for f in fields}
 
 

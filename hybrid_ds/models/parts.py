@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_ds.models import Family
+from hybrid_ds.families import Family
 from hybrid_ds.models.build import StageBuilder
 
 
@@ -35,7 +35,7 @@ def attention_mask_4d(family: Family, config: Any, layer_index: int, hidden: tor
     """The mask the Hugging Face model gives block ``layer_index``, from the same helper it uses."""
     from transformers import masking_utils
 
-    if family.task == "masked_lm":
+    if family.task_info.bidirectional:
         return masking_utils.create_bidirectional_mask(config=config, inputs_embeds=hidden,
                                                        attention_mask=attention_mask)
     layer_types = getattr(config, "layer_types", None)
@@ -174,9 +174,9 @@ class LogitsBias(nn.Module):
 
 def loss_function(family: Family, vocab_size: int):
     """The Hugging Face model's own loss: shifted causal-LM or plain masked-LM cross-entropy, in fp32."""
-    from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
+    from transformers.loss import loss_utils
 
-    hf_loss = ForCausalLMLoss if family.task == "causal_lm" else ForMaskedLMLoss
+    hf_loss = getattr(loss_utils, family.task_info.loss)
 
     def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
         return hf_loss(logits, labels, vocab_size)

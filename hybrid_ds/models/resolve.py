@@ -15,7 +15,8 @@ from typing import Any
 from hybrid_ds import presets
 from hybrid_ds.config import ModelConfig
 from hybrid_ds.errors import UserError, suggest
-from hybrid_ds.models import Family, get_family
+from hybrid_ds.families import Family
+from hybrid_ds.models import get_family
 
 
 @dataclass(frozen=True)
@@ -93,15 +94,19 @@ def _with_overrides(hf_config: Any, source: dict[str, Any], overrides: dict[str,
     return rebuilt
 
 
+def auto_class(family: Family) -> Any:
+    """The transformers auto class of the family's task (AutoModelForCausalLM, AutoModelForMaskedLM)."""
+    import transformers
+
+    return getattr(transformers, family.task_info.auto_class)
+
+
 def meta_model(resolved: ResolvedModel) -> Any:
     """The whole Hugging Face model on the meta device: shapes and structure, no memory, no weights."""
     import torch
-    import transformers
 
-    auto = {"causal_lm": transformers.AutoModelForCausalLM,
-            "masked_lm": transformers.AutoModelForMaskedLM}[resolved.family.task]
     with torch.device("meta"):
-        return auto.from_config(resolved.hf_config, trust_remote_code=False)
+        return auto_class(resolved.family).from_config(resolved.hf_config, trust_remote_code=False)
 
 
 def count_params(model: Any) -> int:

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_ds.models import Family
+from hybrid_ds.families import Family
 from hybrid_ds.models.generic.checks import FlowChecker, check_unplaced
 from hybrid_ds.models.generic.structure import find_parts, first_line, refuse
 from hybrid_ds.models.generic.trace import trace_model

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hybrid_ds.errors import UserError
-from hybrid_ds.models import Family, _apply_in_order
+from hybrid_ds.families import Family, apply_in_order
 from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, Parts, refuse
 from hybrid_ds.models.generic.trace import Call, Mask, Trace
 
@@ -193,8 +193,9 @@ class FlowChecker:
             raise self.fail(f"its rotary module {self.rotary_path} is never called")
         self._check_positions_are_arange()
         names = [p.rpartition(".")[2] for p in self.pre]
-        return Family(self.model_type, self.embedding_path, tuple(self.pre), _apply_in_order(tuple(names)),
-                      self.paths[id(self.parts.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path)
+        return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(names)),
+                      self.paths[id(self.parts.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
+                      block_class=type(self.parts.blocks[0]).__name__)
 
 
 def _only(call: Call, tensor: Any) -> bool:

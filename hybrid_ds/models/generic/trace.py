@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from hybrid_ds.models import Family
+from hybrid_ds.families import Family
 from hybrid_ds.models.generic.structure import TRACE_SHAPE, Parts, first_line, refuse
 
 

@@ -1,0 +1,80 @@
+"""The estimator's view of any model the adapter accepts: an :class:`~hybrid_ds.architecture.Arch`.
+
+A named family with a shape builder is counted from its config dict alone (pure Python, no torch:
+what ``compare`` and ``plan`` do for presets). Any other model the adapter accepts (the generic adapter's
+qwen3, olmo2, starcoder2, ...) is read from its structure on the meta device: the parameters of the
+modules the pipeline places in each layer, the class of each block, and the sizes its config names.
+That needs torch and transformers, and gives the same parameter counts as the pipeline's own plan
+(tests/test_families.py). The activation terms of such a model follow the generic decoder layout
+(attention, MLP, norms) and are an approximation: its quirks are not in the shape.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybrid_ds import presets
+from hybrid_ds.architecture import Arch, arch_from_model, has_shape, local_model_type
+from hybrid_ds.config import ModelConfig
+from hybrid_ds.families import Family
+from hybrid_ds.shapes import Tensor
+
+
+def model_arch(model: ModelConfig, family: Family | None = None, skeleton: Any = None) -> Arch:
+    """The Arch of ``model``: from the family table's shape builder where it has one, else from the structure
+    (``family`` and ``skeleton`` where the caller resolved them already, as a run's plan has)."""
+    if (presets.is_preset(model.name) and not model.pretrained) or has_shape(local_model_type(model.name) or ""):
+        return arch_from_model(model.name, model.pretrained, model.overrides)
+    if skeleton is None:
+        from hybrid_ds.models.resolve import meta_model, resolve_model
+
+        resolved = resolve_model(model)
+        family, skeleton = resolved.family, meta_model(resolved)
+    return arch_from_skeleton(model.name, family, skeleton)
+
+
+def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
+    """The Arch of a model on the meta device, its layers grouped as ``family`` places them in the pipeline."""
+    c = skeleton.config
+    blocks = list(skeleton.get_submodule(family.blocks))
+    per_block = tuple((type(b).__name__, sum(p.numel() for p in b.parameters())) for b in blocks)
+    block = _tensors(skeleton, (f"{family.blocks}.0",), strip=f"{family.blocks}.0.")
+    uniform = len(set(per_block)) == 1 and per_block[0][1] == sum(n for _, n in block)
+    out, inp = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
+    tied = inp.weight.numel() if out is not None and out.weight is inp.weight else 0
+    h, heads = c.hidden_size, c.num_attention_heads
+    head_dim = getattr(c, "head_dim", None) or h // heads
+    block_modules = [type(m).__name__ for m in blocks[0].modules()]
+    rotary = getattr(c, "rotary_dim", None) or (int(head_dim * getattr(c, "partial_rotary_factor", 1.0))
+                                                if family.rotary else 0)
+    layer_types = getattr(c, "layer_types", None) or []
+    sliding = getattr(c, "sliding_window", None) or 0
+    return Arch(
+        name=name, family=c.model_type, task=family.task, layers=len(blocks), hidden=h, heads=heads,
+        kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
+        ffn=getattr(c, "intermediate_size", None) or getattr(c, "n_inner", None) or 4 * h, vocab=c.vocab_size,
+        max_positions=getattr(c, "max_position_embeddings", None) or 2048,
+        embedding=_tensors(skeleton, family.embedding_modules), block=block,
+        head=_tensors(skeleton, family.head_modules), tied=tied,
+        act=getattr(c, "hidden_act", None) or getattr(c, "activation_function", None) or "silu",
+        gated=any(".gate" in path or path.startswith("gate") for path, _ in block),
+        norm="rmsnorm" if any("RMSNorm" in m for m in block_modules) else "layernorm", rotary_dim=rotary,
+        attn_dropout=getattr(c, "attention_dropout", 0.0) or 0.0,
+        sliding_window=sliding if ("sliding_attention" in layer_types or not layer_types) else 0,
+        block_class=per_block[0][0], per_block=() if uniform else per_block)
+
+
+def _tensors(skeleton: Any, paths: tuple[str, ...], strip: str = "") -> tuple[Tensor, ...]:
+    """(module path, elements) of every parameter under ``paths`` once; absent optional modules skipped."""
+    seen: dict[int, Tensor] = {}
+    for path in paths:
+        try:
+            module = skeleton.get_submodule(path)
+        except AttributeError:
+            continue
+        if module is None:
+            continue
+        for name, param in module.named_parameters():
+            owner = f"{path}.{name}".rpartition(".")[0].removeprefix(strip)
+            seen.setdefault(id(param), (owner, param.numel()))
+    return tuple(seen.values())

@@ -1,0 +1,107 @@
+"""The family table, and the estimator on every model the adapter accepts.
+
+Every named family's shape builder, and the structure read for every model the generic adapter accepts
+in tests/test_generic_adapter.py, give exactly the parameters the pipeline's plan counts on the meta
+device: per layer, per stage, in total, with the real block class names that ``type:REGEX`` partitions
+match. ``compare``, ``plan`` and ``train --dry-run`` then work on such a model.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from hybrid_ds import presets
+from hybrid_ds.config import ModelConfig, load_config_dict
+from hybrid_ds.families import FAMILIES, TASKS
+
+ROOT = Path(__file__).resolve().parents[1]
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from hybrid_ds.models.resolve import count_params, meta_model, pipeline_layers, resolve_model, stage_params  # noqa: E402
+from hybrid_ds.models.shape import model_arch  # noqa: E402
+from tests.test_generic_adapter import ACCEPTED, saved, tiny_config  # noqa: E402
+
+
+def assert_counts_match(model: ModelConfig) -> None:
+    resolved = resolve_model(model)
+    skeleton = meta_model(resolved)
+    arch = model_arch(model)
+    layers = pipeline_layers(skeleton, resolved.family)
+    assert arch.layer_params() == [layer.params for layer in layers]
+    assert arch.layer_classes() == [layer.class_name for layer in layers]
+    assert arch.params == count_params(skeleton)
+    n = arch.layers + 2
+    for bounds in ([0, n], [0, 2, n], [0, 1, n - 1, n]):
+        assert arch.stage_params(bounds) == stage_params(skeleton, resolved.family, bounds), bounds
+
+
+@pytest.mark.parametrize("name", [p for p in presets.PRESETS if presets.PRESETS[p].published_params is None])
+def test_named_family_counts_and_block_classes_match_the_meta_model(name):
+    assert_counts_match(ModelConfig(name=name))
+
+
+@pytest.mark.parametrize("model_type", sorted(ACCEPTED))
+def test_generic_model_counts_match_the_meta_model(model_type, tmp_path):
+    folder = saved(tmp_path, tiny_config(model_type, **ACCEPTED[model_type]))
+    assert_counts_match(ModelConfig(name=folder, pretrained=True))
+
+
+def test_table_entries_are_what_transformers_builds():
+    """Task, auto class, block class and config keys of each entry, against the classes transformers has."""
+    for model_type, family in FAMILIES.items():
+        config = transformers.CONFIG_MAPPING[model_type]()
+        auto = getattr(transformers, TASKS[family.task].auto_class)
+        assert type(config) in auto._model_mapping, model_type
+        model_class = auto._model_mapping[type(config)]
+        module = sys.modules[model_class.__module__]
+        assert isinstance(getattr(module, family.block_class, None), type), (model_type, family.block_class)
+        for key in family.keys:
+            assert hasattr(config, key), (model_type, key)
+
+
+def hybrid_ds(*argv: str, **env: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hybrid_ds.cli", *argv], capture_output=True, text=True, cwd=ROOT,
+                          env={**os.environ, **env}, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def qwen3_folder(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("qwen3")
+    return saved(folder, tiny_config("qwen3", **ACCEPTED["qwen3"]))
+
+
+def test_compare_plan_and_dry_run_work_on_a_generic_model(qwen3_folder, tmp_path):
+    """Before the family table these exited 2 ("no parameter formulas for model_type 'qwen3'")."""
+    exact = count_params(meta_model(resolve_model(ModelConfig(name=qwen3_folder, pretrained=True))))
+    proc = hybrid_ds("compare", qwen3_folder, "--gpus", "2", "--stages", "2", "--seq-len", "64", "--json")
+    assert proc.returncode == 0, proc.stderr
+    assert f'"params": {exact},' in proc.stdout and '"valid": true' in proc.stdout
+    proc = hybrid_ds("plan", qwen3_folder, "--gpus", "2", "--seq-len", "64", "--global-batch", "8")
+    assert proc.returncode == 0 and "layouts fit" in proc.stdout, proc.stderr
+    config = tmp_path / "qwen3.json"
+    config.write_text('{"model": {"name": "%s", "pretrained": true}, "pipeline": {"stages": 2, "partition": '
+                      '"type:DecoderLayer"}, "data": {"seq_len": 64}, "train_micro_batch_size_per_gpu": 1}' % qwen3_folder)
+    proc = hybrid_ds("train", "--config", str(config), "--dry-run", WORLD_SIZE="2")
+    assert proc.returncode == 0, proc.stderr
+    assert "boundaries [0, 3, 6]" in proc.stdout and "estimate" in proc.stdout
+
+
+def test_type_partitions_use_the_real_class_names(qwen3_folder):
+    """``type:REGEX`` partitions the estimator computes are the plan's (qwen3: 4 Qwen3DecoderLayer blocks)."""
+    from hybrid_ds.estimate import partition, run_from_config
+    from hybrid_ds.plan import build_plan
+
+    for method in ("type:DecoderLayer", "type:Qwen3", "flops", "parameters"):
+        cfg = load_config_dict({"model": {"name": qwen3_folder, "pretrained": True}, "data": {"seq_len": 64},
+                                "pipeline": {"stages": 2, "partition": method}, "train_micro_batch_size_per_gpu": 1})
+        plan = build_plan(cfg, 2)
+        assert partition(run_from_config(cfg, 2, model_arch(cfg.model))) == plan.parts, method
+    cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "pipeline": {"stages": 2, "partition": "type:GPT2Block"},
+                            "train_micro_batch_size_per_gpu": 1, "data": {"seq_len": 64}})
+    assert partition(run_from_config(cfg, 2)) == build_plan(cfg, 2).parts == [0, 2, 4]
