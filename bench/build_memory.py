@@ -5,7 +5,7 @@ Four measurements, each in a fresh process so that its peak RSS (``ru_maxrss``) 
 * whole, random init: ``AutoModelForCausalLM.from_config(config)``
 * whole, loaded:      ``AutoModelForCausalLM.from_pretrained(folder)``
 * stage 0, random init / loaded: stage 0's DeepSpeed layer specs (``stage_builder`` -> ``layer_specs`` ->
-  ``spec_parts``) built one by one, as rank 0 of a 4-stage pipeline builds them, with
+  ``spec_boundaries``) built one by one, as rank 0 of a 4-stage pipeline builds them, with
   ``model.pretrained`` false / true.
 
 Each process sums every parameter it built before its peak is read: checkpoint tensors are memory-mapped
@@ -86,7 +86,7 @@ def build_stage(folder: Path, mode: str, stages: int) -> tuple[list, dict]:
     import torch
 
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.pipeline import layer_specs, spec_parts, stage_builder
+    from hybrid_ds.pipeline import layer_specs, spec_boundaries, stage_builder
     from hybrid_ds.plan import build_plan
 
     cfg = load_config_dict({"model": {"name": str(folder), "pretrained": mode == "load"},
@@ -94,7 +94,7 @@ def build_stage(folder: Path, mode: str, stages: int) -> tuple[list, dict]:
                             "train_micro_batch_size_per_gpu": 1})
     plan = build_plan(cfg, world_size=stages)
     specs, units = layer_specs(stage_builder(plan))
-    lo, hi = spec_parts(plan.parts, units)[:2]
+    lo, hi = spec_boundaries(plan.boundaries, units)[:2]
     modules = [spec.build() for spec in specs[lo:hi]]
     for module in modules:
         module.eval()
@@ -103,8 +103,8 @@ def build_stage(folder: Path, mode: str, stages: int) -> tuple[list, dict]:
         for module in modules:
             x = module(x)
     assert x[0].shape == (1, 8, TINYLLAMA["hidden_size"])
-    return modules, {"planned_params": plan.stages[0].params, "total_params": plan.total_params,
-                     "layers": plan.stages[0].layer_names}
+    return modules, {"planned_params": plan.stage_plans[0].params, "total_params": plan.total_params,
+                     "layers": plan.stage_plans[0].layer_names}
 
 
 def measure(what: str, mode: str, folder: Path, stages: int) -> dict:

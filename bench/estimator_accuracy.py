@@ -118,7 +118,7 @@ def measure_activations(name: str, precision: str, attn: str, seq: int = ACT_SEQ
         saved[kind] += sum(counted)
         return out
 
-    layers = stages.stages[0]
+    layers = stages.layers_per_stage[0]
     n_blocks = sum(type(module).__name__ == "Block" for _, module in layers)
     seen_block = False
     for fn, module in layers:
@@ -216,11 +216,12 @@ def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: in
 
     from hybrid_ds.config import load_config_dict
     from hybrid_ds.engine import build_pipeline_engine
+    from hybrid_ds.plan import build_plan
 
     cfg = load_config_dict(_state_config(zero, stages, precision, bucket))
     ids = torch.randint(0, 256, (STATE_MICRO, STATE_SEQ), generator=torch.Generator().manual_seed(0))
     if zero <= 1:  # hybrid_ds trains ZeRO 0/1 through the PipelineEngine, also at 1 stage
-        engine, _ = build_pipeline_engine(cfg, world)
+        engine = build_pipeline_engine(build_plan(cfg, world))
         probe = StateProbe(engine)
         probe.install()
         for _ in range(2):

@@ -38,8 +38,10 @@ def folded(batches: Any, vocab: int) -> Iterator[Any]:
 
 def build_ours(cfg: Any) -> tuple[Any, Any]:
     from hybrid_ds.engine import build_pipeline_engine
+    from hybrid_ds.plan import build_plan
 
-    return build_pipeline_engine(cfg, 1)
+    plan = build_plan(cfg, 1)
+    return build_pipeline_engine(plan), plan
 
 
 def build_baseline(plan: Any, ours: Any) -> Any:
@@ -61,7 +63,7 @@ def build_baseline(plan: Any, ours: Any) -> Any:
         raise RuntimeError(f"weights not copied into the baseline: {missing}")
     model.train()
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=[p for p in model.parameters()],
-                                           config=deepspeed_config(plan.config, plan))
+                                           config=deepspeed_config(plan))
     torch.manual_seed(0)
     return engine
 

@@ -221,8 +221,7 @@ def main() -> None:
     import transformers  # noqa: F401
 
     import hybrid_ds.engine
-    import hybrid_ds.pipeline
-    from hybrid_ds.train import prepare
+    import hybrid_ds.train
 
     phases.mark("imports")
     world = hybrid_ds.engine.init_distributed()
@@ -231,12 +230,13 @@ def main() -> None:
     phases.mark("process_group")
     cfg = load_run_config(args)
     torch.manual_seed(cfg.train.seed)
-    cfg, data = prepare(cfg, world)
+    phases.wrap(hybrid_ds.train, "build_plan", "plan")
+    plan, data = hybrid_ds.train.prepare(cfg, world)
+    cfg = plan.config
     phases.mark("data")
-    phases.wrap(hybrid_ds.engine, "build_plan", "plan")
-    phases.wrap(hybrid_ds.pipeline, "build_pipeline_module", "stage_modules")
+    phases.wrap(hybrid_ds.engine, "build_pipeline_module", "stage_modules")
     phases.wrap(deepspeed, "initialize", "deepspeed_initialize")
-    engine, plan = hybrid_ds.engine.build_engine(cfg, world)
+    engine = hybrid_ds.engine.build_engine(plan)
     phases.mark("engine")
     dp_rank = hybrid_ds.engine.data_parallel(engine)[0]
     batches = data.train_batches(plan.layout.micro_batch, dp_rank, plan.layout.dp, cfg.train.seed)
@@ -252,7 +252,7 @@ def main() -> None:
             "tokens_per_step": layout.train_batch * cfg.data.seq_len, "params": plan.total_params,
             "matmul_params": matmul_params(plan.skeleton), "layers": plan.n_blocks,
             "hidden": plan.resolved.hf_config.hidden_size, "warmup_steps": args.warmup,
-            "blocks_per_stage": [sum(name.startswith("block") for name in st.layer_names) for st in plan.stages],
+            "blocks_per_stage": [sum(name.startswith("block") for name in st.layer_names) for st in plan.stage_plans],
             "phases_at_s": phases.at, "calls_s": phases.took, "steps": steps, "gemm_flops_per_rank": gemm,
         }
         Path(args.out).write_text(json.dumps(result, indent=2))

@@ -17,8 +17,15 @@ from typing import Any
 
 import numpy as np
 import torch
+import transformers
+from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+from hybrid_ds.config import load_config_dict
 from hybrid_ds.errors import UserError
+from hybrid_ds.models.build import StageBuilder
+from hybrid_ds.models.resolve import auto_class
+from hybrid_ds.pipeline import layer_specs
+from hybrid_ds.plan import build_plan
 
 LATEST = "latest"
 COMPLETE = "COMPLETE"
@@ -112,20 +119,10 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write a Hugging Face folder (config, safetensors, tokenizer) from a pipeline checkpoint of any layout."""
-    import transformers
-
-    from hybrid_ds.config import load_config_dict
-    from hybrid_ds.models.build import StageBuilder
-    from hybrid_ds.models.resolve import auto_class
-    from hybrid_ds.pipeline import layer_specs
-    from hybrid_ds.plan import build_plan
-
     folder = resolve_checkpoint(checkpoint)
     cfg = load_config_dict(json.loads((folder.parent / RUN_CONFIG).read_text()))
     plan = build_plan(cfg, world_size=cfg.pipeline.stages)
     if cfg.zero_stage >= 2:  # the plain HF model: DeepSpeed's own consolidation of ZeRO partitions
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
-
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:  # a PipelineModule: per-layer files, named back through the layer specs on the meta device
         builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=plan.skeleton)

@@ -1,5 +1,10 @@
-"""``hybrid-ds``: list presets, validate a run config, train.
+"""hybrid-ds: estimate, plan, check and train hybrid pipeline + data parallel runs of Hugging Face models.
 
+Commands: ``compare`` (presets, configs and layouts side by side: memory per stage, FLOPs, time) and
+``plan`` (layouts that fit a cluster, as configs) need no torch for presets and named families;
+``presets`` (the architecture table, counted on the meta device), ``validate`` (a config's plan),
+``parity`` (the pipeline against the Hugging Face model), ``train`` (what launch/train.py runs; ``--dry-run``
+prints the plan and the estimate) and ``export`` (a checkpoint to a Hugging Face folder) load torch.
 Every user mistake ends as one line on stderr and exit code 2; see :class:`hybrid_ds.errors.UserError`.
 """
 
@@ -43,8 +48,7 @@ def cmd_presets(args: argparse.Namespace) -> int:
         return 0
     print(f"{'name':<14} {'family':<9} {'layers':>6} {'hidden':>6} {'heads':>5} {'params':>17}  published")
     for row in rows:
-        published = row["published"] or 0
-        published = f"{published / 1e9:g}B" if published >= 1e9 else f"{published / 1e6:g}M" if published else "-"
+        published = f"{row['published']:,}" if row["published"] else "-"
         print(f"{row['name']:<14} {row['family']:<9} {row['layers']:>6} {row['hidden']:>6} {row['heads']:>5} "
               f"{row['params']:>17,}  {published}")
     return 0
@@ -52,7 +56,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from hybrid_ds.config import load_config
-    from hybrid_ds.plan import build_plan, format_plan, plan_dict
+    from hybrid_ds.plan import build_plan
+    from hybrid_ds.report import format_plan, plan_dict
 
     cfg = load_config(_config_path(args), args.set)
     plan = build_plan(cfg, args.world_size)
@@ -87,12 +92,13 @@ def machine_profile() -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hybrid_ds.config import load_config
-    from hybrid_ds.plan import build_plan, format_plan
+    from hybrid_ds.plan import build_plan
+    from hybrid_ds.report import format_estimate, format_plan
 
     profile = machine_profile()
     cfg = load_config(_config_path(args), args.set, profile=profile)
     if args.dry_run:
-        from hybrid_ds.estimate import estimate_for_config, format_estimate
+        from hybrid_ds.estimate import estimate_for_config
 
         from hybrid_ds.models.shape import model_arch
 
@@ -119,7 +125,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-ds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
-    from hybrid_ds.compare import add_compare_parser, add_plan_parser  # pure Python, no torch
+    from hybrid_ds.compare import add_compare_parser  # pure Python, no torch for presets
+    from hybrid_ds.plan_search import add_plan_parser
 
     add_compare_parser(sub)
     add_plan_parser(sub)

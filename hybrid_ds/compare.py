@@ -1,6 +1,8 @@
-"""``hybrid-ds compare`` and ``hybrid-ds plan``: layouts side by side, and the layouts that fit a cluster.
+"""``hybrid-ds compare``: presets, configs and layouts side by side (memory per stage, FLOPs, time).
 
-Pure Python like :mod:`hybrid_ds.estimate` (matplotlib only for ``--plot``): nothing here imports torch.
+Pure Python like :mod:`hybrid_ds.estimate` (matplotlib only for ``--plot``): nothing here imports torch for
+presets and named families; a folder of a model the generic adapter maps is read on the meta device
+(:func:`hybrid_ds.models.shape.model_arch`). ``hybrid-ds plan`` (hybrid_ds.plan_search) shares the inputs.
 """
 
 from __future__ import annotations
@@ -13,20 +15,20 @@ from typing import Any
 
 from hybrid_ds.config import ModelConfig, RunConfig, load_config, load_config_dict
 from hybrid_ds.errors import UserError
-from hybrid_ds.estimate import (COMPUTE_EFFICIENCY, Estimate, estimate, estimate_dict, human_bytes, human_count,
-                                human_time, run_from_config)
-from hybrid_ds.gpus import GIGA, Cluster, get_gpu, make_cluster, parse_cluster, parse_memory
+from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, estimate, run_from_config
+from hybrid_ds.gpus import Cluster, get_gpu, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
+from hybrid_ds.report import estimate_dict, human_bytes, human_count, human_time
 
-_PRECISION_KEYS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True, "fp16": False},
+PRECISION_KEYS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True, "fp16": False},
                    "fp16": {"bf16": False, "fp16": True}}
-_DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
+DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95], "eps": 1e-8, "weight_decay": 0.1}}
 
 
 # ---------------------------------------------------------------- arguments
 
 
-def _add_cluster_args(p: argparse.ArgumentParser) -> None:
+def add_cluster_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gpus", type=int, help="GPUs in the cluster (default: the config's description, e.g. "
                                             "'16x A100-80GB', else stages x the data-parallel size its batch implies)")
     p.add_argument("--gpu", help="GPU kind: h100, h200, a100, a100-40gb, v100, l40s, a10g, rtx4090 (default: "
@@ -44,7 +46,7 @@ def _add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--micro-batch", type=int, help="train_micro_batch_size_per_gpu")
     p.add_argument("--grad-accum", type=int, help="gradient_accumulation_steps (micro-batches per step)")
     p.add_argument("--seq-len", type=int, help="tokens per sequence")
-    p.add_argument("--precision", choices=tuple(_PRECISION_KEYS), help="training precision")
+    p.add_argument("--precision", choices=tuple(PRECISION_KEYS), help="training precision")
     p.add_argument("--checkpoint", type=int, metavar="N", help="recompute activations every N layers (0 = off)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
@@ -56,21 +58,9 @@ def add_compare_parser(sub: Any) -> None:
                                    "micro-batch 1 x 8, seq 2048 (or the model's context if shorter).")
     p.add_argument("inputs", nargs="+", metavar="INPUT", help="run config file or architecture preset")
     _add_layout_args(p)
-    _add_cluster_args(p)
+    add_cluster_args(p)
     p.add_argument("--plot", metavar="OUT.png", help="stacked memory bars per stage per input (needs matplotlib)")
     p.set_defaults(func=cmd_compare)
-
-
-def add_plan_parser(sub: Any) -> None:
-    p = sub.add_parser("plan", help="layouts that fit a cluster, fastest first, as ready-to-use configs (no torch)")
-    p.add_argument("model", metavar="MODEL", help="architecture preset or run config file")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's, else 2048 or the context)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the config's, else 512)")
-    p.add_argument("--precision", choices=tuple(_PRECISION_KEYS), help="training precision (default: bf16)")
-    p.add_argument("--top", type=int, default=3, help="layouts to print as configs (default 3)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    _add_cluster_args(p)
-    p.set_defaults(func=cmd_plan)
 
 
 # ---------------------------------------------------------------- inputs
@@ -91,17 +81,17 @@ def _layout_overrides(args: argparse.Namespace) -> list[str]:
         if getattr(args, flag, None) is not None:
             sets.append(f"{key}={getattr(args, flag)}")
     if getattr(args, "precision", None):
-        sets += [f"{key}.enabled={json.dumps(on)}" for key, on in _PRECISION_KEYS[args.precision].items()]
+        sets += [f"{key}.enabled={json.dumps(on)}" for key, on in PRECISION_KEYS[args.precision].items()]
     return sets
 
 
-def _is_config_file(item: str) -> bool:
+def is_config_file(item: str) -> bool:
     return item.endswith(".json") or Path(item).is_file()
 
 
 def load_input(item: str, overrides: list[str]) -> RunConfig:
     """A run config file (its GPU profile: the cluster is GPUs), or a preset with the compare defaults."""
-    if _is_config_file(item):
+    if is_config_file(item):
         return load_config(item, overrides, profile="gpu")
     arch = model_arch(ModelConfig(name=item))
     raw = {"description": "", "model": {"name": item}, "data": {"seq_len": min(2048, arch.max_positions)},
@@ -124,7 +114,7 @@ def cluster_for(cfg: RunConfig, args: argparse.Namespace) -> Cluster:
 
 
 def _entry(item: str, args: argparse.Namespace) -> Entry:
-    label = Path(item).stem if _is_config_file(item) else item
+    label = Path(item).stem if is_config_file(item) else item
     try:
         cfg = load_input(item, [*args.set, *_layout_overrides(args)])
         cluster = cluster_for(cfg, args)
@@ -245,111 +235,4 @@ def cmd_compare(args: argparse.Namespace) -> int:
         plot_compare(entries, args.plot)
         if not args.json:
             print(f"wrote {args.plot}")
-    return 0
-
-
-# ---------------------------------------------------------------- plan
-
-
-def _divisors(n: int) -> list[int]:
-    return [d for d in range(1, n + 1) if n % d == 0]
-
-
-def _plan_base(args: argparse.Namespace) -> tuple[dict[str, Any], int, int]:
-    """The config to vary (resolved, as JSON data), its sequence length and global batch in sequences."""
-    if _is_config_file(args.model):
-        cfg = load_config(args.model, args.set, profile="gpu")
-        described = parse_cluster(cfg.description)
-        dp = (described[0] // cfg.pipeline.stages) if described else max(1, (args.gpus or 1) // cfg.pipeline.stages)
-        batch = cfg.train_batch or (cfg.micro_batch or 1) * (cfg.grad_accum or 1) * dp
-        raw = cfg.to_dict()
-    else:
-        arch = model_arch(ModelConfig(name=args.model))
-        raw = {"model": {"name": args.model}, "data": {"seq_len": min(2048, arch.max_positions)},
-               "optimizer": _DEFAULT_OPTIMIZER, "gradient_clipping": 1.0}
-        raw = load_config_dict(raw, args.set, source=args.model).to_dict()
-        batch = 512
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        raw.pop(key, None)
-    raw.setdefault("optimizer", _DEFAULT_OPTIMIZER)
-    seq = args.seq_len or raw["data"]["seq_len"]
-    raw["data"]["seq_len"] = seq
-    return raw, seq, args.global_batch or batch
-
-
-def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, precision: str,
-                 efficiency: float = COMPUTE_EFFICIENCY) -> list[tuple[dict[str, Any], Estimate]]:
-    """Every (stages, ZeRO stage, micro-batch, checkpointing) that divides the batch and fits, fastest first."""
-    arch = model_arch(ModelConfig(**raw["model"]))   # once: every candidate varies the layout, not the model
-    found = []
-    for stages in (p for p in _divisors(cluster.gpus) if p <= arch.layers):
-        dp = cluster.gpus // stages
-        for zero in ((0, 1) if stages > 1 else (0, 1, 2, 3)):
-            for micro in (b for b in (1, 2, 4, 8, 16, 32) if global_batch % (b * dp) == 0):
-                for ckpt in (0, 1):
-                    candidate = _layout_config(raw, stages, zero, micro, global_batch // (micro * dp), ckpt, precision)
-                    try:
-                        cfg = load_config_dict(candidate, source="plan")
-                        est = estimate(run_from_config(cfg, cluster.gpus, arch), cluster, efficiency=efficiency)
-                    except UserError:
-                        continue
-                    if est.fits:
-                        found.append((candidate, est))
-    return sorted(found, key=lambda item: (item[1].step_time, item[1].binding.total))
-
-
-def _layout_config(raw: dict[str, Any], stages: int, zero: int, micro: int, accum: int, ckpt: int,
-                   precision: str) -> dict[str, Any]:
-    config = json.loads(json.dumps(raw))
-    config["pipeline"].update(stages=stages, activation_checkpoint_interval=ckpt)
-    if isinstance(config["pipeline"].get("partition"), list):
-        config["pipeline"]["partition"] = "flops"
-    config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": zero}
-    config["train_micro_batch_size_per_gpu"], config["gradient_accumulation_steps"] = micro, accum
-    for key, on in _PRECISION_KEYS[precision].items():
-        if on or key in config:
-            config[key] = {**config.get(key, {}), "enabled": on}
-    return config
-
-
-def _describe_plan(config: dict[str, Any], est: Estimate) -> str:
-    run, cluster = est.run, est.cluster
-    gpu = f"{cluster.gpus}x {cluster.gpu.name.split('-')[0].upper()}-{cluster.memory / GIGA:g}GB"
-    return (f"hybrid-ds plan: {run.arch.name} on {gpu} as {run.stages} stages x {run.dp} dp, ZeRO-{run.zero}, "
-            f"{run.precision}; estimated peak {human_bytes(est.binding.total)} per GPU, step "
-            f"{human_time(est.step_time)}, MFU {est.mfu:.0%}")
-
-
-def cmd_plan(args: argparse.Namespace) -> int:
-    raw, seq, batch = _plan_base(args)
-    precision = args.precision or (load_config_dict(raw).precision if _is_config_file(args.model) else "bf16")
-    if args.gpus is None:
-        raise UserError("--gpus", "plan needs the cluster size, e.g. --gpus 16 --gpu-mem 80GB")
-    described = parse_cluster(raw.get("description", ""))
-    gpu = args.gpu or (described[1] if described else "h100")
-    memory = parse_memory(args.gpu_mem) if args.gpu_mem else (described[2] if described and not args.gpu else None)
-    cluster = make_cluster(args.gpus, gpu, memory, args.nodes)
-    found = plan_layouts(raw, cluster, batch, precision, args.efficiency)
-    for config, est in found:
-        config["description"] = _describe_plan(config, est)
-    if args.json:
-        print(json.dumps([{"rank": i + 1, "estimate": estimate_dict(est), "config": config}
-                          for i, (config, est) in enumerate(found)], indent=2))
-        return 0 if found else 1
-    head = (f"{raw['model']['name']} on {cluster.describe()}: global batch {batch} x {seq} tokens, {precision}; "
-            f"{len(found)} layouts fit")
-    if not found:
-        print(head + ". None fits: more GPUs, more memory per GPU, a shorter sequence or a smaller batch.")
-        return 1
-    print(head + ", fastest first\n")
-    print(f"{'rank':>4}  {'stages':>6}  {'dp':>4}  {'ZeRO':>4}  {'micro':>5}  {'accum':>5}  {'ckpt':>4}  "
-          f"{'peak/GPU':>10}  {'step':>8}  {'MFU':>5}  {'bubble':>6}")
-    for i, (config, est) in enumerate(found[:max(args.top, 10)]):
-        run = est.run
-        print(f"{i + 1:>4}  {run.stages:>6}  {run.dp:>4}  {run.zero:>4}  {run.micro_batch:>5}  {run.grad_accum:>5}  "
-              f"{run.checkpoint_interval:>4}  {human_bytes(est.binding.total):>10}  {human_time(est.step_time):>8}  "
-              f"{est.mfu:>5.0%}  {est.bubble:>6.1%}")
-    for i, (config, _) in enumerate(found[:args.top]):
-        print(f"\n# rank {i + 1}: save as a .json file and run it with launch/train.py --config\n"
-              + json.dumps(config, indent=2))
     return 0

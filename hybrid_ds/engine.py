@@ -4,14 +4,21 @@ from __future__ import annotations
 
 import os
 import re
+import types
 import warnings
 from datetime import timedelta
 from typing import Any
 
+import deepspeed
+import deepspeed.ops
 import torch
+from deepspeed.accelerator import get_accelerator
+from transformers.integrations import HfDeepSpeedConfig
 
-from hybrid_ds.config import RunConfig
-from hybrid_ds.plan import Plan, build_plan
+from hybrid_ds.models.build import checkpoint_folder
+from hybrid_ds.models.resolve import auto_class
+from hybrid_ds.pipeline import build_pipeline_module
+from hybrid_ds.plan import Plan
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> int:
@@ -19,9 +26,6 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
 
     Works under the ``deepspeed`` launcher, torchrun, or as a plain single process (world size 1).
     """
-    import deepspeed
-    from deepspeed.accelerator import get_accelerator
-
     for key, value in (("RANK", "0"), ("LOCAL_RANK", "0"), ("WORLD_SIZE", "1"),
                        ("MASTER_ADDR", "127.0.0.1"), ("MASTER_PORT", "29500")):
         os.environ.setdefault(key, value)
@@ -31,8 +35,6 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
         # DeepSpeed JIT-compiles its shared-memory all-reduce op at process-group start on CPU (minutes
         # on a first run); only inference_all_reduce uses it, training's collectives go through gloo.
-        import deepspeed.ops
-
         deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
     else:
         _arch_list_deepspeed_can_parse()
@@ -56,16 +58,14 @@ def _arch_list_deepspeed_can_parse() -> None:
 
 
 def device() -> torch.device:
-    from deepspeed.accelerator import get_accelerator
-
     name = get_accelerator().device_name()
     return torch.device(name if name == "cpu" else f"{name}:{get_accelerator().current_device()}")
 
 
-def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
+def deepspeed_config(plan: Plan) -> dict[str, Any]:
     """DeepSpeed's dict: batch numbers resolved for the real world size, CPU-friendly optimizer choice."""
     layout = plan.layout
-    ds = cfg.deepspeed_config({"train_batch_size": layout.train_batch,
+    ds = plan.config.deepspeed_config({"train_batch_size": layout.train_batch,
                                "train_micro_batch_size_per_gpu": layout.micro_batch,
                                "gradient_accumulation_steps": layout.grad_accum})
     optimizer = ds.get("optimizer", {})
@@ -80,19 +80,14 @@ def deepspeed_config(cfg: RunConfig, plan: Plan) -> dict[str, Any]:
     return ds
 
 
-def build_pipeline_engine(cfg: RunConfig, world_size: int) -> tuple[Any, Plan]:
+def build_pipeline_engine(plan: Plan) -> Any:
     """PipelineModule + PipelineEngine for this rank, with a global gradient-clipping norm."""
-    import deepspeed
-
-    from hybrid_ds.pipeline import build_pipeline_module
-
-    plan = build_plan(cfg, world_size)
-    module = build_pipeline_module(cfg, world_size, device(), plan=plan)
+    module = build_pipeline_module(plan, device())
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
-        config=deepspeed_config(cfg, plan))
+        config=deepspeed_config(plan))
     _use_global_clip_norm(engine)
-    return engine, plan
+    return engine
 
 
 def _use_global_clip_norm(engine: Any) -> None:
@@ -101,8 +96,6 @@ def _use_global_clip_norm(engine: Any) -> None:
     The norm is reduced over the pipeline group (data-parallel replicas hold the same averaged
     gradients), and a tied weight, present on the first and the last stage, counts once.
     """
-    import types
-
     def clip_fp32_gradients(self: Any) -> None:
         grads = [p.grad for p in _owned_parameters(self) if p.grad is not None]
         local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
@@ -170,17 +163,10 @@ class PlainEngine:
         return torch.stack(losses).mean()
 
 
-def build_plain_engine(cfg: RunConfig, world_size: int) -> tuple[PlainEngine, Plan]:
+def build_plain_engine(plan: Plan) -> PlainEngine:
     """The whole Hugging Face model under ZeRO-2/3 (one stage, data parallel over every rank)."""
-    import deepspeed
-    import transformers
-    from transformers.integrations import HfDeepSpeedConfig
-
-    from hybrid_ds.models.build import checkpoint_folder
-    from hybrid_ds.models.resolve import auto_class
-
-    plan = build_plan(cfg, world_size)
-    ds = deepspeed_config(cfg, plan)
+    cfg = plan.config
+    ds = deepspeed_config(plan)
     # Kept alive while the model is built: transformers then builds under deepspeed.zero.Init for
     # ZeRO-3 (each rank allocates only its partition) and initializes through gathered parameters.
     hf_ds_config = HfDeepSpeedConfig(ds)  # noqa: F841
@@ -194,14 +180,14 @@ def build_plain_engine(cfg: RunConfig, world_size: int) -> tuple[PlainEngine, Pl
         model = auto.from_config(resolved.hf_config)
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
-    return PlainEngine(engine, plan.layout.grad_accum), plan
+    return PlainEngine(engine, plan.layout.grad_accum)
 
 
-def build_engine(cfg: RunConfig, world_size: int) -> tuple[Any, Plan]:
+def build_engine(plan: Plan) -> Any:
     """PipelineEngine for ZeRO 0/1 (any number of stages), the plain engine for ZeRO-2/3 (one stage)."""
-    if cfg.zero_stage >= 2:
-        return build_plain_engine(cfg, world_size)
-    return build_pipeline_engine(cfg, world_size)
+    if plan.config.zero_stage >= 2:
+        return build_plain_engine(plan)
+    return build_pipeline_engine(plan)
 
 
 def data_parallel(engine: Any) -> tuple[int, int, Any]:

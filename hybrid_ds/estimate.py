@@ -31,8 +31,7 @@ from typing import Any
 
 from hybrid_ds.activations import (DTYPE_BYTES, block_activation_terms, embedding_activation_bytes,
                                    head_activation_bytes, korthikanti_layer_bytes)
-from hybrid_ds.architecture import (FAMILIES, Arch, arch_from_config_dict, arch_from_model, arch_from_preset,
-                                    stage_boundaries)
+from hybrid_ds.architecture import Arch, arch_from_config_dict, arch_from_model, arch_from_preset, stage_boundaries
 from hybrid_ds.errors import UserError
 from hybrid_ds.model_state import ModelState, model_state
 from hybrid_ds.topology import bubble_fraction, resolve_layout
@@ -160,15 +159,6 @@ class StageEstimate:
     def total(self) -> float:
         return (self.state.total + self.state.comm_buffer + self.activations + self.logits
                 + self.pipe_buffers + self.overhead)
-
-    def holds(self, n_layers: int) -> str:
-        parts = ["embedding"] if self.first_layer == 0 else []
-        if self.blocks:
-            first = max(self.first_layer, 1) - 1
-            parts.append(f"blocks {first}-{first + self.blocks - 1}" if self.blocks > 1 else f"block {first}")
-        if self.last_layer == n_layers + 1:
-            parts.append("head")
-        return " + ".join(parts)
 
 
 def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cuda") -> tuple[float, int, float, float]:
@@ -348,99 +338,9 @@ def estimate_for_config(cfg: Any, world_size: int, cluster: Any = None, runtime:
     return estimate(run, cluster, runtime)
 
 
-# ---------------------------------------------------------------- output
-
-
-def human_bytes(n: float) -> str:
-    """Bytes in GiB / MiB / KiB.
-
-    >>> human_bytes(3 * 2**30), human_bytes(1536)
-    ('3.00 GiB', '1.5 KiB')
-    """
-    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
-        if abs(n) >= scale:
-            return f"{n / scale:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / scale:.1f} {unit}"
-    return f"{n:.0f} B"
-
-
-def human_count(n: float, unit: str = "") -> str:
-    for suffix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
-        if abs(n) >= scale:
-            return f"{n / scale:.1f}{suffix}{unit}"
-    return f"{n:.0f}{unit}"
-
-
-def human_time(seconds: float) -> str:
-    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
-
-
-def layout_text(run: Run) -> str:
-    ckpt = f", recompute every {run.checkpoint_interval}" if run.checkpoint_interval else ""
-    return (f"{run.stages} stages x {run.dp} dp, ZeRO-{run.zero}, {run.precision}, micro-batch {run.micro_batch} "
-            f"x {run.grad_accum} accumulation, seq {run.seq_len}{ckpt}")
-
-
-def format_estimate(est: Estimate) -> str:
-    run, arch = est.run, est.run.arch
-    where = est.cluster.describe() if est.cluster else f"{run.world_size} ranks ({est.runtime}, no device memory given)"
-    lines = [f"estimate   {arch.name}: {human_count(arch.params)} parameters on {where}",
-             f"layout     {layout_text(run)}; optimizer {est.stages[0].state.optimizer_path}",
-             "",
-             f"{'stage':>5}  {'holds':<26} {'params':>8}  {'model states':>12}  {'activations (in flight)':>23}  "
-             f"{'buffers':>10}  {'total':>10}"]
-    for s in est.stages:
-        acts = f"{human_bytes(s.activations + s.logits)} ({s.in_flight} mb)"
-        buffers = s.state.comm_buffer + s.pipe_buffers + s.overhead
-        lines.append(f"{s.stage:>5}  {s.holds(arch.layers):<26} {human_count(s.params):>8}  "
-                     f"{human_bytes(s.state.total):>12}  {acts:>23}  {human_bytes(buffers):>10}  "
-                     f"{human_bytes(s.total):>10}")
-    b = est.binding
-    busiest = max((s.comm for s in est.stages), key=lambda comm: sum(comm.values()))
-    lines += ["",
-              f"model states on stage {b.stage} ({b.state.phase} phase): params {human_bytes(b.state.params)}, "
-              f"grads {human_bytes(b.state.grads)}, fp32 master {human_bytes(b.state.master)}, "
-              f"Adam {human_bytes(b.state.optimizer)}; reduce bucket {human_bytes(b.state.comm_buffer)}",
-              f"FLOPs/step  model {human_count(est.model_flops)} (3 passes), hardware {human_count(est.hardware_flops)}"
-              f" (with recompute); causal attention counted as full s x s",
-              f"bubble     (p-1)/(m+p-1) = {est.bubble:.1%}",
-              f"comm/rank  {human_bytes(est.comm_per_rank)} per step"
-              + (f" ({', '.join(f'{k} {human_bytes(v)}' for k, v in busiest.items())})" if busiest else "")]
-    if est.step_time is not None:
-        lines.append(f"step time  {human_time(est.step_time)} at {COMPUTE_EFFICIENCY:.0%} of peak FLOP/s; "
-                     f"MFU {est.mfu:.1%}; {run.tokens_per_step / est.step_time:,.0f} tokens/s")
-    if est.fits is not None:
-        verdict = "fits" if est.fits else "DOES NOT FIT"
-        lines.append(f"verdict    {verdict}: stage {b.stage} needs {human_bytes(b.total)} of "
-                     f"{human_bytes(est.cluster.memory)} ({b.total / est.cluster.memory:.0%})")
-    lines += [f"warning: {w}" for w in est.warnings]
-    return "\n".join(lines)
-
-
-def estimate_dict(est: Estimate) -> dict[str, Any]:
-    """The estimate as JSON data."""
-    run = est.run
-    stages = [{"stage": s.stage, "holds": s.holds(run.arch.layers), "params": s.params,
-               "optimizer": s.state.optimizer_path, "peak_phase": s.state.phase,
-               "bytes": {"params": s.state.params, "grads": s.state.grads, "master": s.state.master,
-                         "optimizer_states": s.state.optimizer, "reduce_bucket": s.state.comm_buffer,
-                         "activations": s.activations, "logits": s.logits, "pipe_buffers": s.pipe_buffers,
-                         "overhead": s.overhead, "total": s.total},
-               "micro_batches_in_flight": s.in_flight, "hardware_flops_per_micro_batch": s.flops_per_micro_batch,
-               "comm_bytes_per_step": s.comm} for s in est.stages]
-    return {"model": run.arch.name, "params": run.arch.params, "source": run.source,
-            "cluster": est.cluster.describe() if est.cluster else None,
-            "device_memory": est.device_memory, "world_size": run.world_size, "stages": run.stages, "dp": run.dp,
-            "zero": run.zero, "precision": run.precision, "micro_batch": run.micro_batch,
-            "grad_accum": run.grad_accum, "seq_len": run.seq_len, "checkpoint_interval": run.checkpoint_interval,
-            "model_flops_per_step": est.model_flops, "hardware_flops_per_step": est.hardware_flops,
-            "bubble": est.bubble, "comm_bytes_per_rank": est.comm_per_rank, "step_time_s": est.step_time,
-            "mfu": est.mfu, "fits": est.fits, "binding_stage": est.binding.stage,
-            "peak_bytes": est.binding.total, "stage_estimates": stages, "warnings": est.warnings}
-
-
-# Arch, FAMILIES, the arch_from_* readers and the activation terms are re-exported from
-# hybrid_ds.architecture and hybrid_ds.activations, where they are defined.
-__all__ = ["FAMILIES", "Arch", "Estimate", "ModelState", "Run", "StageEstimate", "arch_from_config_dict",
+# Arch, the arch_from_* readers and the activation terms are re-exported from hybrid_ds.architecture and
+# hybrid_ds.activations, where they are defined; the formatters from hybrid_ds.report.
+__all__ = ["Arch", "Estimate", "ModelState", "Run", "StageEstimate", "arch_from_config_dict",
            "arch_from_model", "arch_from_preset", "block_activation_terms", "embedding_activation_bytes",
-           "estimate", "estimate_dict", "estimate_for_config", "format_estimate", "head_activation_bytes",
+           "estimate", "estimate_for_config", "head_activation_bytes",
            "korthikanti_layer_bytes", "model_state", "narayanan_training_days", "run_from_config"]

@@ -10,15 +10,18 @@ would build every layer on every rank just to count parameters.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 import torch
+from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
-from hybrid_ds.config import RunConfig
 from hybrid_ds.models.build import StageBuilder
-from hybrid_ds.models.parts import (Block, EmbeddingRest, FinalNorm, LogitsBias, OutputProjection, TokenEmbedding,
+from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, OutputProjection, TokenEmbedding,
                                     loss_function, project_with_embedding)
-from hybrid_ds.plan import Plan, build_plan
+from hybrid_ds.models.resolve import meta_model
+from hybrid_ds.plan import Plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIE_KEY = "token_embedding"
@@ -26,8 +29,6 @@ TIE_KEY = "token_embedding"
 
 def layer_specs(builder: StageBuilder) -> tuple[list[Any], list[int]]:
     """DeepSpeed layer specs for the whole model, and for each spec its unit (0 embedding, i+1 block i, n+1 head)."""
-    from deepspeed.pipe import LayerSpec, TiedLayerSpec
-
     family = builder.family
     n_blocks = len(builder.skeleton.get_submodule(family.blocks))
     tie = dict(tied_weight_attr=["embed.weight"])
@@ -45,13 +46,13 @@ def layer_specs(builder: StageBuilder) -> tuple[list[Any], list[int]]:
     return specs + head, units
 
 
-def spec_parts(unit_parts: list[int], units: list[int]) -> list[int]:
+def spec_boundaries(unit_boundaries: list[int], units: list[int]) -> list[int]:
     """Stage boundaries over units -> boundaries over specs.
 
-    >>> spec_parts([0, 2, 4], [0, 0, 1, 2, 3, 3])
+    >>> spec_boundaries([0, 2, 4], [0, 0, 1, 2, 3, 3])
     [0, 3, 6]
     """
-    return [next((i for i, u in enumerate(units) if u >= boundary), len(units)) for boundary in unit_parts]
+    return [next((i for i, u in enumerate(units) if u >= boundary), len(units)) for boundary in unit_boundaries]
 
 
 def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilder:
@@ -60,19 +61,16 @@ def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilde
                         cfg.model.revision, skeleton=plan.skeleton)
 
 
-def build_pipeline_module(cfg: RunConfig, world_size: int, device: str | torch.device = "cpu",
-                          plan: Plan | None = None) -> Any:
+def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any:
     """The DeepSpeed PipelineModule of this rank (needs an initialized process group).
 
-    ``module.builder.built_modules()`` maps Hugging Face module paths to what this rank built.
+    The number of stages and their boundaries are the plan's. ``module.builder.built_modules()`` maps
+    Hugging Face module paths to what this rank built.
     """
-    from deepspeed.pipe import PipelineModule
-    from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
-
-    plan = plan or build_plan(cfg, world_size)
+    cfg = plan.config
     builder = stage_builder(plan, device)
     specs, units = layer_specs(builder)
-    parts = spec_parts(plan.parts, units)
+    parts = spec_boundaries(plan.boundaries, units)
 
     class HybridPipelineModule(PipelineModule):
         def _partition_layers(self, method: str = "uniform") -> None:
@@ -81,7 +79,7 @@ def build_pipeline_module(cfg: RunConfig, world_size: int, device: str | torch.d
             self._set_bounds(start=parts[stage], stop=parts[stage + 1])
 
     module = HybridPipelineModule(
-        layers=specs, num_stages=cfg.pipeline.stages, loss_fn=loss_function(builder.family, _vocab(builder)),
+        layers=specs, num_stages=plan.layout.stages, loss_fn=loss_function(builder.family, _vocab(builder)),
         partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
         # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
         activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
@@ -101,12 +99,12 @@ class SequentialStages:
 
     def __init__(self, plan: Plan):
         self.plan = plan
-        self.stages: list[list[tuple[Any, Any]]] = []   # per stage: (callable, module) per layer
+        self.layers_per_stage: list[list[tuple[Any, Any]]] = []   # per stage: (callable, module) per layer
         self.builders: list[StageBuilder] = []
         for stage in range(plan.config.pipeline.stages):
             builder = stage_builder(_fresh(plan))
             specs, units = layer_specs(builder)
-            lo, hi = spec_parts(plan.parts, units)[stage:stage + 2]
+            lo, hi = spec_boundaries(plan.boundaries, units)[stage:stage + 2]
             built = {}
             layers = []
             for spec in specs[lo:hi]:
@@ -118,16 +116,16 @@ class SequentialStages:
                         built[key] = module
                 fn = getattr(spec, "forward_fn", None)
                 layers.append(((lambda x, f=fn, m=module: f(m, x)) if fn else module, module))
-            self.stages.append(layers)
+            self.layers_per_stage.append(layers)
             self.builders.append(builder)
         self.loss_fn = loss_function(plan.resolved.family, _vocab(self.builders[0]))
 
     def modules(self) -> list[torch.nn.Module]:
-        return [m for layers in self.stages for _, m in layers]
+        return [m for layers in self.layers_per_stage for _, m in layers]
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x: Any = inputs
-        for layers in self.stages:
+        for layers in self.layers_per_stage:
             for fn, _ in layers:
                 x = fn(x)
         return x
@@ -149,8 +147,4 @@ class SequentialStages:
 
 def _fresh(plan: Plan) -> Plan:
     """The plan with a skeleton of its own: each simulated rank starts from an untouched meta model."""
-    from dataclasses import replace
-
-    from hybrid_ds.models.resolve import meta_model
-
     return replace(plan, skeleton=meta_model(plan.resolved))

@@ -154,6 +154,21 @@ def layer_flops(layer_params: list[int], seq_len: int, hidden: int) -> list[int]
     return [0, *(2 * p + 4 * seq_len * hidden for p in layer_params[1:-1]), 2 * layer_params[-1]]
 
 
+def layer_span(first: int, last: int, n_blocks: int) -> str:
+    """What pipeline layers ``first``..``last`` (inclusive, over [embedding, blocks..., head]) hold.
+
+    >>> layer_span(0, 3, 12), layer_span(4, 13, 12), layer_span(13, 13, 12)
+    ('embedding + blocks 0-2', 'blocks 3-11 + head', 'head')
+    """
+    blocks = range(max(first, 1) - 1, min(last, n_blocks))
+    held = ["embedding"] if first == 0 else []
+    if len(blocks) > 1:
+        held.append(f"blocks {blocks[0]}-{blocks[-1]}")
+    elif len(blocks) == 1:
+        held.append(f"block {blocks[0]}")
+    return " + ".join(held + (["head"] if last == n_blocks + 1 else []))
+
+
 def partition_layers(method: str | list[int], layer_params: list[int], layer_classes: list[str],
                      stages: int, seq_len: int = 0, hidden: int = 0) -> list[int]:
     """Stage boundaries for a pipeline of ``len(layer_params)`` layers (embedding, blocks, head).

@@ -1,7 +1,10 @@
-"""The training run: process group, data, engine, loop with eval, checkpoints, resume and export.
+"""The training run: process group, the plan, data, engine, and a small trainer (step, evaluate, save).
 
-Engine choice: a PipelineModule and DeepSpeed's PipelineEngine for ZeRO 0/1 (any number of stages);
-the plain Hugging Face model and DeepSpeed's ordinary engine for ZeRO-2/3, which need one stage.
+``run`` builds everything once per run, in this order: the tokenizer (which may size the vocabulary),
+the plan (the model resolved once, its layout and stage boundaries), the packed data, the engine from
+that plan, and a :class:`Trainer` that steps, evaluates, saves and resumes. Engine choice (in
+hybrid_ds.engine): a PipelineModule and DeepSpeed's PipelineEngine for ZeRO 0/1 (any number of
+stages); the plain Hugging Face model and DeepSpeed's ordinary engine for ZeRO-2/3 (one stage).
 """
 
 from __future__ import annotations
@@ -15,10 +18,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm import tqdm
 
 from hybrid_ds import checkpoint
-from hybrid_ds.config import RunConfig, load_config_dict
+from hybrid_ds.config import RunConfig
+from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size
+from hybrid_ds.engine import build_engine, data_parallel, init_distributed
 from hybrid_ds.errors import UserError
+from hybrid_ds.models.resolve import tokenizer_source
+from hybrid_ds.plan import Plan, build_plan
 
 
 @dataclass
@@ -37,127 +45,149 @@ class Summary:
                 f"{self.last_loss:.3f}, eval loss {self.eval_loss:.3f} (ppl {ppl:.1f}), "
                 f"{self.tokens_per_s:,.0f} tokens/s")
 
-
-def with_vocab(cfg: RunConfig, tokenizer: Any, model_vocab: int) -> RunConfig:
-    """Size the vocabulary from the tokenizer when the config asks; else check that the tokenizer fits."""
-    from hybrid_ds.data import check_vocab, padded_vocab_size
-
-    if cfg.model.vocab_from_tokenizer:
-        return load_config_dict(cfg.raw, [f"model.overrides.vocab_size={padded_vocab_size(len(tokenizer))}"])
-    check_vocab(tokenizer, model_vocab)
-    return cfg
+    def to_json(self) -> str:
+        return json.dumps(self.__dict__, indent=2)
 
 
-def prepare(cfg: RunConfig, world_size: int) -> tuple[RunConfig, Any]:
-    """Tokenizer, packed data and the vocabulary-sized config. The first rank of each node packs, the rest wait."""
-    from hybrid_ds.data import load_data
-    from hybrid_ds.models.resolve import resolve_model
+def with_vocab(cfg: RunConfig, tokenizer: Any) -> RunConfig:
+    """The config with the vocabulary sized from the tokenizer, when the config asks for that."""
+    if not cfg.model.vocab_from_tokenizer:
+        return cfg
+    return cfg.replace(model={"overrides": {"vocab_size": padded_vocab_size(len(tokenizer))}})
 
-    resolved = resolve_model(cfg.model)
-    folder = resolved.checkpoint if resolved.checkpoint and Path(resolved.checkpoint).is_dir() else None
+
+def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
+    """The run's one plan and its packed data. The first rank of each node packs, the rest wait.
+
+    The tokenizer comes first: with ``model.vocab_from_tokenizer`` it decides the model's vocabulary,
+    so the model is resolved (and a generic one traced) once, with its final config.
+    """
+    task, folder = tokenizer_source(cfg.model)
+    tokenizer = load_tokenizer(cfg.data.tokenizer, task, folder)
+    plan = build_plan(with_vocab(cfg, tokenizer), world_size)
+    check_vocab(tokenizer, plan.resolved.hf_config.vocab_size)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     if local_rank == 0:
-        data = load_data(cfg.data, resolved.family.task, folder)
+        data = load_data(plan.config.data, task, tokenizer=tokenizer)
     if world_size > 1:
         torch.distributed.barrier()
     if local_rank != 0:
-        data = load_data(cfg.data, resolved.family.task, folder)
-    return with_vocab(cfg, data.tokenizer, resolved.hf_config.vocab_size), data
+        data = load_data(plan.config.data, task, tokenizer=tokenizer)
+    return plan, data
 
 
 def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
     """Train ``cfg`` in this process group (every rank calls it)."""
-    from hybrid_ds.engine import build_engine, data_parallel, init_distributed
-
     world_size = init_distributed()
     torch.manual_seed(cfg.train.seed)
-    cfg, data = prepare(cfg, world_size)
-    engine, plan = build_engine(cfg, world_size)
-    rank = torch.distributed.get_rank()
-    dp_rank = data_parallel(engine)[0]
-    batches = data.train_batches(plan.layout.micro_batch, dp_rank, plan.layout.dp, cfg.train.seed)
-    save_dir = Path(cfg.train.save_dir) if cfg.train.save_dir else None
-    step = _maybe_resume(engine, save_dir, batches, cfg.train.resume if resume is None else resume)
-    if save_dir and rank == 0:
-        checkpoint.write_run_files(save_dir, cfg.to_dict(), data.tokenizer)
-    summary = _loop(cfg, engine, plan, data, batches, step, save_dir, rank, dp_rank)
-    if cfg.train.export_hf and save_dir:
-        if rank == 0:
-            checkpoint.export(save_dir, cfg.train.export_hf)
-        torch.distributed.barrier()
+    plan, data = prepare(cfg, world_size)
+    trainer = Trainer(plan, build_engine(plan), data)
+    trainer.resume(plan.config.train.resume if resume is None else resume)
+    summary = trainer.fit()
+    trainer.export()
     return summary
 
 
-def _maybe_resume(engine: Any, save_dir: Path | None, batches: Any, resume: bool | str) -> int:
-    if not resume:
-        return 0
-    if save_dir is None:
-        raise UserError("train.resume", f"{resume!r} needs train.save_dir")
-    folder = checkpoint.latest_checkpoint(save_dir)
-    if folder is None:
-        if resume == "auto":
-            return 0
-        raise UserError("train.resume", f"true, but {save_dir} has no checkpoint; use \"auto\" to start fresh")
-    state = checkpoint.resume(engine, folder)
-    batches.load_state_dict(state["data"])
-    return state["step"]
+class Trainer:
+    """One rank's run: the engine built from the plan, the data, and the state a checkpoint holds."""
 
+    def __init__(self, plan: Plan, engine: Any, data: Data):
+        self.plan, self.engine, self.data = plan, engine, data
+        self.cfg = plan.config
+        self.rank = torch.distributed.get_rank()
+        self.dp_rank, _, self.dp_group = data_parallel(engine)
+        layout = plan.layout
+        self.batches = data.train_batches(layout.micro_batch, self.dp_rank, layout.dp, self.cfg.train.seed)
+        self.save_dir = Path(self.cfg.train.save_dir) if self.cfg.train.save_dir else None
+        self.tokens_per_step = layout.train_batch * self.cfg.data.seq_len
+        self.step_count = 0
+        self.summary = Summary()
+        self.bar: Any = None
 
-def _loop(cfg: RunConfig, engine: Any, plan: Any, data: Any, batches: Any, step: int, save_dir: Path | None,
-          rank: int, dp_rank: int) -> Summary:
-    from tqdm import tqdm
+    def resume(self, resume: bool | str) -> None:
+        """Continue from ``save_dir``'s latest checkpoint (``"auto"``: only if there is one)."""
+        if not resume:
+            return
+        if self.save_dir is None:
+            raise UserError("train.resume", f"{resume!r} needs train.save_dir")
+        folder = checkpoint.latest_checkpoint(self.save_dir)
+        if folder is None:
+            if resume == "auto":
+                return
+            raise UserError("train.resume", f"true, but {self.save_dir} has no checkpoint; use \"auto\" to start fresh")
+        state = checkpoint.resume(self.engine, folder)
+        self.batches.load_state_dict(state["data"])
+        self.step_count = state["step"]
 
-    train = cfg.train
-    tokens_per_step = plan.layout.train_batch * cfg.data.seq_len
-    summary = Summary(steps=step)
-    bar = tqdm(total=train.max_steps, initial=step, disable=rank != 0, dynamic_ncols=True, desc="train")
-    start = time.perf_counter()
-    trained = 0
-    while step < train.max_steps:
+    def step(self) -> float:
+        """One optimizer step (gradient_accumulation_steps micro-batches); the mean loss over data parallel."""
         tick = time.perf_counter()
-        loss = engine.train_batch(batches).item()
+        loss = self.engine.train_batch(self.batches).item()
         seconds = time.perf_counter() - tick
-        step, trained = step + 1, trained + 1
-        summary.losses.append(loss)
-        if math.isnan(summary.first_loss):
-            summary.first_loss = loss
-        bar.set_postfix(loss=f"{loss:.3f}", lr=f"{engine.get_lr()[0]:.2e}", tok_s=f"{tokens_per_step / seconds:,.0f}",
-                        step_s=f"{seconds:.1f}")
-        bar.update(1)
-        if train.eval_interval and step % train.eval_interval == 0:
-            summary.eval_loss = evaluate(engine, data, plan, train.eval_batches, dp_rank, step, bar)
-        if save_dir and ((train.save_interval and step % train.save_interval == 0) or step == train.max_steps):
-            checkpoint.save(engine, save_dir, step, batches.state_dict())
-    bar.close()
-    summary.seconds = time.perf_counter() - start
-    summary.steps = step
-    summary.last_loss = summary.losses[-1] if summary.losses else math.nan
-    summary.tokens_per_s = tokens_per_step * trained / summary.seconds if trained else 0.0
-    if train.eval_interval and (math.isnan(summary.eval_loss) or step % train.eval_interval):
-        summary.eval_loss = evaluate(engine, data, plan, train.eval_batches, dp_rank, step, None)
-    if rank == 0:
-        print(summary.line(), flush=True)
-        if save_dir:
-            (save_dir / "summary.json").write_text(summary_json(summary))
-    return summary
+        self.step_count += 1
+        self.summary.losses.append(loss)
+        if math.isnan(self.summary.first_loss):
+            self.summary.first_loss = loss
+        if self.bar is not None:
+            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.get_lr()[0]:.2e}",
+                                 tok_s=f"{self.tokens_per_step / seconds:,.0f}", step_s=f"{seconds:.1f}")
+            self.bar.update(1)
+        return loss
 
+    def evaluate(self) -> float:
+        """Mean loss over the held-out split's first ``eval_batches`` micro-batches per data-parallel rank."""
+        layout, n_batches = self.plan.layout, self.cfg.train.eval_batches
+        batches = self.data.eval_batches(layout.micro_batch, n_batches, self.dp_rank, layout.dp)
+        loss = self.engine.eval_batch(batches, num_micro_batches=min(n_batches, batches.per_epoch))
+        loss = loss.detach().float().reshape(1)
+        torch.distributed.all_reduce(loss, group=self.dp_group)
+        loss = loss.item() / layout.dp
+        if self.engine.monitor.enabled and self.engine.global_rank == 0:
+            samples = self.step_count * layout.train_batch
+            self.engine.monitor.write_events([("Eval/loss", loss, samples),
+                                              ("Eval/perplexity", math.exp(loss), samples)])
+        if self.bar is not None:
+            self.bar.write(f"step {self.step_count}: eval loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
+        self.summary.eval_loss = loss
+        return loss
 
-def evaluate(engine: Any, data: Any, plan: Any, n_batches: int, dp_rank: int, step: int, bar: Any) -> float:
-    """Mean loss over the held-out split's first ``n_batches`` micro-batches per data-parallel rank."""
-    batches = data.eval_batches(plan.layout.micro_batch, n_batches, dp_rank, plan.layout.dp)
-    n_batches = min(n_batches, batches.per_epoch)
-    from hybrid_ds.engine import data_parallel
+    def save(self) -> None:
+        """A checkpoint of every rank at this step (all ranks call it)."""
+        checkpoint.save(self.engine, self.save_dir, self.step_count, self.batches.state_dict())
 
-    loss = engine.eval_batch(batches, num_micro_batches=n_batches).detach().float().reshape(1)
-    torch.distributed.all_reduce(loss, group=data_parallel(engine)[2])
-    loss = loss.item() / plan.layout.dp
-    if engine.monitor.enabled and engine.global_rank == 0:
-        samples = step * plan.layout.train_batch
-        engine.monitor.write_events([("Eval/loss", loss, samples), ("Eval/perplexity", math.exp(loss), samples)])
-    if bar is not None:
-        bar.write(f"step {step}: eval loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
-    return loss
+    def fit(self) -> Summary:
+        """Train to ``train.max_steps``, evaluating and saving at their intervals and at the end."""
+        train, summary = self.cfg.train, self.summary
+        if self.save_dir and self.rank == 0:
+            checkpoint.write_run_files(self.save_dir, self.cfg.to_dict(), self.data.tokenizer)
+        self.bar = tqdm(total=train.max_steps, initial=self.step_count, disable=self.rank != 0, dynamic_ncols=True,
+                        desc="train")
+        start, first = time.perf_counter(), self.step_count
+        while self.step_count < train.max_steps:
+            self.step()
+            if train.eval_interval and self.step_count % train.eval_interval == 0:
+                self.evaluate()
+            if self.save_dir and ((train.save_interval and self.step_count % train.save_interval == 0)
+                                  or self.step_count == train.max_steps):
+                self.save()
+        self.bar.close()
+        self.bar = None
+        trained = self.step_count - first
+        summary.seconds = time.perf_counter() - start
+        summary.steps = self.step_count
+        summary.last_loss = summary.losses[-1] if summary.losses else math.nan
+        summary.tokens_per_s = self.tokens_per_step * trained / summary.seconds if trained else 0.0
+        if train.eval_interval and (math.isnan(summary.eval_loss) or self.step_count % train.eval_interval):
+            self.evaluate()
+        if self.rank == 0:
+            print(summary.line(), flush=True)
+            if self.save_dir:
+                (self.save_dir / "summary.json").write_text(summary.to_json())
+        return summary
 
-
-def summary_json(summary: Summary) -> str:
-    return json.dumps(summary.__dict__, indent=2)
+    def export(self) -> None:
+        """``train.export_hf``: a Hugging Face folder from the last checkpoint (rank 0 writes, all wait)."""
+        if self.cfg.train.export_hf and self.save_dir:
+            if self.rank == 0:
+                checkpoint.export(self.save_dir, self.cfg.train.export_hf)
+            torch.distributed.barrier()

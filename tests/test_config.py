@@ -271,11 +271,11 @@ def test_cpu_runs_use_torch_fused_adamw_unless_told_otherwise():
     from hybrid_ds.plan import build_plan
 
     cfg = load_config_dict({**TINY, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
-    params = deepspeed_config(cfg, build_plan(cfg, 2))["optimizer"]["params"]
+    params = deepspeed_config(build_plan(cfg, 2))["optimizer"]["params"]
     assert params == {"lr": 1e-3, "torch_adam": True, "fused": True}
     torch.optim.AdamW([torch.nn.Parameter(torch.zeros(3))], lr=1e-3, fused=True)   # CPU has the kernel
     cfg = load_config_dict({**TINY, "optimizer": {"type": "Adam", "params": {"lr": 1e-3, "fused": False}}})
-    assert deepspeed_config(cfg, build_plan(cfg, 2))["optimizer"]["params"]["fused"] is False
+    assert deepspeed_config(build_plan(cfg, 2))["optimizer"]["params"]["fused"] is False
 
 
 def test_cuda_arch_list_is_made_parsable_for_deepspeed(monkeypatch):

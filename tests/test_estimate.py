@@ -15,13 +15,15 @@ from pathlib import Path
 import pytest
 
 from hybrid_ds import presets
-from hybrid_ds.compare import add_compare_parser, add_plan_parser
+from hybrid_ds.compare import add_compare_parser
+from hybrid_ds.plan_search import add_plan_parser
 from hybrid_ds.config import ModelConfig, load_config, load_config_dict
 from hybrid_ds.errors import UserError
 from hybrid_ds.estimate import (arch_from_preset, block_activation_terms, embedding_activation_bytes, estimate,
-                                estimate_for_config, format_estimate, head_activation_bytes, korthikanti_layer_bytes, model_state, narayanan_training_days,
+                                estimate_for_config, head_activation_bytes, korthikanti_layer_bytes, model_state, narayanan_training_days,
                                 partition, run_from_config, stage_estimates, training_days)
 from hybrid_ds.gpus import make_cluster, parse_cluster
+from hybrid_ds.report import format_estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.json"))
@@ -95,8 +97,8 @@ def test_partition_matches_the_plan(name, stages):
     cfg = load_config_dict(raw)
     plan = build_plan(cfg, stages)
     run = run_from_config(cfg, stages)
-    assert partition(run) == plan.parts
-    assert [s.params for s in stage_estimates(run)] == [s.params for s in plan.stages]
+    assert partition(run) == plan.boundaries
+    assert [s.params for s in stage_estimates(run)] == [s.params for s in plan.stage_plans]
 
 
 # ---------------------------------------------------------------- published numbers

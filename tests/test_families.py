@@ -101,7 +101,7 @@ def test_type_partitions_use_the_real_class_names(qwen3_folder):
         cfg = load_config_dict({"model": {"name": qwen3_folder, "pretrained": True}, "data": {"seq_len": 64},
                                 "pipeline": {"stages": 2, "partition": method}, "train_micro_batch_size_per_gpu": 1})
         plan = build_plan(cfg, 2)
-        assert partition(run_from_config(cfg, 2, model_arch(cfg.model))) == plan.parts, method
+        assert partition(run_from_config(cfg, 2, model_arch(cfg.model))) == plan.boundaries, method
     cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "pipeline": {"stages": 2, "partition": "type:GPT2Block"},
                             "train_micro_batch_size_per_gpu": 1, "data": {"seq_len": 64}})
-    assert partition(run_from_config(cfg, 2)) == build_plan(cfg, 2).parts == [0, 2, 4]
+    assert partition(run_from_config(cfg, 2)) == build_plan(cfg, 2).boundaries == [0, 2, 4]

@@ -14,7 +14,8 @@ transformers = pytest.importorskip("transformers")
 
 from hybrid_ds.config import load_config_dict  # noqa: E402
 from hybrid_ds.errors import UserError  # noqa: E402
-from hybrid_ds.models import FAMILIES, get_family  # noqa: E402
+from hybrid_ds.families import FAMILIES  # noqa: E402
+from hybrid_ds.models.resolve import get_family  # noqa: E402
 from hybrid_ds.models.generic import generic_family, meta_causal_lm  # noqa: E402
 
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,

@@ -14,7 +14,7 @@ import torch
 from hybrid_ds.cli import main
 from hybrid_ds.config import load_config_dict
 from hybrid_ds.parity import check_parity
-from hybrid_ds.pipeline import SequentialStages, layer_specs, spec_parts, stage_builder
+from hybrid_ds.pipeline import SequentialStages, layer_specs, spec_boundaries, stage_builder
 from hybrid_ds.plan import build_plan
 
 FAMILIES = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny", "gemma-tiny", "phi-tiny", "gpt-neox-tiny",
@@ -56,14 +56,14 @@ def test_llama_partitions_keep_parity(partition):
 
 def test_parity_detects_a_wrong_model(monkeypatch):
     """The tool must fail when the pipeline computes something else (here: one block skipped)."""
-    from hybrid_ds.models import parts
+    from hybrid_ds.models import layers
 
-    original = parts.Block.forward
+    original = layers.Block.forward
 
     def skip_block_one(self, inputs):
         return inputs if self.index == 1 else original(self, inputs)
 
-    monkeypatch.setattr(parts.Block, "forward", skip_block_one)
+    monkeypatch.setattr(layers.Block, "forward", skip_block_one)
     report = check_parity(config("llama-tiny"), 2)
     assert not report.ok and report.max_logit_diff > 1e-3
 
@@ -74,13 +74,13 @@ def test_each_stage_builds_only_its_own_layers():
     plan = build_plan(cfg, world_size=2)
     builder = stage_builder(plan)
     specs, units = layer_specs(builder)
-    lo, hi = spec_parts(plan.parts, units)[:2]
+    lo, hi = spec_boundaries(plan.boundaries, units)[:2]
     for spec in specs[lo:hi]:
         spec.build()
     built = set(builder.built_modules())
     assert "model.embed_tokens" in built and "lm_head" not in built and "model.norm" not in built
     blocks = {p for p in built if p.startswith("model.layers.")}
-    n_stage0 = sum(name.startswith("block") for name in plan.stages[0].layer_names)
+    n_stage0 = sum(name.startswith("block") for name in plan.stage_plans[0].layer_names)
     assert blocks == {f"model.layers.{i}" for i in range(n_stage0)} and 0 < n_stage0 < 4
     on_meta = [n for n, p in builder.skeleton.named_parameters() if p.is_meta]
     real = [n for n, p in builder.skeleton.named_parameters() if not p.is_meta]

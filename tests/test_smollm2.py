@@ -121,8 +121,8 @@ def test_each_stage_reads_and_builds_only_its_own_layers(folder, pipelined):
     from safetensors import safe_open
 
     plan, stages, stage_reads = pipelined
-    first, second = plan.stages
-    own = [{b for b in range(30) if f"block {b}" in s.layer_names} for s in plan.stages]
+    first, second = plan.stage_plans
+    own = [{b for b in range(30) if f"block {b}" in s.layer_names} for s in plan.stage_plans]
     # Balanced by parameters, the tied embedding on both ends: blocks 0-14 on stage 0, 15-29 on stage 1.
     assert own == [set(range(15)), set(range(15, 30))]
 
@@ -134,7 +134,7 @@ def test_each_stage_reads_and_builds_only_its_own_layers(folder, pipelined):
         assert stage_reads[0] | stage_reads[1] == set(f.keys())
 
     # What was materialized: the same split, with exactly the parameter counts the plan computed on meta.
-    for stage, (builder, planned) in enumerate(zip(stages.builders, plan.stages)):
+    for stage, (builder, planned) in enumerate(zip(stages.builders, plan.stage_plans)):
         built = builder.built_modules()
         assert _blocks({f"{path}." for path in built}) == own[stage]
         held = {id(p): p.numel() for module in built.values() for p in module.parameters()}

@@ -14,7 +14,7 @@ from hybrid_ds.data.feed import MaskingRule, MicroBatches, eval_batches
 from hybrid_ds.data.packing import load_tokenizer, packed_splits
 from hybrid_ds.errors import UserError
 
-__all__ = ["Data", "MaskingRule", "MicroBatches", "load_data", "padded_vocab_size", "check_vocab"]
+__all__ = ["Data", "MaskingRule", "MicroBatches", "check_vocab", "load_data", "load_tokenizer", "padded_vocab_size"]
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 64) -> int:
@@ -48,8 +48,11 @@ class Data:
         return eval_batches(self.eval, micro_batch, n_batches, dp_rank, dp, self.task, self.masking())
 
 
-def load_data(data: DataConfig, task: str, model_folder: str | None = None) -> Data:
-    """Tokenizer and packed train/eval blocks for a run (packed once, then read from the cache)."""
-    tokenizer = load_tokenizer(data.tokenizer, task, model_folder)
+def load_data(data: DataConfig, task: str, model_folder: str | None = None, tokenizer: Any = None) -> Data:
+    """Tokenizer and packed train/eval blocks for a run (packed once, then read from the cache).
+
+    ``tokenizer`` is the run's when it has one already; else it is loaded as ``load_tokenizer`` says.
+    """
+    tokenizer = tokenizer or load_tokenizer(data.tokenizer, task, model_folder)
     train, evals = packed_splits(data, tokenizer, task)
     return Data(tokenizer, train, evals, task, data.mlm_probability)

@@ -120,7 +120,7 @@ class StageBuilder:
         self.tied = out is not None and out.weight is inp.weight
         self._built: dict[str, nn.Module] = {}
         self._params: dict[str, nn.Parameter] = {}
-        self.shared: dict[str, Any] = {}   # objects the stage's layers share (parts.Derived)
+        self.shared: dict[str, Any] = {}   # objects the stage's layers share (layers.Derived)
 
     def built_modules(self) -> dict[str, nn.Module]:
         """Path -> module for everything this builder materialized (its stage's share of the model)."""

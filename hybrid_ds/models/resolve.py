@@ -15,8 +15,8 @@ from typing import Any
 from hybrid_ds import presets
 from hybrid_ds.config import ModelConfig
 from hybrid_ds.errors import UserError, suggest
-from hybrid_ds.families import Family
-from hybrid_ds.models import get_family
+from hybrid_ds.families import FAMILIES, Family
+from hybrid_ds.models.generic import generic_family, meta_causal_lm
 
 
 @dataclass(frozen=True)
@@ -53,6 +53,34 @@ def resolve_model(model: ModelConfig) -> ResolvedModel:
     hf_config._attn_implementation = model.attn_implementation
     family = get_family(hf_config.model_type, hf_config)  # the generic adapter must see the final config
     return ResolvedModel(hf_config, family, checkpoint)
+
+
+def tokenizer_source(model: ModelConfig) -> tuple[str, str | None]:
+    """(task, local folder) of ``model``: what its tokenizer needs, known before the model is resolved.
+
+    Only the config's ``model_type`` is read: a type the family table does not name goes to the generic
+    adapter, which maps decoder-only causal LMs alone.
+    """
+    if presets.is_preset(model.name) and not model.pretrained:
+        return presets.get_preset(model.name).task, None
+    family = FAMILIES.get(_load_hf_config(model).model_type)
+    return (family.task if family else "causal_lm"), (model.name if Path(model.name).is_dir() else None)
+
+
+def get_family(model_type: str, hf_config: Any = None) -> Family:
+    """The named family of ``model_type``, else the generic decoder-only adapter's mapping of ``hf_config``.
+
+    The generic adapter (hybrid_ds/models/generic/) builds the model on the meta device from
+    ``hf_config`` (overrides applied) and maps it, or raises a UserError saying what it cannot map.
+    """
+    if model_type in FAMILIES:
+        return FAMILIES[model_type]
+    if hf_config is None:
+        raise UserError("model.name",
+                        f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))} "
+                        f"({suggest(model_type, FAMILIES)}); to add one, add a Family entry in "
+                        "hybrid_ds/families.py and a parity test")
+    return generic_family(model_type, meta_causal_lm(model_type, hf_config))
 
 
 def _load_hf_config(model: ModelConfig) -> Any:

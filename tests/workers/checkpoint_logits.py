@@ -20,9 +20,9 @@ def main():
     args = parser.parse_args()
 
     world = init_distributed()
-    cfg, _ = prepare(load_config(args.config), world)
-    engine, _ = build_pipeline_engine(cfg, world)
-    checkpoint.resume(engine, checkpoint.latest_checkpoint(Path(cfg.train.save_dir)))
+    plan, _ = prepare(load_config(args.config), world)
+    engine = build_pipeline_engine(plan)
+    checkpoint.resume(engine, checkpoint.latest_checkpoint(Path(plan.config.train.save_dir)))
     ids = torch.load(args.batch)
     # One micro-batch of the configured size: DeepSpeed returns the logits of the last micro-batch only.
     micro = [((ids, torch.ones_like(ids)), ids)]

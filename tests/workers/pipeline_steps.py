@@ -13,6 +13,7 @@ import torch
 
 from hybrid_ds.config import load_config
 from hybrid_ds.engine import build_pipeline_engine, init_distributed
+from hybrid_ds.plan import build_plan
 
 
 def micro_batches(batches, step, grad_accum, dp, dp_rank):
@@ -33,7 +34,8 @@ def main():
     args = parser.parse_args()
 
     world = init_distributed()
-    engine, plan = build_pipeline_engine(load_config(args.config), world)
+    plan = build_plan(load_config(args.config), world)
+    engine = build_pipeline_engine(plan)
     batches = torch.load(args.batches)
     gas, dp = plan.layout.grad_accum, plan.layout.dp
     dp_rank = engine.grid.get_data_parallel_rank()

@@ -9,7 +9,7 @@ the mapping by running the model once on the meta device with every part recorde
   reaches the output projection only through modules called on it alone (the final norm);
 - the logits are the output projection's output, and the loss is ``ForCausalLMLoss`` of them;
 - each block gets exactly what the pipeline gives it: the mask from the same ``masking_utils`` helper
-  that :func:`hybrid_ds.models.parts.attention_mask_4d` picks for that block, the rotary module's
+  that :func:`hybrid_ds.models.layers.attention_mask_4d` picks for that block, the rotary module's
   ``(cos, sin)``, ``position_ids`` made by ``arange``, and nothing else;
 - every submodule or parameter of the model has a place in the pipeline.
 
@@ -17,7 +17,7 @@ Anything else (a multiplier on the embeddings or the logits, per-layer inputs, a
 pipeline does not use, an extra tower) is refused with a UserError: a structure it cannot map is
 never turned into a wrong model. That the numbers match is what ``hybrid-ds parity`` then checks.
 
-``structure`` finds the parts, ``trace`` runs the recorded forward, ``checks`` reads the record.
+``structure`` maps the model (ModelMap), ``trace`` runs the recorded forward, ``checks`` reads the record.
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ from torch import nn
 
 from hybrid_ds.families import Family
 from hybrid_ds.models.generic.checks import FlowChecker, check_unplaced
-from hybrid_ds.models.generic.structure import find_parts, first_line, refuse
+from hybrid_ds.models.generic.structure import find_model_map, first_line, refuse
 from hybrid_ds.models.generic.trace import trace_model
 
 
@@ -55,11 +55,11 @@ def generic_family(model_type: str, skeleton: nn.Module) -> Family:
     if getattr(config, "output_router_logits", False):
         raise refuse(model_type, "output_router_logits=true adds a loss from inside the blocks, which pipeline stages "
                                  "do not pass on; set model.overrides.output_router_logits=false")
-    parts = find_parts(model_type, skeleton)
-    trace = trace_model(model_type, skeleton, parts)
-    checker = FlowChecker(model_type, skeleton, parts, trace)
+    model_map = find_model_map(model_type, skeleton)
+    trace = trace_model(model_type, skeleton, model_map)
+    checker = FlowChecker(model_type, skeleton, model_map, trace)
     for call in trace.calls:
         checker.visit(call)
     family = checker.family()
-    check_unplaced(model_type, skeleton, parts, family, trace)
+    check_unplaced(model_type, skeleton, model_map, family, trace)
     return family

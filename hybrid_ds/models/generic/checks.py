@@ -10,19 +10,19 @@ from torch import nn
 
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family, apply_in_order
-from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, Parts, refuse
+from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, ModelMap, refuse
 from hybrid_ds.models.generic.trace import Call, Mask, Trace
 
 
 class FlowChecker:
     """Follows the hidden states through the recorded calls: embedding -> pre -> blocks -> post -> head."""
 
-    def __init__(self, model_type: str, skeleton: nn.Module, parts: Parts, trace: Trace):
-        self.model_type, self.skeleton, self.parts, self.trace = model_type, skeleton, parts, trace
-        self.paths = parts.paths
-        self.embedding_path = self.paths[id(parts.embedding)]
-        self.output_path = self.paths[id(parts.output)]
-        self.rotary_path = self.paths[id(parts.rotary)] if parts.rotary is not None else None
+    def __init__(self, model_type: str, skeleton: nn.Module, model_map: ModelMap, trace: Trace):
+        self.model_type, self.skeleton, self.map, self.trace = model_type, skeleton, model_map, trace
+        self.paths = model_map.paths
+        self.embedding_path = self.paths[id(model_map.embedding)]
+        self.output_path = self.paths[id(model_map.output)]
+        self.rotary_path = self.paths[id(model_map.rotary)] if model_map.rotary is not None else None
         self.stage = "embedding"     # embedding -> pre -> blocks -> post -> head -> logits -> done
         self.hidden: Any = None      # the tensor that is "the hidden states" now
         self.pre: list[str] = []     # modules between the embedding and block 0
@@ -63,7 +63,7 @@ class FlowChecker:
                             "placed before the first or after the last block)")
 
     def _rotary(self, call: Call) -> None:
-        bound = _bind(self.parts.rotary, call)
+        bound = _bind(self.map.rotary, call)
         names = list(bound)
         if (self.rotary_out is not None or self.stage not in ("pre", "blocks") or len(names) < 2
                 or names[1] != "position_ids" or any(v is not None for v in list(bound.values())[2:])):
@@ -89,7 +89,7 @@ class FlowChecker:
                             " unchanged")
         self._check_block_kwargs(index, args)
         self.hidden, self.stage, self.blocks_seen = call.out, "blocks", index + 1
-        if self.blocks_seen == len(self.parts.blocks):
+        if self.blocks_seen == len(self.map.blocks):
             self.stage = "post"
 
     def _check_block_kwargs(self, index: int, args: dict[str, Any]) -> None:
@@ -105,7 +105,7 @@ class FlowChecker:
         cos_sin = args.pop("position_embeddings", None)
         if cos_sin is not self.rotary_out:
             raise self.fail(f"block {index} gets position_embeddings that are not its rotary module's output")
-        signature = inspect.signature(self.parts.blocks[index].forward).parameters
+        signature = inspect.signature(self.map.blocks[index].forward).parameters
         extras = {}
         for name, value in args.items():
             extras.update(value if signature[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
@@ -150,7 +150,7 @@ class FlowChecker:
 
     def _base(self, call: Call) -> None:
         if self.stage == "blocks":
-            raise self.fail(f"only {self.blocks_seen} of its {len(self.parts.blocks)} blocks are called")
+            raise self.fail(f"only {self.blocks_seen} of its {len(self.map.blocks)} blocks are called")
         if self.stage != "post" or getattr(call.out, "last_hidden_state", None) is not self.hidden:
             raise self.fail("its base model's last_hidden_state is not the last block's output after the final "
                             "modules")
@@ -160,7 +160,7 @@ class FlowChecker:
         from transformers.loss.loss_utils import ForCausalLMLoss
 
         bound = inspect.signature(ForCausalLMLoss).bind(*call.args, **call.kwargs).arguments
-        vocab = self.parts.output.weight.shape[0]
+        vocab = self.map.output.weight.shape[0]
         if (call.name != ForCausalLMLoss.__name__ or self.stage != "logits" or bound.get("logits") is not self.logits
                 or bound.get("labels") is not self.trace.inputs["labels"] or bound.get("vocab_size") != vocab
                 or any(v is not None for k, v in bound.items() if k not in ("logits", "labels", "vocab_size"))
@@ -189,13 +189,13 @@ class FlowChecker:
             raise self.fail("its logits are not the output projection's output unchanged")
         if self.loss is None or getattr(out, "loss", None) is not self.loss:
             raise self.fail("its loss is not ForCausalLMLoss of the logits alone (e.g. an auxiliary loss is added)")
-        if self.parts.rotary is not None and self.rotary_out is None:
+        if self.map.rotary is not None and self.rotary_out is None:
             raise self.fail(f"its rotary module {self.rotary_path} is never called")
         self._check_positions_are_arange()
         names = [p.rpartition(".")[2] for p in self.pre]
         return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(names)),
-                      self.paths[id(self.parts.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
-                      block_class=type(self.parts.blocks[0]).__name__)
+                      self.paths[id(self.map.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
+                      block_class=type(self.map.blocks[0]).__name__)
 
 
 def _only(call: Call, tensor: Any) -> bool:
@@ -218,18 +218,18 @@ def _dropout_p(call: Call) -> float:
     return p if training and isinstance(p, (int, float)) else (0 if not training else 1)
 
 
-def check_unplaced(model_type: str, skeleton: nn.Module, parts: Parts, family: Family, trace: Trace) -> None:
+def check_unplaced(model_type: str, skeleton: nn.Module, model_map: ModelMap, family: Family, trace: Trace) -> None:
     """Every parameter and buffer of the model belongs to a part the pipeline builds."""
     placed = {family.token_embedding, *family.embedding, family.blocks, *family.final, family.output}
     placed |= {family.rotary} if family.rotary else set()
     called = {c.name for c in trace.calls if c.kind == "module"}
-    for owner in (skeleton, parts.base):
+    for owner in (skeleton, model_map.base):
         own = [n for n, _ in owner.named_parameters(recurse=False)] + [n for n, _ in owner.named_buffers(recurse=False)]
         if own:
             raise refuse(model_type, f"{type(owner).__name__} holds {', '.join(own)} outside any submodule")
         for name, child in owner.named_children():
-            path = parts.paths[id(child)]
-            if child is parts.base or path in placed:
+            path = model_map.paths[id(child)]
+            if child is model_map.base or path in placed:
                 continue
             has_state = any(True for _ in child.parameters()) or any(True for _ in child.buffers())
             if has_state or path in called:

@@ -33,7 +33,7 @@ def first_line(err: BaseException) -> str:
 
 
 @dataclass
-class Parts:
+class ModelMap:
     base: nn.Module
     paths: dict[int, str]            # id(module) -> path in the skeleton
     embedding: nn.Module
@@ -42,7 +42,7 @@ class Parts:
     rotary: nn.Module | None
 
 
-def find_parts(model_type: str, skeleton: nn.Module) -> Parts:
+def find_model_map(model_type: str, skeleton: nn.Module) -> ModelMap:
     base = skeleton.base_model
     if base is skeleton:
         raise refuse(model_type, f"{type(skeleton).__name__} has no base model under a head")
@@ -77,7 +77,7 @@ def find_parts(model_type: str, skeleton: nn.Module) -> Parts:
     rotary = rotaries[0] if rotaries else None
     if rotary is not None:
         _check_rotary_rebuilds(model_type, rotary, skeleton.config, paths[id(rotary)])
-    return Parts(base, paths, embedding, output, blocks, rotary)
+    return ModelMap(base, paths, embedding, output, blocks, rotary)
 
 
 def _check_block_signature(model_type: str, block: nn.Module, path: str) -> None:

@@ -13,7 +13,8 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hybrid_ds.families import Family
-from hybrid_ds.models.generic.structure import TRACE_SHAPE, Parts, first_line, refuse
+from hybrid_ds.models.masks import attention_mask_4d
+from hybrid_ds.models.generic.structure import TRACE_SHAPE, ModelMap, first_line, refuse
 
 
 class Mask(str):
@@ -41,7 +42,7 @@ class Trace(TorchFunctionMode):
         super().__init__()
         self.inputs, self.calls, self.depth = inputs, [], 0
         self.output: Any = None
-        self.glue_masks: list[str] = []  # the helper parts.attention_mask_4d picks for each block
+        self.glue_masks: list[str] = []  # the helper masks.attention_mask_4d picks for each block
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -59,13 +60,13 @@ class Trace(TorchFunctionMode):
         return out
 
 
-def trace_model(model_type: str, skeleton: nn.Module, parts: Parts) -> Trace:
+def trace_model(model_type: str, skeleton: nn.Module, model_map: ModelMap) -> Trace:
     """Run the model once on the meta device, in training mode (dropout shows), recording what it does."""
     ids = torch.zeros(*TRACE_SHAPE, dtype=torch.long, device="meta")
     trace = Trace({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros_like(ids)})
     with ExitStack() as stack:
-        for patch in (_patched_mask_helpers(skeleton, trace), _recorded_modules(skeleton, parts, trace),
-                      _recorded_blocks(parts, trace), _recorded_loss(skeleton, trace)):
+        for patch in (_patched_mask_helpers(skeleton, trace), _recorded_modules(skeleton, model_map, trace),
+                      _recorded_blocks(model_map, trace), _recorded_loss(skeleton, trace)):
             stack.enter_context(patch)
         stack.callback(skeleton.train, skeleton.training)
         skeleton.train()
@@ -75,7 +76,7 @@ def trace_model(model_type: str, skeleton: nn.Module, parts: Parts) -> Trace:
         except Exception as err:  # noqa: BLE001 - its forward needs more from a block than the pipeline gives
             raise refuse(model_type, "its forward does not run on blocks that take and return only hidden states "
                                      f"({first_line(err)})") from None
-        trace.glue_masks = _glue_masks(skeleton, parts, trace)
+        trace.glue_masks = _glue_masks(skeleton, model_map, trace)
     return trace
 
 
@@ -102,21 +103,21 @@ def _patched_mask_helpers(skeleton: nn.Module, trace: Trace):
 
 
 @contextmanager
-def _recorded_modules(skeleton: nn.Module, parts: Parts, trace: Trace):
+def _recorded_modules(skeleton: nn.Module, model_map: ModelMap, trace: Trace):
     """Hooks on the direct children of the base model and of the head model (the blocks aside)."""
-    watched = [m for m in parts.base.children() if m is not parts.blocks]
-    watched += [m for m in skeleton.children() if m is not parts.base]
+    watched = [m for m in model_map.base.children() if m is not model_map.blocks]
+    watched += [m for m in skeleton.children() if m is not model_map.base]
 
     def enter(module, args, kwargs):
         trace.depth += 1
 
     def leave(module, args, kwargs, out):
         trace.depth -= 1
-        trace.calls.append(Call("module", parts.paths[id(module)], args, kwargs, out))
+        trace.calls.append(Call("module", model_map.paths[id(module)], args, kwargs, out))
 
     handles = [h for m in watched for h in (m.register_forward_pre_hook(enter, with_kwargs=True),
                                             m.register_forward_hook(leave, with_kwargs=True))]
-    handles.append(parts.base.register_forward_hook(
+    handles.append(model_map.base.register_forward_hook(
         lambda module, args, kwargs, out: trace.calls.append(Call("base", "", args, kwargs, out)), with_kwargs=True))
     try:
         yield
@@ -126,7 +127,7 @@ def _recorded_modules(skeleton: nn.Module, parts: Parts, trace: Trace):
 
 
 @contextmanager
-def _recorded_blocks(parts: Parts, trace: Trace):
+def _recorded_blocks(model_map: ModelMap, trace: Trace):
     """Each block's forward is replaced by a recorder returning a fresh tensor of the input's shape."""
     def stub(index: int, signature: inspect.Signature):
         def forward(*args, **kwargs):
@@ -135,12 +136,12 @@ def _recorded_blocks(parts: Parts, trace: Trace):
             return trace.record("block", str(index), (), bound, lambda: torch.empty_like(hidden))
         return forward
 
-    for i, block in enumerate(parts.blocks):
+    for i, block in enumerate(model_map.blocks):
         block.forward = stub(i, inspect.signature(block.forward))
     try:
         yield
     finally:
-        for block in parts.blocks:
+        for block in model_map.blocks:
             del block.forward
 
 
@@ -158,15 +159,13 @@ def _recorded_loss(skeleton: nn.Module, trace: Trace):
             del skeleton._loss_function
 
 
-def _glue_masks(skeleton: nn.Module, parts: Parts, trace: Trace) -> list[str]:
+def _glue_masks(skeleton: nn.Module, model_map: ModelMap, trace: Trace) -> list[str]:
     """Which mask helper the pipeline's glue calls for each block (the helpers are still patched)."""
-    from hybrid_ds.models.parts import attention_mask_4d
-
     probe = Family("probe", "", (), None, "", (), "")
     hidden = torch.empty(*TRACE_SHAPE, 1, device="meta")
     positions = torch.arange(TRACE_SHAPE[1], device="meta").unsqueeze(0)
     start = len(trace.calls)
     helpers = [str(attention_mask_4d(probe, skeleton.config, i, hidden, trace.inputs["attention_mask"], positions))
-               for i in range(len(parts.blocks))]
+               for i in range(len(model_map.blocks))]
     del trace.calls[start:]
     return helpers

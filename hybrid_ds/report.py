@@ -1,0 +1,156 @@
+"""What the plan and the estimator print: tables, JSON data, and one formatter per kind of number. Pure Python.
+
+``validate`` and ``train --dry-run`` print :func:`format_plan` (hybrid_ds.plan) and :func:`format_estimate`
+(hybrid_ds.estimate); ``compare`` and ``plan`` use the same number formatters.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, Run
+from hybrid_ds.topology import layer_span
+
+
+def human_bytes(n: float) -> str:
+    """Bytes in GiB / MiB / KiB.
+
+    >>> human_bytes(3 * 2**30), human_bytes(1536)
+    ('3.00 GiB', '1.5 KiB')
+    """
+    for unit, scale in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20), ("KiB", 2**10)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f} {unit}" if unit in ("TiB", "GiB") else f"{n / scale:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def human_count(n: float, unit: str = "") -> str:
+    """A count with an SI prefix; a bare count (parameters) writes 10^9 as "B", as model names do.
+
+    >>> human_count(124_439_808), human_count(6.74e9), human_count(3.1e18, "FLOPs")
+    ('124.4M', '6.7B', '3.1EFLOPs')
+    """
+    for suffix, scale in (("E", 1e18), ("P", 1e15), ("T", 1e12), ("G", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.1f}{'B' if suffix == 'G' and not unit else suffix}{unit}"
+    return f"{n:.0f}{unit}"
+
+
+def human_time(seconds: float) -> str:
+    """Seconds as ms below one second.
+
+    >>> human_time(0.25), human_time(3.5)
+    ('250 ms', '3.50 s')
+    """
+    return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
+
+
+def layout_text(run: Run) -> str:
+    ckpt = f", recompute every {run.checkpoint_interval}" if run.checkpoint_interval else ""
+    return (f"{run.stages} stages x {run.dp} dp, ZeRO-{run.zero}, {run.precision}, micro-batch {run.micro_batch} "
+            f"x {run.grad_accum} accumulation, seq {run.seq_len}{ckpt}")
+
+
+def format_estimate(est: Estimate) -> str:
+    """The estimate as the table ``train --dry-run`` prints."""
+    run, arch = est.run, est.run.arch
+    where = est.cluster.describe() if est.cluster else f"{run.world_size} ranks ({est.runtime}, no device memory given)"
+    lines = [f"estimate   {arch.name}: {human_count(arch.params)} parameters on {where}",
+             f"layout     {layout_text(run)}; optimizer {est.stages[0].state.optimizer_path}",
+             "",
+             f"{'stage':>5}  {'holds':<26} {'params':>8}  {'model states':>12}  {'activations (in flight)':>23}  "
+             f"{'buffers':>10}  {'total':>10}"]
+    for s in est.stages:
+        acts = f"{human_bytes(s.activations + s.logits)} ({s.in_flight} mb)"
+        buffers = s.state.comm_buffer + s.pipe_buffers + s.overhead
+        lines.append(f"{s.stage:>5}  {layer_span(s.first_layer, s.last_layer, arch.layers):<26} {human_count(s.params):>8}  "
+                     f"{human_bytes(s.state.total):>12}  {acts:>23}  {human_bytes(buffers):>10}  "
+                     f"{human_bytes(s.total):>10}")
+    b = est.binding
+    busiest = max((s.comm for s in est.stages), key=lambda comm: sum(comm.values()))
+    lines += ["",
+              f"model states on stage {b.stage} ({b.state.phase} phase): params {human_bytes(b.state.params)}, "
+              f"grads {human_bytes(b.state.grads)}, fp32 master {human_bytes(b.state.master)}, "
+              f"Adam {human_bytes(b.state.optimizer)}; reduce bucket {human_bytes(b.state.comm_buffer)}",
+              f"FLOPs/step  model {human_count(est.model_flops, 'FLOPs')} (3 passes), hardware "
+              f"{human_count(est.hardware_flops, 'FLOPs')}"
+              f" (with recompute); causal attention counted as full s x s",
+              f"bubble     (p-1)/(m+p-1) = {est.bubble:.1%}",
+              f"comm/rank  {human_bytes(est.comm_per_rank)} per step"
+              + (f" ({', '.join(f'{k} {human_bytes(v)}' for k, v in busiest.items())})" if busiest else "")]
+    if est.step_time is not None:
+        lines.append(f"step time  {human_time(est.step_time)} at {COMPUTE_EFFICIENCY:.0%} of peak FLOP/s; "
+                     f"MFU {est.mfu:.1%}; {run.tokens_per_step / est.step_time:,.0f} tokens/s")
+    if est.fits is not None:
+        verdict = "fits" if est.fits else "DOES NOT FIT"
+        lines.append(f"verdict    {verdict}: stage {b.stage} needs {human_bytes(b.total)} of "
+                     f"{human_bytes(est.cluster.memory)} ({b.total / est.cluster.memory:.0%})")
+    lines += [f"warning: {w}" for w in est.warnings]
+    return "\n".join(lines)
+
+
+def estimate_dict(est: Estimate) -> dict[str, Any]:
+    """The estimate as JSON data."""
+    run = est.run
+    stages = [{"stage": s.stage, "holds": layer_span(s.first_layer, s.last_layer, run.arch.layers), "params": s.params,
+               "optimizer": s.state.optimizer_path, "peak_phase": s.state.phase,
+               "bytes": {"params": s.state.params, "grads": s.state.grads, "master": s.state.master,
+                         "optimizer_states": s.state.optimizer, "reduce_bucket": s.state.comm_buffer,
+                         "activations": s.activations, "logits": s.logits, "pipe_buffers": s.pipe_buffers,
+                         "overhead": s.overhead, "total": s.total},
+               "micro_batches_in_flight": s.in_flight, "hardware_flops_per_micro_batch": s.flops_per_micro_batch,
+               "comm_bytes_per_step": s.comm} for s in est.stages]
+    return {"model": run.arch.name, "params": run.arch.params, "source": run.source,
+            "cluster": est.cluster.describe() if est.cluster else None,
+            "device_memory": est.device_memory, "world_size": run.world_size, "stages": run.stages, "dp": run.dp,
+            "zero": run.zero, "precision": run.precision, "micro_batch": run.micro_batch,
+            "grad_accum": run.grad_accum, "seq_len": run.seq_len, "checkpoint_interval": run.checkpoint_interval,
+            "model_flops_per_step": est.model_flops, "hardware_flops_per_step": est.hardware_flops,
+            "bubble": est.bubble, "comm_bytes_per_rank": est.comm_per_rank, "step_time_s": est.step_time,
+            "mfu": est.mfu, "fits": est.fits, "binding_stage": est.binding.stage,
+            "peak_bytes": est.binding.total, "stage_estimates": stages, "warnings": est.warnings}
+
+
+def format_plan(plan: Any) -> str:
+    """A run's plan (hybrid_ds.plan.Plan) as ``validate`` and ``train --dry-run`` print it."""
+    cfg, layout = plan.config, plan.layout
+    hf = plan.resolved.hf_config
+    lines = [
+        f"config     {cfg.source}" + (f"  ({cfg.description})" if cfg.description else ""),
+        f"model      {cfg.model.name}: {hf.model_type} {plan.resolved.family.task}, {plan.n_blocks} layers, "
+        f"hidden {hf.hidden_size}, {human_count(plan.total_params)} parameters"
+        + (" (pretrained)" if cfg.model.pretrained else " (random init)"),
+        f"layout     world size {layout.world_size} = stages={layout.stages} x dp={layout.dp}; "
+        f"ZeRO-{cfg.zero_stage}; {cfg.precision}; engine "
+        + ("PipelineEngine" if layout.stages > 1 or cfg.zero_stage <= 1 else "DeepSpeedEngine (plain HF model)"),
+        f"batch      train_batch_size {layout.train_batch} = micro {layout.micro_batch} x grad_accum "
+        f"{layout.grad_accum} x dp {layout.dp}; {layout.train_batch * cfg.data.seq_len:,} tokens per step "
+        f"at seq_len {cfg.data.seq_len}",
+        f"bubble     (p-1)/(m+p-1) = {layout.bubble:.1%}",
+        f"partition  {cfg.pipeline.partition} -> boundaries {plan.boundaries}",
+        "",
+        f"{'stage':>5}  {'layers':<8}  {'holds':<32}  {'params':>9}  {'param bytes':>11}",
+    ]
+    for s in plan.stage_plans:
+        span = f"{s.first_layer}-{s.last_layer}"
+        lines.append(f"{s.stage:>5}  {span:<8}  {layer_span(s.first_layer, s.last_layer, plan.n_blocks):<32}  "
+                     f"{human_count(s.params):>9}  {human_bytes(s.param_bytes):>11}")
+    lines += [f"warning: {w}" for w in plan.warnings]
+    return "\n".join(lines)
+
+
+def plan_dict(plan: Any) -> dict:
+    """The plan as JSON data (``hybrid-ds validate --json``)."""
+    layout = plan.layout
+    return {
+        "config": plan.config.source, "model": plan.config.model.name,
+        "model_type": plan.resolved.hf_config.model_type, "task": plan.resolved.family.task,
+        "layers": plan.n_blocks, "params": plan.total_params,
+        "world_size": layout.world_size, "stages": layout.stages, "dp": layout.dp,
+        "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum, "train_batch": layout.train_batch,
+        "zero_stage": plan.config.zero_stage, "precision": plan.config.precision, "bubble": layout.bubble,
+        "boundaries": plan.boundaries,
+        "stage_plan": [{"stage": s.stage, "layers": s.layer_names, "params": s.params,
+                        "param_bytes": s.param_bytes} for s in plan.stage_plans],
+        "warnings": plan.warnings,
+    }
