@@ -105,3 +105,10 @@ def test_type_partitions_use_the_real_class_names(qwen3_folder):
     cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "pipeline": {"stages": 2, "partition": "type:GPT2Block"},
                             "train_micro_batch_size_per_gpu": 1, "data": {"seq_len": 64}})
     assert partition(run_from_config(cfg, 2)) == build_plan(cfg, 2).boundaries == [0, 2, 4]
+
+
+def test_every_named_family_has_a_tiny_preset_and_a_parity_test():
+    from tests.test_parity import FAMILIES as PARITY_TESTED
+
+    tiny = {presets.PRESETS[name].model_type for name in PARITY_TESTED}
+    assert tiny == set(FAMILIES) and all(presets.PRESETS[name].published_params is None for name in PARITY_TESTED)
