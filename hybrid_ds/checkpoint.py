@@ -150,10 +150,12 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
 
 def _gather_layers(folder: Path, specs: list[Any], builder: Any) -> dict[str, torch.Tensor]:
     """Hugging Face name -> tensor, from DeepSpeed's per-layer files ``layer_NN-model_states.pt``."""
+    from hybrid_ds.deepspeed_seam import layer_checkpoint_file
+
     built: dict[str, Any] = {}
     state: dict[str, torch.Tensor] = {}
     for index, spec in enumerate(specs):
-        file = folder / f"layer_{index:02d}-model_states.pt"
+        file = layer_checkpoint_file(folder, index)
         key = getattr(spec, "key", None)
         module = built.get(key) if key else None
         module = module or spec.build()

@@ -66,22 +66,17 @@ def build_pipeline_module(cfg: RunConfig, world_size: int, device: str | torch.d
 
     ``module.builder.built_modules()`` maps Hugging Face module paths to what this rank built.
     """
-    from deepspeed.pipe import PipelineModule
     from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
+
+    from hybrid_ds.deepspeed_seam import HybridPipelineModule
 
     plan = plan or build_plan(cfg, world_size)
     builder = stage_builder(plan, device)
     specs, units = layer_specs(builder)
     parts = spec_parts(plan.parts, units)
-
-    class HybridPipelineModule(PipelineModule):
-        def _partition_layers(self, method: str = "uniform") -> None:
-            self.parts = parts
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
-
     module = HybridPipelineModule(
-        layers=specs, num_stages=cfg.pipeline.stages, loss_fn=loss_function(builder.family, _vocab(builder)),
+        layers=specs, parts=parts, num_stages=cfg.pipeline.stages,
+        loss_fn=loss_function(builder.family, _vocab(builder)),
         partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
         # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
         activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
