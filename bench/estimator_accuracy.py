@@ -172,12 +172,9 @@ class StateProbe:
         self.engine, self.peak, self.where, self.breakdown, self.bucket = engine, 0, "", {}, 0
 
     def sample(self, where: str) -> None:
-        import torch
+        from hybrid_ds.deepspeed_seam import reduce_bucket_tensors
 
-        ipg = set()
-        for bucket in getattr(self.engine.optimizer, "ipg_buckets", {}).values():
-            buffers = bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
-            ipg |= {t.untyped_storage().data_ptr() for t in buffers if isinstance(t, torch.Tensor)}
+        ipg = {t.untyped_storage().data_ptr() for t in reduce_bucket_tensors(self.engine.optimizer)}
         storages = _walk([("param", p) for p in self.engine.module.parameters()]
                          + [("optimizer", self.engine.optimizer)], ipg)
         held = sum(n for n, kind in storages.values() if kind != "reduce bucket")
@@ -230,11 +227,10 @@ def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: in
         import deepspeed
         import transformers
 
+        from hybrid_ds.deepspeed_seam import forget_pipeline_grid
         from hybrid_ds.models.resolve import resolve_model
 
-        from deepspeed.utils import groups
-
-        groups.mpu = None  # an earlier PipelineEngine in this process left its grid as DeepSpeed's global mpu
+        forget_pipeline_grid()  # an earlier PipelineEngine in this process left its grid as DeepSpeed's global mpu
         model = transformers.AutoModelForCausalLM.from_config(resolve_model(cfg.model).hf_config)
         ds = cfg.deepspeed_config({"train_batch_size": STATE_MICRO * STATE_ACCUM * world})
         ds.pop("pipeline")

@@ -20,6 +20,10 @@ Items (entry point: internals; used by):
    ``parts``, ``_local_start`` / ``_local_stop``; pipeline.py.
 3. ``disable_shm_comm_op``: ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]``; engine.py.
 4. ``layer_checkpoint_file``: ``PipelineModule.ckpt_layer_path``; checkpoint.py (export).
+5. ``wrap_pipeline_instructions``: ``PipelineEngine._INSTRUCTION_MAP`` as ``_exec_schedule`` reads it;
+   bench/train_worker.py, bench/estimator_accuracy.py.
+6. ``forget_pipeline_grid``: ``deepspeed.utils.groups.mpu``; bench/estimator_accuracy.py.
+7. ``reduce_bucket_tensors``: the ZeRO optimizers' ``ipg_buckets``; bench/estimator_accuracy.py.
 
 Transformers and torch internals used elsewhere (they stay next to the code that needs them):
 
@@ -223,3 +227,69 @@ def layer_checkpoint_file(folder: str | Path, index: int) -> Path:
     return Path(_require("PipelineModule.ckpt_layer_path(ckpt_dir, local_layer_idx)",
                          lambda: PipelineModule.ckpt_layer_path(stand_in, str(folder), index),
                          "an export finds each layer's weights under DeepSpeed's file name"))
+
+
+# ---------------------------------------------------------------- 5-7. used by bench/
+
+
+def check_instruction_map() -> None:
+    """DeepSpeed 0.19.8's ``PipelineEngine._exec_schedule`` runs each instruction through ``self._INSTRUCTION_MAP``.
+
+    The class-level map holds instruction type -> function(engine, **kwargs). Wrapping an engine's
+    ``_exec_*`` methods changes nothing: the map holds the class's functions, not the instance's methods.
+    """
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    _require("PipelineEngine._INSTRUCTION_MAP, read by _exec_schedule",
+             lambda: isinstance(PipelineEngine._INSTRUCTION_MAP, dict)
+             and _source_has(PipelineEngine._exec_schedule, "self._INSTRUCTION_MAP["),
+             "the benchmarks time and sample pipeline instructions through it")
+
+
+def wrap_pipeline_instructions(engine: Any, wrap: Callable[[type, Callable], Callable]) -> bool:
+    """Replace this PipelineEngine's handler ``fn`` of each instruction type ``kind`` by ``wrap(kind, fn)``.
+
+    Returns False, changing nothing, for any other engine (the plain ZeRO-2/3 engine has no instructions).
+    """
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if not isinstance(engine, PipelineEngine):
+        return False
+    check_instruction_map()
+    engine._INSTRUCTION_MAP = {kind: wrap(kind, fn) for kind, fn in engine._INSTRUCTION_MAP.items()}
+    return True
+
+
+def forget_pipeline_grid() -> None:
+    """Let a plain engine follow a PipelineEngine in one process.
+
+    DeepSpeed 0.19.8's ``DeepSpeedEngine._configure_distributed_model`` keeps an engine's model-parallel unit
+    (a PipelineEngine's grid) in the process-global ``deepspeed.utils.groups.mpu`` and never clears it; a
+    later engine without one then crashes.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import groups
+
+    _require("deepspeed.utils.groups.mpu, set by DeepSpeedEngine._configure_distributed_model",
+             lambda: hasattr(groups, "mpu")
+             and _source_has(DeepSpeedEngine._configure_distributed_model, "groups.mpu ="),
+             "a plain engine after a PipelineEngine in one process needs it cleared")
+    groups.mpu = None
+
+
+def reduce_bucket_tensors(optimizer: Any) -> list[torch.Tensor]:
+    """The tensors of a ZeRO optimizer's gradient reduce buckets; none for any other optimizer.
+
+    DeepSpeed 0.19.8's ZeRO optimizers keep them in ``ipg_buckets`` (dtype -> bucket); a stage-1/2
+    bucket's ``buffer`` is a list of tensors, a stage-3 bucket's a tensor or None.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+        return []
+    buffers = _require(f"{type(optimizer).__name__}.ipg_buckets[dtype].buffer",
+                       lambda: [b.buffer for b in optimizer.ipg_buckets.values()],
+                       "the memory benchmark counts reduce buckets apart from model states")
+    tensors = [t for buffer in buffers for t in (buffer if isinstance(buffer, list) else [buffer])]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]

@@ -205,3 +205,72 @@ def test_layer_checkpoint_file_refuses_without_ckpt_layer_path(taken, monkeypatc
     else:
         monkeypatch.setattr(PipelineModule, "ckpt_layer_path", _ckpt_layer_path_renamed_attributes)
     expect_missing("PipelineModule.ckpt_layer_path", seam.layer_checkpoint_file, tmp_path, 0)
+
+
+# ---------------------------------------------------------------- 5. pipeline instruction map (bench)
+
+
+def test_instruction_map_is_wrapped_per_engine():
+    engine = PipelineEngine.__new__(PipelineEngine)  # not initialized: only its class matters here
+    class_map = dict(PipelineEngine._INSTRUCTION_MAP)
+    assert seam.wrap_pipeline_instructions(engine, lambda kind, fn: (kind, fn))
+    assert engine._INSTRUCTION_MAP == {kind: (kind, fn) for kind, fn in class_map.items()}
+    assert PipelineEngine._INSTRUCTION_MAP == class_map
+    assert not seam.wrap_pipeline_instructions(types.SimpleNamespace(), lambda kind, fn: None)
+
+
+def _exec_schedule_without_map(self, pipe_schedule):
+    for step_cmds in pipe_schedule:
+        for cmd in step_cmds:
+            getattr(self, f"_exec_{type(cmd).__name__.lower()}")(**cmd.kwargs)
+
+
+@pytest.mark.parametrize("taken", ["map", "reader"])
+def test_instruction_map_refuses_without_its_internals(taken, monkeypatch):
+    if taken == "map":
+        monkeypatch.delattr(PipelineEngine, "_INSTRUCTION_MAP")
+    else:
+        monkeypatch.setattr(PipelineEngine, "_exec_schedule", _exec_schedule_without_map)
+    engine = PipelineEngine.__new__(PipelineEngine)
+    expect_missing("PipelineEngine._INSTRUCTION_MAP", seam.wrap_pipeline_instructions, engine, lambda k, f: f)
+
+
+# ---------------------------------------------------------------- 6. DeepSpeed's global mpu (bench)
+
+
+def test_pipeline_grid_is_forgotten(monkeypatch):
+    from deepspeed.utils import groups
+
+    monkeypatch.setattr(groups, "mpu", object())
+    seam.forget_pipeline_grid()
+    assert groups.mpu is None
+
+
+def test_forget_pipeline_grid_refuses_without_groups_mpu(monkeypatch):
+    from deepspeed.utils import groups
+
+    monkeypatch.delattr(groups, "mpu")
+    expect_missing("deepspeed.utils.groups.mpu", seam.forget_pipeline_grid)
+
+
+# ---------------------------------------------------------------- 7. ZeRO reduce buckets (bench)
+
+
+def test_reduce_bucket_tensors():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, IPGBucket
+
+    zero = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)  # not initialized: only its buckets matter
+    tensor = torch.zeros(4)
+    zero.ipg_buckets = {torch.float32: IPGBucket(buffer=[tensor])}
+    assert seam.reduce_bucket_tensors(zero) == [tensor]
+    assert seam.reduce_bucket_tensors(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == []
+
+
+@pytest.mark.parametrize("taken", ["ipg_buckets", "buffer"])
+def test_reduce_bucket_tensors_refuses_without_ipg_buckets(taken):
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)
+    if taken == "buffer":
+        zero.ipg_buckets = {torch.float32: types.SimpleNamespace(buffers=[])}
+    expect_missing("DeepSpeedZeroOptimizer.ipg_buckets", seam.reduce_bucket_tensors, zero)
