@@ -187,13 +187,15 @@ class StateProbe:
                 self.breakdown[key] = self.breakdown.get(key, 0) + n
 
     def install(self) -> None:
+        from hybrid_ds.deepspeed_seam import wrap_pipeline_instructions
+
         engine = self.engine
         for name, module in engine.module.named_modules():
             module.register_forward_pre_hook(lambda m, i, n=name: self.sample(f"forward {n}"))
             module.register_full_backward_hook(lambda m, gi, go, n=name: self.sample(f"backward {n}"))
-        for attr in ("_exec_reduce_grads", "_exec_reduce_tied_grads"):
-            if hasattr(engine, attr):
-                setattr(engine, attr, self._around(getattr(engine, attr), attr))
+        reductions = ("ReduceGrads", "ReduceTiedGrads")
+        wrap_pipeline_instructions(engine, lambda kind, fn: self._around(fn, fn.__name__)
+                                   if kind.__name__ in reductions else fn)
         inner = engine.optimizer
         while hasattr(inner, "optimizer"):
             inner = inner.optimizer
