@@ -172,12 +172,9 @@ class StateProbe:
         self.engine, self.peak, self.where, self.breakdown, self.bucket = engine, 0, "", {}, 0
 
     def sample(self, where: str) -> None:
-        import torch
+        from hybrid_ds.deepspeed_seam import reduce_bucket_tensors
 
-        ipg = set()
-        for bucket in getattr(self.engine.optimizer, "ipg_buckets", {}).values():
-            buffers = bucket.buffer if isinstance(bucket.buffer, list) else [bucket.buffer]
-            ipg |= {t.untyped_storage().data_ptr() for t in buffers if isinstance(t, torch.Tensor)}
+        ipg = {t.untyped_storage().data_ptr() for t in reduce_bucket_tensors(self.engine.optimizer)}
         storages = _walk([("param", p) for p in self.engine.module.parameters()]
                          + [("optimizer", self.engine.optimizer)], ipg)
         held = sum(n for n, kind in storages.values() if kind != "reduce bucket")
@@ -190,13 +187,15 @@ class StateProbe:
                 self.breakdown[key] = self.breakdown.get(key, 0) + n
 
     def install(self) -> None:
+        from hybrid_ds.deepspeed_seam import wrap_pipeline_instructions
+
         engine = self.engine
         for name, module in engine.module.named_modules():
             module.register_forward_pre_hook(lambda m, i, n=name: self.sample(f"forward {n}"))
             module.register_full_backward_hook(lambda m, gi, go, n=name: self.sample(f"backward {n}"))
-        for attr in ("_exec_reduce_grads", "_exec_reduce_tied_grads"):
-            if hasattr(engine, attr):
-                setattr(engine, attr, self._around(getattr(engine, attr), attr))
+        reductions = ("ReduceGrads", "ReduceTiedGrads")
+        wrap_pipeline_instructions(engine, lambda kind, fn: self._around(fn, fn.__name__)
+                                   if kind.__name__ in reductions else fn)
         inner = engine.optimizer
         while hasattr(inner, "optimizer"):
             inner = inner.optimizer
@@ -231,11 +230,10 @@ def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: in
         import deepspeed
         import transformers
 
+        from hybrid_ds.deepspeed_seam import forget_pipeline_grid
         from hybrid_ds.models.resolve import resolve_model
 
-        from deepspeed.utils import groups
-
-        groups.mpu = None  # an earlier PipelineEngine in this process left its grid as DeepSpeed's global mpu
+        forget_pipeline_grid()  # an earlier PipelineEngine in this process left its grid as DeepSpeed's global mpu
         model = transformers.AutoModelForCausalLM.from_config(resolve_model(cfg.model).hf_config)
         ds = cfg.deepspeed_config({"train_batch_size": STATE_MICRO * STATE_ACCUM * world})
         ds.pop("pipeline")

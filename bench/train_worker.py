@@ -94,10 +94,11 @@ class InstructionTimes:
     """
 
     def __init__(self, engine: Any):
+        from hybrid_ds.deepspeed_seam import wrap_pipeline_instructions
+
         self.seconds: dict[str, float] = {}
-        table = getattr(engine, "_INSTRUCTION_MAP", None)
-        if table is not None:   # the plain ZeRO-2/3 engine has no instructions
-            engine._INSTRUCTION_MAP = {kind: self._timed(kind.__name__, fn) for kind, fn in table.items()}
+        # The plain ZeRO-2/3 engine has no instructions: nothing is timed there.
+        wrap_pipeline_instructions(engine, lambda kind, fn: self._timed(kind.__name__, fn))
 
     def _timed(self, name: str, fn: Any) -> Any:
         def run(engine: Any, **kwargs: Any) -> Any:

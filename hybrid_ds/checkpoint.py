@@ -21,6 +21,7 @@ import transformers
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from hybrid_ds.config import load_config_dict
+from hybrid_ds.deepspeed_seam import layer_checkpoint_file
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.resolve import auto_class
@@ -149,7 +150,7 @@ def _gather_layers(folder: Path, specs: list[Any], builder: Any) -> dict[str, to
     built: dict[str, Any] = {}
     state: dict[str, torch.Tensor] = {}
     for index, spec in enumerate(specs):
-        file = folder / f"layer_{index:02d}-model_states.pt"
+        file = layer_checkpoint_file(folder, index)
         key = getattr(spec, "key", None)
         module = built.get(key) if key else None
         module = module or spec.build()

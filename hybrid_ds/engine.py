@@ -4,17 +4,16 @@ from __future__ import annotations
 
 import os
 import re
-import types
 import warnings
 from datetime import timedelta
 from typing import Any
 
 import deepspeed
-import deepspeed.ops
 import torch
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
 
+from hybrid_ds import deepspeed_seam
 from hybrid_ds.models.build import checkpoint_folder
 from hybrid_ds.models.resolve import auto_class
 from hybrid_ds.pipeline import build_pipeline_module
@@ -33,9 +32,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
         # The launcher sets no thread count: without this every rank uses every core and they fight.
         local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
-        # DeepSpeed JIT-compiles its shared-memory all-reduce op at process-group start on CPU (minutes
-        # on a first run); only inference_all_reduce uses it, training's collectives go through gloo.
-        deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+        deepspeed_seam.disable_shm_comm_op()  # else a first CPU run compiles an op training never uses
     else:
         _arch_list_deepspeed_can_parse()
     # Tied weights make DeepSpeed broadcast inside autograd; torch warns, the gradients are right (PITFALLS 8).
@@ -86,38 +83,8 @@ def build_pipeline_engine(plan: Plan) -> Any:
     engine, _, _, _ = deepspeed.initialize(
         model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=deepspeed_config(plan))
-    _use_global_clip_norm(engine)
+    deepspeed_seam.use_global_clip_norm(engine)
     return engine
-
-
-def _use_global_clip_norm(engine: Any) -> None:
-    """DeepSpeed's fp32 ZeRO-0 pipeline path clips each stage by its own gradient norm; use the global one.
-
-    The norm is reduced over the pipeline group (data-parallel replicas hold the same averaged
-    gradients), and a tied weight, present on the first and the last stage, counts once.
-    """
-    def clip_fp32_gradients(self: Any) -> None:
-        grads = [p.grad for p in _owned_parameters(self) if p.grad is not None]
-        local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
-        local = local.to(device())
-        torch.distributed.all_reduce(local, group=self.grid.get_pipe_parallel_group())
-        total = local.sqrt()
-        coef = torch.clamp(self.gradient_clipping() / (total + 1e-6), max=1.0)
-        for p in self.module.parameters():
-            if p.grad is not None:
-                p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
-
-    engine.clip_fp32_gradients = types.MethodType(clip_fp32_gradients, engine)
-
-
-def _owned_parameters(engine: Any) -> list[torch.nn.Parameter]:
-    """This stage's parameters, leaving out tied copies that an earlier stage of the tie group owns."""
-    module = engine.module
-    skip = set()
-    for key, comm in module.tied_comms.items():
-        if engine.global_rank != min(comm["ranks"]):
-            skip.update(id(p) for p in module.tied_modules[key].parameters())
-    return [p for p in module.parameters() if id(p) not in skip]
 
 
 # ---------------------------------------------------------------- ZeRO-2/3: the plain Hugging Face model

@@ -36,3 +36,13 @@ def suggest(value: Any, choices: Iterable[str]) -> str:
         return "did you mean " + " or ".join(repr(c) for c in close) + "?"
     shown = ", ".join(choices[:12]) + (", ..." if len(choices) > 12 else "")
     return f"valid: {shown}"
+
+
+class IncompatibleDeepSpeed(UserError):
+    """The installed DeepSpeed lacks an internal hybrid_ds relies on (see :mod:`hybrid_ds.deepspeed_seam`).
+
+    The fix is on the user's side: install the DeepSpeed version the seam was written for.
+    """
+
+    def __init__(self, message: str):
+        super().__init__("", message)

@@ -14,9 +14,10 @@ from dataclasses import replace
 from typing import Any
 
 import torch
-from deepspeed.pipe import LayerSpec, PipelineModule, TiedLayerSpec
+from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
+from hybrid_ds.deepspeed_seam import HybridPipelineModule
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, OutputProjection, TokenEmbedding,
                                     loss_function, project_with_embedding)
@@ -70,16 +71,9 @@ def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any
     cfg = plan.config
     builder = stage_builder(plan, device)
     specs, units = layer_specs(builder)
-    parts = spec_boundaries(plan.boundaries, units)
-
-    class HybridPipelineModule(PipelineModule):
-        def _partition_layers(self, method: str = "uniform") -> None:
-            self.parts = parts
-            stage = self._topo.get_coord(self.global_rank).pipe
-            self._set_bounds(start=parts[stage], stop=parts[stage + 1])
-
     module = HybridPipelineModule(
-        layers=specs, num_stages=plan.layout.stages, loss_fn=loss_function(builder.family, _vocab(builder)),
+        layers=specs, parts=spec_boundaries(plan.boundaries, units), num_stages=plan.layout.stages,
+        loss_fn=loss_function(builder.family, _vocab(builder)),
         partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
         # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
         activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])

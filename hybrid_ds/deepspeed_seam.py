@@ -1,0 +1,295 @@
+"""Every DeepSpeed internal hybrid_ds relies on, in one place, each checked before it is relied on.
+
+Written for DeepSpeed 0.19.8 (``WRITTEN_FOR``). A few things hybrid_ds needs are not DeepSpeed's API: a
+private method it overrides or replaces, attributes it reads, a file name it derives. A DeepSpeed
+refactor that renamed one would not always fail loudly: if ``PipelineEngine`` stopped calling
+``clip_fp32_gradients``, our global-norm replacement would silently never run. So each item first
+checks what it relies on (the name exists and, where the item depends on DeepSpeed *calling* it, that
+the caller's source still calls it), and otherwise raises :class:`~hybrid_ds.errors.IncompatibleDeepSpeed`:
+one line naming the internal and both DeepSpeed versions. ``tests/test_deepspeed_seam.py`` takes each
+internal away in turn and expects that line.
+
+This module imports DeepSpeed at the top (``HybridPipelineModule`` subclasses ``PipelineModule``), like
+the other runtime modules; the pure layer (config, estimator) never imports it.
+
+Items (entry point: internals; used by):
+
+1. ``use_global_clip_norm``: ``PipelineEngine.clip_fp32_gradients`` (replaced on the instance) and the
+   step path that calls it, ``PipelineModule.tied_comms`` / ``tied_modules``, ``engine.grid``; engine.py.
+2. ``HybridPipelineModule``: ``PipelineModule._partition_layers`` (overridden), ``_topo``, ``_set_bounds``,
+   ``parts``, ``_local_start`` / ``_local_stop``; pipeline.py.
+3. ``disable_shm_comm_op``: ``deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"]``; engine.py.
+4. ``layer_checkpoint_file``: ``PipelineModule.ckpt_layer_path``; checkpoint.py (export).
+5. ``wrap_pipeline_instructions``: ``PipelineEngine._INSTRUCTION_MAP`` as ``_exec_schedule`` reads it;
+   bench/train_worker.py, bench/estimator_accuracy.py.
+6. ``forget_pipeline_grid``: ``deepspeed.utils.groups.mpu``; bench/estimator_accuracy.py.
+7. ``reduce_bucket_tensors``: the ZeRO optimizers' ``ipg_buckets``; bench/estimator_accuracy.py.
+
+Transformers and torch internals used elsewhere (they stay next to the code that needs them):
+
+- hybrid_ds/models/resolve.py: ``hf_config._attn_implementation = ...``: a config built from scratch has
+  None and the layers built from it are silently non-causal (PITFALLS 1).
+- hybrid_ds/models/build.py: ``skeleton._init_weights(module)`` initializes a stage's modules as Hugging
+  Face does and recomputes non-persistent buffers such as rotary ``inv_freq`` (PITFALLS 5);
+  ``transformers.core_model_loading`` (``rename_source_key``, ``WeightRenaming``, ``WeightConverter``) with
+  ``conversion_mapping.get_model_conversion_mapping`` maps checkpoint keys to parameter names as
+  ``from_pretrained`` does; torch's ``module._non_persistent_buffers_set`` and ``module._modules`` (a
+  shallow copy of a module without its children).
+- hybrid_ds/models/generic/trace.py: replaces every ``masking_utils.create_*mask*`` helper in the modules
+  that reach it, and sets ``skeleton._loss_function``, to record on the meta device what a model calls.
+- bench/overhead.py: ``torch.utils._python_dispatch.TorchDispatchMode`` counts the aten ops of a step.
+"""
+
+from __future__ import annotations
+
+import inspect
+import types
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import deepspeed
+import torch
+from deepspeed.pipe import PipelineModule
+
+from hybrid_ds.errors import IncompatibleDeepSpeed
+
+WRITTEN_FOR = "0.19.8"
+
+
+def _require(internal: str, get: Callable[[], Any], why: str) -> Any:
+    """``get()``, or the one-line error when it raises (a name or source is gone) or returns False or None."""
+    try:
+        value = get()
+    except (AttributeError, KeyError, OSError, TypeError):
+        value = None
+    if value is None or value is False:
+        raise IncompatibleDeepSpeed(f"hybrid_ds needs DeepSpeed {WRITTEN_FOR}'s {internal} "
+                                    f"(found DeepSpeed {deepspeed.__version__} without it): {why}")
+    return value
+
+
+def _source_has(function: Any, *texts: str) -> bool:
+    """Whether ``texts`` occur in this order in the source of ``function`` (OSError without a source)."""
+    source, at = inspect.getsource(function), 0
+    for text in texts:
+        at = source.find(text, at)
+        if at < 0:
+            return False
+    return True
+
+
+# ---------------------------------------------------------------- 1. global gradient clipping
+
+
+def check_clip_fp32_gradients() -> None:
+    """The fp32 ZeRO-0 step of DeepSpeed 0.19.8 clips through ``clip_fp32_gradients``, which we replace.
+
+    ``PipelineEngine._exec_optimizer_step`` -> ``DeepSpeedEngine._take_model_step`` ->
+    ``self.clip_fp32_gradients()`` (when clipping is on and neither fp16, bf16 nor ZeRO is), whose norm
+    covers this stage's parameters only (PITFALLS 2). The replacement reduces over ``engine.grid``'s
+    pipeline group and reads the tie groups DeepSpeed records in ``PipelineModule.__init__``:
+    ``tied_comms`` (key -> {"ranks": ...}) and ``tied_modules`` (key -> module).
+    """
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+    why = "without it the fp32 pipeline clips each stage by its own gradient norm (PITFALLS 2)"
+    _require("PipelineEngine.clip_fp32_gradients", lambda: callable(PipelineEngine.clip_fp32_gradients), why)
+    _require("PipelineEngine._exec_optimizer_step calling _take_model_step",
+             lambda: _source_has(PipelineEngine._exec_optimizer_step, "self._take_model_step("), why)
+    _require("PipelineEngine._take_model_step calling clip_fp32_gradients",
+             lambda: _source_has(PipelineEngine._take_model_step, "self.clip_fp32_gradients()"), why)
+    _require("PipelineModule.tied_modules and tied_comms[key]['ranks']",
+             lambda: _source_has(PipelineModule.__init__, "self.tied_modules =", "self.tied_comms =")
+             and _source_has(PipelineModule._index_tied_modules, "'ranks'"),
+             "the global gradient norm counts a tied weight once")
+    _require("PipelineEngine.grid.get_pipe_parallel_group",
+             lambda: _source_has(PipelineEngine.__init__, "self.grid =")
+             and callable(PipelineParallelGrid.get_pipe_parallel_group),
+             "the global gradient norm is reduced over the pipeline group")
+
+
+def use_global_clip_norm(engine: Any) -> None:
+    """Make a PipelineEngine clip by the gradient norm over all stages instead of its own stage's.
+
+    The norm is reduced over the pipeline group (data-parallel replicas hold the same averaged
+    gradients), and a tied weight, present on the first and the last stage, counts once.
+    """
+    check_clip_fp32_gradients()
+    engine.clip_fp32_gradients = types.MethodType(_clip_by_global_norm, engine)
+
+
+def _clip_by_global_norm(engine: Any) -> None:
+    from deepspeed.accelerator import get_accelerator
+
+    grads = [p.grad for p in _owned_parameters(engine) if p.grad is not None]
+    local = torch.stack([g.detach().float().pow(2).sum() for g in grads]).sum() if grads else torch.zeros(())
+    local = local.to(torch.device(get_accelerator().current_device_name()))
+    torch.distributed.all_reduce(local, group=engine.grid.get_pipe_parallel_group())
+    total = local.sqrt()
+    coef = torch.clamp(engine.gradient_clipping() / (total + 1e-6), max=1.0)
+    for p in engine.module.parameters():
+        if p.grad is not None:
+            p.grad.mul_(coef.to(p.grad.device, p.grad.dtype))
+
+
+def _owned_parameters(engine: Any) -> list[torch.nn.Parameter]:
+    """This stage's parameters, leaving out tied copies that an earlier stage of the tie group owns."""
+    module = engine.module
+    skip = set()
+    for key, comm in module.tied_comms.items():
+        if engine.global_rank != min(comm["ranks"]):
+            skip.update(id(p) for p in module.tied_modules[key].parameters())
+    return [p for p in module.parameters() if id(p) not in skip]
+
+
+# ---------------------------------------------------------------- 2. our stage boundaries
+
+
+_PARTITION_WHY = "hybrid_ds gives DeepSpeed its stage boundaries (computed on the meta device)"
+
+
+def check_partition_override() -> None:
+    """DeepSpeed 0.19.8 lets a subclass choose the stages' layers by overriding ``_partition_layers``.
+
+    ``PipelineModule.__init__`` sets ``global_rank`` and ``_topo``, then calls ``self._partition_layers()``,
+    which sets ``self.parts`` (stage s holds specs ``parts[s]:parts[s + 1]``; ``stage_owner`` reads it to
+    place tied weights) and this rank's slice with ``self._set_bounds(start, stop)``, before any layer is built.
+    """
+    _require("PipelineModule._partition_layers, called by __init__ after global_rank and _topo are set",
+             lambda: callable(PipelineModule._partition_layers) and _source_has(
+                 PipelineModule.__init__, "self.global_rank =", "self._topo =", "self._partition_layers("),
+             _PARTITION_WHY)
+    _require("PipelineModule._set_bounds", lambda: callable(PipelineModule._set_bounds), _PARTITION_WHY)
+    _require("PipelineModule.parts, read by stage_owner",
+             lambda: _source_has(PipelineModule.stage_owner, "self.parts["), _PARTITION_WHY)
+
+
+class HybridPipelineModule(PipelineModule):
+    """A PipelineModule whose stage ``s`` holds the layer specs ``parts[s]:parts[s + 1]``.
+
+    hybrid_ds computes ``parts`` on the meta device; DeepSpeed's own ``partition_method="parameters"``
+    would build every layer on every rank to count parameters (PITFALLS 4). The other arguments are
+    ``PipelineModule``'s.
+    """
+
+    def __init__(self, layers: Any, parts: list[int], **kwargs: Any):
+        check_partition_override()
+        self.spec_parts = list(parts)  # before super().__init__, which calls _partition_layers
+        super().__init__(layers=layers, **kwargs)
+        lo, hi = self.spec_parts[self.stage_id:self.stage_id + 2]
+        _require("PipelineModule._local_start and _local_stop, set by _set_bounds",
+                 lambda: (self._local_start, self._local_stop) == (lo, hi), _PARTITION_WHY)
+
+    def _partition_layers(self, method: str = "uniform") -> None:
+        self.parts = self.spec_parts
+        stage = self._topo.get_coord(self.global_rank).pipe
+        self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
+
+
+# ---------------------------------------------------------------- 3. no shared-memory comm op on CPU
+
+
+def disable_shm_comm_op() -> None:
+    """Keep DeepSpeed 0.19.8 from JIT-compiling its shared-memory all-reduce op at process-group start on CPU.
+
+    ``deepspeed.comm.torch.build_shm_op`` compiles the accelerator's ``ShareMemCommBuilder`` op (minutes on a
+    first run) unless ``deepspeed.ops.__compatible_ops__[builder.NAME]`` is false. Only
+    ``inference_all_reduce`` uses it; training's collectives go through gloo.
+    """
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+    from deepspeed.comm.torch import build_shm_op
+
+    internal = "deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'], read by deepspeed.comm.torch.build_shm_op"
+    why = "without it every CPU run first compiles the shared-memory comm op"
+    _require(internal, lambda: _source_has(build_shm_op, "__compatible_ops__")
+             and get_accelerator().create_op_builder("ShareMemCommBuilder").NAME == "deepspeed_shm_comm"
+             and "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__, why)
+    deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
+
+
+# ---------------------------------------------------------------- 4. per-layer checkpoint file names
+
+
+def layer_checkpoint_file(folder: str | Path, index: int) -> Path:
+    """The file in which DeepSpeed's ``save_checkpoint`` keeps layer spec ``index`` of a PipelineModule.
+
+    DeepSpeed 0.19.8 names it in ``PipelineModule.ckpt_layer_path`` (``layer_NN-model_states.pt``, with a
+    model-parallel rank hybrid_ds never has), a method of a built module; an export has no process group
+    to build one, so the method runs on a stand-in holding the attributes it reads.
+    """
+    from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
+
+    stand_in = types.SimpleNamespace(_local_start=0, global_rank=0,
+                                     _grid=types.SimpleNamespace(_topo=PipeDataParallelTopology(num_pp=1, num_dp=1)))
+    return Path(_require("PipelineModule.ckpt_layer_path(ckpt_dir, local_layer_idx)",
+                         lambda: PipelineModule.ckpt_layer_path(stand_in, str(folder), index),
+                         "an export finds each layer's weights under DeepSpeed's file name"))
+
+
+# ---------------------------------------------------------------- 5-7. used by bench/
+
+
+def check_instruction_map() -> None:
+    """DeepSpeed 0.19.8's ``PipelineEngine._exec_schedule`` runs each instruction through ``self._INSTRUCTION_MAP``.
+
+    The class-level map holds instruction type -> function(engine, **kwargs). Wrapping an engine's
+    ``_exec_*`` methods changes nothing: the map holds the class's functions, not the instance's methods.
+    """
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    _require("PipelineEngine._INSTRUCTION_MAP, read by _exec_schedule",
+             lambda: isinstance(PipelineEngine._INSTRUCTION_MAP, dict)
+             and _source_has(PipelineEngine._exec_schedule, "self._INSTRUCTION_MAP["),
+             "the benchmarks time and sample pipeline instructions through it")
+
+
+def wrap_pipeline_instructions(engine: Any, wrap: Callable[[type, Callable], Callable]) -> bool:
+    """Replace this PipelineEngine's handler ``fn`` of each instruction type ``kind`` by ``wrap(kind, fn)``.
+
+    Returns False, changing nothing, for any other engine (the plain ZeRO-2/3 engine has no instructions).
+    """
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    if not isinstance(engine, PipelineEngine):
+        return False
+    check_instruction_map()
+    engine._INSTRUCTION_MAP = {kind: wrap(kind, fn) for kind, fn in engine._INSTRUCTION_MAP.items()}
+    return True
+
+
+def forget_pipeline_grid() -> None:
+    """Let a plain engine follow a PipelineEngine in one process.
+
+    DeepSpeed 0.19.8's ``DeepSpeedEngine._configure_distributed_model`` keeps an engine's model-parallel unit
+    (a PipelineEngine's grid) in the process-global ``deepspeed.utils.groups.mpu`` and never clears it; a
+    later engine without one then crashes.
+    """
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import groups
+
+    _require("deepspeed.utils.groups.mpu, set by DeepSpeedEngine._configure_distributed_model",
+             lambda: hasattr(groups, "mpu")
+             and _source_has(DeepSpeedEngine._configure_distributed_model, "groups.mpu ="),
+             "a plain engine after a PipelineEngine in one process needs it cleared")
+    groups.mpu = None
+
+
+def reduce_bucket_tensors(optimizer: Any) -> list[torch.Tensor]:
+    """The tensors of a ZeRO optimizer's gradient reduce buckets; none for any other optimizer.
+
+    DeepSpeed 0.19.8's ZeRO optimizers keep them in ``ipg_buckets`` (dtype -> bucket); a stage-1/2
+    bucket's ``buffer`` is a list of tensors, a stage-3 bucket's a tensor or None.
+    """
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    if not isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
+        return []
+    buffers = _require(f"{type(optimizer).__name__}.ipg_buckets[dtype].buffer",
+                       lambda: [b.buffer for b in optimizer.ipg_buckets.values()],
+                       "the memory benchmark counts reduce buckets apart from model states")
+    tensors = [t for buffer in buffers for t in (buffer if isinstance(buffer, list) else [buffer])]
+    return [t for t in tensors if isinstance(t, torch.Tensor)]

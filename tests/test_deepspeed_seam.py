@@ -1,0 +1,276 @@
+"""hybrid_ds/deepspeed_seam.py: each DeepSpeed internal we rely on is checked, and its absence is one clear line.
+
+Every item is checked twice: with the installed DeepSpeed the check passes, and with the internal taken
+away (monkeypatch: deleted, or its caller no longer calling it) the seam raises ``IncompatibleDeepSpeed``.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import types
+from pathlib import Path
+
+import deepspeed
+import pytest
+import torch
+from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+
+from hybrid_ds import deepspeed_seam as seam
+from hybrid_ds.errors import IncompatibleDeepSpeed, UserError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def expect_missing(internal: str, check, *args):
+    """``check(*args)`` raises the seam's one-line error naming ``internal`` and both DeepSpeed versions."""
+    with pytest.raises(IncompatibleDeepSpeed) as info:
+        check(*args)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(f"hybrid_ds needs DeepSpeed {seam.WRITTEN_FOR}'s {internal}"), message
+    assert f"(found DeepSpeed {deepspeed.__version__} without it)" in message
+    assert isinstance(info.value, UserError)  # the CLI prints it as one line, exit code 2
+
+
+def test_written_for_the_pinned_deepspeed():
+    pin = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines() if '"deepspeed' in line)
+    assert f">={seam.WRITTEN_FOR}," in pin
+
+
+# ---------------------------------------------------------------- 1. global gradient clipping
+
+
+def _take_model_step_clipping_elsewhere(self, lr_kwargs):
+    self.optimizer.step()
+
+
+def _exec_optimizer_step_without_take_model_step(self, lr_kwargs=None):
+    self.optimizer.step()
+
+
+def _index_tied_modules_without_ranks(self):
+    return {}
+
+
+CLIP_INTERNALS = {  # what a refactor could take away -> the internal the error names
+    "clip_fp32_gradients": (lambda mp: mp.delattr(DeepSpeedEngine, "clip_fp32_gradients"),
+                            "PipelineEngine.clip_fp32_gradients"),
+    "_take_model_step": (lambda mp: mp.setattr(DeepSpeedEngine, "_take_model_step",
+                                               _take_model_step_clipping_elsewhere),
+                         "PipelineEngine._take_model_step calling clip_fp32_gradients"),
+    "_exec_optimizer_step": (lambda mp: mp.setattr(PipelineEngine, "_exec_optimizer_step",
+                                                   _exec_optimizer_step_without_take_model_step),
+                             "PipelineEngine._exec_optimizer_step calling _take_model_step"),
+    "tied_comms": (lambda mp: mp.setattr(PipelineModule, "_index_tied_modules", _index_tied_modules_without_ranks),
+                   "PipelineModule.tied_modules and tied_comms"),
+    "grid": (lambda mp: mp.delattr(PipelineParallelGrid, "get_pipe_parallel_group"),
+             "PipelineEngine.grid.get_pipe_parallel_group"),
+}
+
+
+def test_clip_check_passes_with_this_deepspeed():
+    seam.check_clip_fp32_gradients()
+
+
+@pytest.mark.parametrize("taken", sorted(CLIP_INTERNALS))
+def test_clip_replacement_refuses_without_its_internals(taken, monkeypatch):
+    take_away, internal = CLIP_INTERNALS[taken]
+    take_away(monkeypatch)
+    engine = types.SimpleNamespace()
+    expect_missing(internal, seam.use_global_clip_norm, engine)
+    assert not hasattr(engine, "clip_fp32_gradients"), "checked before anything was replaced"
+
+
+# ---------------------------------------------------------------- 2. our stage boundaries
+
+
+def _init_without_partition_layers(self, layers, **kwargs):
+    torch.nn.Module.__init__(self)
+
+
+def _stage_owner_without_parts(self, layer_idx):
+    return 0
+
+
+PARTITION_INTERNALS = {
+    "_partition_layers": (lambda mp: mp.delattr(PipelineModule, "_partition_layers"),
+                          "PipelineModule._partition_layers"),
+    "__init__": (lambda mp: mp.setattr(PipelineModule, "__init__", _init_without_partition_layers),
+                 "PipelineModule._partition_layers, called by __init__"),
+    "_set_bounds": (lambda mp: mp.delattr(PipelineModule, "_set_bounds"), "PipelineModule._set_bounds"),
+    "parts": (lambda mp: mp.setattr(PipelineModule, "stage_owner", _stage_owner_without_parts),
+              "PipelineModule.parts, read by stage_owner"),
+}
+
+
+def test_partition_check_passes_with_this_deepspeed():
+    seam.check_partition_override()
+
+
+@pytest.mark.parametrize("taken", sorted(PARTITION_INTERNALS))
+def test_partition_override_refuses_without_its_internals(taken, monkeypatch):
+    take_away, internal = PARTITION_INTERNALS[taken]
+    take_away(monkeypatch)
+    expect_missing(internal, seam.HybridPipelineModule, [torch.nn.Identity()], [0, 1])
+
+
+BUILD_A_MODULE = textwrap.dedent("""
+    import sys
+    import torch
+    from deepspeed.pipe import LayerSpec, PipelineModule
+    from hybrid_ds.deepspeed_seam import HybridPipelineModule
+    from hybrid_ds.engine import init_distributed
+    from hybrid_ds.errors import IncompatibleDeepSpeed
+
+    init_distributed()
+    specs = [LayerSpec(torch.nn.Linear, 2, 2) for _ in range(4)]
+    module = HybridPipelineModule(specs, parts=[1, 3], num_stages=1)  # DeepSpeed's own split: [0, 4]
+    print("built", module._local_start, module._local_stop, len(module.forward_funcs))
+    if sys.argv[1] == "ignore_bounds":  # a DeepSpeed that no longer builds the slice _set_bounds gives
+        PipelineModule._set_bounds = lambda self, start=None, stop=None: None
+        try:
+            HybridPipelineModule(specs, parts=[1, 3], num_stages=1)
+        except IncompatibleDeepSpeed as err:
+            print("refused", err)
+""")
+
+
+@pytest.mark.parametrize("case", ["real", "ignore_bounds"])
+def test_pipeline_module_builds_the_stage_it_is_given(case):
+    """In a process of its own (DeepSpeed's process group): the stage holds specs 1:3, not DeepSpeed's 0:4."""
+    with socket.socket() as sock:  # a free port: other runs may hold DeepSpeed's default
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "WORLD_SIZE": "1", "MASTER_PORT": str(port)}
+    proc = subprocess.run([sys.executable, "-c", BUILD_A_MODULE, case], capture_output=True, text=True,
+                          env=env, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "built 1 3 2" in proc.stdout
+    if case == "ignore_bounds":
+        refusal = next(line for line in proc.stdout.splitlines() if line.startswith("refused "))
+        assert refusal.startswith("refused hybrid_ds needs DeepSpeed 0.19.8's PipelineModule._local_start")
+
+
+# ---------------------------------------------------------------- 3. no shared-memory comm op on CPU
+
+
+def test_shm_comm_op_is_disabled(monkeypatch):
+    import deepspeed.ops
+
+    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
+    seam.disable_shm_comm_op()
+    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
+
+
+def _build_shm_op_elsewhere():
+    return None
+
+
+@pytest.mark.parametrize("taken", ["key", "reader"])
+def test_shm_comm_op_refuses_without_its_internals(taken, monkeypatch):
+    import importlib
+
+    import deepspeed.ops
+
+    if taken == "key":
+        monkeypatch.delitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm")
+    else:  # (the attribute deepspeed.comm.torch is the torch package, not the module)
+        monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", _build_shm_op_elsewhere)
+    expect_missing("deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']", seam.disable_shm_comm_op)
+
+
+# ---------------------------------------------------------------- 4. per-layer checkpoint file names
+
+
+def test_layer_checkpoint_file_is_deepspeeds_name(tmp_path):
+    assert seam.layer_checkpoint_file(tmp_path, 3) == tmp_path / "layer_03-model_states.pt"
+    assert seam.layer_checkpoint_file(str(tmp_path), 12).name == "layer_12-model_states.pt"
+
+
+def _ckpt_layer_path_renamed_attributes(self, ckpt_dir, local_layer_idx):
+    return f"{ckpt_dir}/layer_{local_layer_idx + self._local_begin:02d}-model_states.pt"
+
+
+@pytest.mark.parametrize("taken", ["method", "attributes"])
+def test_layer_checkpoint_file_refuses_without_ckpt_layer_path(taken, monkeypatch, tmp_path):
+    if taken == "method":
+        monkeypatch.delattr(PipelineModule, "ckpt_layer_path")
+    else:
+        monkeypatch.setattr(PipelineModule, "ckpt_layer_path", _ckpt_layer_path_renamed_attributes)
+    expect_missing("PipelineModule.ckpt_layer_path", seam.layer_checkpoint_file, tmp_path, 0)
+
+
+# ---------------------------------------------------------------- 5. pipeline instruction map (bench)
+
+
+def test_instruction_map_is_wrapped_per_engine():
+    engine = PipelineEngine.__new__(PipelineEngine)  # not initialized: only its class matters here
+    class_map = dict(PipelineEngine._INSTRUCTION_MAP)
+    assert seam.wrap_pipeline_instructions(engine, lambda kind, fn: (kind, fn))
+    assert engine._INSTRUCTION_MAP == {kind: (kind, fn) for kind, fn in class_map.items()}
+    assert PipelineEngine._INSTRUCTION_MAP == class_map
+    assert not seam.wrap_pipeline_instructions(types.SimpleNamespace(), lambda kind, fn: None)
+
+
+def _exec_schedule_without_map(self, pipe_schedule):
+    for step_cmds in pipe_schedule:
+        for cmd in step_cmds:
+            getattr(self, f"_exec_{type(cmd).__name__.lower()}")(**cmd.kwargs)
+
+
+@pytest.mark.parametrize("taken", ["map", "reader"])
+def test_instruction_map_refuses_without_its_internals(taken, monkeypatch):
+    if taken == "map":
+        monkeypatch.delattr(PipelineEngine, "_INSTRUCTION_MAP")
+    else:
+        monkeypatch.setattr(PipelineEngine, "_exec_schedule", _exec_schedule_without_map)
+    engine = PipelineEngine.__new__(PipelineEngine)
+    expect_missing("PipelineEngine._INSTRUCTION_MAP", seam.wrap_pipeline_instructions, engine, lambda k, f: f)
+
+
+# ---------------------------------------------------------------- 6. DeepSpeed's global mpu (bench)
+
+
+def test_pipeline_grid_is_forgotten(monkeypatch):
+    from deepspeed.utils import groups
+
+    monkeypatch.setattr(groups, "mpu", object())
+    seam.forget_pipeline_grid()
+    assert groups.mpu is None
+
+
+def test_forget_pipeline_grid_refuses_without_groups_mpu(monkeypatch):
+    from deepspeed.utils import groups
+
+    monkeypatch.delattr(groups, "mpu")
+    expect_missing("deepspeed.utils.groups.mpu", seam.forget_pipeline_grid)
+
+
+# ---------------------------------------------------------------- 7. ZeRO reduce buckets (bench)
+
+
+def test_reduce_bucket_tensors():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, IPGBucket
+
+    zero = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)  # not initialized: only its buckets matter
+    tensor = torch.zeros(4)
+    zero.ipg_buckets = {torch.float32: IPGBucket(buffer=[tensor])}
+    assert seam.reduce_bucket_tensors(zero) == [tensor]
+    assert seam.reduce_bucket_tensors(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == []
+
+
+@pytest.mark.parametrize("taken", ["ipg_buckets", "buffer"])
+def test_reduce_bucket_tensors_refuses_without_ipg_buckets(taken):
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    zero = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)
+    if taken == "buffer":
+        zero.ipg_buckets = {torch.float32: types.SimpleNamespace(buffers=[])}
+    expect_missing("DeepSpeedZeroOptimizer.ipg_buckets", seam.reduce_bucket_tensors, zero)
