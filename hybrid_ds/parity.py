@@ -39,6 +39,12 @@ class ParityReport:
         return (abs(self.hf_loss - self.pipeline_loss) <= TOLERANCE and self.max_logit_diff <= TOLERANCE
                 and self.max_grad_diff <= TOLERANCE and not self.unmatched_grads)
 
+    @property
+    def exact(self) -> bool:
+        """Bit for bit: the same loss, logits and gradients (what the named families give on CPU in fp32)."""
+        return (self.hf_loss == self.pipeline_loss and self.max_logit_diff == 0 and self.max_grad_diff == 0
+                and not self.unmatched_grads)
+
     def lines(self) -> list[str]:
         return [f"model           {self.model} ({self.stages} stages)",
                 f"loss            hf {self.hf_loss:.8f}   pipeline {self.pipeline_loss:.8f}   "
@@ -46,7 +52,8 @@ class ParityReport:
                 f"max |logit diff| {self.max_logit_diff:.3g}",
                 f"max grad diff   {self.max_grad_diff:.3g} (relative, worst: {self.worst_grad})",
                 *([f"unmatched grads {self.unmatched_grads[:5]}"] if self.unmatched_grads else []),
-                f"parity          {'OK' if self.ok else 'FAILED'} (tolerance {TOLERANCE:g})"]
+                f"parity          {'OK' if self.ok else 'FAILED'} "
+                f"({'bit for bit' if self.exact else f'tolerance {TOLERANCE:g}'})"]
 
 
 def sample_batch(vocab_size: int, seq_len: int, task: str, batch: int = 2, seed: int = 0,

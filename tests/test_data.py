@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -182,3 +186,86 @@ def test_vocab_checks(gpt2_tok):
     check_vocab(gpt2_tok, 50304)
     with pytest.raises(UserError, match="50257 tokens but the model's vocabulary has 256.*vocab_from_tokenizer"):
         check_vocab(gpt2_tok, 256)
+
+
+# ---------------------------------------------------------------- hub datasets, offline
+
+HUB_TRAIN = [f"Training document {i} tells of the {i} apples in the orchard." for i in range(40)]
+HUB_VALIDATION = [f"Held-out document {i} counts {i} pears instead." for i in range(8)]
+
+# Run in a fresh process: `datasets` reads HF_HOME / HF_DATASETS_CACHE and HF_HUB_OFFLINE when imported.
+HUB_LOADER = """
+import json, sys
+from hybrid_ds.config import DataConfig
+from hybrid_ds.data import load_data
+from hybrid_ds.errors import UserError
+
+out = {}
+for name, kwargs in json.loads(sys.argv[1]).items():
+    try:
+        data = load_data(DataConfig(seq_len=8, **kwargs), "causal_lm")
+        out[name] = {"train": [list(b) for b in data.train["input_ids"]], "eval": [list(b) for b in data.eval["input_ids"]]}
+    except UserError as err:
+        out[name] = {"key": err.key, "error": str(err)}
+print(json.dumps(out))
+"""
+
+
+def cache_hub_dataset(home: Path, repo: str, splits: dict[str, list[str]]) -> None:
+    """Leave ``repo`` (ORG/NAME) in ``home``'s `datasets` cache as ``load_dataset(repo)`` leaves it after a download.
+
+    The files are laid out as a hub dataset repository holds them (``data/SPLIT-00000-of-00001.parquet``),
+    prepared by `datasets`' own builder into ``home/datasets/NAME/default/0.0.0/HASH/``; a hub download
+    writes the same under ``ORG___NAME``, the folder that ``load_dataset(repo)`` reads when offline.
+    """
+    import datasets
+
+    org, name = repo.split("/")
+    folder = home / "repo" / name
+    (folder / "data").mkdir(parents=True)
+    for split, texts in splits.items():
+        datasets.Dataset.from_dict({"text": texts}).to_parquet(str(folder / "data" / f"{split}-00000-of-00001.parquet"))
+    cache = home / "datasets"
+    datasets.load_dataset_builder(str(folder), cache_dir=str(cache)).download_and_prepare()
+    (cache / name).rename(cache / f"{org}___{name}")
+
+
+def test_hub_dataset_from_the_local_cache(tmp_path, gpt2_tok):
+    """data.source ORG/NAME read offline from the `datasets` cache: its documents become the packed blocks,
+    its validation split the eval blocks (or eval_fraction of its training split), and a dataset or split
+    that is not there is one line naming the key."""
+    home = tmp_path / "hf-home"
+    cache_hub_dataset(home, "acme/tiny-corpus", {"train": HUB_TRAIN, "validation": HUB_VALIDATION})
+    cache_dir = str(tmp_path / "packed")
+    cases = {"eval_split": dict(source="acme/tiny-corpus", eval_split="validation", cache_dir=cache_dir),
+             "held_out": dict(source="acme/tiny-corpus", eval_fraction=0.25, cache_dir=cache_dir),
+             "missing": dict(source="acme/no-such-corpus", cache_dir=cache_dir),
+             "bad_split": dict(source="acme/tiny-corpus", eval_split="test", cache_dir=cache_dir)}
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_DATASETS_CACHE", "HF_HUB_CACHE")}
+    env.update(HF_HOME=str(home), HF_HUB_OFFLINE="1")
+    proc = subprocess.run([sys.executable, "-c", HUB_LOADER, json.dumps(cases)], capture_output=True, text=True,
+                          env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    eos = gpt2_tok.eos_token_id
+
+    def stream(texts):
+        return [t for text in texts for t in gpt2_tok(text)["input_ids"] + [eos]]
+
+    def documents(blocks):  # the whole documents (the last block ends mid-document or at its EOS)
+        return gpt2_tok.decode([t for b in blocks for t in b]).split(gpt2_tok.eos_token)[:-1]
+
+    train, evals = out["eval_split"]["train"], out["eval_split"]["eval"]
+    flat = [t for b in train for t in b]
+    assert flat == stream(HUB_TRAIN)[:len(flat)] and len(flat) > len(stream(HUB_TRAIN)) - 8  # lossless, in order
+    assert [t for b in evals for t in b] == stream(HUB_VALIDATION)[:8 * len(evals)] and evals
+
+    train, evals = documents(out["held_out"]["train"]), documents(out["held_out"]["eval"])
+    assert set(train) | set(evals) <= set(HUB_TRAIN)   # whole documents, all from the training split
+    assert not set(train) & set(evals) and 8 <= len(evals) <= 10  # 25% of 40, less a cut-off last one
+
+    missing = out["missing"]
+    assert missing["key"] == "data.source" and "'acme/no-such-corpus'" in missing["error"], missing
+    assert out["bad_split"]["key"] == "data.eval_split" and "'test'" in out["bad_split"]["error"], out["bad_split"]
+    assert "'train', 'validation'" in out["bad_split"]["error"]
+    assert all("\n" not in out[case]["error"] for case in ("missing", "bad_split"))

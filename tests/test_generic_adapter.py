@@ -80,7 +80,7 @@ def test_generic_adapter_matches_hugging_face(model_type, tmp_path):
     folder = saved(tmp_path, config)
     for stages in (1, 2):
         report = check_parity(run_config(folder), stages)
-        assert report.ok, "\n".join(report.lines())
+        assert report.exact, "\n".join(report.lines())  # bit for bit, as the named families (fp32, CPU)
 
 
 @pytest.mark.parametrize("model_type", sorted(REFUSED))

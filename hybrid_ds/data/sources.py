@@ -112,16 +112,24 @@ def _load_files(files: list[str], data: DataConfig) -> Any:
 
 
 def _load_hub(data: DataConfig) -> tuple[Any, Any]:
+    train = _load_hub_split(data, "data.split", data.split)
+    eval_set = _load_hub_split(data, "data.eval_split", data.eval_split) if data.eval_split else None
+    return _text_only(train, data.text_column), (_text_only(eval_set, data.text_column)
+                                                 if eval_set is not None else None)
+
+
+def _load_hub_split(data: DataConfig, key: str, split: str) -> Any:
+    """One split of a hub dataset (offline: from the `datasets` cache); a missing split names its own key."""
     import datasets
 
     try:
-        train = datasets.load_dataset(data.source, data.source_config, split=data.split)
-        eval_set = datasets.load_dataset(data.source, data.source_config, split=data.eval_split) \
-            if data.eval_split else None
-    except Exception as err:
+        return datasets.load_dataset(data.source, data.source_config, split=split)
+    except Exception as err:  # datasets raises many types: not cached, offline, unknown split, bad files
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
+        if isinstance(err, ValueError) and reason.startswith("Unknown split"):  # '... Should be one of [...]'
+            raise UserError(key, f"{split!r} is not a split of {data.source!r}: {reason}") from None
         raise UserError("data.source", f"{data.source!r} is not a local file or an available hub dataset: "
-                                       f"{str(err).splitlines()[0][:200]}") from None
-    return _text_only(train, data.text_column), (_text_only(eval_set, data.text_column) if eval_set else None)
+                                       f"{reason}") from None
 
 
 def _text_only(dataset: Any, column: str) -> Any:

@@ -1,4 +1,9 @@
-"""Multi-process test worker: load a run's latest checkpoint into a PipelineEngine, save logits of a batch."""
+"""Multi-process test worker: load a run's latest checkpoint into its engine, save the logits of a batch.
+
+ZeRO 0/1 runs load into a PipelineEngine and save the last stage's logits. ZeRO-2/3 runs load into the
+plain engine (the HF model on DeepSpeed's ordinary engine) and save ``{"initial": ..., "trained": ...}``:
+the logits of the engine as built (the run's own seeded random init), then after loading the checkpoint.
+"""
 
 import argparse
 from pathlib import Path
@@ -7,8 +12,31 @@ import torch
 
 from hybrid_ds import checkpoint
 from hybrid_ds.config import load_config
-from hybrid_ds.engine import build_pipeline_engine, init_distributed
+from hybrid_ds.engine import build_pipeline_engine, build_plain_engine, device, init_distributed
 from hybrid_ds.train import prepare
+
+
+def pipeline_logits(plan, ids):
+    engine = build_pipeline_engine(plan)
+    checkpoint.resume(engine, checkpoint.latest_checkpoint(Path(plan.config.train.save_dir)))
+    # One micro-batch of the configured size: DeepSpeed returns the logits of the last micro-batch only.
+    micro = [((ids, torch.ones_like(ids)), ids)]
+    _, logits = engine.eval_batch(iter(micro), return_logits=True, num_micro_batches=1)
+    return logits if engine.is_last_stage() else None
+
+
+def plain_logits(plan, ids):
+    engine = build_plain_engine(plan)
+
+    def forward():  # every rank runs it: ZeRO-3 gathers each layer's parameters from all ranks
+        engine.engine.eval()
+        with torch.no_grad():
+            return engine.engine(input_ids=ids.to(device())).logits.float().cpu()
+
+    initial = forward()
+    checkpoint.resume(engine, checkpoint.latest_checkpoint(Path(plan.config.train.save_dir)))
+    result = {"initial": initial, "trained": forward()}
+    return result if torch.distributed.get_rank() == 0 else None
 
 
 def main():
@@ -21,14 +49,10 @@ def main():
 
     world = init_distributed()
     plan, _ = prepare(load_config(args.config), world)
-    engine = build_pipeline_engine(plan)
-    checkpoint.resume(engine, checkpoint.latest_checkpoint(Path(plan.config.train.save_dir)))
     ids = torch.load(args.batch)
-    # One micro-batch of the configured size: DeepSpeed returns the logits of the last micro-batch only.
-    micro = [((ids, torch.ones_like(ids)), ids)]
-    _, logits = engine.eval_batch(iter(micro), return_logits=True, num_micro_batches=1)
-    if engine.is_last_stage():
-        torch.save(logits, args.out)
+    result = (plain_logits if plan.config.zero_stage >= 2 else pipeline_logits)(plan, ids)
+    if result is not None:
+        torch.save(result, args.out)
 
 
 if __name__ == "__main__":
