@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Callable
 
 from hybrid_ds.errors import UserError
@@ -168,10 +169,25 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return func(args)
     except UserError as err:
-        # Every rank of a run meets the same mistake: one line per node, from its first rank.
-        if os.environ.get("LOCAL_RANK", "0") == "0":
-            print(f"hybrid-ds: error: {err}", file=sys.stderr, flush=True)
+        report_error(err)
         return 2
+
+
+# The deepspeed launcher polls its ranks every second and ends them all once one exits with an error.
+OTHER_RANKS_WAIT_S = 3.0
+
+
+def report_error(err: UserError) -> None:
+    """One line on stderr per node for a mistake every rank meets; a line too for one that only some meet.
+
+    The node's first rank prints at once. Another rank prints only if it is still alive a moment later:
+    when the first rank met the same mistake, the launcher has ended this rank by then (one line); when
+    only this rank met it, the line is not lost. Exiting at once instead could get the first rank killed
+    before it printed: exit code 2 and no line.
+    """
+    if os.environ.get("LOCAL_RANK", "0") != "0":
+        time.sleep(OTHER_RANKS_WAIT_S)
+    print(f"hybrid-ds: error: {err}", file=sys.stderr, flush=True)
 
 
 if __name__ == "__main__":

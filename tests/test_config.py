@@ -294,3 +294,14 @@ def test_cuda_arch_list_is_made_parsable_for_deepspeed(monkeypatch):
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0 9.0;10.0+PTX"
     builder.compute_capability_args()   # DeepSpeed parses it now
     assert "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"]
+
+
+def test_a_mistake_met_by_one_rank_only_is_still_reported(tmp_path):
+    """A rank other than the node's first prints too, after a pause in which the launcher would have
+    ended it had the first rank met the same mistake (that case prints one line: test_train_multiproc)."""
+    env = {**os.environ, "LOCAL_RANK": "1"}
+    proc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "validate", str(tmp_path / "missing.json")],
+                          capture_output=True, text=True, env=env, timeout=60)
+    assert proc.returncode == 2
+    assert [line for line in proc.stderr.splitlines() if line.startswith("hybrid-ds: error:")] == [
+        f"hybrid-ds: error: {tmp_path / 'missing.json'}: config file not found"], proc.stderr
