@@ -63,8 +63,8 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
     """DeepSpeed's dict: batch numbers resolved for the real world size, CPU-friendly optimizer choice."""
     layout = plan.layout
     ds = plan.config.deepspeed_config({"train_batch_size": layout.train_batch,
-                               "train_micro_batch_size_per_gpu": layout.micro_batch,
-                               "gradient_accumulation_steps": layout.grad_accum})
+                                       "train_micro_batch_size_per_gpu": layout.micro_batch,
+                                       "gradient_accumulation_steps": layout.grad_accum})
     optimizer = ds.get("optimizer", {})
     if device().type == "cpu" and optimizer.get("type", "").lower() in ("adam", "adamw"):
         # DeepSpeed's FusedAdam JIT-compiles an extension on CPU (minutes); torch's AdamW is the same update,

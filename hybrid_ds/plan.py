@@ -67,8 +67,8 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
                             cfg.micro_batch, cfg.grad_accum, cfg.train_batch)
     _check_seq_len(cfg, resolved)
     boundaries = partition_layers(cfg.pipeline.partition, [layer.params for layer in layers],
-                             [layer.class_name for layer in layers], cfg.pipeline.stages, cfg.data.seq_len,
-                             resolved.hf_config.hidden_size)
+                                  [layer.class_name for layer in layers], cfg.pipeline.stages, cfg.data.seq_len,
+                                  resolved.hf_config.hidden_size)
     bytes_per_param = DTYPE_BYTES[cfg.precision]
     per_stage = stage_params(model, resolved.family, boundaries)
     stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param)
