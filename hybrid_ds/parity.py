@@ -8,6 +8,7 @@ difference relative to the gradient's scale, and parameters whose gradient one s
 
 from __future__ import annotations
 
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -116,8 +117,10 @@ def _report(name, stages, out, logits, loss, hf, pipe) -> ParityReport:
     for key, hf_grad in hf_grads.items():
         if key in grads:
             diff = ((grads[key] - hf_grad).abs().max() / hf_grad.abs().max().clamp_min(1e-12)).item()
-            if diff > worst:
+            if not diff <= worst:  # a NaN on either side is the worst difference, never "no difference"
                 worst, worst_name = diff, key
+                if math.isnan(diff):
+                    break
     unmatched = sorted(set(hf_grads) ^ set(grads))
     return ParityReport(name, stages, out.loss.item(), loss.item(), (logits - out.logits).abs().max().item(),
                         worst, worst_name, unmatched)

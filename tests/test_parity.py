@@ -188,3 +188,17 @@ def test_missing_tensor_is_a_clear_error(tmp_path, capsys):
     rc = main(["parity", str(tmp_path), "--stages", "2", "--seq-len", "16"])
     err = capsys.readouterr().err
     assert rc == 2 and "model.layers.1.mlp.down_proj.weight" in err, err
+
+
+def test_a_nan_gradient_fails_parity(monkeypatch):
+    """NaN compares false with everything: a NaN gradient must not read as "no difference"."""
+    original = SequentialStages.named_gradients
+
+    def one_nan(self):
+        grads = original(self)
+        next(iter(grads.values())).view(-1)[0] = float("nan")
+        return grads
+
+    monkeypatch.setattr(SequentialStages, "named_gradients", one_nan)
+    report = check_parity(config("llama-tiny"), 2)
+    assert not report.ok and not report.exact, "\n".join(report.lines())
