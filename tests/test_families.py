@@ -112,3 +112,25 @@ def test_every_named_family_has_a_tiny_preset_and_a_parity_test():
 
     tiny = {presets.PRESETS[name].model_type for name in PARITY_TESTED}
     assert tiny == set(FAMILIES) and all(presets.PRESETS[name].published_params is None for name in PARITY_TESTED)
+
+
+@pytest.mark.parametrize("model_type", sorted(ACCEPTED))
+def test_compare_and_dry_run_count_every_generic_model_exactly(model_type, tmp_path, capsys, monkeypatch):
+    """In process, for each model the generic adapter accepts: compare's JSON and --dry-run's plan and
+    estimate carry the meta-device parameter count."""
+    import json
+
+    from hybrid_ds.cli import main
+
+    folder = saved(tmp_path / "model", tiny_config(model_type, **ACCEPTED[model_type]))
+    exact = count_params(meta_model(resolve_model(ModelConfig(name=folder, pretrained=True))))
+    assert main(["compare", folder, "--gpus", "2", "--stages", "2", "--seq-len", "32", "--json"]) == 0
+    (entry,) = json.loads(capsys.readouterr().out)
+    assert entry["valid"] and entry["estimate"]["params"] == exact, entry.get("reason")
+    config = tmp_path / "run.json"
+    config.write_text(json.dumps({"model": {"name": folder, "pretrained": True}, "pipeline": {"stages": 2},
+                                  "data": {"seq_len": 32}, "train_micro_batch_size_per_gpu": 1}))
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    assert main(["train", "--config", str(config), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert f"{exact / 1e3:.1f}K parameters" in out or f"{exact / 1e6:.1f}M parameters" in out, out
