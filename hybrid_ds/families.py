@@ -111,7 +111,7 @@ class Family:
     task: str = "causal_lm"          # a key of TASKS
     block_class: str = ""            # the Hugging Face class of one block ("LlamaDecoderLayer")
     # transformers' attribute_map of the config class: generic key -> the family's own key
-    aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}))
+    aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     # the estimator's shape builder (hybrid_ds.shapes); None: the estimator reads the model's structure
     shape: Callable[[dict[str, Any]], dict[str, Any]] | None = field(default=None, compare=False)
 
