@@ -66,7 +66,9 @@ def test_parameter_counts_match_the_meta_model(name):
     resolved = resolve_model(ModelConfig(name=name))
     model = meta_model(resolved)
     arch = arch_from_preset(name)
-    assert arch.layer_params() == [layer.params for layer in pipeline_layers(model, resolved.family)]
+    layers = pipeline_layers(model, resolved.family)
+    assert arch.layer_params() == [layer.params for layer in layers]
+    assert arch.layer_classes() == [layer.class_name for layer in layers]  # what type:REGEX partitions match
     assert arch.params == count_params(model)
     n = arch.layers + 2
     for parts in ([0, n], [0, 2, n], [0, 1, n - 1, n]):
