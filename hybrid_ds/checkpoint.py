@@ -123,7 +123,7 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     folder = resolve_checkpoint(checkpoint)
     cfg = load_config_dict(json.loads((folder.parent / RUN_CONFIG).read_text()))
     plan = build_plan(cfg, world_size=cfg.pipeline.stages)
-    if cfg.zero_stage >= 2:  # the plain HF model: DeepSpeed's own consolidation of ZeRO partitions
+    if not cfg.pipeline_engine:  # the plain HF model: DeepSpeed's own consolidation of ZeRO partitions
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:  # a PipelineModule: per-layer files, named back through the layer specs on the meta device
         builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=plan.skeleton)

@@ -159,6 +159,12 @@ class RunConfig:
         return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
 
     @property
+    def pipeline_engine(self) -> bool:
+        """Whether the run trains a PipelineModule on DeepSpeed's PipelineEngine: ZeRO 0-2 with stages > 1,
+        ZeRO 0/1 at one stage. ZeRO-2/3 at one stage train the plain Hugging Face model instead."""
+        return self.pipeline.stages > 1 or self.zero_stage <= 1
+
+    @property
     def precision(self) -> str:
         """"bf16", "fp16" or "fp32": the dtype the engine trains in."""
         for name in ("bf16", "fp16"):
@@ -354,12 +360,12 @@ def _check_deepspeed_keys(ds: dict[str, Any]) -> None:
 def _check_cross_section(cfg: RunConfig) -> None:
     if cfg.deepspeed.get("fp16", {}).get("enabled") and cfg.deepspeed.get("bf16", {}).get("enabled"):
         raise UserError("bf16.enabled", "fp16 and bf16 are both enabled; enable one of them")
-    if cfg.zero_stage >= 2 and cfg.pipeline.stages > 1:
+    if cfg.zero_stage >= 3 and cfg.pipeline.stages > 1:
         raise UserError(
             "zero_optimization.stage",
-            f"ZeRO stage {cfg.zero_stage} cannot be combined with pipeline.stages={cfg.pipeline.stages} "
-            "(DeepSpeed's PipelineEngine supports ZeRO 0 and 1); use zero_optimization.stage <= 1, "
-            "or pipeline.stages=1 for ZeRO-2/3")
+            f"ZeRO stage 3 cannot be combined with pipeline.stages={cfg.pipeline.stages} (parameters partitioned "
+            "over data parallel inside a pipeline stage are not supported); use zero_optimization.stage 0, 1 or 2 "
+            "with stages > 1, or pipeline.stages=1 for ZeRO-3")
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",

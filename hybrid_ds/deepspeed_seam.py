@@ -43,6 +43,7 @@ Transformers and torch internals used elsewhere (they stay next to the code that
 from __future__ import annotations
 
 import inspect
+import sys
 import types
 from collections.abc import Callable
 from pathlib import Path
@@ -293,3 +294,247 @@ def reduce_bucket_tensors(optimizer: Any) -> list[torch.Tensor]:
                        "the memory benchmark counts reduce buckets apart from model states")
     tensors = [t for buffer in buffers for t in (buffer if isinstance(buffer, list) else [buffer])]
     return [t for t in tensors if isinstance(t, torch.Tensor)]
+
+
+# ---------------------------------------------------------------- 8. ZeRO-2 with pipeline stages
+
+
+_ZERO2_WHY = "ZeRO-2 with pipeline.stages > 1 drives DeepSpeed's ZeRO-2 optimizer inside the pipeline schedule"
+
+
+def check_partitioned_gradients_pipeline() -> None:
+    """What :class:`PartitionedGradientsPipelineEngine` relies on in DeepSpeed 0.19.8.
+
+    - ``PipelineEngine.__init__`` refuses ZeRO >= 2 with one ``self.zero_optimization_stage()`` assert, right
+      after ``DeepSpeedEngine.__init__`` built the ZeRO-2 optimizer; nothing else in the pipe engine reads it.
+    - ``deepspeed.initialize`` builds ``deepspeed.PipelineEngine``, looked up when it is called.
+    - The schedule's instructions run ``_exec_backward_pass``, ``_exec_reduce_tied_grads`` and
+      ``_exec_reduce_grads`` (through ``_INSTRUCTION_MAP``, which holds the class's functions: a subclass
+      replaces them in its own map).
+    - ``DeepSpeedZeroOptimizer``'s gradient hooks call ``self.process_gradients(param, i)``; its
+      ``overlapping_partition_gradients_reduce_epilogue`` reduces what the hooks bucketed and accumulates this
+      rank's partition; ``ready_for_gradients`` says whether anything was bucketed since;
+      ``finalize_gradient_accumulation_boundary`` turns the accumulated partition into what ``step`` reads
+      (DeepSpeed's own path for ``managed_gradient_accumulation: false``); CPU offload keeps each parameter's
+      running sum in ``accumulated_grads_in_cpu`` (param id -> tensor), overwritten only at micro-step 0.
+    """
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    _require("PipelineEngine.__init__'s single zero_optimization_stage() check",
+             lambda: inspect.getsource(PipelineEngine.__init__).count("zero_optimization_stage(") == 1
+             and _source_has(PipelineEngine.__init__, "super().__init__(", "zero_optimization_stage("), _ZERO2_WHY)
+    _require("deepspeed.initialize building deepspeed.PipelineEngine",
+             lambda: _source_has(deepspeed.initialize, "else PipelineEngine") and deepspeed.PipelineEngine is PipelineEngine,
+             _ZERO2_WHY)
+    _require("PipelineEngine._exec_backward_pass, _exec_reduce_tied_grads, _exec_reduce_grads in _INSTRUCTION_MAP",
+             lambda: {PipelineEngine._exec_backward_pass, PipelineEngine._exec_reduce_tied_grads,
+                      PipelineEngine._exec_reduce_grads} <= set(PipelineEngine._INSTRUCTION_MAP.values()), _ZERO2_WHY)
+    _require("DeepSpeedZeroOptimizer gradient hooks calling self.process_gradients",
+             lambda: _source_has(DeepSpeedZeroOptimizer.create_gradient_handling_hooks,
+                                 "self.process_gradients(param, i)"), _ZERO2_WHY)
+    _require("DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue, "
+             "finalize_gradient_accumulation_boundary and ready_for_gradients",
+             lambda: callable(DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue)
+             and callable(DeepSpeedZeroOptimizer.finalize_gradient_accumulation_boundary)
+             and _source_has(DeepSpeedZeroOptimizer.setup_buckets, "self.ready_for_gradients = True")
+             and _source_has(DeepSpeedZeroOptimizer._release_ipg_buffers, "self.ready_for_gradients = False"),
+             _ZERO2_WHY)
+    _require("DeepSpeedZeroOptimizer.accumulated_grads_in_cpu, overwritten at micro-step 0",
+             lambda: _source_has(DeepSpeedZeroOptimizer.async_accumulate_grad_in_cpu_via_gpu,
+                                 "self.accumulated_grads_in_cpu[param_id]", "if self.micro_step_id > 0:"),
+             "with CPU offload a tied weight's gradient would add a stale sum from the step before")
+
+
+def partitioned_gradients_engine_class() -> type:
+    """The PipelineEngine subclass for ZeRO-2 (gradients partitioned over data parallel) with stages."""
+    check_partitioned_gradients_pipeline()
+    return PartitionedGradientsPipelineEngine
+
+
+def initialize_pipeline(engine_class: type | None, **kwargs: Any) -> Any:
+    """``deepspeed.initialize(**kwargs)`` for a PipelineModule, building ``engine_class`` (a PipelineEngine
+    subclass) instead of ``PipelineEngine`` when given."""
+    if engine_class is None:
+        return deepspeed.initialize(**kwargs)[0]
+    original = deepspeed.PipelineEngine
+    deepspeed.PipelineEngine = engine_class
+    try:
+        return deepspeed.initialize(**kwargs)[0]
+    finally:
+        deepspeed.PipelineEngine = original
+
+
+def _pipeline_engine_base() -> type:
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+    return PipelineEngine
+
+
+def _compact_partition(optimizer: Any, group_index: int) -> bool:
+    """Accumulate into one flat partition-sized buffer (in the accumulation dtype), which reductions add
+    their slice into.
+
+    DeepSpeed 0.19.8 does so only when it accumulates in fp32 for bf16/fp16 parameters. Otherwise its
+    other path keeps, between micro-batches, a whole-parameter copy of every gradient that reaches into this
+    rank's partition (parameters straddling the boundary are held whole by both ranks, and one that received
+    no gradient yet, such as a tied weight before ReduceTiedGrads, as zeros) and a second partition-sized
+    buffer inside each micro-batch: measured 1.2x the stage's whole gradient on one rank of pp=2 x dp=2.
+    """
+    params = optimizer.params_in_partition[group_index]
+    return not (len(params) > 0 and optimizer._is_muon_group(params))
+
+
+class PartitionedGradientsPipelineEngine(_pipeline_engine_base()):
+    """DeepSpeed's PipelineEngine driving DeepSpeed's ZeRO-2 optimizer: between micro-batches each data-parallel
+    rank holds only its partition of its stage's gradients, tied weights included.
+
+    DeepSpeed refuses the combination in one assert; lifting it alone breaks (measured in
+    shared/notes/zero2-with-pipeline-probe.md): the pipe engine never runs ZeRO-2's per-backward epilogue
+    (the second micro-batch crashes: "Gradient computed twice"), and the epilogue clears the tied weights'
+    gradients before the engine all-reduces them across the first and last stage (a silently wrong step).
+    So:
+
+    - after each micro-batch's backward, what the gradient hooks bucketed is reduced over data parallel
+      and added to this rank's partition (DeepSpeed's epilogue, with the boundary flag off), tied weights
+      like any other parameter;
+    - the partition is one flat buffer whatever the dtypes (:func:`_compact_partition`);
+    - at ReduceTiedGrads the stages sharing a tied weight add up their partitions of it: each rank lays its
+      slice of the weight's gradient into a zero tensor of the weight's size, one all-reduce over every rank
+      of those stages (all data-parallel ranks: the stages partition the weight at different offsets) sums
+      them, and each rank takes its slice back: a transient full-size tensor once per step;
+    - ReduceGrads finalizes the accumulated partition for the step, as DeepSpeed does for
+      ``managed_gradient_accumulation: false`` (and there, with ZeRO-Offload, copies it to the CPU).
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        optimizer = self.optimizer
+        optimizer._use_compact_grad_partition_buffer = types.MethodType(_compact_partition, optimizer)
+        self._group_index = {id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group}
+        self._tied = self._tied_weights_over_all_replicas()
+        self._INSTRUCTION_MAP = {**self._INSTRUCTION_MAP,
+                                 **{kind: getattr(type(self), fn.__name__)
+                                    for kind, fn in self._INSTRUCTION_MAP.items()
+                                    if fn.__name__ in ("_exec_backward_pass", "_exec_reduce_tied_grads",
+                                                       "_exec_reduce_grads")}}
+
+    def _tied_weights_over_all_replicas(self) -> list[tuple[torch.nn.Parameter, Any]]:
+        """(weight, group of every rank of the stages that share it) for this rank's tied weights.
+
+        Every rank creates every group, in DeepSpeed's order of tie keys (``torch.distributed.new_group``
+        must be called by all processes).
+        """
+        from deepspeed.runtime.pipe.module import TiedLayerSpec
+
+        module, grid = self.module, self.grid
+        specs = module._layer_specs
+        tied = []
+        for key in sorted({s.key for s in specs if isinstance(s, TiedLayerSpec)}):
+            stages = sorted({module.stage_owner(i) for i, s in enumerate(specs)
+                             if isinstance(s, TiedLayerSpec) and s.key == key})
+            ranks = [grid.stage_to_global(stage_id=s, data=d) for s in stages for d in range(grid.data_parallel_size)]
+            group = torch.distributed.new_group(ranks=ranks)
+            if len(stages) > 1 and key in module.tied_comms:
+                comm = module.tied_comms[key]
+                tied += [(module._recursive_getattr(module.tied_modules[key], attr), group)
+                         for attr in comm["weight_attr"]]
+        return tied
+
+    def zero_optimization_stage(self) -> int:  # noqa: D102
+        stage = super().zero_optimization_stage()
+        if sys._getframe(1).f_code is _pipeline_engine_base().__init__.__code__:
+            return min(stage, 1)  # PipelineEngine.__init__'s refusal, and only it, sees ZeRO-1
+        return stage
+
+    def _reduce_bucketed(self) -> None:
+        """Reduce what the hooks bucketed since the last call into this rank's partition."""
+        optimizer = self.optimizer
+        optimizer.set_gradient_accumulation_boundary(False)
+        if optimizer.ready_for_gradients:  # else the epilogue indexes a released bucket
+            optimizer.overlapping_partition_gradients_reduce_epilogue()
+
+    def _exec_backward_pass(self, buffer_id: int) -> None:
+        super()._exec_backward_pass(buffer_id)
+        self._reduce_bucketed()
+
+    def _exec_reduce_tied_grads(self) -> None:
+        self._reduce_bucketed()
+        for weight, group in self._tied:
+            owned = _partition_slice(self.optimizer, weight, self._group_index[id(weight)])
+            total = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
+            if owned is not None:
+                start, part = owned
+                total[start:start + part.numel()] = part
+            torch.distributed.all_reduce(total, group=group)
+            if owned is not None:
+                part.copy_(total[start:start + part.numel()])
+
+    def _exec_reduce_grads(self) -> None:
+        self._force_grad_boundary = True
+        self.optimizer.finalize_gradient_accumulation_boundary()
+        self._force_grad_boundary = False
+
+
+def _partition_slice(optimizer: Any, param: torch.nn.Parameter, group_index: int) -> tuple[int, torch.Tensor] | None:
+    """(offset in ``param``, view of this rank's accumulated partition) for the part of ``param`` it owns."""
+    partition_id = torch.distributed.get_rank(group=optimizer.real_dp_process_group[group_index])
+    param_id = optimizer.get_param_id(param)
+    starts = optimizer.grad_start_offset[group_index][partition_id]
+    if param_id not in starts:
+        return None
+    start = int(starts[param_id])
+    dest = int(optimizer.grad_partition_insertion_offset[group_index][partition_id][param_id])
+    count = int(min(param.numel() - start, optimizer.partition_size[group_index] - dest))
+    if count <= 0:
+        return None
+    return start, optimizer._get_compact_grad_partition_slice(group_index, partition_id, param_id, count)
+
+
+def gradient_tensors(engine: Any) -> dict[str, list[torch.Tensor]]:
+    """Every tensor that holds gradients on this rank, by where it lives, for the memory benchmarks.
+
+    ``param.grad`` of the module's parameters; ``partition``: a ZeRO optimizer's accumulated and
+    step-ready partitions (DeepSpeed 0.19.8: ``all_grad_tensors``, ``averaged_gradients``,
+    ``grads_in_partition``, the fp32 partitions' ``.grad``); ``buckets``: its reduce buckets (``ipg_buckets``);
+    ``tied``: the tied-weight sums of a :class:`PartitionedGradientsPipelineEngine`; ``offloaded``: ZeRO-Offload's
+    ``accumulated_grads_in_cpu``. Tensors may share storage; :func:`storage_bytes` counts each storage once.
+    """
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    found: dict[str, list[torch.Tensor]] = {"param.grad": [p.grad for p in engine.module.parameters()
+                                                          if p.grad is not None]}
+    found["tied"] = list(getattr(engine, "_tied_sums", {}).values())
+    optimizer = engine.optimizer
+    found["buckets"] = reduce_bucket_tensors(optimizer)
+    if isinstance(optimizer, DeepSpeedZeroOptimizer):
+        def tensors(value: Any) -> list[torch.Tensor]:
+            if isinstance(value, torch.Tensor):
+                return [value]
+            if isinstance(value, (list, tuple)):
+                return [t for v in value for t in tensors(v)] + tensors(getattr(value, "flat_partition", None))
+            if isinstance(value, dict):
+                return [t for v in value.values() for t in tensors(v)]
+            return []
+
+        internal = "DeepSpeedZeroOptimizer.all_grad_tensors, averaged_gradients, grads_in_partition"
+        _require(internal, lambda: all(hasattr(optimizer, name) for name in
+                                       ("all_grad_tensors", "averaged_gradients", "grads_in_partition",
+                                        "single_partition_of_fp32_groups")),
+                 "the memory benchmark counts ZeRO's gradient partitions")
+        found["partition"] = (tensors(optimizer.all_grad_tensors) + tensors(optimizer.averaged_gradients)
+                              + tensors(optimizer.grads_in_partition)
+                              + tensors([p.grad for p in optimizer.single_partition_of_fp32_groups]))
+        found["offloaded"] = tensors(getattr(optimizer, "accumulated_grads_in_cpu", {}))
+    return found
+
+
+def storage_bytes(tensors: list[torch.Tensor], exclude: list[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages under ``tensors`` (views of one buffer count once), less those of ``exclude``."""
+    seen = {t.untyped_storage().data_ptr() for t in exclude}
+    total = 0
+    for t in tensors:
+        storage = t.untyped_storage()
+        if storage.data_ptr() not in seen:
+            seen.add(storage.data_ptr())
+            total += storage.nbytes()
+    return total

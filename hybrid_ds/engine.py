@@ -78,10 +78,15 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
 
 
 def build_pipeline_engine(plan: Plan) -> Any:
-    """PipelineModule + PipelineEngine for this rank, with a global gradient-clipping norm."""
+    """PipelineModule + PipelineEngine for this rank, with a global gradient-clipping norm.
+
+    ZeRO-2 gets the PipelineEngine subclass that partitions gradients over data parallel between micro-batches
+    (``deepspeed_seam.PartitionedGradientsPipelineEngine``).
+    """
     module = build_pipeline_module(plan, device())
-    engine, _, _, _ = deepspeed.initialize(
-        model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+    engine_class = deepspeed_seam.partitioned_gradients_engine_class() if plan.config.zero_stage == 2 else None
+    engine = deepspeed_seam.initialize_pipeline(
+        engine_class, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=deepspeed_config(plan))
     deepspeed_seam.use_global_clip_norm(engine)
     return engine
@@ -151,10 +156,8 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
 
 
 def build_engine(plan: Plan) -> Any:
-    """PipelineEngine for ZeRO 0/1 (any number of stages), the plain engine for ZeRO-2/3 (one stage)."""
-    if plan.config.zero_stage >= 2:
-        return build_plain_engine(plan)
-    return build_pipeline_engine(plan)
+    """PipelineEngine for ZeRO 0-2 with stages and ZeRO 0/1 at one stage; the plain engine for ZeRO-2/3 at one."""
+    return build_pipeline_engine(plan) if plan.config.pipeline_engine else build_plain_engine(plan)
 
 
 def data_parallel(engine: Any) -> tuple[int, int, Any]:

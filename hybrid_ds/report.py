@@ -122,7 +122,7 @@ def format_plan(plan: Any) -> str:
         + (" (pretrained)" if cfg.model.pretrained else " (random init)"),
         f"layout     world size {layout.world_size} = stages={layout.stages} x dp={layout.dp}; "
         f"ZeRO-{cfg.zero_stage}; {cfg.precision}; engine "
-        + ("PipelineEngine" if layout.stages > 1 or cfg.zero_stage <= 1 else "DeepSpeedEngine (plain HF model)"),
+        + ("PipelineEngine" if cfg.pipeline_engine else "DeepSpeedEngine (plain HF model)"),
         f"batch      train_batch_size {layout.train_batch} = micro {layout.micro_batch} x grad_accum "
         f"{layout.grad_accum} x dp {layout.dp}; {layout.train_batch * cfg.data.seq_len:,} tokens per step "
         f"at seq_len {cfg.data.seq_len}",

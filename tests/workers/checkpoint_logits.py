@@ -50,7 +50,7 @@ def main():
     world = init_distributed()
     plan, _ = prepare(load_config(args.config), world)
     ids = torch.load(args.batch)
-    result = (plain_logits if plan.config.zero_stage >= 2 else pipeline_logits)(plan, ids)
+    result = (pipeline_logits if plan.config.pipeline_engine else plain_logits)(plan, ids)
     if result is not None:
         torch.save(result, args.out)
 
