@@ -311,15 +311,17 @@ def check_partitioned_gradients_pipeline() -> None:
     - The schedule's instructions run ``_exec_backward_pass``, ``_exec_reduce_tied_grads`` and
       ``_exec_reduce_grads`` (through ``_INSTRUCTION_MAP``, which holds the class's functions: a subclass
       replaces them in its own map).
-    - ``DeepSpeedZeroOptimizer``'s gradient hooks call ``self.process_gradients(param, i)``; its
-      ``overlapping_partition_gradients_reduce_epilogue`` reduces what the hooks bucketed and accumulates this
-      rank's partition; ``ready_for_gradients`` says whether anything was bucketed since;
-      ``finalize_gradient_accumulation_boundary`` turns the accumulated partition into what ``step`` reads
-      (DeepSpeed's own path for ``managed_gradient_accumulation: false``); CPU offload keeps each parameter's
-      running sum in ``accumulated_grads_in_cpu`` (param id -> tensor), overwritten only at micro-step 0.
+    - ``DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue`` reduces what the gradient hooks
+      bucketed and adds it to this rank's partition; ``ready_for_gradients`` says whether anything was bucketed
+      since; ``finalize_gradient_accumulation_boundary`` turns the accumulated partition into what ``step``
+      reads (DeepSpeed's own path for ``managed_gradient_accumulation: false``).
+    - The compact partition: ``_use_compact_grad_partition_buffer(group)`` (replaced on the instance), consulted
+      by the epilogue, the reduction (``average_tensor``) and the finalization; ``_get_compact_grad_partition_slice``
+      and the offsets it reads, ``grad_start_offset`` and ``grad_partition_insertion_offset``
+      ([group][partition][param id]), ``partition_size``, ``real_dp_process_group``, ``get_param_id``.
     """
     from deepspeed.runtime.pipe.engine import PipelineEngine
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
     _require("PipelineEngine.__init__'s single zero_optimization_stage() check",
              lambda: inspect.getsource(PipelineEngine.__init__).count("zero_optimization_stage(") == 1
@@ -330,20 +332,26 @@ def check_partitioned_gradients_pipeline() -> None:
     _require("PipelineEngine._exec_backward_pass, _exec_reduce_tied_grads, _exec_reduce_grads in _INSTRUCTION_MAP",
              lambda: {PipelineEngine._exec_backward_pass, PipelineEngine._exec_reduce_tied_grads,
                       PipelineEngine._exec_reduce_grads} <= set(PipelineEngine._INSTRUCTION_MAP.values()), _ZERO2_WHY)
-    _require("DeepSpeedZeroOptimizer gradient hooks calling self.process_gradients",
-             lambda: _source_has(DeepSpeedZeroOptimizer.create_gradient_handling_hooks,
-                                 "self.process_gradients(param, i)"), _ZERO2_WHY)
     _require("DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue, "
              "finalize_gradient_accumulation_boundary and ready_for_gradients",
-             lambda: callable(DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue)
-             and callable(DeepSpeedZeroOptimizer.finalize_gradient_accumulation_boundary)
-             and _source_has(DeepSpeedZeroOptimizer.setup_buckets, "self.ready_for_gradients = True")
-             and _source_has(DeepSpeedZeroOptimizer._release_ipg_buffers, "self.ready_for_gradients = False"),
-             _ZERO2_WHY)
-    _require("DeepSpeedZeroOptimizer.accumulated_grads_in_cpu, overwritten at micro-step 0",
-             lambda: _source_has(DeepSpeedZeroOptimizer.async_accumulate_grad_in_cpu_via_gpu,
-                                 "self.accumulated_grads_in_cpu[param_id]", "if self.micro_step_id > 0:"),
-             "with CPU offload a tied weight's gradient would add a stale sum from the step before")
+             lambda: callable(Zero.overlapping_partition_gradients_reduce_epilogue)
+             and callable(Zero.finalize_gradient_accumulation_boundary)
+             and _source_has(Zero.setup_buckets, "self.ready_for_gradients = True")
+             and _source_has(Zero._release_ipg_buffers, "self.ready_for_gradients = False"), _ZERO2_WHY)
+    _require("DeepSpeedZeroOptimizer._use_compact_grad_partition_buffer, read by the epilogue, average_tensor and "
+             "finalize_gradient_accumulation_boundary",
+             lambda: callable(Zero._use_compact_grad_partition_buffer)
+             and all(_source_has(f, "self._use_compact_grad_partition_buffer(") for f in (
+                 Zero.independent_gradient_partition_epilogue, Zero.finalize_gradient_accumulation_boundary,
+                 Zero._get_compact_grad_partition_slice)) and _source_has(Zero.average_tensor,
+                                                                         "self._get_compact_grad_partition_slice("),
+             "between micro-batches each rank holds one flat partition of its stage's gradients")
+    _require("DeepSpeedZeroOptimizer.grad_start_offset, grad_partition_insertion_offset and partition_size, "
+             "read by _build_compact_grad_partition_buffer",
+             lambda: _source_has(Zero._build_compact_grad_partition_buffer, "self.partition_size[group_idx]",
+                                 "self.grad_start_offset[group_idx][partition_id][param_id]",
+                                 "self.grad_partition_insertion_offset[group_idx][partition_id][param_id]"),
+             "the stages sharing a tied weight add up their partitions of its gradient")
 
 
 def partitioned_gradients_engine_class() -> type:

@@ -274,3 +274,49 @@ def test_reduce_bucket_tensors_refuses_without_ipg_buckets(taken):
     if taken == "buffer":
         zero.ipg_buckets = {torch.float32: types.SimpleNamespace(buffers=[])}
     expect_missing("DeepSpeedZeroOptimizer.ipg_buckets", seam.reduce_bucket_tensors, zero)
+
+
+# ---------------------------------------------------------------- 8. ZeRO-2 with pipeline stages
+
+
+def _zero_optimizer():
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+    return DeepSpeedZeroOptimizer
+
+
+ZERO2_INTERNALS = {
+    "assert": (lambda mp: mp.setattr(PipelineEngine, "__init__", _init_without_partition_layers),
+               "PipelineEngine.__init__'s single zero_optimization_stage() check"),
+    "initialize": (lambda mp: mp.setattr(deepspeed, "PipelineEngine", DeepSpeedEngine),
+                   "deepspeed.initialize building deepspeed.PipelineEngine"),
+    "instruction": (lambda mp: mp.setattr(PipelineEngine, "_INSTRUCTION_MAP", {}),
+                    "PipelineEngine._exec_backward_pass, _exec_reduce_tied_grads, _exec_reduce_grads"),
+    "finalize": (lambda mp: mp.delattr(_zero_optimizer(), "finalize_gradient_accumulation_boundary"),
+                 "DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue"),
+    "ready_for_gradients": (lambda mp: mp.setattr(_zero_optimizer(), "setup_buckets", lambda self: None),
+                            "DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue"),
+    "compact": (lambda mp: mp.delattr(_zero_optimizer(), "_use_compact_grad_partition_buffer"),
+                "DeepSpeedZeroOptimizer._use_compact_grad_partition_buffer"),
+    "offsets": (lambda mp: mp.setattr(_zero_optimizer(), "_build_compact_grad_partition_buffer", lambda self, i: None),
+                "DeepSpeedZeroOptimizer.grad_start_offset"),
+}
+
+
+def test_zero2_pipeline_check_passes_with_this_deepspeed():
+    assert seam.partitioned_gradients_engine_class() is seam.PartitionedGradientsPipelineEngine
+
+
+@pytest.mark.parametrize("taken", sorted(ZERO2_INTERNALS))
+def test_zero2_pipeline_refuses_without_its_internals(taken, monkeypatch):
+    take_away, internal = ZERO2_INTERNALS[taken]
+    take_away(monkeypatch)
+    expect_missing(internal, seam.partitioned_gradients_engine_class)
+
+
+def test_initialize_pipeline_restores_deepspeeds_engine_class(monkeypatch):
+    seen = []
+    monkeypatch.setattr(deepspeed, "initialize", lambda **kwargs: (seen.append(deepspeed.PipelineEngine),) * 4)
+    seam.initialize_pipeline(seam.PartitionedGradientsPipelineEngine, model=None)
+    seam.initialize_pipeline(None, model=None)
+    assert seen == [seam.PartitionedGradientsPipelineEngine, PipelineEngine]
+    assert deepspeed.PipelineEngine is PipelineEngine

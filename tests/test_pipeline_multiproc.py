@@ -179,3 +179,83 @@ def test_bf16_pipeline_trains(folders, tmp_path):
     run = launch(tmp_path, folders["gpt2-tiny"], batches, stages=2, nproc=2, steps=steps, bf16={"enabled": True})
     assert run["losses"] == pytest.approx(ref["losses"], abs=5e-2)
     assert all(p.dtype == torch.bfloat16 for r in run["ranks"] for p in r["params"].values())
+
+
+ZERO2_BUCKET = 10_000  # elements: several reductions per micro-batch, the 16,384-element tied embedding above it
+
+
+def stage_gradient_bytes(rank: dict) -> int:
+    """fp32 bytes of one rank's whole-stage gradient (every parameter it holds)."""
+    return 4 * sum(p.numel() for p in rank["params"].values())
+
+
+ZERO2_STEPS = 8
+ZERO2_RUNS = {  # name -> DeepSpeed keys of a pp=2 x dp=2 run (4 processes) with clipping 1.0
+    "zero1": {"zero_optimization": {"stage": 1, "reduce_bucket_size": ZERO2_BUCKET}},
+    "zero2": {"zero_optimization": {"stage": 2, "reduce_bucket_size": ZERO2_BUCKET}},
+    "zero2-offload": {"zero_optimization": {"stage": 2, "reduce_bucket_size": ZERO2_BUCKET,
+                                            "offload_optimizer": {"device": "cpu"}}},
+    "zero2-bf16": {"zero_optimization": {"stage": 2, "reduce_bucket_size": ZERO2_BUCKET}, "bf16": {"enabled": True},
+                   "data_types": {"grad_accum_dtype": "fp32"}},
+}
+
+
+@pytest.fixture(scope="module")
+def zero2_runs(folders, tmp_path_factory):
+    batches = make_batches("gpt2-tiny", 2 * ZERO2_STEPS)
+    return {name: launch(tmp_path_factory.mktemp(name), folders["gpt2-tiny"], batches, stages=2, nproc=4,
+                         steps=ZERO2_STEPS, gradient_clipping=1.0, **ds)
+            for name, ds in ZERO2_RUNS.items()}
+
+
+def assert_runs_match(a: dict, b: dict, loss_atol: float = 1e-6, param_atol: float = 1e-5) -> None:
+    assert b["losses"] == pytest.approx(a["losses"], abs=loss_atol)
+    for x, y in zip(a["ranks"], b["ranks"]):
+        assert (x["stage"], x["dp_rank"]) == (y["stage"], y["dp_rank"])
+        for key in x["params"]:
+            torch.testing.assert_close(y["params"][key], x["params"][key], atol=param_atol, rtol=0, msg=key)
+
+
+def assert_tied_copies_identical(run: dict) -> None:
+    """The tied embedding on the first and the last stage, and on every data-parallel replica: the same bits."""
+    first = [r["params"] for r in run["ranks"] if r["stage"] == 0]
+    last = [r["params"] for r in run["ranks"] if r["stage"] == 1]
+    assert set(first[0]) & set(last[0]) == {"transformer.wte.weight"}
+    assert all(torch.equal(first[0]["transformer.wte.weight"], copy["transformer.wte.weight"])
+               for copy in first[1:] + last)
+
+
+def test_zero2_with_stages_matches_zero1(zero2_runs):
+    """ZeRO-2 at pp=2 x dp=2, fp32, 4 micro-batches a step, clipping active: every loss within 1e-6 of ZeRO-1's
+    over 8 steps, the same global gradient norms, every parameter within 1e-5, tied copies bit-identical."""
+    zero1, zero2 = zero2_runs["zero1"], zero2_runs["zero2"]
+    assert min(zero1["ranks"][0]["norms"]) > 1.0, "clipping must be active for this test to mean anything"
+    assert zero2["ranks"][0]["norms"] == pytest.approx(zero1["ranks"][0]["norms"], rel=1e-5)
+    assert zero2["losses"][-1] < zero2["losses"][0] - 0.5
+    assert_runs_match(zero1, zero2)
+    assert_tied_copies_identical(zero1)
+    assert_tied_copies_identical(zero2)
+
+
+def test_zero2_with_stages_holds_a_partition_of_the_gradients(zero2_runs):
+    """Between micro-batches (after each backward pass) a ZeRO-2 rank holds about 1/dp of its stage's gradient
+    bytes, measured on the real engine; a ZeRO-1 rank holds all of them."""
+    for a, b in zip(zero2_runs["zero1"]["ranks"], zero2_runs["zero2"]["ranks"]):
+        full = stage_gradient_bytes(a)
+        assert a["grad_bytes"] >= full, (a["grad_bytes"], full)
+        assert b["grad_bytes"] <= 0.51 * full, (b["grad_bytes"], full)  # 1/dp, plus alignment padding
+
+
+def test_zero2_offload_with_stages_matches_zero2(zero2_runs):
+    """ZeRO-Offload (optimizer on the CPU) at pp=2 x dp=2 gives the non-offloaded run's losses and parameters."""
+    assert all(r["offload"] for r in zero2_runs["zero2-offload"]["ranks"])
+    assert not any(r["offload"] for r in zero2_runs["zero2"]["ranks"])
+    assert_runs_match(zero2_runs["zero2"], zero2_runs["zero2-offload"])
+
+
+def test_zero2_bf16_with_stages_follows_fp32(zero2_runs):
+    """bf16 parameters, fp32 gradient accumulation: the loss follows the fp32 run's within bf16 noise."""
+    bf16 = zero2_runs["zero2-bf16"]
+    assert all(p.dtype == torch.bfloat16 for r in bf16["ranks"] for p in r["params"].values())
+    assert bf16["losses"] == pytest.approx(zero2_runs["zero2"]["losses"], abs=1e-2)
+    assert_tied_copies_identical(bf16)

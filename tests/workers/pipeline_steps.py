@@ -2,7 +2,8 @@
 
 Run by tests through the ``deepspeed`` launcher, exactly as a user runs training. Writes
 ``losses.json`` (rank 0: the eval loss of the first batch, then the loss of every step) and
-``params-rank{R}.pt`` (this rank's parameters by Hugging Face name).
+``params-rank{R}.pt`` (this rank's parameters by Hugging Face name, the global gradient norm of every step and
+the most gradient bytes the rank held after any micro-batch's backward pass, ``deepspeed_seam.gradient_tensors``).
 """
 
 import argparse
@@ -11,9 +12,30 @@ from pathlib import Path
 
 import torch
 
+from hybrid_ds import deepspeed_seam
 from hybrid_ds.config import load_config
 from hybrid_ds.engine import build_pipeline_engine, init_distributed
 from hybrid_ds.plan import build_plan
+
+
+def record_gradient_bytes(engine) -> list[int]:
+    """Append to the returned list the gradient bytes this rank holds after each BackwardPass."""
+    held = []
+
+    def wrap(kind, fn):
+        if kind.__name__ != "BackwardPass":
+            return fn
+
+        def backward_then_measure(engine, *args, **kwargs):
+            out = fn(engine, *args, **kwargs)
+            found = deepspeed_seam.gradient_tensors(engine)
+            held.append(deepspeed_seam.storage_bytes([t for kind in ("param.grad", "partition", "buckets", "tied")
+                                                      for t in found.get(kind, [])]))
+            return out
+        return backward_then_measure
+
+    deepspeed_seam.wrap_pipeline_instructions(engine, wrap)
+    return held
 
 
 def micro_batches(batches, step, grad_accum, dp, dp_rank):
@@ -40,8 +62,12 @@ def main():
     gas, dp = plan.layout.grad_accum, plan.layout.dp
     dp_rank = engine.grid.get_data_parallel_rank()
     losses = [engine.eval_batch(micro_batches(batches, 0, gas, dp, dp_rank)).item()]
+    held = record_gradient_bytes(engine)
+    norms = []
     for step in range(args.steps):
         losses.append(engine.train_batch(micro_batches(batches, step, gas, dp, dp_rank)).item())
+        norm = engine.get_global_grad_norm()
+        norms.append(None if norm is None else float(norm))
 
     out = Path(args.out)
     rank = torch.distributed.get_rank()
@@ -49,7 +75,9 @@ def main():
               for path, module in engine.module.builder.built_modules().items()
               for name, p in module.named_parameters()}
     params.update({path: p.detach().clone() for path, p in engine.module.builder.built_parameters().items()})
-    torch.save({"stage": engine.stage_id, "dp_rank": dp_rank, "params": params}, out / f"params-rank{rank}.pt")
+    torch.save({"stage": engine.stage_id, "dp_rank": dp_rank, "params": params, "norms": norms,
+                "grad_bytes": max(held), "offload": bool(getattr(engine.optimizer, "cpu_offload", False))},
+               out / f"params-rank{rank}.pt")
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
 
