@@ -1,13 +1,18 @@
 """Predicted (hybrid_ds.estimate) against measured memory, on CPU: model states per rank and activations per layer.
 
 Model states: one 2-process gloo run (through the ``deepspeed`` launcher, as users train) builds a real
-engine for every valid combination of ZeRO 0/1/2/3 x pipeline stages 1/2 x fp32/bf16 on gpt2-tiny
-(ZeRO-0/1: our PipelineEngine; ZeRO-2/3: DeepSpeed's engine on the plain Hugging Face model, as
-hybrid_ds trains them), runs two optimizer steps and, at every module forward and backward, before and
-after the gradient reduction and after the inner optimizer's step, sums the bytes of every distinct
-storage reachable from the module's parameters (``.grad`` and attributes included) and from the engine's
-optimizer object graph. The peak of that sum is compared with ``model_state(...).total``; DeepSpeed's
-reduce buckets (``ipg_buckets``) are kept apart and compared with ``comm_buffer``.
+engine for every valid combination of ZeRO 0/1/2/3 x pipeline stages 1/2 x fp32/bf16 on gpt2-tiny, the
+engine hybrid_ds trains it with (``RunConfig.pipeline_engine``): our PipelineEngine for ZeRO 0/1 and for
+ZeRO-2 with 2 stages (``PartitionedGradientsPipelineEngine``), DeepSpeed's engine on the plain Hugging Face
+model for ZeRO-2/3 at one stage. With 2 processes, 2 stages leave one data-parallel rank, so a second
+4-process run measures ZeRO-2 at pp=2 x dp=2 (``DP_CASES``). Each runs two optimizer steps and, at every
+module forward and backward, before and after the gradient reduction and after the inner optimizer's step,
+sums the bytes of every distinct storage reachable from the module's parameters (``.grad`` and attributes
+included) and from the engine's optimizer object graph. The peak of that sum is compared with
+``model_state(...).total``; DeepSpeed's reduce buckets (``ipg_buckets``) are kept apart and compared with
+``comm_buffer``. The model states' transients (``transient``, ``backward_transient``: a gradient before ZeRO's
+hook copies it, the tied-weight sum inside ReduceTiedGrads, the flat copy inside the step) live between these
+sampling points and are not measured here.
 
 Activations: each pipeline layer of every tiny preset runs forward under
 ``torch.autograd.graph.saved_tensors_hooks``; the distinct storages it saves (parameters excluded, each
@@ -36,6 +41,7 @@ STATE_MODEL, STATE_SEQ, STATE_MICRO, STATE_ACCUM = "gpt2-tiny", 16, 2, 2
 # (ZeRO stage, pipeline stages, precision): every combination hybrid_ds trains, with 2 processes.
 STATE_CASES = [(z, p, prec) for prec in ("fp32", "bf16")
                for z, p in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2), (3, 1))]
+DP_CASES = [(2, 2, "fp32"), (2, 2, "bf16")]   # measured on 4 processes: pp=2 x dp=2, gradients partitioned
 ACT_MODELS = ["gpt2-tiny", "llama-tiny", "bert-tiny", "mistral-tiny", "qwen2-tiny", "gpt-neox-tiny", "opt-tiny",
               "gemma-tiny", "phi-tiny"]
 ACT_SEQ, ACT_MICRO = 128, 2
@@ -323,7 +329,7 @@ def compare_activations(models: list[str] = ACT_MODELS, precisions=("fp32", "bf1
 
 
 def print_states(rows: list[dict]) -> None:
-    print(f"model states per rank, {STATE_MODEL}, 2 gloo processes, 2 optimizer steps (KiB)")
+    print(f"model states per rank, {STATE_MODEL}, 2 (and 4) gloo processes, 2 optimizer steps (KiB)")
     print(f"{'ZeRO':>4} {'pp':>3} {'dp':>3} {'prec':>5} {'rank':>4} {'stage':>5}  {'optimizer':<29} {'measured':>9} "
           f"{'predicted':>9} {'error':>7}  {'bucket meas.':>12} {'bucket pred.':>12}")
     for r in rows:
@@ -364,7 +370,7 @@ def main() -> None:
     report: dict = {}
     start = time.time()
     if not args.skip_states:
-        report["states"] = compare_states(measure_states())
+        report["states"] = compare_states(measure_states() + measure_states(DP_CASES, nproc=4))
         print_states(report["states"])
     if not args.skip_activations:
         report["activations"] = compare_activations()
