@@ -251,7 +251,8 @@ def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: in
             engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()
         stage = 0
-    return {"zero": zero, "stages": stages, "precision": precision, "world": world, "rank": torch.distributed.get_rank(),
+    return {"zero": zero, "stages": stages, "precision": precision, "world": world,
+            "rank": torch.distributed.get_rank(),
             "stage": stage, "bytes": probe.peak, "where": probe.where, "reduce_bucket": probe.bucket,
             "breakdown": dict(sorted(probe.breakdown.items(), key=lambda kv: -kv[1])[:8])}
 
@@ -333,7 +334,8 @@ def print_states(rows: list[dict]) -> None:
     print(f"{'ZeRO':>4} {'pp':>3} {'dp':>3} {'prec':>5} {'rank':>4} {'stage':>5}  {'optimizer':<29} {'measured':>9} "
           f"{'predicted':>9} {'error':>7}  {'bucket meas.':>12} {'bucket pred.':>12}")
     for r in rows:
-        print(f"{r['zero']:>4} {r['stages']:>3} {r['world'] // r['stages']:>3} {r['precision']:>5} {r['rank']:>4} {r['stage']:>5}  "
+        dp = r["world"] // r["stages"]
+        print(f"{r['zero']:>4} {r['stages']:>3} {dp:>3} {r['precision']:>5} {r['rank']:>4} {r['stage']:>5}  "
               f"{r['optimizer']:<29} {r['bytes'] / 1024:>9.1f} {r['predicted'] / 1024:>9.1f} {r['error']:>+7.1%}  "
               + (f"{r['reduce_bucket'] / 2**20:>8.1f} MiB {r['predicted_bucket'] / 2**20:>8.1f} MiB" if r["zero"] else
                  f"{'-':>12} {'(transient)':>12}"))

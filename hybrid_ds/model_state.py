@@ -76,9 +76,10 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
     boundary; ZeRO-2 reduces every micro-batch into a partition (on the pipeline engine too:
     ``deepspeed_seam.PartitionedGradientsPipelineEngine``), holding the whole gradient of the parameter autograd
     just produced (``largest_param`` elements at most) and, with stages, summing the ``tied`` weight it shares
-    with another stage in fp32 once per step; both clone an fp32 master partition even in fp32. BF16_Optimizer keeps bf16 gradients plus a full accumulation buffer in the accumulation
-    dtype (bf16 by default, fp32 with ``data_types.grad_accum_dtype``), and partitions master weights and
-    Adam over the data-parallel group even at ZeRO-0. ZeRO-3 keeps parameters smaller than
+    with another stage in fp32 once per step; both clone an fp32 master partition even in fp32.
+    BF16_Optimizer keeps bf16 gradients plus a full accumulation buffer in the accumulation dtype (bf16 by
+    default, fp32 with ``data_types.grad_accum_dtype``), and partitions master weights and Adam over the
+    data-parallel group even at ZeRO-0. ZeRO-3 keeps parameters smaller than
     ``stage3_param_persistence_threshold`` whole through forward and backward.
 
     >>> ms = model_state(1_000_000, dp=1, zero=0, precision="fp32")   # 4 + 4 + 8 bytes per parameter
