@@ -1,13 +1,18 @@
 """Predicted (hybrid_ds.estimate) against measured memory, on CPU: model states per rank and activations per layer.
 
 Model states: one 2-process gloo run (through the ``deepspeed`` launcher, as users train) builds a real
-engine for every valid combination of ZeRO 0/1/2/3 x pipeline stages 1/2 x fp32/bf16 on gpt2-tiny
-(ZeRO-0/1: our PipelineEngine; ZeRO-2/3: DeepSpeed's engine on the plain Hugging Face model, as
-hybrid_ds trains them), runs two optimizer steps and, at every module forward and backward, before and
-after the gradient reduction and after the inner optimizer's step, sums the bytes of every distinct
-storage reachable from the module's parameters (``.grad`` and attributes included) and from the engine's
-optimizer object graph. The peak of that sum is compared with ``model_state(...).total``; DeepSpeed's
-reduce buckets (``ipg_buckets``) are kept apart and compared with ``comm_buffer``.
+engine for every valid combination of ZeRO 0/1/2/3 x pipeline stages 1/2 x fp32/bf16 on gpt2-tiny, the
+engine hybrid_ds trains it with (``RunConfig.pipeline_engine``): our PipelineEngine for ZeRO 0/1 and for
+ZeRO-2 with 2 stages (``PartitionedGradientsPipelineEngine``), DeepSpeed's engine on the plain Hugging Face
+model for ZeRO-2/3 at one stage. With 2 processes, 2 stages leave one data-parallel rank, so a second
+4-process run measures ZeRO-2 at pp=2 x dp=2 (``DP_CASES``). Each runs two optimizer steps and, at every
+module forward and backward, before and after the gradient reduction and after the inner optimizer's step,
+sums the bytes of every distinct storage reachable from the module's parameters (``.grad`` and attributes
+included) and from the engine's optimizer object graph. The peak of that sum is compared with
+``model_state(...).total``; DeepSpeed's reduce buckets (``ipg_buckets``) are kept apart and compared with
+``comm_buffer``. The model states' transients (``transient``, ``backward_transient``: a gradient before ZeRO's
+hook copies it, the tied-weight sum inside ReduceTiedGrads, the flat copy inside the step) live between these
+sampling points and are not measured here.
 
 Activations: each pipeline layer of every tiny preset runs forward under
 ``torch.autograd.graph.saved_tensors_hooks``; the distinct storages it saves (parameters excluded, each
@@ -33,8 +38,10 @@ from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results" / "estimator_accuracy.json"
 STATE_MODEL, STATE_SEQ, STATE_MICRO, STATE_ACCUM = "gpt2-tiny", 16, 2, 2
-# (ZeRO stage, pipeline stages, precision): every combination DeepSpeed accepts with 2 processes.
-STATE_CASES = [(z, p, prec) for prec in ("fp32", "bf16") for z, p in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (3, 1))]
+# (ZeRO stage, pipeline stages, precision): every combination hybrid_ds trains, with 2 processes.
+STATE_CASES = [(z, p, prec) for prec in ("fp32", "bf16")
+               for z, p in ((0, 1), (0, 2), (1, 1), (1, 2), (2, 1), (2, 2), (3, 1))]
+DP_CASES = [(2, 2, "fp32"), (2, 2, "bf16")]   # measured on 4 processes: pp=2 x dp=2, gradients partitioned
 ACT_MODELS = ["gpt2-tiny", "llama-tiny", "bert-tiny", "mistral-tiny", "qwen2-tiny", "gpt-neox-tiny", "opt-tiny",
               "gemma-tiny", "phi-tiny"]
 ACT_SEQ, ACT_MICRO = 128, 2
@@ -219,14 +226,14 @@ def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: in
 
     cfg = load_config_dict(_state_config(zero, stages, precision, bucket))
     ids = torch.randint(0, 256, (STATE_MICRO, STATE_SEQ), generator=torch.Generator().manual_seed(0))
-    if zero <= 1:  # hybrid_ds trains ZeRO 0/1 through the PipelineEngine, also at 1 stage
+    if cfg.pipeline_engine:  # as hybrid_ds trains it: ZeRO 0/1 at any stages, ZeRO-2 with stages > 1
         engine = build_pipeline_engine(build_plan(cfg, world))
         probe = StateProbe(engine)
         probe.install()
         for _ in range(2):
             engine.train_batch(iter([((ids, torch.ones_like(ids)), ids)] * STATE_ACCUM))
         stage = engine.stage_id
-    else:  # ZeRO-2/3: DeepSpeed's engine on the plain Hugging Face model
+    else:  # ZeRO-2/3 at one stage: DeepSpeed's engine on the plain Hugging Face model
         import deepspeed
         import transformers
 
@@ -244,9 +251,16 @@ def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: in
             engine.backward(engine(input_ids=ids, labels=ids).loss)
             engine.step()
         stage = 0
-    return {"zero": zero, "stages": stages, "precision": precision, "rank": torch.distributed.get_rank(),
+    return {"zero": zero, "stages": stages, "precision": precision, "world": world,
+            "rank": torch.distributed.get_rank(),
             "stage": stage, "bytes": probe.peak, "where": probe.where, "reduce_bucket": probe.bucket,
             "breakdown": dict(sorted(probe.breakdown.items(), key=lambda kv: -kv[1])[:8])}
+
+
+def _uses_pipeline_engine(case: tuple[int, int, str]) -> bool:
+    from hybrid_ds.config import load_config_dict
+
+    return load_config_dict(_state_config(*case)).pipeline_engine
 
 
 def worker(cases: list[tuple[int, int, str]], out: Path, bucket: int | None = None) -> None:
@@ -256,7 +270,7 @@ def worker(cases: list[tuple[int, int, str]], out: Path, bucket: int | None = No
 
     world = init_distributed()
     results = []
-    for zero, stages, precision in sorted(cases, key=lambda case: case[0] <= 1):  # plain engines first
+    for zero, stages, precision in sorted(cases, key=_uses_pipeline_engine):  # plain engines first
         start = time.time()
         results.append(_measure_case(zero, stages, precision, world, bucket))
         results[-1]["seconds"] = time.time() - start
@@ -293,7 +307,7 @@ def measure_states(cases: list[tuple[int, int, str]] = STATE_CASES, nproc: int =
 def compare_states(measured: list[dict]) -> list[dict]:
     rows = []
     for m in measured:
-        predicted = next(s for s in predict_state(m["zero"], m["stages"], m["precision"], bucket=m["bucket_size"])
+        predicted = next(s for s in predict_state(m["zero"], m["stages"], m["precision"], m["world"], m["bucket_size"])
                          if s["stage"] == m["stage"])
         rows.append({**m, "predicted": predicted["bytes"], "optimizer": predicted["optimizer"],
                      "predicted_phase": predicted["phase"], "predicted_bucket": predicted["comm_buffer"],
@@ -316,11 +330,12 @@ def compare_activations(models: list[str] = ACT_MODELS, precisions=("fp32", "bf1
 
 
 def print_states(rows: list[dict]) -> None:
-    print(f"model states per rank, {STATE_MODEL}, 2 gloo processes, 2 optimizer steps (KiB)")
+    print(f"model states per rank, {STATE_MODEL}, 2 (and 4) gloo processes, 2 optimizer steps (KiB)")
     print(f"{'ZeRO':>4} {'pp':>3} {'dp':>3} {'prec':>5} {'rank':>4} {'stage':>5}  {'optimizer':<29} {'measured':>9} "
           f"{'predicted':>9} {'error':>7}  {'bucket meas.':>12} {'bucket pred.':>12}")
     for r in rows:
-        print(f"{r['zero']:>4} {r['stages']:>3} {2 // r['stages']:>3} {r['precision']:>5} {r['rank']:>4} {r['stage']:>5}  "
+        dp = r["world"] // r["stages"]
+        print(f"{r['zero']:>4} {r['stages']:>3} {dp:>3} {r['precision']:>5} {r['rank']:>4} {r['stage']:>5}  "
               f"{r['optimizer']:<29} {r['bytes'] / 1024:>9.1f} {r['predicted'] / 1024:>9.1f} {r['error']:>+7.1%}  "
               + (f"{r['reduce_bucket'] / 2**20:>8.1f} MiB {r['predicted_bucket'] / 2**20:>8.1f} MiB" if r["zero"] else
                  f"{'-':>12} {'(transient)':>12}"))
@@ -357,7 +372,7 @@ def main() -> None:
     report: dict = {}
     start = time.time()
     if not args.skip_states:
-        report["states"] = compare_states(measure_states())
+        report["states"] = compare_states(measure_states() + measure_states(DP_CASES, nproc=4))
         print_states(report["states"])
     if not args.skip_activations:
         report["activations"] = compare_activations()

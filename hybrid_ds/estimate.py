@@ -93,6 +93,7 @@ class Run:
     attn: str = "sdpa"
     reduce_bucket: int = 500_000_000       # zero_optimization.reduce_bucket_size
     contiguous_gradients: bool = True
+    overlap_comm: bool = False             # zero_optimization.overlap_comm (DeepSpeed: on at ZeRO-3 only)
     persistence_threshold: int = 100_000   # zero_optimization.stage3_param_persistence_threshold
     prefetch_bucket: int = 50_000_000      # zero_optimization.stage3_prefetch_bucket_size
     source: str = ""
@@ -127,6 +128,7 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
                cfg.zero_stage, cfg.precision, _DTYPE_NAMES[str(accum).lower()] if accum else None,
                cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation,
                int(zero.get("reduce_bucket_size", 5e8)), bool(zero.get("contiguous_gradients", True)),
+               bool(zero.get("overlap_comm", cfg.zero_stage == 3)),
                int(zero.get("stage3_param_persistence_threshold", 1e5)),
                int(zero.get("stage3_prefetch_bucket_size", 5e7)), cfg.source, cfg.description)
 
@@ -157,8 +159,11 @@ class StageEstimate:
 
     @property
     def total(self) -> float:
-        return (self.state.total + self.state.comm_buffer + self.activations + self.logits
-                + self.pipe_buffers + self.overhead)
+        """Peak bytes: inside backward (activations, ZeRO-2's whole gradient in flight) or outside it (the
+        model states' transient copies, when no activations are held), whichever is larger."""
+        in_backward = self.activations + self.logits + self.state.backward_transient
+        return (self.state.total + self.state.comm_buffer + self.pipe_buffers + self.overhead
+                + max(in_backward, self.state.transient))
 
 
 def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cuda") -> tuple[float, int, float, float]:
@@ -194,7 +199,21 @@ def stage_flops(run: Run, lo: int, hi: int) -> float:
 
 
 def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, float]:
-    """Bytes one rank of ``stage`` sends per step (ring collectives: 2(d-1)/d of the buffer for an all-reduce)."""
+    """Bytes one rank of ``stage`` sends per step (ring collectives: 2(d-1)/d of the buffer for an all-reduce).
+
+    ZeRO-1/2: DeepSpeed's ZeRO optimizer all-reduces its gradient buckets over data parallel and keeps its
+    slice (``use_multi_rank_bucket_allreduce``, on by default), ZeRO-1 once per step, ZeRO-2 after every
+    micro-batch's backward (grad_accum times ZeRO-1's volume), then all-gathers the updated parameters once.
+    A tied weight's gradient is summed once per step over the stages that share it: its two tie ranks at
+    ZeRO 0/1, in the model dtype; every rank of both stages at ZeRO-2, in fp32
+    (``PartitionedGradientsPipelineEngine``: the stages partition the weight at different offsets).
+
+    >>> run = Run(arch_from_preset("gpt2-tiny"), world_size=4, stages=2, dp=2, micro_batch=1, grad_accum=4,
+    ...           seq_len=16, zero=2, precision="fp32")
+    >>> comm = stage_comm(run, 0, params=1000, persistent=0)  # 4 reductions x 2 x 1/2 x 4,000 B
+    >>> comm["gradient all-reduce"], comm["parameter all-gather"], comm["tied gradients"]  # tied: 2 x 3/4 x 65,536 B
+    (16000.0, 2000.0, 98304.0)
+    """
     d, p, m, w = run.dp, run.stages, run.grad_accum, DTYPE_BYTES[run.precision]
     share = (d - 1) / d
     comm: dict[str, float] = {}
@@ -202,18 +221,26 @@ def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, 
         if run.zero == 3:  # per micro-batch: gather for forward and for backward, reduce-scatter the gradients
             comm["zero-3 gathers"] = m * share * 2 * (params - persistent) * w + share * persistent * w
             comm["gradient reduce-scatter"] = m * share * params * w
-        elif run.zero == 2:  # reduce-scatter every micro-batch, all-gather the updated parameters once
-            comm["gradient reduce-scatter"] = m * share * params * w
-            comm["parameter all-gather"] = share * params * w
-        else:  # all-reduce (ZeRO-0) or reduce-scatter + all-gather (ZeRO-1) once per step: the same volume
-            comm["gradient all-reduce" if run.zero == 0 else "reduce-scatter + all-gather"] = 2 * share * params * w
+        else:
+            comm["gradient all-reduce"] = (m if run.zero == 2 else 1) * 2 * share * params * w
+            if run.zero:
+                comm["parameter all-gather"] = share * params * w
     activation = w * run.seq_len * run.micro_batch * run.arch.hidden
     sends = (stage < p - 1) + (stage > 0)   # activations forward, their gradients backward
     if sends:
         comm["pipeline p2p"] = m * sends * activation
     if p > 1 and run.arch.tied and stage in (0, p - 1):
-        comm["tied gradients"] = run.arch.tied * w  # all-reduce between the first and the last stage
+        ranks = 2 * d if run.zero == 2 else 2
+        comm["tied gradients"] = 2 * (ranks - 1) / ranks * run.arch.tied * (4 if run.zero == 2 else w)
     return comm
+
+
+def stage_largest_param(arch: Arch, lo: int, hi: int) -> int:
+    """Elements of the largest parameter tensor of the stage holding layers [lo, hi)."""
+    parts = ([arch.embedding] if lo == 0 else []) + ([arch.head] if hi == arch.layers + 2 else [])
+    if any(1 <= layer <= arch.layers for layer in range(lo, hi)):
+        parts.append(arch.block)
+    return max((n for part in parts for _, n in part), default=0)
 
 
 def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = None) -> list[StageEstimate]:
@@ -223,9 +250,11 @@ def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = No
     largest = arch.largest_module() if run.zero == 3 else 0
     out = []
     for s, (lo, hi, params) in enumerate(zip(parts, parts[1:], arch.stage_params(parts))):
+        shares_tie = run.stages > 1 and s in (0, run.stages - 1)   # the tied weight is summed across stages
         state = model_state(params, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
                             largest if largest > run.persistence_threshold else 0, run.reduce_bucket,
-                            run.contiguous_gradients, run.prefetch_bucket)
+                            run.contiguous_gradients, run.prefetch_bucket, stage_largest_param(arch, lo, hi),
+                            arch.tied if shares_tie else 0, run.overlap_comm)
         activations, in_flight, logits, buffers = stage_activations(run, s, lo, hi, runtime)
         blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
         out.append(StageEstimate(s, lo, hi - 1, blocks, params, state, activations, in_flight, logits, buffers,
@@ -299,15 +328,15 @@ def _step_time(est: Estimate, cluster: Any, efficiency: float) -> None:
     per_micro_batch, after_flush = [], []
     for s in est.stages:
         compute = s.flops_per_micro_batch / (peak * efficiency)
-        if run.zero == 3:  # DeepSpeed prefetches ZeRO-3 gathers under compute (overlap_comm defaults on)
-            compute = max(compute, (s.comm.get("zero-3 gathers", 0) + s.comm.get("gradient reduce-scatter", 0))
-                          / run.grad_accum / dp_bw)
+        # ZeRO-3 gathers and reduce-scatters, ZeRO-2 all-reduces inside every micro-batch's backward: on the
+        # pipeline's critical path, under compute only with overlap_comm (DeepSpeed's default at ZeRO-3 only)
+        in_micro_batch = (s.comm.get("zero-3 gathers", 0) + s.comm.get("gradient reduce-scatter", 0)
+                          + (s.comm.get("gradient all-reduce", 0) if run.zero == 2 else 0)) / run.grad_accum / dp_bw
+        compute = max(compute, in_micro_batch) if run.overlap_comm else compute + in_micro_batch
         sends = (s.stage < run.stages - 1) + (s.stage > 0)
         per_micro_batch.append(compute + sends * activation / p2p_bw)
-        data_parallel = sum(v for k, v in s.comm.items() if k not in ("pipeline p2p", "tied gradients",
-                                                                         "zero-3 gathers", "gradient reduce-scatter")
-                            or (k == "gradient reduce-scatter" and run.zero != 3))
-        after_flush.append(data_parallel / dp_bw + s.comm.get("tied gradients", 0) / p2p_bw)
+        once = s.comm.get("parameter all-gather", 0) + (s.comm.get("gradient all-reduce", 0) if run.zero < 2 else 0)
+        after_flush.append(once / dp_bw + s.comm.get("tied gradients", 0) / p2p_bw)
     slowest = max(per_micro_batch)
     pipeline = (run.grad_accum + run.stages - 1) * slowest
     est.time_parts = {"compute": run.grad_accum * slowest, "bubble": (run.stages - 1) * slowest,

@@ -21,8 +21,13 @@ ALLREDUCE_BUCKET = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_
 class ModelState:
     """Bytes one rank holds for parameters, gradients, fp32 master weights and Adam state, at its peak phase.
 
-    ``transient`` are flat copies made and dropped inside the optimizer step; ``comm_buffer`` is the
-    reduce bucket DeepSpeed allocates for gradient reduction (``reduce_bucket_size`` elements).
+    ``comm_buffer`` is the reduce bucket DeepSpeed allocates for gradient reduction (``reduce_bucket_size``
+    elements, two with ``overlap_comm`` at ZeRO-2). ``backward_transient`` is held on top of ``total`` inside
+    a micro-batch's backward, next to the activations: ZeRO-2's whole gradient of the largest parameter (autograd
+    produces it whole before the hook copies it into the bucket; one larger than the bucket waits whole for the
+    next reduction). ``transient`` is made and dropped outside backward, when no activations are held: the flat
+    copy cast to fp32 inside the optimizer step, and with pipeline stages the fp32 sum of a tied weight at
+    ReduceTiedGrads.
     """
 
     optimizer_path: str
@@ -33,6 +38,7 @@ class ModelState:
     optimizer: float
     transient: float = 0.0
     comm_buffer: float = 0.0
+    backward_transient: float = 0.0
 
     @property
     def total(self) -> float:
@@ -61,15 +67,19 @@ def optimizer_path(zero: int, precision: str, grad_accum_dtype: str | None = Non
 
 def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtype: str | None = None,
                 persistent: int = 0, largest_module: int = 0, reduce_bucket: int = 500_000_000,
-                contiguous_gradients: bool = True, prefetch_bucket: int = 50_000_000) -> ModelState:
+                contiguous_gradients: bool = True, prefetch_bucket: int = 50_000_000, largest_param: int = 0,
+                tied: int = 0, overlap_comm: bool = False) -> ModelState:
     """Model-state bytes per rank for ``params`` parameters on this rank's stage, ``dp`` data-parallel ranks.
 
     Phases are the peak of what each optimizer keeps, read from DeepSpeed 0.19.8 and measured by
     bench/estimator_accuracy.py. ZeRO-1 keeps the full gradient until the reduction at the accumulation
-    boundary; ZeRO-2 reduces every micro-batch into a partition; both clone an fp32 master partition even
-    in fp32. BF16_Optimizer keeps bf16 gradients plus a full accumulation buffer in the accumulation
-    dtype (bf16 by default, fp32 with ``data_types.grad_accum_dtype``), and partitions master weights and
-    Adam over the data-parallel group even at ZeRO-0. ZeRO-3 keeps parameters smaller than
+    boundary; ZeRO-2 reduces every micro-batch into a partition (on the pipeline engine too:
+    ``deepspeed_seam.PartitionedGradientsPipelineEngine``), holding the whole gradient of the parameter autograd
+    just produced (``largest_param`` elements at most) and, with stages, summing the ``tied`` weight it shares
+    with another stage in fp32 once per step; both clone an fp32 master partition even in fp32.
+    BF16_Optimizer keeps bf16 gradients plus a full accumulation buffer in the accumulation dtype (bf16 by
+    default, fp32 with ``data_types.grad_accum_dtype``), and partitions master weights and Adam over the
+    data-parallel group even at ZeRO-0. ZeRO-3 keeps parameters smaller than
     ``stage3_param_persistence_threshold`` whole through forward and backward.
 
     >>> ms = model_state(1_000_000, dp=1, zero=0, precision="fp32")   # 4 + 4 + 8 bytes per parameter
@@ -77,13 +87,17 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
     ('torch AdamW', 16000000.0)
     >>> model_state(1_000_000, dp=4, zero=2, precision="bf16").total   # 2 + 16 / 4
     6000000.0
+    >>> ms = model_state(1_000_000, dp=4, zero=2, precision="bf16", largest_param=200_000, tied=300_000)
+    >>> ms.backward_transient, ms.transient             # 2 x 200,000 in backward; 4 x 300,000 at ReduceTiedGrads
+    (400000.0, 1200000.0)
     """
     path = optimizer_path(zero, precision, grad_accum_dtype)
     n, w = float(params), DTYPE_BYTES[precision]
     accum = DTYPE_BYTES[grad_accum_dtype or precision]
     part = n / dp
     adam, master = ADAM_BYTES * part, MASTER_BYTES * part
-    bucket = reduce_bucket * w if contiguous_gradients else 0.0
+    buckets = 2 if (zero == 2 and overlap_comm) else 1   # stage_1_and_2.py setup_buckets: a second for overlap
+    bucket = buckets * reduce_bucket * w if contiguous_gradients else 0.0
     allreduce_bucket = min(n, ALLREDUCE_BUCKET) * w if dp > 1 else 0.0
     if path == "torch AdamW":
         phases = {"step": (4 * n, 4 * n, 0.0, 8 * n)}
@@ -99,7 +113,10 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
     if zero in (1, 2):  # stage_1_and_2.py; the flat 16-bit partition is cast to fp32 inside step()
         building = w * n if zero == 1 else accum * part
         phases = {"accumulate": (w * n, building, master, adam), "step": (w * n, MASTER_BYTES * part, master, adam)}
-        return _peak(path, phases, transient=accum * part, comm_buffer=bucket)
+        if zero == 1:
+            return _peak(path, phases, transient=accum * part, comm_buffer=bucket)
+        return _peak(path, phases, transient=max(accum * part, MASTER_BYTES * float(tied)), comm_buffer=bucket,
+                     backward_transient=w * float(largest_param))
     # stage3.py: 16-bit param and grad partitions, fp32 master/grad/Adam partitions; gathered modules in flight
     persistent_bytes = w * persistent
     gathered = w * (largest_module + min(prefetch_bucket, max(0.0, n - persistent)))
@@ -109,6 +126,7 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
 
 
 def _peak(path: str, phases: dict[str, tuple[float, float, float, float]], transient: float = 0.0,
-          comm_buffer: float = 0.0) -> ModelState:
+          comm_buffer: float = 0.0, backward_transient: float = 0.0) -> ModelState:
     phase = max(phases, key=lambda name: sum(phases[name]))
-    return ModelState(path, phase, *phases[phase], transient=transient, comm_buffer=comm_buffer)
+    return ModelState(path, phase, *phases[phase], transient=transient, comm_buffer=comm_buffer,
+                      backward_transient=backward_transient)

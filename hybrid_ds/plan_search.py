@@ -65,7 +65,7 @@ def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, preci
     found = []
     for stages in (p for p in _divisors(cluster.gpus) if p <= arch.layers):
         dp = cluster.gpus // stages
-        for zero in ((0, 1) if stages > 1 else (0, 1, 2, 3)):
+        for zero in ((0, 1, 2) if stages > 1 else (0, 1, 2, 3)):   # ZeRO-3 partitions parameters: one stage only
             for micro in (b for b in (1, 2, 4, 8, 16, 32) if global_batch % (b * dp) == 0):
                 for ckpt in (0, 1):
                     candidate = _layout_config(raw, stages, zero, micro, global_batch // (micro * dp), ckpt, precision)

@@ -71,7 +71,8 @@ def format_estimate(est: Estimate) -> str:
     lines += ["",
               f"model states on stage {b.stage} ({b.state.phase} phase): params {human_bytes(b.state.params)}, "
               f"grads {human_bytes(b.state.grads)}, fp32 master {human_bytes(b.state.master)}, "
-              f"Adam {human_bytes(b.state.optimizer)}; reduce bucket {human_bytes(b.state.comm_buffer)}",
+              f"Adam {human_bytes(b.state.optimizer)}; reduce bucket {human_bytes(b.state.comm_buffer)}"
+              + _transients(b),
               f"FLOPs/step  model {human_count(est.model_flops, 'FLOPs')} (3 passes), hardware "
               f"{human_count(est.hardware_flops, 'FLOPs')}"
               f" (with recompute); causal attention counted as full s x s",
@@ -89,6 +90,14 @@ def format_estimate(est: Estimate) -> str:
     return "\n".join(lines)
 
 
+def _transients(s: Any) -> str:
+    """The model states' transients of a stage, as format_estimate appends them (hybrid_ds.model_state)."""
+    parts = [f"in backward {human_bytes(s.state.backward_transient)} (ZeRO-2: a whole gradient before its reduction)"
+             if s.state.backward_transient else "",
+             f"outside backward {human_bytes(s.state.transient)}" if s.state.transient else ""]
+    return "; transient " + ", ".join(p for p in parts if p) if any(parts) else ""
+
+
 def estimate_dict(est: Estimate) -> dict[str, Any]:
     """The estimate as JSON data."""
     run = est.run
@@ -96,6 +105,8 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
                "optimizer": s.state.optimizer_path, "peak_phase": s.state.phase,
                "bytes": {"params": s.state.params, "grads": s.state.grads, "master": s.state.master,
                          "optimizer_states": s.state.optimizer, "reduce_bucket": s.state.comm_buffer,
+                         "transient_in_backward": s.state.backward_transient,
+                         "transient_outside_backward": s.state.transient,
                          "activations": s.activations, "logits": s.logits, "pipe_buffers": s.pipe_buffers,
                          "overhead": s.overhead, "total": s.total},
                "micro_batches_in_flight": s.in_flight, "hardware_flops_per_micro_batch": s.flops_per_micro_batch,

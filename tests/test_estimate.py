@@ -211,12 +211,68 @@ def test_bf16_with_fp32_accumulation_keeps_a_full_fp32_gradient_buffer():
         model_state(10**6, 4, 0, "bf16", grad_accum_dtype="fp32")
 
 
+def test_zero2_with_stages_partitions_gradients_and_counts_its_transients():
+    """pp=2 x dp=4, bf16: between micro-batches each rank holds 1/dp of its stage's gradients; inside backward the
+    whole gradient of the stage's largest parameter (the tied embedding), at ReduceTiedGrads its fp32 sum."""
+    zero1, zero2 = (_run("gpt2", 8, pipeline={"stages": 2}, zero_optimization={"stage": zero},
+                         bf16={"enabled": True}, gradient_accumulation_steps=8) for zero in (1, 2))
+    for one, two in zip(stage_estimates(zero1), stage_estimates(zero2)):
+        n, tied = two.params, zero2.arch.tied
+        assert two.state.optimizer_path == "DeepSpeedZeroOptimizer"
+        assert one.state.grads == 2 * n and two.state.grads == pytest.approx(4 * n / 4)  # fp32 partition at step
+        assert model_state(n, 4, 2, "bf16").total < model_state(n, 4, 1, "bf16").total
+        assert two.state.backward_transient == 2 * tied == 2 * 50257 * 768  # wte, on both stages
+        assert two.state.transient == 4 * tied
+        # the peak trades ZeRO-1's whole gradient for the partition plus one whole gradient in flight
+        assert two.total == pytest.approx(one.total - one.state.total + two.state.total + 2 * tied)
+    text = format_estimate(estimate(zero2))
+    assert "ZeRO-2" in text and "transient in backward 73.6 MiB" in text
+
+
+def test_zero2_with_stages_all_reduces_gradients_every_micro_batch():
+    """ZeRO-2 all-reduces the stage's gradients after every micro-batch (grad_accum x ZeRO-1's once per step),
+    and sums the tied weight in fp32 over every rank of both stages; the step time pays for it."""
+    cluster = make_cluster(8, "a100")
+
+    def run(zero, accum):
+        return _run("gpt2", 8, pipeline={"stages": 2}, zero_optimization={"stage": zero}, bf16={"enabled": True},
+                    gradient_accumulation_steps=accum)
+
+    for accum in (4, 16):
+        one, two = estimate(run(1, accum), cluster), estimate(run(2, accum), cluster)
+        for s1, s2 in zip(one.stages, two.stages):
+            assert s2.comm["gradient all-reduce"] == pytest.approx(accum * s1.comm["gradient all-reduce"])
+            assert s2.comm["gradient all-reduce"] == pytest.approx(accum * 2 * 3 / 4 * s2.params * 2)
+            assert s2.comm["parameter all-gather"] == s1.comm["parameter all-gather"]
+            assert s2.comm["tied gradients"] == pytest.approx(2 * 7 / 8 * 50257 * 768 * 4)   # fp32 over 2 x 4 ranks
+            assert s1.comm["tied gradients"] == pytest.approx(50257 * 768 * 2)                 # bf16 over 2 ranks
+        assert two.comm_per_rank > one.comm_per_rank and two.step_time > one.step_time
+    slower = [estimate(run(2, accum), cluster).step_time - estimate(run(1, accum), cluster).step_time
+              for accum in (4, 16)]
+    assert slower[1] > 3 * slower[0]   # one all-reduce per micro-batch on the critical path, not one per step
+
+
+def test_plan_picks_zero2_with_stages_where_zero1_does_not_fit(capsys):
+    """llama2-7b on 16x A100-20GB: at 2 stages only ZeRO-2 (dp 8 partitions the gradients) fits; never ZeRO-3
+    with stages."""
+    assert cli("plan", "llama2-7b", "--gpus", "16", "--gpu", "a100", "--gpu-mem", "20GB", "--json") == 0
+    found = json.loads(capsys.readouterr().out)
+    layouts = {(f["estimate"]["stages"], f["estimate"]["zero"]) for f in found}
+    assert (2, 2) in layouts and not {(2, 0), (2, 1)} & layouts
+    assert not {(p, 3) for p in (2, 4, 8, 16)} & layouts
+    two = next(f for f in found if f["estimate"]["stages"] == 2)
+    cfg = load_config_dict(two["config"])
+    assert cfg.zero_stage == 2 and cfg.pipeline.stages == 2 and cfg.pipeline_engine
+    assert estimate_for_config(cfg, 16).fits
+
+
 @pytest.mark.multiproc
 def test_model_states_match_real_engines():
-    """ZeRO 0/1/2/3 x pp 1/2 x fp32/bf16 (2 gloo processes): bytes held by the engine within 5%."""
+    """ZeRO 0/1/2/3 x pp 1/2 x fp32/bf16 (2 gloo processes; ZeRO-2 with 2 stages on our PipelineEngine): bytes
+    held by the engine within 5%."""
     bench = _bench()
     cases = [(0, 1, "fp32"), (1, 2, "fp32"), (2, 1, "fp32"), (3, 1, "fp32"),
-             (0, 2, "bf16"), (1, 1, "bf16"), (2, 1, "bf16"), (3, 1, "bf16")]
+             (0, 2, "bf16"), (1, 1, "bf16"), (2, 1, "bf16"), (2, 2, "bf16"), (3, 1, "bf16")]
     rows = bench.compare_states(bench.measure_states(cases, bucket=2_000_000))
     assert len(rows) == 2 * len(cases)
     assert {r["optimizer"] for r in rows} == {"torch AdamW", "BF16_Optimizer", "DeepSpeedZeroOptimizer",
@@ -258,9 +314,9 @@ def test_compare_all_configs_is_fast_and_never_imports_torch():
 
 
 def test_compare_shows_invalid_layouts_with_their_reason(capsys):
-    assert cli("compare", str(ROOT / "configs/gpt.json"), "gpt2", "--stages", "2", "--zero", "2") == 0
+    assert cli("compare", str(ROOT / "configs/gpt.json"), "gpt2", "--stages", "2", "--zero", "3") == 0
     out = capsys.readouterr().out
-    assert "ZeRO stage 2 cannot be combined with pipeline.stages=2" in out
+    assert "ZeRO stage 3 cannot be combined with pipeline.stages=2" in out
     assert cli("compare", "gpt2-tiny", "--stages", "3", "--gpus", "3") == 0
     assert "3 stages need at least 3 layers; the model has 2" in capsys.readouterr().out
     assert cli("compare", "gpt2", "--gpu", "h1000") == 2
@@ -320,19 +376,20 @@ def test_step_time_mfu_and_days_by_hand_for_gpt2_on_one_a100_node():
     Tokens per step: micro 8 x accumulation 4 x dp 8 x 1024 = 262,144
         -> 854,438,400 x 262,144 = 223,985,899,929,600 FLOPs per step, 27,998,237,491,200 per GPU.
     At 45% of the A100's 312 TFLOP/s (140.4 TFLOP/s): 0.19941765 s of compute per step.
-    ZeRO-1's gradient sync, once per step: reduce-scatter + all-gather of the 124,439,808 bf16 parameters,
-        2 x 7/8 x 124,439,808 x 2 B = 435,539,328 B at 70% of NVLink's 300 GB/s = 0.00207400 s.
-    Step time 0.20149164 s; MFU = 223,985,899,929,600 / (8 x 312e12 x 0.20149164) = 0.445368;
-    300B tokens = 1,144,409.18 steps x 0.20149164 s = 2.668853 days.
+    ZeRO-1's gradient sync, once per step, of the 124,439,808 bf16 parameters: DeepSpeed all-reduces the
+    gradient buckets (use_multi_rank_bucket_allreduce) and all-gathers the updated parameters,
+        (2 + 1) x 7/8 x 124,439,808 x 2 B = 653,308,992 B at 70% of NVLink's 300 GB/s = 0.00311100 s.
+    Step time 0.20252864 s; MFU = 223,985,899,929,600 / (8 x 312e12 x 0.20252864) = 0.443088;
+    300B tokens = 1,144,409.18 steps x 0.20252864 s = 2.682588 days.
     """
     run = _run("gpt2", 8, data={"seq_len": 1024}, train_micro_batch_size_per_gpu=8, gradient_accumulation_steps=4,
                zero_optimization={"stage": 1}, bf16={"enabled": True})
     est = estimate(run, make_cluster(8, "a100"), efficiency=0.45)
     assert run.arch.params == 124_439_808 and run.tokens_per_step == 262_144
     assert est.model_flops == pytest.approx(223_985_899_929_600, rel=1e-12)
-    assert est.step_time == pytest.approx(0.19941765 + 0.00207400, rel=1e-6)
-    assert est.mfu == pytest.approx(0.445368, rel=1e-5)
-    assert training_days(est, 300e9) == pytest.approx(2.668853, rel=1e-5)
+    assert est.step_time == pytest.approx(0.19941765 + 0.00311100, rel=1e-6)
+    assert est.mfu == pytest.approx(0.443088, rel=1e-5)
+    assert training_days(est, 300e9) == pytest.approx(2.682588, rel=1e-5)
 
 
 def test_days_and_mfu_reproduce_narayanan_gpt3_175b():
