@@ -8,7 +8,7 @@ tied embedding is about a third of the parameters, as in GPT-2 small. fp32, Adam
 gradient accumulation 4, ``reduce_bucket_size`` 500,000 elements on both.
 
 Gradient bytes: the distinct storages that hold gradients on a rank (``deepspeed_seam.gradient_tensors``:
-``param.grad``, ZeRO's partitions and reduce buckets, the tied-weight sums), sampled after every pipeline
+``param.grad``, ZeRO's partitions and reduce buckets), sampled after every pipeline
 instruction ("between micro-batches": after each BackwardPass), before and after each gradient ZeRO takes from
 autograd, each reduction and each collective; the largest sample is the peak. Communicated bytes: what every
 collective and point-to-point call hands to torch.distributed, per step, by operation.
@@ -74,7 +74,7 @@ class GradientProbe:
             return 0
         found = gradient_tensors(self.engine)
         parts, counted = {}, []
-        for kind in ("partition", "tied", "buckets", "param.grad"):   # a view counts where its buffer is
+        for kind in ("partition", "buckets", "param.grad"):   # a view counts where its buffer is
             parts[kind] = storage_bytes(found.get(kind, []), exclude=counted)
             counted += found.get(kind, [])
         total = sum(parts.values())
@@ -200,12 +200,31 @@ def measure(dp: int, steps: int) -> list[dict]:
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2 * dp)]
 
 
+def predict(zero: int, dp: int) -> dict[int, dict[str, float]]:
+    """hybrid_ds.estimate's figures per stage: gradient bytes between micro-batches (the accumulate phase's
+    gradients) and the in-backward peak of gradient storage (those, the reduce bucket and, for ZeRO-2, the whole
+    gradient of the parameter in flight)."""
+    from hybrid_ds.config import load_config_dict
+    from hybrid_ds.estimate import run_from_config, stage_estimates
+
+    out = {}
+    for s in stage_estimates(run_from_config(load_config_dict(run_config(zero)), 2 * dp), runtime="cpu", overhead=0.0):
+        out[s.stage] = {"between": s.state.grads,
+                        "peak": s.state.grads + s.state.comm_buffer + s.state.backward_transient,
+                        "comm": s.comm}
+    return out
+
+
 def summarize(dp: int, ranks: list[dict]) -> dict:
     rows = []
     for zero in ("1", "2"):
+        predicted = predict(int(zero), dp)
         for r in ranks:
             m = r[zero]
             rows.append({"zero": int(zero), "stage": m["stage"], "dp_rank": m["dp_rank"],
+                         "predicted_between": predicted[m["stage"]]["between"],
+                         "predicted_peak": predicted[m["stage"]]["peak"],
+                         "predicted_comm": predicted[m["stage"]]["comm"],
                          "full_grad_bytes": 4 * m["stage_params"], "between": m["between"], "peak": m["peak"],
                          "peak_where": m["peak_where"], "peak_parts": m["peak_parts"],
                          "between_parts": m["between_parts"], "instruction_s": m["instruction_s"],
@@ -220,14 +239,16 @@ def summarize(dp: int, ranks: list[dict]) -> dict:
 def print_summary(s: dict) -> None:
     print(f"\npp=2 x dp={s['dp']}: step ZeRO-1 {s['step_s']['zero1']:.3f} s, ZeRO-2 {s['step_s']['zero2']:.3f} s "
           f"(ratio {s['ratio']:.3f}); losses differ by at most {s['max_loss_diff']:.2e}")
-    print(f"{'ZeRO':>4} {'stage':>5} {'dp':>3} {'full grads':>11} {'between':>11} {'ratio':>6} {'peak':>11} "
-          f"{'ratio':>6}  dp traffic/step (reduce, all_reduce, reduce_scatter)")
+    print("gradient bytes per rank: measured (estimator's prediction); ratio = measured / the stage's full fp32 "
+          "gradient; traffic = bytes handed to all_reduce per step")
+    print(f"{'ZeRO':>4} {'stage':>5} {'dp':>3} {'full grads':>11} {'between micro-batches':>26} {'ratio':>6} "
+          f"{'peak':>26} {'ratio':>6} {'all_reduce':>11}")
     for r in s["rows"]:
-        comm = r["comm_per_step"]
-        traffic = ", ".join(f"{comm.get(k, 0):,}" for k in ("reduce", "all_reduce", "reduce_scatter_tensor"))
-        print(f"{r['zero']:>4} {r['stage']:>5} {r['dp_rank']:>3} {r['full_grad_bytes']:>11,} {r['between']:>11,} "
-              f"{r['between'] / r['full_grad_bytes']:>6.3f} {r['peak']:>11,} {r['peak'] / r['full_grad_bytes']:>6.3f}"
-              f"  {traffic}")
+        full = r["full_grad_bytes"]
+        print(f"{r['zero']:>4} {r['stage']:>5} {r['dp_rank']:>3} {full:>11,} "
+              f"{r['between']:>11,} ({r['predicted_between']:>11,.0f}) {r['between'] / full:>6.3f} "
+              f"{r['peak']:>11,} ({r['predicted_peak']:>11,.0f}) {r['peak'] / full:>6.3f} "
+              f"{r['comm_per_step'].get('all_reduce', 0):>11,}")
 
 
 def main() -> None:

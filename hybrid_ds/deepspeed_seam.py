@@ -315,6 +315,9 @@ def check_partitioned_gradients_pipeline() -> None:
       bucketed and adds it to this rank's partition; ``ready_for_gradients`` says whether anything was bucketed
       since; ``finalize_gradient_accumulation_boundary`` turns the accumulated partition into what ``step``
       reads (DeepSpeed's own path for ``managed_gradient_accumulation: false``).
+    - ``reduce_independent_p_g_buckets_and_remove_grads`` (wrapped on the instance, called through ``self`` by
+      the hooks' path) keeps a gradient larger than the bucket in ``extra_large_param_to_reduce`` until
+      ``reduce_ipg_grads(comm_dtype)`` reduces it.
     - The compact partition: ``_use_compact_grad_partition_buffer(group)`` (replaced on the instance), consulted
       by the epilogue, the reduction (``average_tensor``) and the finalization; ``_get_compact_grad_partition_slice``
       and the offsets it reads, ``grad_start_offset`` and ``grad_partition_insertion_offset``
@@ -346,6 +349,15 @@ def check_partitioned_gradients_pipeline() -> None:
                  Zero._get_compact_grad_partition_slice)) and _source_has(Zero.average_tensor,
                                                                          "self._get_compact_grad_partition_slice("),
              "between micro-batches each rank holds one flat partition of its stage's gradients")
+    _require("DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads holding an oversized gradient "
+             "in extra_large_param_to_reduce for reduce_ipg_grads(comm_dtype=...)",
+             lambda: _source_has(Zero.reduce_ready_partitions_and_remove_grads,
+                                 "self.reduce_independent_p_g_buckets_and_remove_grads(param, i)")
+             and _source_has(Zero.reduce_independent_p_g_buckets_and_remove_grads,
+                             "self.extra_large_param_to_reduce[comm_dtype] = param")
+             and _source_has(Zero.reduce_ipg_grads, "if comm_dtype in self.extra_large_param_to_reduce:")
+             and callable(Zero.get_param_comm_dtype),
+             "a stage's largest gradient is reduced before autograd builds the next one")
     _require("DeepSpeedZeroOptimizer.grad_start_offset, grad_partition_insertion_offset and partition_size, "
              "read by _build_compact_grad_partition_buffer",
              lambda: _source_has(Zero._build_compact_grad_partition_buffer, "self.partition_size[group_idx]",
@@ -405,7 +417,8 @@ class PartitionedGradientsPipelineEngine(_pipeline_engine_base()):
     - after each micro-batch's backward, what the gradient hooks bucketed is reduced over data parallel
       and added to this rank's partition (DeepSpeed's epilogue, with the boundary flag off), tied weights
       like any other parameter;
-    - the partition is one flat buffer whatever the dtypes (:func:`_compact_partition`);
+    - the partition is one flat buffer whatever the dtypes (:func:`_compact_partition`), and a gradient larger
+      than the reduce bucket is reduced as soon as autograd produced it;
     - at ReduceTiedGrads the stages sharing a tied weight add up their partitions of it: each rank lays its
       slice of the weight's gradient into a zero tensor of the weight's size, one all-reduce over every rank
       of those stages (all data-parallel ranks: the stages partition the weight at different offsets) sums
@@ -418,6 +431,18 @@ class PartitionedGradientsPipelineEngine(_pipeline_engine_base()):
         super().__init__(*args, **kwargs)
         optimizer = self.optimizer
         optimizer._use_compact_grad_partition_buffer = types.MethodType(_compact_partition, optimizer)
+        bucket_param = optimizer.reduce_independent_p_g_buckets_and_remove_grads
+
+        def reduce_oversized_at_once(param: torch.nn.Parameter, i: int) -> None:
+            """A gradient larger than the bucket is reduced as it arrives and then dropped, its slice added to the
+            partition. DeepSpeed reduces it when the next gradient arrives and, where this rank's partition holds
+            part of it, keeps the whole gradient until the end of the backward pass."""
+            bucket_param(param, i)
+            if param.numel() > optimizer.reduce_bucket_size:
+                optimizer.reduce_ipg_grads(comm_dtype=optimizer.get_param_comm_dtype(param))
+                param.grad = None
+
+        optimizer.reduce_independent_p_g_buckets_and_remove_grads = reduce_oversized_at_once
         self._group_index = {id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group}
         self._tied = self._tied_weights_over_all_replicas()
         self._INSTRUCTION_MAP = {**self._INSTRUCTION_MAP,
@@ -504,14 +529,12 @@ def gradient_tensors(engine: Any) -> dict[str, list[torch.Tensor]]:
     ``param.grad`` of the module's parameters; ``partition``: a ZeRO optimizer's accumulated and
     step-ready partitions (DeepSpeed 0.19.8: ``all_grad_tensors``, ``averaged_gradients``,
     ``grads_in_partition``, the fp32 partitions' ``.grad``); ``buckets``: its reduce buckets (``ipg_buckets``);
-    ``tied``: the tied-weight sums of a :class:`PartitionedGradientsPipelineEngine`; ``offloaded``: ZeRO-Offload's
-    ``accumulated_grads_in_cpu``. Tensors may share storage; :func:`storage_bytes` counts each storage once.
+    ``offloaded``: ZeRO-Offload's ``accumulated_grads_in_cpu``. Tensors may share storage; :func:`storage_bytes` counts each storage once.
     """
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
     found: dict[str, list[torch.Tensor]] = {"param.grad": [p.grad for p in engine.module.parameters()
                                                           if p.grad is not None]}
-    found["tied"] = list(getattr(engine, "_tied_sums", {}).values())
     optimizer = engine.optimizer
     found["buckets"] = reduce_bucket_tensors(optimizer)
     if isinstance(optimizer, DeepSpeedZeroOptimizer):

@@ -29,7 +29,7 @@ def record_gradient_bytes(engine) -> list[int]:
         def backward_then_measure(engine, *args, **kwargs):
             out = fn(engine, *args, **kwargs)
             found = deepspeed_seam.gradient_tensors(engine)
-            held.append(deepspeed_seam.storage_bytes([t for kind in ("param.grad", "partition", "buckets", "tied")
+            held.append(deepspeed_seam.storage_bytes([t for kind in ("param.grad", "partition", "buckets")
                                                       for t in found.get(kind, [])]))
             return out
         return backward_then_measure
