@@ -13,7 +13,7 @@ instruction ("between micro-batches": after each BackwardPass), before and after
 autograd, each reduction and each collective; the largest sample is the peak. Communicated bytes: what every
 collective and point-to-point call hands to torch.distributed, per step, by operation.
 
-Usage: ``python bench/zero2_pipeline.py [--dp 2 4] [--steps 4]``; prints the tables and writes
+Usage: ``python bench/zero2_pipeline.py [--dp 2 4] [--seq 64 256] [--steps 8] [--zero2-extra JSON]``; prints the tables and writes
 bench/results/zero2_pipeline.json. ``--worker`` is the launcher's entry point.
 """
 
@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import sys
 import tempfile
@@ -34,21 +33,18 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_config, launch, write_result  # noqa: E402
 
 MODEL = {"name": "gpt2-tiny", "overrides": {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 8192,
-                                            "n_positions": 128, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                            "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                                             "attn_pdrop": 0.0}}
-SEQ, MICRO, GAS, BUCKET = int(os.environ.get("ZERO2_BENCH_SEQ", 64)), 2, 4, 500_000
+MICRO, GAS, BUCKET = 2, 4, 500_000
 MEMORY_STEPS = 2   # sampled for memory and traffic (the first step allocates lazily); the others are timed
 COLLECTIVES = ("all_reduce", "reduce", "reduce_scatter_tensor", "all_gather_into_tensor", "all_gather", "broadcast",
                "send", "recv", "isend", "irecv")
 
 
-def run_config(zero: int, stages: int = 2, model: dict | None = None, offload: bool = False,
-               zero_extra: dict | None = None) -> dict:
+def run_config(zero: int, seq: int, zero_extra: dict | None = None) -> dict:
     zero_section = {"stage": zero, "reduce_bucket_size": BUCKET, "allgather_bucket_size": BUCKET, **(zero_extra or {})}
-    if offload:
-        zero_section["offload_optimizer"] = {"device": "cpu"}
-    raw = bench_config("gpt2-tiny", SEQ, MICRO, GAS, stages=stages, extra={"zero_optimization": zero_section})
-    raw["model"] = model or MODEL
+    raw = bench_config("gpt2-tiny", seq, MICRO, GAS, stages=2, extra={"zero_optimization": zero_section})
+    raw["model"] = MODEL
     return raw
 
 
@@ -139,7 +135,7 @@ class GradientProbe:
             setattr(dist, name, counted(name, getattr(dist, name)))
 
 
-def worker(out: Path, steps: int) -> None:
+def worker(out: Path, steps: int, seq: int, zero2_extra: dict) -> None:
     import torch
 
     from hybrid_ds.config import load_config_dict
@@ -150,8 +146,7 @@ def worker(out: Path, steps: int) -> None:
     world = init_distributed()
     engines, probes = {}, {}
     for zero in (1, 2):
-        extra = json.loads(os.environ.get("ZERO2_BENCH_EXTRA", "{}")) if zero == 2 else {}
-        plan = build_plan(load_config_dict(run_config(zero, zero_extra=extra)), world)
+        plan = build_plan(load_config_dict(run_config(zero, seq, zero2_extra if zero == 2 else None)), world)
         engines[zero] = build_pipeline_engine(plan)
         probes[zero] = GradientProbe(engines[zero])
         probes[zero].install()
@@ -159,7 +154,7 @@ def worker(out: Path, steps: int) -> None:
     dp, dp_rank = engine.grid.get_data_parallel_world_size(), engine.grid.get_data_parallel_rank()
     vocab = MODEL["overrides"]["vocab_size"]
     gen = torch.Generator().manual_seed(1234)
-    batches = [torch.randint(0, vocab, (MICRO, SEQ), generator=gen) for _ in range(GAS * dp)]
+    batches = [torch.randint(0, vocab, (MICRO, seq), generator=gen) for _ in range(GAS * dp)]
     micro = [((ids, torch.ones_like(ids)), ids) for ids in batches[dp_rank * GAS:(dp_rank + 1) * GAS]]
     times = {1: [], 2: []}
     losses = {1: [], 2: []}
@@ -192,15 +187,16 @@ def worker(out: Path, steps: int) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
-def measure(dp: int, steps: int) -> list[dict]:
+def measure(dp: int, steps: int, seq: int, zero2_extra: dict) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         log = Path(tmp) / "log.txt"
-        launch(2 * dp, "bench/zero2_pipeline.py", ["--worker", "--out", tmp, "--steps", str(steps)], log,
-               env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", **{k: v for k, v in os.environ.items() if k.startswith("ZERO2_BENCH")}}, timeout_s=1800)
+        launch(2 * dp, "bench/zero2_pipeline.py", ["--worker", "--out", tmp, "--steps", str(steps), "--seq", str(seq),
+                                                   "--zero2-extra", json.dumps(zero2_extra)], log,
+               env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout_s=1800)
         return [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2 * dp)]
 
 
-def predict(zero: int, dp: int) -> dict[int, dict[str, float]]:
+def predict(zero: int, dp: int, seq: int) -> dict[int, dict[str, float]]:
     """hybrid_ds.estimate's figures per stage: gradient bytes between micro-batches (the accumulate phase's
     gradients) and the in-backward peak of gradient storage (those, the reduce bucket and, for ZeRO-2, the whole
     gradient of the parameter in flight)."""
@@ -208,17 +204,17 @@ def predict(zero: int, dp: int) -> dict[int, dict[str, float]]:
     from hybrid_ds.estimate import run_from_config, stage_estimates
 
     out = {}
-    for s in stage_estimates(run_from_config(load_config_dict(run_config(zero)), 2 * dp), runtime="cpu", overhead=0.0):
+    for s in stage_estimates(run_from_config(load_config_dict(run_config(zero, seq)), 2 * dp), runtime="cpu", overhead=0.0):
         out[s.stage] = {"between": s.state.grads,
                         "peak": s.state.grads + s.state.comm_buffer + s.state.backward_transient,
                         "comm": s.comm}
     return out
 
 
-def summarize(dp: int, ranks: list[dict]) -> dict:
+def summarize(dp: int, seq: int, ranks: list[dict]) -> dict:
     rows = []
     for zero in ("1", "2"):
-        predicted = predict(int(zero), dp)
+        predicted = predict(int(zero), dp, seq)
         for r in ranks:
             m = r[zero]
             rows.append({"zero": int(zero), "stage": m["stage"], "dp_rank": m["dp_rank"],
@@ -232,12 +228,12 @@ def summarize(dp: int, ranks: list[dict]) -> dict:
     t1 = statistics.median(ranks[0]["1"]["times"])
     t2 = statistics.median(ranks[0]["2"]["times"])
     l1, l2 = ranks[0]["1"]["losses"], ranks[0]["2"]["losses"]
-    return {"dp": dp, "rows": rows, "step_s": {"zero1": t1, "zero2": t2}, "ratio": t2 / t1,
+    return {"dp": dp, "seq_len": seq, "rows": rows, "step_s": {"zero1": t1, "zero2": t2}, "ratio": t2 / t1,
             "max_loss_diff": max(abs(a - b) for a, b in zip(l1, l2))}
 
 
 def print_summary(s: dict) -> None:
-    print(f"\npp=2 x dp={s['dp']}: step ZeRO-1 {s['step_s']['zero1']:.3f} s, ZeRO-2 {s['step_s']['zero2']:.3f} s "
+    print(f"\npp=2 x dp={s['dp']}, seq_len {s['seq_len']}: step ZeRO-1 {s['step_s']['zero1']:.3f} s, ZeRO-2 {s['step_s']['zero2']:.3f} s "
           f"(ratio {s['ratio']:.3f}); losses differ by at most {s['max_loss_diff']:.2e}")
     print("gradient bytes per rank: measured (estimator's prediction); ratio = measured / the stage's full fp32 "
           "gradient; traffic = bytes handed to all_reduce per step")
@@ -254,18 +250,22 @@ def print_summary(s: dict) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--dp", type=int, nargs="+", default=[2, 4])
-    parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=8, help="timed steps (after 2 sampled for memory)")
+    parser.add_argument("--seq", type=int, nargs="+", default=[64], help="sequence lengths (a step's compute)")
+    parser.add_argument("--zero2-extra", default="{}", help="JSON keys added to the ZeRO-2 run's zero_optimization")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--out")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
+    extra = json.loads(args.zero2_extra)
     if args.worker:
-        worker(Path(args.out), args.steps)
+        worker(Path(args.out), args.steps, args.seq[0], extra)
         return
     summaries = []
     for dp in args.dp:
-        summaries.append(summarize(dp, measure(dp, args.steps)))
-        print_summary(summaries[-1])
+        for seq in args.seq:
+            summaries.append(summarize(dp, seq, measure(dp, args.steps, seq, extra)))
+            print_summary(summaries[-1])
     print(f"\nwrote {write_result('zero2_pipeline', {'runs': summaries})}")
 
 

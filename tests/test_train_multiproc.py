@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LAUNCHER = Path(sys.executable).with_name("deepspeed")
 
 
-def tiny_config(tmp_path: Path, name: str, stages: int, **train) -> Path:
+def tiny_config(tmp_path: Path, name: str, stages: int, zero: int = 1, **train) -> Path:
     config = {
         "model": {"name": name, "vocab_from_tokenizer": True},
         "data": {"seq_len": 32, "cache_dir": str(tmp_path.parent / "data-cache")},
@@ -32,7 +32,7 @@ def tiny_config(tmp_path: Path, name: str, stages: int, **train) -> Path:
         "gradient_accumulation_steps": 4,
         "optimizer": {"type": "AdamW", "params": {"lr": 2e-3, "weight_decay": 0.01}},
         "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": 4, "warmup_max_lr": 2e-3}},
-        "zero_optimization": {"stage": 1},
+        "zero_optimization": {"stage": zero},
         "steps_per_print": 1000,
     }
     path = tmp_path / "config.json"
@@ -76,12 +76,13 @@ def test_training_loss_falls(tmp_path, name, stages):
     assert (tmp_path / "run" / "step_8" / "COMPLETE").is_file()
 
 
-def checkpoint_logits(config: Path, batch: torch.Tensor, tmp_path: Path) -> object:
-    """tests/workers/checkpoint_logits.py on 2 processes: the run's latest checkpoint in its engine, logits of ``batch``."""
+def checkpoint_logits(config: Path, batch: torch.Tensor, tmp_path: Path, nproc: int = 2) -> object:
+    """tests/workers/checkpoint_logits.py on ``nproc`` processes: the run's latest checkpoint in its engine, logits
+    of ``batch``."""
     torch.save(batch, tmp_path / "batch.pt")
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     worker = ROOT / "tests" / "workers" / "checkpoint_logits.py"
-    proc = subprocess.run(command(worker, config, 2, "--batch", str(tmp_path / "batch.pt"), "--out",
+    proc = subprocess.run(command(worker, config, nproc, "--batch", str(tmp_path / "batch.pt"), "--out",
                                   str(tmp_path / "logits.pt")), capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt")
@@ -145,6 +146,28 @@ def test_export_round_trip(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(again).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=batch).logits, hf_logits)
+
+
+def test_zero2_with_stages_resumes_exactly_and_exports(tmp_path):
+    """ZeRO-2 at pp=2 x dp=2 (4 processes): stopped after step 4 and resumed, steps 5-8 give the uninterrupted
+    run's losses exactly (dropout on); the run's export computes exactly its trained pipeline's logits."""
+    import transformers
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    straight = tiny_config(tmp_path / "a", "gpt2-tiny", 2, zero=2, save_interval=4, export_hf=str(tmp_path / "hf"))
+    train(straight, 4)
+    train(tiny_config(tmp_path / "b", "gpt2-tiny", 2, zero=2, save_interval=4, max_steps=4), 4)
+    resumed = tiny_config(tmp_path / "b", "gpt2-tiny", 2, zero=2, save_interval=4)
+    train(resumed, 4, "--resume")
+    want, got = summary(straight)["losses"], summary(resumed)["losses"]
+    assert len(got) == 4 and got == want[4:], (want, got)
+    assert want[-1] < want[0] - 0.1, want
+    batch = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    pipeline_logits = checkpoint_logits(straight, batch, tmp_path, nproc=4)
+    model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        assert (model(input_ids=batch).logits - pipeline_logits).abs().max().item() == 0.0
 
 
 def test_killing_a_rank_ends_the_run(tmp_path):
