@@ -547,13 +547,12 @@ def gradient_tensors(engine: Any) -> dict[str, list[torch.Tensor]]:
                 return [t for v in value.values() for t in tensors(v)]
             return []
 
-        internal = "DeepSpeedZeroOptimizer.all_grad_tensors, averaged_gradients, grads_in_partition"
+        internal = "DeepSpeedZeroOptimizer.all_grad_tensors, averaged_gradients, single_partition_of_fp32_groups"
         _require(internal, lambda: all(hasattr(optimizer, name) for name in
-                                       ("all_grad_tensors", "averaged_gradients", "grads_in_partition",
-                                        "single_partition_of_fp32_groups")),
+                                       ("all_grad_tensors", "averaged_gradients", "single_partition_of_fp32_groups")),
                  "the memory benchmark counts ZeRO's gradient partitions")
         found["partition"] = (tensors(optimizer.all_grad_tensors) + tensors(optimizer.averaged_gradients)
-                              + tensors(optimizer.grads_in_partition)
+                              + tensors(getattr(optimizer, "grads_in_partition", None))  # contiguous_gradients only
                               + tensors([p.grad for p in optimizer.single_partition_of_fp32_groups]))
         found["offloaded"] = tensors(getattr(optimizer, "accumulated_grads_in_cpu", {}))
     return found
