@@ -366,6 +366,11 @@ def _check_cross_section(cfg: RunConfig) -> None:
             f"ZeRO stage 3 cannot be combined with pipeline.stages={cfg.pipeline.stages} (parameters partitioned "
             "over data parallel inside a pipeline stage are not supported); use zero_optimization.stage 0, 1 or 2 "
             "with stages > 1, or pipeline.stages=1 for ZeRO-3")
+    if cfg.zero_stage == 2 and cfg.pipeline.stages > 1 and cfg.precision == "fp16":
+        raise UserError(
+            "fp16.enabled", f"fp16 (dynamic loss scaling) is not supported with ZeRO-2 and pipeline.stages="
+            f"{cfg.pipeline.stages}: hybrid_ds runs that layout in fp32 or bf16; use bf16.enabled, or "
+            "zero_optimization.stage 0 or 1 for fp16")
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",

@@ -166,6 +166,8 @@ MALFORMED = {
     "zero3-with-pipeline": (with_(TINY, zero_optimization={"stage": 3}), "zero_optimization.stage",
                             "pipeline.stages=1"),
     "zero-stage-7": (with_(TINY, zero_optimization={"stage": 7}), "zero_optimization.stage", "7"),
+    "fp16-zero2-with-pipeline": (with_(TINY, zero_optimization={"stage": 2}, fp16={"enabled": True}), "fp16.enabled",
+                                 "use bf16.enabled"),
     "fp16-and-bf16": (with_(TINY, fp16={"enabled": True}, bf16={"enabled": True}), "bf16.enabled", "both"),
     "negative-micro-batch": (with_(TINY, train_micro_batch_size_per_gpu=-1), "train_micro_batch_size_per_gpu",
                              "-1"),
