@@ -54,6 +54,16 @@ def bench_config(model: str, seq_len: int, micro_batch: int, grad_accum: int, st
     return raw
 
 
+def sampled_around(sample: Any, fn: Any, where: str) -> Any:
+    """``fn`` wrapped to call ``sample("before WHERE")`` and ``sample("after WHERE")`` around it (memory probes)."""
+    def wrapped(*args, **kwargs):
+        sample(f"before {where}")
+        out = fn(*args, **kwargs)
+        sample(f"after {where}")
+        return out
+    return wrapped
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -209,12 +209,8 @@ class StateProbe:
         inner.step = self._around(inner.step, "optimizer step")
 
     def _around(self, fn, where: str):
-        def wrapped(*args, **kwargs):
-            self.sample(f"before {where}")
-            out = fn(*args, **kwargs)
-            self.sample(f"after {where}")
-            return out
-        return wrapped
+        from common import sampled_around
+        return sampled_around(self.sample, fn, where)
 
 
 def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: int | None) -> dict:

@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import bench_config, launch, write_result  # noqa: E402
+from common import bench_config, launch, sampled_around, write_result  # noqa: E402
 
 MODEL = {"name": "gpt2-tiny", "overrides": {"n_embd": 256, "n_layer": 4, "n_head": 4, "vocab_size": 8192,
                                             "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
@@ -79,13 +79,6 @@ class GradientProbe:
             self.peak, self.peak_where, self.peak_parts = total, where, parts
         return total
 
-    def around(self, fn, where: str):
-        def wrapped(*args, **kwargs):
-            self.sample(f"before {where}")
-            out = fn(*args, **kwargs)
-            self.sample(f"after {where}")
-            return out
-        return wrapped
 
     def install(self) -> None:
         from hybrid_ds.deepspeed_seam import wrap_pipeline_instructions
@@ -110,7 +103,7 @@ class GradientProbe:
         for name in ("process_gradients", "average_tensor", "get_all_grad_tensors",
                      "overlapping_partition_gradients_reduce_epilogue", "finalize_gradient_accumulation_boundary"):
             if hasattr(optimizer, name):
-                setattr(optimizer, name, self.around(getattr(optimizer, name), name))
+                setattr(optimizer, name, sampled_around(self.sample, getattr(optimizer, name), name))
 
     @staticmethod
     def patch_collectives() -> None:
