@@ -123,10 +123,16 @@ def packed_splits(data: DataConfig, tokenizer: Any, task: str) -> tuple[Any, Any
     train_docs, eval_docs = load_documents(data)
     train = pack(train_docs, tokenizer, data.seq_len, task, data.num_proc)
     evals = pack(eval_docs, tokenizer, data.seq_len, task, data.num_proc)
-    for name, split in (("training", train), ("evaluation", evals)):
+    for name, split, docs in (("training", train, train_docs), ("evaluation", evals, eval_docs)):
         if len(split) == 0:
-            raise UserError("data.seq_len", f"the {name} split of {data.source!r} has fewer tokens than one block "
-                                            f"of {data.seq_len}; lower data.seq_len or add text")
+            texts = list(docs["text"])
+            tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else 0
+            held_out = (f"data.eval_split {data.eval_split!r}" if data.eval_split or data.source == "builtin"
+                        else f"data.eval_fraction={data.eval_fraction} of the documents, at least one")
+            raise UserError("data.source", f"{data.source!r} gives the {name} split {tokens:,} tokens in {len(docs)} "
+                                           f"document(s), fewer than one block of data.seq_len={data.seq_len}; "
+                                           f"training and evaluation ({held_out}) need {data.seq_len} tokens each: "
+                                           "add text or lower data.seq_len")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{key}-"))
     try:  # written aside, then renamed: an interrupted run never leaves a half-written cache

@@ -75,6 +75,8 @@ def load_documents(data: DataConfig) -> tuple[Any, Any]:
         train, eval_set = _load_hub(data)
     if len(train) == 0:
         raise UserError("data.source", f"{data.source!r} has no documents")
+    if eval_set is None and len(train) < 2:  # nothing to hold out: packing reports the empty evaluation split
+        return train, train.select([])
     if eval_set is None:
         split = train.train_test_split(test_size=data.eval_fraction, seed=0, shuffle=True)
         train, eval_set = split["train"], split["test"]
