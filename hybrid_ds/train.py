@@ -67,10 +67,20 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
     plan = build_plan(with_vocab(cfg, tokenizer), world_size)
     check_vocab(tokenizer, plan.resolved.hf_config.vocab_size)
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    error = None
     if local_rank == 0:
-        data = load_data(plan.config.data, task, tokenizer=tokenizer)
-    if world_size > 1:
-        torch.distributed.barrier()
+        try:
+            data = load_data(plan.config.data, task, tokenizer=tokenizer)
+        except UserError as err:
+            error = err
+    if world_size > 1:  # the ranks that waited meet the packing rank's mistake as their own, not as a dead peer
+        errors: list[tuple[str, str] | None] = [None] * world_size
+        torch.distributed.all_gather_object(errors, None if error is None else (error.key, error.message))
+        first = next((e for e in errors if e is not None), None)
+        if first is not None:
+            raise UserError(*first)
+    if error is not None:
+        raise error
     if local_rank != 0:
         data = load_data(plan.config.data, task, tokenizer=tokenizer)
     return plan, data

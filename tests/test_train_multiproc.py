@@ -217,6 +217,21 @@ def test_missing_and_corrupt_checkpoints_are_one_clear_line(tmp_path):
     assert "incomplete" in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_data_mistake_met_while_packing_is_one_line_on_every_rank(tmp_path):
+    """The node's first rank packs the corpus while the other waits: a corpus too short for one block is one
+    line and exit code 2, not the waiting rank's gloo "Connection closed by peer" traceback."""
+    (tmp_path / "one.txt").write_text("In the beginning God created the heavens and the earth.\n")
+    config = tiny_config(tmp_path, "gpt2-tiny", 2)
+    raw = json.loads(config.read_text())
+    raw["data"].update(source=str(tmp_path / "one.txt"), cache_dir=str(tmp_path / "cache"))
+    config.write_text(json.dumps(raw))
+    proc = train(config, expect=2)
+    output = proc.stdout + proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if "hybrid-ds: error" in line]
+    assert len(errors) == 1 and "data.source" in errors[0] and "11 tokens in 1 document(s)" in errors[0], output[-2000:]
+    assert "Traceback" not in output and "Connection closed" not in output, output[-2000:]
+
+
 def test_smollm2_finetunes_at_two_stages_and_exports(tmp_path):
     """A real pretrained model by local path: a few pp=2 steps on the built-in corpus, then its export reloads."""
     import importlib.util
