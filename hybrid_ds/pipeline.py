@@ -39,12 +39,24 @@ def layer_specs(builder: StageBuilder) -> tuple[list[Any], list[int]]:
     head = [LayerSpec(FinalNorm, builder)]
     if builder.tied:
         head.append(TiedLayerSpec(TIE_KEY, TokenEmbedding, builder, forward_fn=project_with_embedding, **tie))
-        if family.output_bias:
-            head.append(LayerSpec(LogitsBias, builder))
+        bias = tied_output_bias(builder)
+        if bias:
+            head.append(LayerSpec(LogitsBias, builder, bias))
     else:
         head.append(LayerSpec(OutputProjection, builder))
     units = [0, 0] + [i + 1 for i in range(n_blocks)] + [n_blocks + 1] * len(head)
     return specs + head, units
+
+
+def tied_output_bias(builder: StageBuilder) -> str | None:
+    """The parameter path of a tied head's own bias, added after the tied projection: the family's
+    ``output_bias`` (BERT's cls.predictions.bias), or the output module's bias where it has one (phi's
+    ``lm_head`` keeps its bias when ``tie_word_embeddings`` ties its weight)."""
+    family = builder.family
+    if family.output_bias:
+        return family.output_bias
+    output = builder.skeleton.get_submodule(family.output)
+    return f"{family.output}.bias" if getattr(output, "bias", None) is not None else None
 
 
 def spec_boundaries(unit_boundaries: list[int], units: list[int]) -> list[int]:

@@ -96,6 +96,7 @@ def phi(c: dict[str, Any]) -> dict[str, Any]:
     return dict(layers=c["num_hidden_layers"], hidden=h, heads=heads, kv_heads=kv, head_dim=hd, ffn=ffn, vocab=vocab,
                 max_positions=c.get("max_position_embeddings", 2048), embedding=[("embed_tokens", vocab * h)],
                 block=block, head=_norm("final_layernorm", h) + _linear("lm_head", h, vocab), parallel="one_norm",
+                tied=vocab * h if c.get("tie_word_embeddings", False) else 0,
                 act=c.get("hidden_act", "gelu_new"), rotary_dim=int(hd * c.get("partial_rotary_factor", 0.5)),
                 attn_dropout=c.get("attention_dropout", 0.0), resid_dropout=c.get("resid_pdrop", 0.0),
                 embd_dropout=c.get("embd_pdrop", 0.0), attn_out_copy=True)

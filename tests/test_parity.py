@@ -36,6 +36,18 @@ def test_family_parity(name, attn):
         assert report.hf_loss > 0
 
 
+@pytest.mark.parametrize("name", FAMILIES)
+def test_the_other_tie_keeps_parity(name):
+    """Each family with ``tie_word_embeddings`` flipped from its preset: phi tied keeps its head's own bias
+    (lm_head.bias, added after the tied projection), trained like any other parameter."""
+    from hybrid_ds.config import ModelConfig
+    from hybrid_ds.models.resolve import resolve_model
+
+    tied = resolve_model(ModelConfig(name=name)).hf_config.tie_word_embeddings
+    report = check_parity(config(name, model={"overrides": {"tie_word_embeddings": not tied}}), 2)
+    assert report.exact, "\n".join(report.lines())
+
+
 def test_parity_with_long_sequences_and_sliding_window():
     """mistral-tiny's 32-token sliding window only matters past 32 tokens."""
     report = check_parity(config("mistral-tiny"), 2, seq_len=96)

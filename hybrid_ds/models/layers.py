@@ -138,11 +138,12 @@ class OutputProjection(nn.Module):
 
 
 class LogitsBias(nn.Module):
-    """The output bias of a tied head (BERT's cls.predictions.bias), added after the tied projection."""
+    """The output bias of a tied head (BERT's cls.predictions.bias, phi's lm_head.bias), added after the tied
+    projection."""
 
-    def __init__(self, builder: StageBuilder):
+    def __init__(self, builder: StageBuilder, path: str):
         super().__init__()
-        self.bias = builder.parameter(builder.family.output_bias)
+        self.bias = builder.parameter(path)
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.bias
