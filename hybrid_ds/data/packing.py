@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 
 from hybrid_ds.config import DataConfig
-from hybrid_ds.data.sources import fingerprint, package_file
+from hybrid_ds.data.sources import fingerprint, held_out_rule, package_file
 from hybrid_ds.errors import UserError
 
 _FORMAT = 1  # bump when the packed layout changes, so old caches are not reused
@@ -127,11 +127,9 @@ def packed_splits(data: DataConfig, tokenizer: Any, task: str) -> tuple[Any, Any
         if len(split) == 0:
             texts = list(docs["text"])
             tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else 0
-            held_out = (f"data.eval_split {data.eval_split!r}" if data.eval_split or data.source == "builtin"
-                        else f"data.eval_fraction={data.eval_fraction} of the documents, at least one")
             raise UserError("data.source", f"{data.source!r} gives the {name} split {tokens:,} tokens in {len(docs)} "
                                            f"document(s), fewer than one block of data.seq_len={data.seq_len}; "
-                                           f"training and evaluation ({held_out}) need {data.seq_len} tokens each: "
+                                           f"training and evaluation ({held_out_rule(data)}) need {data.seq_len} tokens each: "
                                            "add text or lower data.seq_len")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{key}-"))

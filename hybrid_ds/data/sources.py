@@ -75,12 +75,21 @@ def load_documents(data: DataConfig) -> tuple[Any, Any]:
         train, eval_set = _load_hub(data)
     if len(train) == 0:
         raise UserError("data.source", f"{data.source!r} has no documents")
-    if eval_set is None and len(train) < 2:  # nothing to hold out: packing reports the empty evaluation split
-        return train, train.select([])
     if eval_set is None:
+        if len(train) < 2:  # nothing to hold out: packing reports the empty evaluation split
+            return train, train.select([])
         split = train.train_test_split(test_size=data.eval_fraction, seed=0, shuffle=True)
         train, eval_set = split["train"], split["test"]
     return train, eval_set
+
+
+def held_out_rule(data: DataConfig) -> str:
+    """How :func:`load_documents` chooses the evaluation documents, as an error message names it."""
+    if data.source == BUILTIN:
+        return f"every {_HELD_OUT_EVERY}th chapter"
+    if data.eval_split and _local_files(data.source) is None:
+        return f"data.eval_split {data.eval_split!r}"
+    return f"data.eval_fraction={data.eval_fraction} of the documents, at least one"
 
 
 def _local_files(source: str) -> list[str] | None:
