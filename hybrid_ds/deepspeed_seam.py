@@ -452,11 +452,8 @@ class PartitionedGradientsPipelineEngine(_pipeline_engine_base()):
         optimizer.reduce_independent_p_g_buckets_and_remove_grads = reduce_oversized_at_once
         self._group_index = {id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group}
         self._tied = self._tied_weights_over_all_replicas()
-        self._INSTRUCTION_MAP = {**self._INSTRUCTION_MAP,
-                                 **{kind: getattr(type(self), fn.__name__)
-                                    for kind, fn in self._INSTRUCTION_MAP.items()
-                                    if fn.__name__ in ("_exec_backward_pass", "_exec_reduce_tied_grads",
-                                                       "_exec_reduce_grads")}}
+        # The class-level map holds PipelineEngine's functions; this engine's map holds its own overrides.
+        self._INSTRUCTION_MAP = {kind: getattr(type(self), fn.__name__) for kind, fn in self._INSTRUCTION_MAP.items()}
 
     def _tied_weights_over_all_replicas(self) -> list[tuple[torch.nn.Parameter, Any]]:
         """(weight, group of every rank of the stages that share it) for this rank's tied weights.
