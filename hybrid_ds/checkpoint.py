@@ -1,10 +1,17 @@
 """Checkpoints through DeepSpeed's own ``save_checkpoint``, made atomic, and export to a Hugging Face folder.
 
-A checkpoint is ``SAVE_DIR/step_N/`` as DeepSpeed writes it, plus ``hybrid_ds.json`` (step, data
-position), ``rng-rank{R}.pt`` per rank, and last a ``COMPLETE`` marker. Only after every rank has
+A checkpoint is ``SAVE_DIR/step_N/`` as DeepSpeed writes it, plus ``hybrid_ds.json`` (step, global data
+position, the layout it was saved at), ``rng-rank{R}.pt`` per rank, and last a ``COMPLETE`` marker. Only after every rank has
 finished does rank 0 point ``SAVE_DIR/latest`` at it (write aside, then rename), so a checkpoint
 interrupted mid-write never becomes ``latest``. ``SAVE_DIR/run.json`` is the resolved run config and
 ``SAVE_DIR/tokenizer/`` the tokenizer: an export needs nothing else.
+
+A run resumed at another layout (stages, data parallel, ZeRO stage 1/2, stage boundaries, or the plain
+engine instead of the pipeline) loads the checkpoint through DeepSpeed's universal format: once, the first
+rank converts ``step_N/`` with DeepSpeed's ``ds_to_universal`` into ``step_N/universal/``, each parameter
+kept under its Hugging Face name (``zero/<name>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt``), and every
+rank loads its own partition of weights and optimizer moments from there (``hybrid-ds convert-checkpoint``
+does the conversion ahead of time).
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +29,12 @@ import transformers
 from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
 from hybrid_ds.config import load_config_dict
+from hybrid_ds import deepspeed_seam
 from hybrid_ds.deepspeed_seam import layer_checkpoint_file
+from hybrid_ds.engine import raise_shared
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.build import StageBuilder
-from hybrid_ds.models.resolve import auto_class
+from hybrid_ds.models.resolve import auto_class, meta_model
 from hybrid_ds.pipeline import layer_specs
 from hybrid_ds.plan import build_plan
 
@@ -32,6 +42,7 @@ LATEST = "latest"
 COMPLETE = "COMPLETE"
 STATE = "hybrid_ds.json"
 RUN_CONFIG = "run.json"
+UNIVERSAL = "universal"
 
 
 def write_run_files(save_dir: Path, resolved_config: dict, tokenizer: Any) -> None:
@@ -40,7 +51,23 @@ def write_run_files(save_dir: Path, resolved_config: dict, tokenizer: Any) -> No
     tokenizer.save_pretrained(save_dir / "tokenizer")
 
 
-def save(engine: Any, save_dir: Path, step: int, data_state: dict) -> Path:
+def layout_of(plan: Any) -> dict[str, Any]:
+    """What a checkpoint's files depend on: which engine, stages, data parallel, ZeRO stage, stage boundaries."""
+    cfg = plan.config
+    return {"engine": "pipeline" if cfg.pipeline_engine else "plain", "stages": plan.layout.stages,
+            "dp": plan.layout.dp, "zero": cfg.zero_stage, "boundaries": list(plan.boundaries)}
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    """>>> describe_layout({"engine": "pipeline", "stages": 2, "dp": 1, "zero": 1, "boundaries": [0, 2, 4]})
+    'pipeline.stages 2 (layers [0, 2, 4]) x dp 1, ZeRO-1'
+    """
+    stages = (f"pipeline.stages {layout['stages']} (layers {layout['boundaries']})" if layout["engine"] == "pipeline"
+              else "the plain Hugging Face engine")
+    return f"{stages} x dp {layout['dp']}, ZeRO-{layout['zero']}"
+
+
+def save(engine: Any, save_dir: Path, step: int, data_state: dict, layout: dict | None = None) -> Path:
     """All ranks call this. Returns the checkpoint folder."""
     tag = f"step_{step}"
     engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
@@ -49,7 +76,7 @@ def save(engine: Any, save_dir: Path, step: int, data_state: dict) -> Path:
     torch.save(_rng_state(), folder / f"rng-rank{rank}.pt")
     torch.distributed.barrier()
     if rank == 0:
-        _atomic_write(folder / STATE, json.dumps({"step": step, "data": data_state}))
+        _atomic_write(folder / STATE, json.dumps({"step": step, "data": data_state, "layout": layout}))
         _atomic_write(folder / COMPLETE, "")
         _atomic_write(save_dir / LATEST, tag)
     torch.distributed.barrier()
@@ -72,19 +99,112 @@ def check_complete(folder: Path) -> None:
                                         "point train.save_dir at a run with a complete checkpoint")
 
 
-def resume(engine: Any, folder: Path) -> dict:
-    """Load model, optimizer, scheduler and this rank's RNG; returns the saved step and data position."""
+def resume(engine: Any, folder: Path, plan: Any = None) -> dict:
+    """Load model, optimizer, scheduler and this rank's RNG; returns the saved step and data position.
+
+    A checkpoint saved at another layout than ``plan``'s is loaded through its universal form (no RNG:
+    the ranks' roles differ).
+    """
+    state = json.loads((folder / STATE).read_text())
+    saved = state.get("layout")
+    if plan is not None and saved is not None and saved != layout_of(plan):
+        _resume_on_new_layout(engine, folder, plan, saved)
+        return state
     try:
         load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     except Exception as err:  # torch.load and DeepSpeed raise many types for a damaged file
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        raise UserError("train.resume", f"checkpoint {folder} cannot be loaded: {reason}") from None
+        raise UserError("train.resume", f"checkpoint {folder} cannot be loaded: {_first_line(err)}") from None
     if load_path is None:
         raise UserError("train.resume", f"checkpoint {folder} cannot be loaded (DeepSpeed found no model states)")
     rng = folder / f"rng-rank{torch.distributed.get_rank()}.pt"
     if rng.is_file():
         _set_rng_state(torch.load(rng, weights_only=False))
-    return json.loads((folder / STATE).read_text())
+    return state
+
+
+def _first_line(err: Exception) -> str:
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
+def _resume_on_new_layout(engine: Any, folder: Path, plan: Any, saved: dict) -> None:
+    now = layout_of(plan)
+    if saved["zero"] not in (1, 2) or now["zero"] not in (1, 2):
+        raise UserError("train.resume", f"checkpoint {folder} was saved at {describe_layout(saved)} and this run is "
+                                        f"{describe_layout(now)}: a change of layout needs zero_optimization.stage 1 "
+                                        f"or 2 on both sides (DeepSpeed's universal checkpoints); resume at "
+                                        f"{describe_layout(saved)}")
+    error = None
+    if torch.distributed.get_rank() == 0 and not (folder / UNIVERSAL / COMPLETE).is_file():
+        try:
+            write_universal(folder, plan)
+        except UserError as err:
+            error = err
+    raise_shared(error)
+    try:
+        load_path, _ = deepspeed_seam.load_universal(engine, folder / UNIVERSAL, universal_names(plan))
+    except Exception as err:
+        raise UserError("train.resume", f"{folder / UNIVERSAL} cannot be loaded at {describe_layout(now)}: "
+                                        f"{_first_line(err)}") from None
+    if load_path is None:
+        raise UserError("train.resume", f"{folder / UNIVERSAL} cannot be loaded (DeepSpeed found no model states)")
+
+
+# ---------------------------------------------------------------- universal form (another layout)
+
+
+def write_universal(folder: Path, plan: Any) -> Path:
+    """``folder/universal``: DeepSpeed's universal form of a ZeRO-1/2 checkpoint, keyed by Hugging Face names.
+
+    ``plan`` is any plan of the same model (a PipelineModule's parameter names do not depend on its
+    stages). Written aside and renamed, so a conversion cut short is never used.
+    """
+    check_complete(folder)
+    out = folder / UNIVERSAL
+    tmp = folder / f".{UNIVERSAL}.tmp{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        deepspeed_seam.to_universal(folder, tmp / "step")
+    except Exception as err:  # ds_to_universal asserts and raises many types on a checkpoint it cannot read
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError("CHECKPOINT", f"{folder} cannot be converted to a universal checkpoint: "
+                                      f"{_first_line(err)}") from None
+    zero = tmp / "step" / "zero"
+    layout = json.loads((folder / STATE).read_text()).get("layout") or {}
+    if layout.get("engine", "pipeline") == "pipeline":  # PipelineModule names -> Hugging Face names
+        for source, name in universal_names(plan).items():
+            if (zero / source).is_dir():
+                os.replace(zero / source, zero / name)
+    _atomic_write(tmp / "step" / COMPLETE, "")
+    shutil.rmtree(out, ignore_errors=True)
+    os.replace(tmp / "step", out)
+    shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def universal_names(plan: Any) -> dict[str, str]:
+    """The engine's parameter name -> the Hugging Face name its universal form keeps it under.
+
+    The plain engine's parameters already have the Hugging Face model's names. A PipelineModule names a
+    layer spec's parameters ``{index}.{local}`` and a tied one's ``tied_modules.{key}.{local}``; they are
+    named back through the layer specs, built on the meta device, and a tied weight gets the name the
+    Hugging Face model reports it under (``transformer.wte.weight``, not ``lm_head.weight``).
+    """
+    if not plan.config.pipeline_engine:
+        return {}
+    skeleton = meta_model(plan.resolved)  # its own: building layers on it would change the run's skeleton
+    builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton)
+    specs, _ = layer_specs(builder)
+    modules: dict[str, Any] = {}
+    for index, spec in enumerate(specs):
+        key = getattr(spec, "key", None)
+        prefix = f"tied_modules.{key}." if key else f"{index}."
+        if prefix not in modules:
+            modules[prefix] = spec.build()
+    hf_names = _hf_names(builder)
+    canonical = {id(p): name for name, p in skeleton.named_parameters()}
+    alias = {name: canonical[id(p)] for name, p in skeleton.named_parameters(remove_duplicate=False)}
+    return {prefix + local: alias[hf_names[id(p)]] for prefix, module in modules.items()
+            for local, p in module.named_parameters()}
 
 
 def _rng_state() -> dict:

@@ -30,6 +30,9 @@ Items (entry point: internals; used by):
    ``DeepSpeedZeroOptimizer``'s per-backward epilogue, finalization, compact partition and its offsets;
    engine.py. ``gradient_tensors`` (where a ZeRO optimizer keeps gradients): bench/zero2_pipeline.py,
    tests/workers/pipeline_steps.py.
+9. ``to_universal`` and ``load_universal``: resume on another layout. ``ds_to_universal.main`` and its options,
+   ``engine._config.load_universal_checkpoint`` (set for one load), the ZeRO optimizer's ``param_names`` as its
+   universal loader reads them; checkpoint.py. ``describe_for_universal`` uses public names only; engine.py.
 
 Transformers and torch internals used elsewhere (they stay next to the code that needs them):
 
@@ -572,3 +575,76 @@ def storage_bytes(tensors: list[torch.Tensor], exclude: list[torch.Tensor] = ())
             seen.add(storage.data_ptr())
             total += storage.nbytes()
     return total
+
+
+# ---------------------------------------------------------------- 9. universal checkpoints (resume on another layout)
+
+_UNIVERSAL_OPTIONS = ("--input_folder", "--output_folder", "--num_extract_workers", "--num_merge_workers",
+                      "--keep_temp_folder", "--no_strict", "--inject_missing_state")
+
+
+def check_universal_checkpoints() -> None:
+    from deepspeed.checkpoint import ds_to_universal
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    _require("ds_to_universal.main(args) with the options of its parse_arguments()",
+             lambda: callable(ds_to_universal.main) and _source_has(ds_to_universal.parse_arguments,
+                                                                     *_UNIVERSAL_OPTIONS),
+             "a checkpoint is converted to DeepSpeed's universal format in-process")
+    _require("DeepSpeedEngine.load_universal_checkpoint() reading self._config.load_universal_checkpoint",
+             lambda: _source_has(DeepSpeedEngine.load_universal_checkpoint, "self._config.load_universal_checkpoint"),
+             "a universal checkpoint is loaded into an engine built without checkpoint.load_universal")
+    _require("ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir finding zero/<self.param_names[lp]>",
+             lambda: _source_has(ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir,
+                                 "self.param_names[lp]"),
+             "a universal checkpoint keyed by Hugging Face names loads into a PipelineModule's parameters")
+
+
+def describe_for_universal(module: torch.nn.Module, replicated: list[str]) -> None:
+    """What DeepSpeed's ``ds_to_universal`` needs to know of a module, saved with each checkpoint (public names):
+    the format version, and the parameters every pipeline stage that holds them saves (``replicated``:
+    regexes; tied weights), which it then reads from the first stage only."""
+    from deepspeed.checkpoint.constants import (PIPELINE_REPLICATED_PARAMETER_PATTERNS, UNIVERSAL_CHECKPOINT_INFO,
+                                                UNIVERSAL_CHECKPOINT_VERSION_KEY,
+                                                UNIVERSAL_CHECKPOINT_VERSION_VALUE)
+
+    setattr(module, UNIVERSAL_CHECKPOINT_INFO, {UNIVERSAL_CHECKPOINT_VERSION_KEY: UNIVERSAL_CHECKPOINT_VERSION_VALUE,
+                                                PIPELINE_REPLICATED_PARAMETER_PATTERNS: replicated})
+
+
+def to_universal(folder: Path, out: Path) -> str:
+    """DeepSpeed's ``ds_to_universal`` of one checkpoint folder into ``out`` (in this process, one worker);
+    returns what it printed. Checkpoints saved before ``describe_for_universal`` get DeepSpeed's default info."""
+    import argparse
+    import contextlib
+    import io
+
+    from deepspeed.checkpoint import ds_to_universal
+
+    check_universal_checkpoints()
+    args = argparse.Namespace(input_folder=str(folder), output_folder=str(out), num_extract_workers=1,
+                              num_merge_workers=1, keep_temp_folder=False, strict=True, inject_missing_state=True)
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(printed):
+        ds_to_universal.main(args)
+    return printed.getvalue()
+
+
+def load_universal(engine: Any, folder: Path, names: dict[str, str]) -> Any:
+    """Load the universal checkpoint ``folder`` into ``engine`` (ZeRO 1/2): weights, optimizer moments,
+    scheduler. ``names`` maps the engine's parameter names to the names the folder keeps them under
+    (``zero/<name>/``); DeepSpeed's loader looks them up through ``optimizer.param_names``, swapped for the call.
+    Returns what ``load_checkpoint`` returns."""
+    check_universal_checkpoints()
+    engine = getattr(engine, "engine", engine)  # hybrid_ds.engine.PlainEngine wraps DeepSpeed's engine
+    optimizer = engine.optimizer
+    own = optimizer.param_names
+    config, flag = engine._config, engine._config.load_universal_checkpoint
+    try:
+        optimizer.param_names = {param: names.get(name, name) for param, name in own.items()}
+        config.load_universal_checkpoint = True
+        return engine.load_checkpoint(str(folder.parent), tag=folder.name)
+    finally:
+        optimizer.param_names = own
+        config.load_universal_checkpoint = flag

@@ -14,6 +14,7 @@ from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
 
 from hybrid_ds import deepspeed_seam
+from hybrid_ds.errors import UserError
 from hybrid_ds.models.build import checkpoint_folder
 from hybrid_ds.models.resolve import auto_class
 from hybrid_ds.pipeline import build_pipeline_module
@@ -84,6 +85,7 @@ def build_pipeline_engine(plan: Plan) -> Any:
     (``deepspeed_seam.PartitionedGradientsPipelineEngine``).
     """
     module = build_pipeline_module(plan, device())
+    deepspeed_seam.describe_for_universal(module, [r"tied_modules\."])  # saved by each stage that holds them
     engine_class = deepspeed_seam.partitioned_gradients_engine_class() if plan.config.zero_stage == 2 else None
     engine = deepspeed_seam.initialize_pipeline(
         engine_class, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
@@ -150,6 +152,7 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
         model = auto.from_pretrained(folder, config=resolved.hf_config, dtype=torch.float32)
     else:
         model = auto.from_config(resolved.hf_config)
+    deepspeed_seam.describe_for_universal(model, [])
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
     return PlainEngine(engine, plan.layout.grad_accum)
@@ -158,6 +161,16 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
 def build_engine(plan: Plan) -> Any:
     """PipelineEngine for ZeRO 0-2 with stages and ZeRO 0/1 at one stage; the plain engine for ZeRO-2/3 at one."""
     return build_pipeline_engine(plan) if plan.config.pipeline_engine else build_plain_engine(plan)
+
+
+def raise_shared(error: UserError | None) -> None:
+    """Every rank raises the mistake that any rank met (the first rank's first) as its own, instead of the
+    others meeting it as a dead peer. All ranks call this."""
+    errors: list[tuple[str, str] | None] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(errors, None if error is None else (error.key, error.message))
+    first = next((e for e in errors if e is not None), None)
+    if first is not None:
+        raise UserError(*first)
 
 
 def data_parallel(engine: Any) -> tuple[int, int, Any]:

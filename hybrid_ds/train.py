@@ -23,7 +23,7 @@ from tqdm import tqdm
 from hybrid_ds import checkpoint
 from hybrid_ds.config import RunConfig
 from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size
-from hybrid_ds.engine import build_engine, data_parallel, init_distributed
+from hybrid_ds.engine import build_engine, data_parallel, init_distributed, raise_shared
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.resolve import tokenizer_source
 from hybrid_ds.plan import Plan, build_plan
@@ -73,14 +73,7 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
             data = load_data(plan.config.data, task, tokenizer=tokenizer)
         except UserError as err:
             error = err
-    if world_size > 1:  # the ranks that waited meet the packing rank's mistake as their own, not as a dead peer
-        errors: list[tuple[str, str] | None] = [None] * world_size
-        torch.distributed.all_gather_object(errors, None if error is None else (error.key, error.message))
-        first = next((e for e in errors if e is not None), None)
-        if first is not None:
-            raise UserError(*first)
-    if error is not None:
-        raise error
+    raise_shared(error)  # the ranks that waited meet the packing rank's mistake as their own
     if local_rank != 0:
         data = load_data(plan.config.data, task, tokenizer=tokenizer)
     return plan, data
@@ -125,7 +118,7 @@ class Trainer:
             if resume == "auto":
                 return
             raise UserError("train.resume", f"true, but {self.save_dir} has no checkpoint; use \"auto\" to start fresh")
-        state = checkpoint.resume(self.engine, folder)
+        state = checkpoint.resume(self.engine, folder, self.plan)
         self.batches.load_state_dict(state["data"])
         self.step_count = state["step"]
 
@@ -163,7 +156,8 @@ class Trainer:
 
     def save(self) -> None:
         """A checkpoint of every rank at this step (all ranks call it)."""
-        checkpoint.save(self.engine, self.save_dir, self.step_count, self.batches.state_dict())
+        checkpoint.save(self.engine, self.save_dir, self.step_count, self.batches.state_dict(),
+                        checkpoint.layout_of(self.plan))
 
     def fit(self) -> Summary:
         """Train to ``train.max_steps``, evaluating and saving at their intervals and at the end."""

@@ -78,15 +78,36 @@ def fake_blocks(n: int, seq_len: int = 8):
 
 
 def test_data_parallel_shards_are_disjoint_and_cover_the_epoch():
+    """50 blocks, 2 ranks x 3: the ranks read disjoint samples, each epoch reads every block once (no tail is
+    dropped: the 9th global micro-batch holds the last 2 blocks of epoch 0 and the first 4 of epoch 1)."""
     blocks = fake_blocks(50)
     ranks = [MicroBatches(blocks, micro_batch=3, dp_rank=r, dp=2, seed=7) for r in range(2)]
-    per_epoch = ranks[0].per_epoch
-    assert per_epoch == 50 // 6
-    seen = [np.concatenate([it.sample_indices(k) for k in range(per_epoch)]) for it in ranks]
-    assert not set(seen[0]) & set(seen[1])
-    assert len(set(seen[0]) | set(seen[1])) == per_epoch * 6  # all but the tail shorter than micro x dp
-    next_epoch = np.concatenate([ranks[0].sample_indices(per_epoch + k) for k in range(per_epoch)])
-    assert not np.array_equal(next_epoch, seen[0])  # a new permutation each epoch
+    stream = np.concatenate([it.sample_indices(k) for k in range(25) for it in ranks])  # 150 samples: 3 epochs
+    for epoch in range(3):
+        assert sorted(stream[epoch * 50:(epoch + 1) * 50]) == list(range(50))
+        assert np.array_equal(stream[epoch * 50:(epoch + 1) * 50], ranks[0].order(epoch))
+    assert not np.array_equal(stream[:50], stream[50:100])  # a new permutation each epoch
+
+
+def test_the_data_position_is_global_across_data_parallel_sizes():
+    """Saved at dp 2 x micro 2 after 5 micro-batches (20 samples), resumed at dp 1 x micro 4 and at dp 4 x
+    micro 1: together the new ranks read exactly the samples an uninterrupted run reads next."""
+    blocks = fake_blocks(37)
+    saved = [MicroBatches(blocks, 2, dp_rank=r, dp=2, seed=9) for r in range(2)]
+    for it in saved:
+        for _ in range(5):
+            next(it)
+    state = json.loads(json.dumps(saved[0].state_dict()))
+    assert state["samples"] == 20
+    straight = MicroBatches(blocks, 1, seed=9)
+    want = np.concatenate([straight.sample_indices(k) for k in range(20, 60)])
+    for micro, dp in ((4, 1), (1, 4), (2, 2)):
+        resumed = [MicroBatches(blocks, micro, dp_rank=r, dp=dp, seed=9) for r in range(dp)]
+        for it in resumed:
+            it.load_state_dict(state)
+        got = [[next(it)[1] for _ in range(40 // (micro * dp))] for it in resumed]
+        stream = torch.cat([got[r][k] for k in range(40 // (micro * dp)) for r in range(dp)])
+        assert torch.equal(stream[:, 0], torch.from_numpy(want * 8)), (micro, dp)  # fake block b starts at b * 8
 
 
 def test_first_and_last_stage_iterators_agree():

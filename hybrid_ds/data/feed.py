@@ -1,12 +1,13 @@
 """Packed blocks -> DeepSpeed micro-batches: sharded by data-parallel rank, deterministic, resumable.
 
-The order of an epoch is a permutation seeded by (seed, epoch). Global micro-batch k of an epoch
-takes positions [k * micro * dp, (k + 1) * micro * dp) of that order, and data-parallel rank r takes
-its r-th slice of ``micro`` samples: the ranks' shards are disjoint and together cover the epoch
-(less a tail shorter than micro * dp). Every pipeline stage of one data-parallel group builds the same
-iterator, so the first stage reads the inputs and the last the labels of the same micro-batches.
-The position is a count of micro-batches consumed: ``state_dict()`` / ``load_state_dict()`` resume
-exactly where an uninterrupted run would be.
+The training stream is one endless sequence of samples: epoch e is a permutation of every block seeded by
+(seed, e), and epochs follow each other without a gap (a micro-batch may hold the last samples of one
+epoch and the first of the next; no tail is dropped). Global micro-batch k takes stream positions
+[k * micro * dp, (k + 1) * micro * dp), and data-parallel rank r takes its r-th slice of ``micro``
+samples: the ranks' shards are disjoint and together read the stream in order. Every pipeline stage of
+one data-parallel group builds the same iterator, so the first stage reads the inputs and the last the
+labels of the same micro-batches. The position saved in a checkpoint is global (samples consumed), so a
+run resumed with another data-parallel size or micro-batch reads on exactly where the saved run stopped.
 """
 
 from __future__ import annotations
@@ -33,39 +34,60 @@ class MicroBatches:
         if self.per_epoch == 0:
             raise UserError("data", f"{len(self.tokens)} blocks cannot fill one micro-batch of {micro_batch} on "
                                     f"each of {dp} data-parallel ranks; lower the batch size or add data")
-        self.consumed = 0
-        self._order_epoch, self._order = -1, np.arange(0)
+        self.start = 0        # the stream position this rank's count of micro-batches starts from
+        self.consumed = 0     # micro-batches this rank has read since ``start``
+        self._orders: dict[int, np.ndarray] = {}
+
+    @property
+    def samples(self) -> int:
+        """Samples of the stream read so far by all data-parallel ranks together (the global position)."""
+        return self.start + self.consumed * self.micro * self.dp
 
     def state_dict(self) -> dict[str, int]:
-        return {"consumed": self.consumed, "seed": self.seed, "dp_rank": self.dp_rank, "dp": self.dp}
+        return {"samples": self.samples, "seed": self.seed}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
-        if (state["seed"], state["dp"]) != (self.seed, self.dp):
-            raise UserError("train.resume", f"the checkpoint's data order (seed {state['seed']}, dp {state['dp']}) "
-                                            f"differs from this run's (seed {self.seed}, dp {self.dp})")
-        self.consumed = state["consumed"]
+        if state["seed"] != self.seed:
+            raise UserError("train.resume", f"the checkpoint's data order (seed {state['seed']}) differs from this "
+                                            f"run's (train.seed {self.seed}); resume with train.seed {state['seed']}")
+        if "samples" not in state:  # written before the position was global: micro-batches of one rank
+            if state["dp"] != self.dp:
+                raise UserError("train.resume", f"this checkpoint's data position is counted for dp {state['dp']} "
+                                                f"(written by an older hybrid_ds); resume it at dp {state['dp']}")
+            state = {"samples": state["consumed"] * self.micro * self.dp}
+        self.start, self.consumed = state["samples"], 0
+
+    def order(self, epoch: int) -> np.ndarray:
+        """The blocks of one epoch in the order the stream reads them."""
+        if epoch not in self._orders:
+            rng = np.random.default_rng([self.seed, epoch])
+            order = rng.permutation(len(self.tokens)) if self.shuffle else np.arange(len(self.tokens))
+            self._orders = {e: o for e, o in self._orders.items() if e == epoch - 1}  # a batch may span two
+            self._orders[epoch] = order
+        return self._orders[epoch]
+
+    def position(self, k: int) -> int:
+        """The stream position of this rank's k-th micro-batch since ``start``."""
+        return self.start + (k * self.dp + self.dp_rank) * self.micro
 
     def sample_indices(self, k: int) -> np.ndarray:
-        """Block indices of this rank's k-th micro-batch."""
-        epoch, within = divmod(k, self.per_epoch)
-        if epoch != self._order_epoch:
-            rng = np.random.default_rng([self.seed, epoch])
-            self._order = rng.permutation(len(self.tokens)) if self.shuffle else np.arange(len(self.tokens))
-            self._order_epoch = epoch
-        start = (within * self.dp + self.dp_rank) * self.micro
-        return self._order[start:start + self.micro]
+        """Block indices of this rank's k-th micro-batch since ``start``."""
+        first = self.position(k)
+        epochs, within = np.divmod(np.arange(first, first + self.micro), len(self.tokens))
+        return np.array([self.order(int(e))[w] for e, w in zip(epochs, within)], dtype=np.int64)
 
     def __iter__(self) -> "MicroBatches":
         return self
 
     def __next__(self) -> tuple[tuple[torch.Tensor, ...], torch.Tensor]:
+        first = self.position(self.consumed)
         indices = self.sample_indices(self.consumed)
         self.consumed += 1
         ids = torch.from_numpy(self.tokens[indices])
         mask = torch.ones_like(ids)
         if self.task == "masked_lm":
             assert self.mlm is not None
-            inputs, labels = self.mlm.apply(ids, [self.seed, int(indices[0]), self.consumed])
+            inputs, labels = self.mlm.apply(ids, [self.seed, int(indices[0]), first])
             return (inputs, mask, torch.zeros_like(ids)), labels
         return (ids, mask), ids.clone()
 
