@@ -89,6 +89,8 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
 def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
     """Train ``cfg`` in this process group (every rank calls it)."""
     world_size = init_distributed()
+    if cfg.train.save_dir and world_size > 1:  # before packing and building: a mistake costs seconds
+        checkpoint.check_shared(Path(cfg.train.save_dir))
     torch.manual_seed(cfg.train.seed)
     plan, data = prepare(cfg, world_size)
     trainer = Trainer(plan, build_engine(plan), data)
