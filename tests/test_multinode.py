@@ -109,6 +109,21 @@ def test_a_save_dir_not_shared_by_the_nodes_is_refused_on_every_rank(tmp_path):
     assert list((tmp_path / "run").iterdir()) == [] and not other.exists()
 
 
+@multiproc
+def test_a_save_dir_rank_0_cannot_create_is_one_line_on_every_rank(tmp_path):
+    """The same check meets a save_dir rank 0 cannot create (here: below a file) before anything is built: one line,
+    exit 2, where rank 0 used to die with an OSError traceback and the other rank with gloo's."""
+    (tmp_path / "a-file").write_text("")
+    config = tiny_config(tmp_path, "gpt2-tiny", 2, max_steps=2, save_dir=str(tmp_path / "a-file" / "run"))
+    proc = train(config, expect=2)
+    # One line, or under heavy load the same line twice: cli.report_error's second rank prints when the launcher
+    # has not ended it within 3 s of the first rank's line.
+    errors = {line for line in proc.stderr.splitlines() if "hybrid-ds: error" in line}
+    assert len(errors) == 1, proc.stderr[-3000:]
+    assert "train.save_dir: " in min(errors) and "cannot be written on rank 0 (" in min(errors) \
+        and "Not a directory" in min(errors), errors
+    assert "Traceback" not in proc.stdout + proc.stderr
+
 def test_a_second_packer_of_the_same_cache_reads_the_first_ones(tmp_path, monkeypatch):
     """Two nodes that share data.cache_dir pack at once. The one that finishes second must neither fail nor replace
     the folder the first one wrote (which that one is already reading): it reads that folder."""
