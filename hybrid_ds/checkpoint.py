@@ -20,6 +20,9 @@ import json
 import os
 import random
 import shutil
+import socket
+import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +52,41 @@ def write_run_files(save_dir: Path, resolved_config: dict, tokenizer: Any) -> No
     save_dir.mkdir(parents=True, exist_ok=True)
     _atomic_write(save_dir / RUN_CONFIG, json.dumps(resolved_config, indent=2))
     tokenizer.save_pretrained(save_dir / "tokenizer")
+
+
+def check_shared(save_dir: Path, wait_s: float = 5.0) -> None:
+    """Refuse a ``train.save_dir`` that is not one folder for every rank (node-local disks of several nodes).
+
+    Every rank writes its part of a checkpoint there (a stage's layer files, a rank's ZeRO partition and RNG)
+    and resumes from parts others wrote, and rank 0 writes ``latest`` once all are done: one folder must
+    hold them all. Rank 0 leaves a file with a fresh name there and every rank looks for it (for up to
+    ``wait_s``, as a network filesystem may show a new file late). All ranks call this.
+    """
+    rank, host = torch.distributed.get_rank(), socket.gethostname()
+    probe: list[Any] = [None, None]  # the probe's name, or why rank 0 could not write it
+    if rank == 0:
+        probe[0] = f".shared-check-{uuid.uuid4().hex}"
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            (save_dir / probe[0]).write_text(host)
+        except OSError as err:
+            probe[1] = f"{save_dir} cannot be written on rank 0 ({host}): {err.strerror or err}"
+    torch.distributed.broadcast_object_list(probe, src=0)
+    if probe[1]:
+        raise UserError("train.save_dir", probe[1])
+    path, deadline = save_dir / probe[0], time.monotonic() + wait_s
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, (path.is_file(), host, str(save_dir)))
+    if rank == 0:
+        path.unlink()
+    blind = [f"rank {r} ({h}, {d})" for r, (ok, h, d) in enumerate(seen) if not ok]
+    if blind:
+        raise UserError("train.save_dir", f"{seen[0][2]} is not one folder shared by every node: "
+                                          f"{', '.join(blind)} does not see the file rank 0 ({seen[0][1]}) wrote "
+                                          "there; every rank writes and reads each checkpoint, so put "
+                                          "train.save_dir on a filesystem all nodes mount at the same path")
 
 
 def layout_of(plan: Any) -> dict[str, Any]:

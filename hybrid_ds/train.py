@@ -59,6 +59,9 @@ def with_vocab(cfg: RunConfig, tokenizer: Any) -> RunConfig:
 def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
     """The run's one plan and its packed data. The first rank of each node packs, the rest wait.
 
+    Nodes that share ``data.cache_dir`` pack at once; the cache is written aside and renamed, so the first
+    to finish writes it and the others read that one (``packing.packed_splits``).
+
     The tokenizer comes first: with ``model.vocab_from_tokenizer`` it decides the model's vocabulary,
     so the model is resolved (and a generic one traced) once, with its final config.
     """
@@ -82,6 +85,8 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
 def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
     """Train ``cfg`` in this process group (every rank calls it)."""
     world_size = init_distributed()
+    if cfg.train.save_dir and world_size > 1:  # before packing and building: a mistake costs seconds
+        checkpoint.check_shared(Path(cfg.train.save_dir))
     torch.manual_seed(cfg.train.seed)
     plan, data = prepare(cfg, world_size)
     trainer = Trainer(plan, build_engine(plan), data)

@@ -133,7 +133,9 @@ def packed_splits(data: DataConfig, tokenizer: Any, task: str) -> tuple[Any, Any
                                            "add text or lower data.seq_len")
     folder.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=folder, prefix=f".{key}-"))
-    try:  # written aside, then renamed: an interrupted run never leaves a half-written cache
+    # Written aside, then renamed: an interrupted run never leaves a half-written cache, and of several nodes
+    # packing into one shared cache_dir at once the first rename wins; the others fail to rename and read it.
+    try:
         train.save_to_disk(tmp / "train")
         evals.save_to_disk(tmp / "eval")
         os.replace(tmp, path)
