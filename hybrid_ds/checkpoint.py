@@ -193,8 +193,8 @@ def _resume_on_new_layout(engine: Any, folder: Path, plan: Any, saved: dict) -> 
 def write_universal(folder: Path, plan: Any) -> Path:
     """``folder/universal``: DeepSpeed's universal form of a ZeRO-1/2 checkpoint, keyed by Hugging Face names.
 
-    ``plan`` is any plan of the same model (a PipelineModule's parameter names do not depend on its
-    stages). Written aside and renamed, so a conversion cut short is never used.
+    ``plan`` is any plan of the same model, on either engine (a PipelineModule's parameter names depend on
+    neither its stages nor its boundaries). Written aside and renamed, so a conversion cut short is never used.
     """
     check_complete(folder)
     out = folder / UNIVERSAL
@@ -209,7 +209,7 @@ def write_universal(folder: Path, plan: Any) -> Path:
     zero = tmp / "step" / "zero"
     layout = json.loads((folder / STATE).read_text()).get("layout") or {}
     if layout.get("engine", "pipeline") == "pipeline":  # PipelineModule names -> Hugging Face names
-        for source, name in universal_names(plan).items():
+        for source, name in pipeline_names(plan).items():
             if (zero / source).is_dir():
                 os.replace(zero / source, zero / name)
     _atomic_write(tmp / "step" / COMPLETE, "")
@@ -217,6 +217,17 @@ def write_universal(folder: Path, plan: Any) -> Path:
     os.replace(tmp / "step", out)
     shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def write_universal_of(checkpoint: str | Path) -> Path:
+    """``hybrid-ds convert-checkpoint``: the universal form of a save_dir's latest checkpoint or of one step folder."""
+    folder = resolve_checkpoint(checkpoint)
+    cfg = load_config_dict(json.loads((folder.parent / RUN_CONFIG).read_text()))
+    layout = json.loads((folder / STATE).read_text()).get("layout") or {"zero": cfg.zero_stage}
+    if layout["zero"] not in (1, 2):
+        raise UserError("CHECKPOINT", f"{folder} was saved with zero_optimization.stage {layout['zero']}; "
+                                      "universal checkpoints are made of ZeRO-1/2 optimizer partitions")
+    return write_universal(folder, build_plan(cfg, world_size=cfg.pipeline.stages))
 
 
 def universal_names(plan: Any) -> dict[str, str]:
@@ -227,8 +238,11 @@ def universal_names(plan: Any) -> dict[str, str]:
     named back through the layer specs, built on the meta device, and a tied weight gets the name the
     Hugging Face model reports it under (``transformer.wte.weight``, not ``lm_head.weight``).
     """
-    if not plan.config.pipeline_engine:
-        return {}
+    return pipeline_names(plan) if plan.config.pipeline_engine else {}
+
+
+def pipeline_names(plan: Any) -> dict[str, str]:
+    """A PipelineModule's parameter names -> Hugging Face names, for ``plan``'s model on any engine."""
     skeleton = meta_model(plan.resolved)  # its own: building layers on it would change the run's skeleton
     builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton)
     specs, _ = layer_specs(builder)

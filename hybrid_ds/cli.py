@@ -4,7 +4,8 @@ Commands: ``compare`` (presets, configs and layouts side by side: memory per sta
 ``plan`` (layouts that fit a cluster, as configs) need no torch for presets and named families;
 ``presets`` (the architecture table, counted on the meta device), ``validate`` (a config's plan),
 ``parity`` (the pipeline against the Hugging Face model), ``train`` (what launch/train.py runs; ``--dry-run``
-prints the plan and the estimate) and ``export`` (a checkpoint to a Hugging Face folder) load torch.
+prints the plan and the estimate), ``export`` (a checkpoint to a Hugging Face folder) and ``convert-checkpoint``
+(a checkpoint's universal form, for resuming on another layout) load torch.
 Every user mistake ends as one line on stderr and exit code 2; see :class:`hybrid_ds.errors.UserError`.
 """
 
@@ -123,6 +124,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
+    from hybrid_ds.checkpoint import write_universal_of
+
+    print(f"wrote {write_universal_of(args.checkpoint)}")
+    return 0
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="hybrid-ds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -160,6 +168,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="a train.save_dir (its latest checkpoint) or one step folder in it")
     p.add_argument("out_dir", help="folder to write (config, safetensors, tokenizer)")
     p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("convert-checkpoint",
+                       help="write a checkpoint's universal form, which any layout resumes from (done at resume "
+                            "otherwise)")
+    p.add_argument("checkpoint", help="a train.save_dir (its latest checkpoint) or one step folder in it")
+    p.set_defaults(func=cmd_convert_checkpoint)
     return parser
 
 

@@ -6,6 +6,7 @@ away (monkeypatch: deleted, or its caller no longer calling it) the seam raises 
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 import subprocess
@@ -320,3 +321,43 @@ def test_initialize_pipeline_restores_deepspeeds_engine_class(monkeypatch):
     seam.initialize_pipeline(None, model=None)
     assert seen == [seam.PartitionedGradientsPipelineEngine, PipelineEngine]
     assert deepspeed.PipelineEngine is PipelineEngine
+
+
+# ---------------------------------------------------------------- 9. universal checkpoints
+
+
+def _parse_arguments_renamed():
+    """--input_folder renamed --input"""
+
+
+def _load_universal_flag_elsewhere(self):
+    return self._config.universal
+
+
+def _load_hp_by_parameter_order(self, lp_groups_name, checkpoint_dir):
+    """zero/<index>/ instead of zero/<self.param_names...>/"""
+
+
+UNIVERSAL_INTERNALS = {
+    "options": (lambda mp: mp.setattr(importlib.import_module("deepspeed.checkpoint.ds_to_universal"),
+                                      "parse_arguments", _parse_arguments_renamed),
+                "ds_to_universal.main(args) with the options of its parse_arguments()"),
+    "main": (lambda mp: mp.delattr(importlib.import_module("deepspeed.checkpoint.ds_to_universal"), "main"),
+             "ds_to_universal.main(args) with the options of its parse_arguments()"),
+    "flag": (lambda mp: mp.setattr(DeepSpeedEngine, "load_universal_checkpoint", _load_universal_flag_elsewhere),
+             "DeepSpeedEngine.load_universal_checkpoint() reading self._config.load_universal_checkpoint"),
+    "names": (lambda mp: mp.setattr(importlib.import_module("deepspeed.runtime.base_optimizer").ZeROOptimizer,
+                                    "load_hp_checkpoint_state_from_checkpoint_dir", _load_hp_by_parameter_order),
+              "ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir finding zero/<self.param_names[lp]>"),
+}
+
+
+def test_universal_checkpoint_check_passes_with_this_deepspeed():
+    seam.check_universal_checkpoints()
+
+
+@pytest.mark.parametrize("taken", sorted(UNIVERSAL_INTERNALS))
+def test_universal_checkpoints_refuse_without_their_internals(taken, monkeypatch):
+    take_away, internal = UNIVERSAL_INTERNALS[taken]
+    take_away(monkeypatch)
+    expect_missing(internal, seam.check_universal_checkpoints)

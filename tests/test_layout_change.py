@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from test_train_multiproc import ROOT, checkpoint_logits, summary, tiny_config, train
+from test_train_multiproc import summary, tiny_config, train
 
 pytestmark = pytest.mark.multiproc
 
@@ -67,3 +67,54 @@ def test_a_run_continues_on_another_layout(tmp_path, transition):
     assert len(want) == 8 and len(got) == 4, (want, got)
     assert max(abs(a - b) for a, b in zip(want[4:], got)) < 1e-5, (want[4:], got)
     assert want[-1] < want[0] - 0.1, want  # it learns: equal losses are not a flat line
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "hybrid_ds.cli", *args], capture_output=True, text=True,
+                          env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+
+
+def _universal_weights(folder: Path) -> dict[str, torch.Tensor]:
+    return {p.name: torch.load(p / "fp32.pt", weights_only=False)["param"]
+            for p in (folder / "zero").iterdir() if (p / "exp_avg.pt").is_file()}
+
+
+@pytest.mark.parametrize("stages, zero", [(2, 1), (1, 2)])
+def test_the_universal_form_keeps_hugging_face_names_and_deepspeeds_tools_agree(tmp_path, stages, zero):
+    """``hybrid-ds convert-checkpoint``: every parameter of the (tied) GPT-2 under its Hugging Face name, its fp32
+    weights exactly the exported model's, with Adam's moments beside them. On the plain engine DeepSpeed's
+    ``zero_to_fp32.py``, copied into the save dir, gives the same weights."""
+    import transformers
+
+    config = layout_config(tmp_path, "gpt2-tiny", stages, zero=zero, max_steps=3, export_hf=str(tmp_path / "hf"))
+    train(config, 2)
+    proc = _cli("convert-checkpoint", str(tmp_path / "run"))
+    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {tmp_path / 'run' / 'step_3' / 'universal'}", \
+        proc.stdout + proc.stderr
+    universal = _universal_weights(tmp_path / "run" / "step_3" / "universal")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    want = dict(exported.named_parameters())
+    assert sorted(universal) == sorted(want)
+    assert all(torch.equal(universal[name], want[name].detach()) for name in want)
+    if stages == 1:
+        script = tmp_path / "run" / "zero_to_fp32.py"
+        proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(tmp_path / "fp32")],
+                              capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        consolidated = torch.load(tmp_path / "fp32" / "pytorch_model.bin", weights_only=False)
+        assert all(torch.equal(consolidated[name], want[name].detach()) for name in want)
+
+
+def test_a_layout_change_without_zero_partitions_is_one_line(tmp_path):
+    """ZeRO-0 keeps whole optimizer states per stage, which DeepSpeed's universal checkpoints do not read."""
+    config = layout_config(tmp_path, "gpt2-tiny", 2, zero=0, max_steps=2)
+    train(config, 2)
+    resumed = layout_config(tmp_path, "gpt2-tiny", 1, zero=0, max_steps=4)
+    proc = train(resumed, 2, "--resume", expect=2)
+    lines = {line for line in proc.stderr.splitlines() if line.startswith("hybrid-ds: error:")}
+    assert lines == {f"hybrid-ds: error: train.resume: checkpoint {tmp_path / 'run' / 'step_2'} was saved at "
+                     "pipeline.stages 2 (layers [0, 2, 4]) x dp 1, ZeRO-0 and this run is pipeline.stages 1 "
+                     "(layers [0, 4]) x dp 2, ZeRO-0: a change of layout needs zero_optimization.stage 1 or 2 on "
+                     "both sides (DeepSpeed's universal checkpoints); resume at pipeline.stages 2 (layers [0, 2, 4]) "
+                     "x dp 1, ZeRO-0"}, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
