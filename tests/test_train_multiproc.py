@@ -74,6 +74,12 @@ def test_training_loss_falls(tmp_path, name, stages):
     assert result["eval_loss"] < result["first_loss"], result
     assert "done: 8 steps" in proc.stdout + proc.stderr
     assert (tmp_path / "run" / "step_8" / "COMPLETE").is_file()
+    blocks = 2 * 2 * (2 // stages)  # eval_batches x micro-batch x dp
+    if name.startswith("gpt2"):  # every token of a block but its first is predicted
+        assert result["eval_tokens"] == blocks * 31, result
+    else:  # ~15% of the 30 ordinary tokens of a block are masked
+        assert 0.05 * blocks * 30 < result["eval_tokens"] < 0.3 * blocks * 30, result
+    assert f"eval loss {result['eval_loss']:.4f} over {result['eval_tokens']:,} tokens" in proc.stdout, proc.stdout[-2000:]
 
 
 def checkpoint_logits(config: Path, batch: torch.Tensor, tmp_path: Path, nproc: int = 2) -> object:
