@@ -399,6 +399,9 @@ def _check_cross_section(cfg: RunConfig) -> None:
             "fp16.enabled", f"fp16 (dynamic loss scaling) is not supported with ZeRO-2 and pipeline.stages="
             f"{cfg.pipeline.stages}: hybrid_ds runs that layout in fp32 or bf16; use bf16.enabled, or "
             "zero_optimization.stage 0 or 1 for fp16")
+    if cfg.train.export_hf and not cfg.train.save_dir:
+        raise UserError("train.export_hf", f"{cfg.train.export_hf!r} needs train.save_dir: the export is written "
+                                           "from the run's last checkpoint")
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",

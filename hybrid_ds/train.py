@@ -92,8 +92,10 @@ def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
     world_size = init_distributed()
     torch.manual_seed(cfg.train.seed)
     plan, data = prepare(cfg, world_size)
+    resume = plan.config.train.resume if resume is None else resume
+    checkpoint.check_run_folders(plan.config, bool(resume))
     trainer = Trainer(plan, build_engine(plan), data)
-    trainer.resume(plan.config.train.resume if resume is None else resume)
+    trainer.resume(resume)
     summary = trainer.fit()
     trainer.export()
     return summary
