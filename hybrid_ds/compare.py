@@ -121,6 +121,8 @@ def _entry(item: str, args: argparse.Namespace) -> Entry:
         run = run_from_config(cfg, cluster.gpus, model_arch(cfg.model))
         return Entry(label, estimate(run, cluster, efficiency=args.efficiency))
     except UserError as err:
+        if err.key == "model.name":  # not a model: a mistake, where a layout that cannot run is a result to show
+            raise UserError(label, str(err)) from None
         return Entry(label, error=str(err))
 
 
@@ -225,8 +227,6 @@ def cmd_compare(args: argparse.Namespace) -> int:
     if args.gpu_mem:
         parse_memory(args.gpu_mem)
     entries = [_entry(item, args) for item in args.inputs]
-    if all(e.error for e in entries):  # nothing to compare: the first mistake, as one line
-        raise UserError(entries[0].label, entries[0].error or "")
     if args.json:
         print(json.dumps([{"input": item, "label": e.label, "valid": e.estimate is not None, "reason": e.error,
                            **({"estimate": estimate_dict(e.estimate)} if e.estimate else {})}

@@ -118,6 +118,13 @@ class TrainConfig(_Section):
     resume: bool | Literal["auto"] = Field(False, description="true/\"auto\": continue from the latest checkpoint")
     export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run")
 
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_choice(cls, value: Any) -> Any:
+        if value not in (True, False, "auto"):  # pydantic would report the bool half of the union only
+            raise ValueError('must be true, false or "auto"')
+        return value
+
 
 _SECTIONS: dict[str, type[_Section]] = {
     "model": ModelConfig, "data": DataConfig, "pipeline": PipelineConfig, "train": TrainConfig,

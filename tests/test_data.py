@@ -205,28 +205,6 @@ def test_packed_corpus_is_cached(tmp_path, monkeypatch):
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written folders left
 
 
-@pytest.mark.parametrize("data, key, detail", [
-    (dict(source="missing/corpus.txt"), "data.source", "no such file"),
-    (dict(source="{tmp}/empty.txt"), "data.source", "no documents"),
-    (dict(source="{tmp}/short.txt", seq_len=4096), "data.source",
-     "gives the training split 5 tokens in 1 document(s), fewer than one block of data.seq_len=4096"),
-    (dict(source="{tmp}/one.txt", seq_len=8), "data.source",  # one document: nothing to hold out for evaluation
-     "gives the evaluation split 0 tokens in 0 document(s), fewer than one block of data.seq_len=8"),
-    (dict(source="{tmp}/other.jsonl", text_column="text"), "data.text_column", "'body'"),
-    (dict(tokenizer="{tmp}/no-tokenizer"), "data.tokenizer", "no tokenizer"),
-])
-def test_bad_data_gives_one_clear_error(tmp_path, data, key, detail):
-    (tmp_path / "empty.txt").write_text("\n\n")
-    (tmp_path / "short.txt").write_text("only a few words here\n" * 3)
-    (tmp_path / "one.txt").write_text("In the beginning God created the heavens and the earth.\n")
-    (tmp_path / "other.jsonl").write_text('{"body": "text"}\n')
-    (tmp_path / "no-tokenizer").mkdir()
-    data = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in data.items()}
-    with pytest.raises(UserError) as err:
-        load_data(DataConfig(cache_dir=str(tmp_path / "cache"), eval_fraction=0.5, **data), "causal_lm")
-    assert err.value.key == key and detail in err.value.message, str(err.value)
-
-
 def test_vocab_checks(gpt2_tok):
     assert padded_vocab_size(50257) == 50304 and padded_vocab_size(30522) == 30528
     check_vocab(gpt2_tok, 50304)

@@ -97,6 +97,9 @@ def _load_hf_config(model: ModelConfig) -> Any:
         where = "folder" if is_folder else "preset, local folder or hub model in the local cache"
         reason = str(err).strip().splitlines()[0][:300]
         hint = "" if is_folder else f"; presets: {suggest(model.name, presets.PRESETS)}"
+        if presets.is_preset(model.name):  # pretrained: true with a preset's name means a hub model of that name
+            hint = (f"; {model.name!r} is also an architecture preset, which has no weights: set model.pretrained "
+                    "false to train it from its random init")
         raise UserError("model.name", f"{model.name!r} is not a usable {where}: {reason}{hint}") from None
 
 
