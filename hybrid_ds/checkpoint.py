@@ -131,10 +131,49 @@ def latest_checkpoint(save_dir: Path) -> Path | None:
     return folder
 
 
-def check_complete(folder: Path) -> None:
+def check_complete(folder: Path, key: str = "train.resume") -> None:
     if not (folder / COMPLETE).is_file() or not (folder / STATE).is_file():
-        raise UserError("train.resume", f"checkpoint {folder} is missing or incomplete (no {COMPLETE} marker); "
-                                        "point train.save_dir at a run with a complete checkpoint")
+        fix = ("point train.save_dir at a run with a complete checkpoint" if key == "train.resume"
+               else "name a train.save_dir or one of its step_N folders")
+        raise UserError(key, f"checkpoint {folder} is missing or incomplete (no {COMPLETE} marker); {fix}")
+
+
+def check_run_folders(cfg: Any, resuming: bool) -> None:
+    """Before any engine is built: ``train.save_dir`` and ``train.export_hf`` can be written, and a run
+    that resumes trains the model its save_dir's checkpoints hold (else DeepSpeed's state_dict error)."""
+    train = cfg.train
+    if train.save_dir:
+        writable_folder("train.save_dir", Path(train.save_dir))
+    if train.export_hf:
+        export_folder("train.export_hf", Path(train.export_hf))
+    saved = Path(train.save_dir or "") / RUN_CONFIG
+    if resuming and train.save_dir and (Path(train.save_dir) / LATEST).is_file() and saved.is_file():
+        before = {k: json.loads(saved.read_text())["model"].get(k) for k in ("name", "overrides")}
+        now = {k: getattr(cfg.model, k) for k in ("name", "overrides")}
+        if before != now:
+            raise UserError("train.resume", f"{train.save_dir} holds checkpoints of model {before}, this run's model "
+                                            f"is {now}; resume with that model.name and model.overrides, or start "
+                                            "in another train.save_dir")
+
+
+def writable_folder(key: str, path: Path) -> None:
+    """``path`` is a folder this process can write (created if missing)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(key, f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(key, f"cannot create the folder {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(key, f"{path} is not writable")
+
+
+def export_folder(key: str, path: Path) -> None:
+    """``path`` may receive an export: new, empty, or an earlier export (a config.json), never other files."""
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise UserError(key, f"{path} is a folder of other files (no config.json of an earlier export); "
+                             "export into a new or empty folder")
+    writable_folder(key, path)
 
 
 def resume(engine: Any, folder: Path, plan: Any = None) -> dict:
@@ -284,7 +323,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
     if (path / LATEST).is_file():
         return latest_checkpoint(path)
     if path.is_dir() and (path.parent / RUN_CONFIG).is_file():
-        check_complete(path)
+        check_complete(path, "CHECKPOINT")
         return path
     raise UserError("CHECKPOINT", f"{path} is neither a train.save_dir with a 'latest' checkpoint "
                                   "nor a checkpoint folder inside one")
@@ -293,6 +332,7 @@ def resolve_checkpoint(path: str | Path) -> Path:
 def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     """Write a Hugging Face folder (config, safetensors, tokenizer) from a pipeline checkpoint of any layout."""
     folder = resolve_checkpoint(checkpoint)
+    export_folder("OUT_DIR", Path(out_dir))
     cfg = load_config_dict(json.loads((folder.parent / RUN_CONFIG).read_text()))
     plan = build_plan(cfg, world_size=cfg.pipeline.stages)
     if not cfg.pipeline_engine:  # the plain HF model: DeepSpeed's own consolidation of ZeRO partitions

@@ -18,7 +18,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from hybrid_ds.errors import UserError
+from hybrid_ds.errors import Parser, UserError, at_least
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -104,7 +104,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
         from hybrid_ds.models.shape import model_arch
 
-        plan = build_plan(cfg, int(os.environ.get("WORLD_SIZE", "1")))
+        launched = os.environ.get("WORLD_SIZE")  # unset: a plain `python` dry run, sized like `validate`
+        plan = build_plan(cfg, int(launched) if launched else None)
         if int(os.environ.get("RANK", "0")) == 0:
             print(format_plan(plan))
             runtime = "cpu" if profile == "cpu" else "cuda"
@@ -132,7 +133,7 @@ def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="hybrid-ds", description=__doc__.splitlines()[0])
+    parser = Parser(prog="hybrid-ds", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True)
     from hybrid_ds.compare import add_compare_parser  # pure Python, no torch for presets
     from hybrid_ds.plan_search import add_plan_parser
@@ -146,14 +147,14 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("validate", help="check a run config and print its plan (no weights loaded)")
     _add_config_args(p)
-    p.add_argument("--world-size", type=int, help="processes in the run (default: stages x dp the batch implies)")
+    p.add_argument("--world-size", type=at_least(1), help="processes in the run (default: stages x dp the batch implies)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_validate)
 
     p = sub.add_parser("parity", help="compare the pipelined model with the Hugging Face model on one batch")
     p.add_argument("target", metavar="CONFIG|MODEL", help="a run config, preset, local folder or hub name")
-    p.add_argument("--stages", type=int, help="stages to split into (default: the config's pipeline.stages)")
-    p.add_argument("--seq-len", type=int, default=32, help="tokens per sequence of the test batch")
+    p.add_argument("--stages", type=at_least(1), help="stages to split into (default: the config's pipeline.stages)")
+    p.add_argument("--seq-len", type=at_least(8), default=32, help="tokens per sequence of the test batch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.set_defaults(func=cmd_parity)
 
@@ -178,9 +179,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
-    func: Callable[[argparse.Namespace], int] = args.func
     try:
+        args = _parser().parse_args(argv)
+        func: Callable[[argparse.Namespace], int] = args.func
         return func(args)
     except UserError as err:
         report_error(err)

@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_ds.config import ModelConfig, RunConfig, load_config, load_config_dict
-from hybrid_ds.errors import UserError
+from hybrid_ds.errors import UserError, at_least, fraction
 from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, estimate, run_from_config
 from hybrid_ds.gpus import Cluster, get_gpu, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
@@ -29,25 +29,25 @@ DEFAULT_OPTIMIZER = {"type": "AdamW", "params": {"lr": 3e-4, "betas": [0.9, 0.95
 
 
 def add_cluster_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--gpus", type=int, help="GPUs in the cluster (default: the config's description, e.g. "
+    p.add_argument("--gpus", type=at_least(1), help="GPUs in the cluster (default: the config's description, e.g. "
                                             "'16x A100-80GB', else stages x the data-parallel size its batch implies)")
     p.add_argument("--gpu", help="GPU kind: h100, h200, a100, a100-40gb, v100, l40s, a10g, rtx4090 (default: "
                                  "the config's description, else h100)")
     p.add_argument("--gpu-mem", help="memory per GPU, e.g. 80GB or 40GiB (default: the GPU's)")
-    p.add_argument("--nodes", type=int, help="nodes the GPUs are spread over (default: full nodes of 8)")
-    p.add_argument("--efficiency", type=float, default=COMPUTE_EFFICIENCY,
+    p.add_argument("--nodes", type=at_least(1), help="nodes the GPUs are spread over (default: full nodes of 8)")
+    p.add_argument("--efficiency", type=fraction, default=COMPUTE_EFFICIENCY,
                    help=f"achieved / peak matmul FLOP/s for the step time (default {COMPUTE_EFFICIENCY})")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
 
 
 def _add_layout_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--stages", type=int, help="pipeline stages")
+    p.add_argument("--stages", type=at_least(1), help="pipeline stages")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage")
-    p.add_argument("--micro-batch", type=int, help="train_micro_batch_size_per_gpu")
-    p.add_argument("--grad-accum", type=int, help="gradient_accumulation_steps (micro-batches per step)")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence")
+    p.add_argument("--micro-batch", type=at_least(1), help="train_micro_batch_size_per_gpu")
+    p.add_argument("--grad-accum", type=at_least(1), help="gradient_accumulation_steps (micro-batches per step)")
+    p.add_argument("--seq-len", type=at_least(8), help="tokens per sequence")
     p.add_argument("--precision", choices=tuple(PRECISION_KEYS), help="training precision")
-    p.add_argument("--checkpoint", type=int, metavar="N", help="recompute activations every N layers (0 = off)")
+    p.add_argument("--checkpoint", type=at_least(0), metavar="N", help="recompute activations every N layers (0 = off)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
 
 
@@ -103,7 +103,7 @@ def load_input(item: str, overrides: list[str]) -> RunConfig:
 def cluster_for(cfg: RunConfig, args: argparse.Namespace) -> Cluster:
     """Flags first, then the "NNx GPU-MEMGB" of the config's description, then the batch arithmetic."""
     described = parse_cluster(cfg.description)
-    gpus = args.gpus or (described[0] if described else None)
+    gpus = args.gpus if args.gpus is not None else (described[0] if described else None)
     if gpus is None:  # the world size the batch numbers imply (hybrid_ds.plan.default_world_size)
         micro, accum, total = cfg.micro_batch, cfg.grad_accum, cfg.train_batch
         dp = total // (micro * accum) if micro and accum and total and total % (micro * accum) == 0 else 1
@@ -121,6 +121,8 @@ def _entry(item: str, args: argparse.Namespace) -> Entry:
         run = run_from_config(cfg, cluster.gpus, model_arch(cfg.model))
         return Entry(label, estimate(run, cluster, efficiency=args.efficiency))
     except UserError as err:
+        if err.key == "model.name":  # not a model: a mistake, where a layout that cannot run is a result to show
+            raise UserError(label, str(err)) from None
         return Entry(label, error=str(err))
 
 

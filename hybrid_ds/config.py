@@ -51,7 +51,7 @@ class _Section(BaseModel):
 
 
 class ModelConfig(_Section):
-    name: str = Field(description="architecture preset (`hybrid-ds presets`), hub name ORG/NAME, or local folder")
+    name: str = Field(min_length=1, description="architecture preset (`hybrid-ds presets`), hub name ORG/NAME, or local folder")
     pretrained: bool = Field(False, description="load the checkpoint's weights; false = the model's own random init")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name is a hub name")
     trust_remote_code: bool = Field(False, description="allow a hub model's own Python code; off by default")
@@ -94,7 +94,7 @@ class PipelineConfig(_Section):
     def _known_partition(cls, value: str | list[int]) -> str | list[int]:
         if isinstance(value, list):
             if any(n < 0 for n in value):
-                raise ValueError(f"block counts must be >= 0, got {value}")
+                raise ValueError("block counts must be >= 0")
             return value
         if value.lower().startswith("type:"):
             try:
@@ -117,6 +117,13 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, ge=1, description="batches per evaluation")
     resume: bool | Literal["auto"] = Field(False, description="true/\"auto\": continue from the latest checkpoint")
     export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run")
+
+    @field_validator("resume", mode="before")
+    @classmethod
+    def _resume_choice(cls, value: Any) -> Any:
+        if value not in (True, False, "auto"):  # pydantic would report the bool half of the union only
+            raise ValueError('must be true, false or "auto"')
+        return value
 
 
 _SECTIONS: dict[str, type[_Section]] = {
@@ -333,6 +340,25 @@ def _user_error(section: str, model_cls: type[_Section], error: dict[str, Any]) 
     return UserError(key, f"{message}, got {error['input']!r}")
 
 
+# The names DeepSpeed 0.19.8 builds (engine._is_supported_optimizer, engine._scheduler_from_config): its own
+# (runtime/config.py DEEPSPEED_OPTIMIZERS, case-insensitive; runtime/lr_schedules.py VALID_LR_SCHEDULES) and
+# torch's classes (torch.optim, torch.optim.lr_scheduler). Another name fails only once the engine is built,
+# as an AssertionError. tests/test_bad_inputs.py checks these lists against the installed packages.
+KNOWN_TYPES = {
+    "optimizer": ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon",
+                  "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam",
+                  "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam"),
+    "scheduler": ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR",
+                  "ChainedScheduler", "ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR",
+                  "ExponentialLR", "LambdaLR", "LinearLR", "MultiStepLR", "MultiplicativeLR", "OneCycleLR",
+                  "PolynomialLR", "ReduceLROnPlateau", "SequentialLR", "StepLR"),
+}
+
+
+def _known_type(key: str, name: str) -> bool:
+    return name in KNOWN_TYPES[key] or (key == "optimizer" and name.lower() in KNOWN_TYPES[key])
+
+
 def _check_deepspeed_keys(ds: dict[str, Any]) -> None:
     for key in ds:
         if key not in DEEPSPEED_KEYS:
@@ -342,9 +368,18 @@ def _check_deepspeed_keys(ds: dict[str, Any]) -> None:
         value = ds.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise UserError(key, f"must be a positive integer, got {value!r}")
-    for key in ("zero_optimization", "fp16", "bf16"):
+    for key in ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler"):
         if not isinstance(ds.get(key, {}), dict):
             raise UserError(key, f"must be an object, got {ds[key]!r}")
+    for key in ("optimizer", "scheduler"):  # DeepSpeed reads them only when the engine is built, minutes later
+        name = ds.get(key, {}).get("type", "")
+        if key in ds and not (isinstance(name, str) and _known_type(key, name)):
+            raise UserError(f"{key}.type", f"DeepSpeed builds no {key} named {name!r}; {suggest(name, KNOWN_TYPES[key])}")
+        if not isinstance(ds.get(key, {}).get("params", {}), dict):
+            raise UserError(f"{key}.params", f"must be an object, got {ds[key]['params']!r}")
+    lr = ds.get("optimizer", {}).get("params", {}).get("lr", 0)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+        raise UserError("optimizer.params.lr", f"must be a number >= 0, got {lr!r}")
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UserError("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
@@ -371,6 +406,9 @@ def _check_cross_section(cfg: RunConfig) -> None:
             "fp16.enabled", f"fp16 (dynamic loss scaling) is not supported with ZeRO-2 and pipeline.stages="
             f"{cfg.pipeline.stages}: hybrid_ds runs that layout in fp32 or bf16; use bf16.enabled, or "
             "zero_optimization.stage 0 or 1 for fp16")
+    if cfg.train.export_hf and not cfg.train.save_dir:
+        raise UserError("train.export_hf", f"{cfg.train.export_hf!r} needs train.save_dir: the export is written "
+                                           "from the run's last checkpoint")
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",

@@ -6,8 +6,9 @@ escapes is a bug in hybrid_ds and keeps its traceback.
 
 from __future__ import annotations
 
+import argparse
 import difflib
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from typing import Any
 
 
@@ -46,3 +47,45 @@ class IncompatibleDeepSpeed(UserError):
 
     def __init__(self, message: str):
         super().__init__("", message)
+
+
+# ---------------------------------------------------------------- command-line numbers
+
+
+def at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse ``type``: an integer >= ``minimum`` (a flag's 0 must not read as "not given").
+
+    >>> at_least(1)("4")
+    4
+    """
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer >= {minimum}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be >= {minimum}, got {value}")
+        return value
+
+    return parse
+
+
+def fraction(text: str) -> float:
+    """An argparse ``type``: a number in (0, 1], e.g. an efficiency."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number in (0, 1], got {text!r}") from None
+    if not 0 < value <= 1:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1], got {value:g}")
+    return value
+
+
+class Parser(argparse.ArgumentParser):
+    """argparse whose mistakes are a :class:`UserError` (one line, exit 2) instead of usage text."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        flag, sep, detail = message.partition(": ")
+        if sep and flag.startswith("argument "):
+            raise UserError(flag.removeprefix("argument ").split("/")[0], f"{detail}; see {self.prog} --help")
+        raise UserError("", f"{message}; see {self.prog} --help")

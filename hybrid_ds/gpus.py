@@ -126,7 +126,7 @@ def make_cluster(gpus: int, gpu: str | GPU = "h100", memory: int | None = None, 
     gpu = gpu if isinstance(gpu, GPU) else get_gpu(gpu)
     if gpus < 1:
         raise UserError("--gpus", f"must be >= 1, got {gpus}")
-    nodes = nodes or -(-gpus // gpu.per_node)
+    nodes = -(-gpus // gpu.per_node) if nodes is None else nodes
     if nodes < 1 or nodes > gpus:
         raise UserError("--nodes", f"must be between 1 and --gpus {gpus}, got {nodes}")
     return Cluster(gpus, gpu, memory or gpu.memory, nodes)

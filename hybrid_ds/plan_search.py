@@ -13,7 +13,7 @@ from typing import Any
 
 from hybrid_ds.compare import DEFAULT_OPTIMIZER, PRECISION_KEYS, add_cluster_args, is_config_file
 from hybrid_ds.config import ModelConfig, load_config, load_config_dict
-from hybrid_ds.errors import UserError
+from hybrid_ds.errors import UserError, at_least
 from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, estimate, run_from_config
 from hybrid_ds.gpus import GIGA, Cluster, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
@@ -23,10 +23,10 @@ from hybrid_ds.report import estimate_dict, human_bytes, human_time
 def add_plan_parser(sub: Any) -> None:
     p = sub.add_parser("plan", help="layouts that fit a cluster, fastest first, as ready-to-use configs (no torch)")
     p.add_argument("model", metavar="MODEL", help="architecture preset or run config file")
-    p.add_argument("--seq-len", type=int, help="tokens per sequence (default: the config's, else 2048 or the context)")
-    p.add_argument("--global-batch", type=int, help="sequences per optimizer step (default: the config's, else 512)")
+    p.add_argument("--seq-len", type=at_least(8), help="tokens per sequence (default: the config's, else 2048 or the context)")
+    p.add_argument("--global-batch", type=at_least(1), help="sequences per optimizer step (default: the config's, else 512)")
     p.add_argument("--precision", choices=tuple(PRECISION_KEYS), help="training precision (default: bf16)")
-    p.add_argument("--top", type=int, default=3, help="layouts to print as configs (default 3)")
+    p.add_argument("--top", type=at_least(0), default=3, help="layouts to print as configs (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     add_cluster_args(p)
     p.set_defaults(func=cmd_plan)

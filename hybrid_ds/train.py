@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from hybrid_ds import checkpoint
 from hybrid_ds.config import RunConfig
-from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size
+from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size, predicted_tokens
 from hybrid_ds.engine import build_engine, data_parallel, init_distributed, raise_shared
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.resolve import tokenizer_source
@@ -35,15 +35,16 @@ class Summary:
     first_loss: float = math.nan
     last_loss: float = math.nan
     eval_loss: float = math.nan
+    eval_tokens: int = 0  # the predicted tokens eval_loss is the mean over
     tokens_per_s: float = 0.0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
 
     def line(self) -> str:
-        ppl = math.exp(self.eval_loss) if self.eval_loss == self.eval_loss else math.nan
+        evaluated = "" if math.isnan(self.eval_loss) else (
+            f"eval loss {self.eval_loss:.3f} over {self.eval_tokens:,} tokens (ppl {math.exp(self.eval_loss):.1f}), ")
         return (f"done: {self.steps} steps in {self.seconds:.0f} s, loss {self.first_loss:.3f} -> "
-                f"{self.last_loss:.3f}, eval loss {self.eval_loss:.3f} (ppl {ppl:.1f}), "
-                f"{self.tokens_per_s:,.0f} tokens/s")
+                f"{self.last_loss:.3f}, {evaluated}{self.tokens_per_s:,.0f} tokens/s")
 
     def to_json(self) -> str:
         return json.dumps(self.__dict__, indent=2)
@@ -89,8 +90,10 @@ def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
         checkpoint.check_shared(Path(cfg.train.save_dir))
     torch.manual_seed(cfg.train.seed)
     plan, data = prepare(cfg, world_size)
+    resume = plan.config.train.resume if resume is None else resume
+    checkpoint.check_run_folders(plan.config, bool(resume))
     trainer = Trainer(plan, build_engine(plan), data)
-    trainer.resume(plan.config.train.resume if resume is None else resume)
+    trainer.resume(resume)
     summary = trainer.fit()
     trainer.export()
     return summary
@@ -143,20 +146,22 @@ class Trainer:
         return loss
 
     def evaluate(self) -> float:
-        """Mean loss over the held-out split's first ``eval_batches`` micro-batches per data-parallel rank."""
+        """Mean loss over a fixed sample of the held-out split, ``eval_batches`` micro-batches per data-parallel
+        rank (``data.feed.eval_sample``: seeded, spread over the whole split)."""
         layout, n_batches = self.plan.layout, self.cfg.train.eval_batches
-        batches = self.data.eval_batches(layout.micro_batch, n_batches, self.dp_rank, layout.dp)
-        loss = self.engine.eval_batch(batches, num_micro_batches=min(n_batches, batches.per_epoch))
-        loss = loss.detach().float().reshape(1)
-        torch.distributed.all_reduce(loss, group=self.dp_group)
-        loss = loss.item() / layout.dp
+        batches = self.data.eval_batches(layout.micro_batch, n_batches, self.dp_rank, layout.dp, self.cfg.train.seed)
+        loss = self.engine.eval_batch(batches, num_micro_batches=batches.per_epoch).detach().double().reshape(())
+        totals = torch.stack([loss, loss.new_tensor(predicted_tokens(batches))])  # on the engine's device (NCCL)
+        torch.distributed.all_reduce(totals, group=self.dp_group)
+        loss, tokens = totals[0].item() / layout.dp, int(totals[1].item())
         if self.engine.monitor.enabled and self.engine.global_rank == 0:
             samples = self.step_count * layout.train_batch
             self.engine.monitor.write_events([("Eval/loss", loss, samples),
                                               ("Eval/perplexity", math.exp(loss), samples)])
         if self.bar is not None:
-            self.bar.write(f"step {self.step_count}: eval loss {loss:.4f}, perplexity {math.exp(loss):.2f}")
-        self.summary.eval_loss = loss
+            self.bar.write(f"step {self.step_count}: eval loss {loss:.4f} over {tokens:,} tokens, "
+                           f"perplexity {math.exp(loss):.2f}")
+        self.summary.eval_loss, self.summary.eval_tokens = loss, tokens
         return loss
 
     def save(self) -> None:

@@ -123,7 +123,8 @@ def test_extends_merges_and_set_overrides(tmp_path):
 
 
 def test_set_keeps_strings_that_are_not_json():
-    cfg = load_config_dict(TINY, ["model.name=llama-tiny", "data.tokenizer=gpt2", "train.export_hf=out/hf"])
+    cfg = load_config_dict(TINY, ["model.name=llama-tiny", "data.tokenizer=gpt2", "train.save_dir=out/run",
+                                  "train.export_hf=out/hf"])
     assert (cfg.model.name, cfg.data.tokenizer, cfg.train.export_hf) == ("llama-tiny", "gpt2", "out/hf")
 
 
@@ -146,90 +147,7 @@ def test_config_module_imports_no_torch():
 
 # ------------------------------------------------------------------ mistakes: one line, exit 2
 
-MALFORMED = {
-    "unknown-top-level": (with_(TINY, train_micro_batch_size_per_gpuu=2), "train_micro_batch_size_per_gpuu",
-                          "did you mean 'train_micro_batch_size_per_gpu'"),
-    "unknown-model-key": (with_(TINY, model={"nmae": "gpt2-tiny"}), "model.nmae", "did you mean 'name'"),
-    "missing-model-name": (with_(TINY, model={"pretrained": False}), "model.name", "required"),
-    "stages-not-int": (with_(TINY, pipeline={"stages": "two"}), "pipeline.stages", "'two'"),
-    "stages-zero": (with_(TINY, pipeline={"stages": 0}), "pipeline.stages", "greater than or equal to 1"),
-    "partition-unknown": (with_(TINY, pipeline={"stages": 2, "partition": "balanced"}), "pipeline.partition",
-                          "'balanced'"),
-    "partition-bad-regex": (with_(TINY, pipeline={"stages": 2, "partition": "type:(Block"}),
-                            "pipeline.partition", "regular expression"),
-    "partition-list-length": (with_(TINY, pipeline={"stages": 2, "partition": [1, 1, 0]}),
-                              "pipeline.partition", "3 stages"),
-    "partition-list-sum": (with_(TINY, pipeline={"stages": 2, "partition": [1, 2]}), "pipeline.partition",
-                           "places 3 blocks"),
-    "partition-type-no-match": (with_(TINY, pipeline={"stages": 2, "partition": "type:Nothing"}),
-                                "pipeline.partition", "matches none"),
-    "zero3-with-pipeline": (with_(TINY, zero_optimization={"stage": 3}), "zero_optimization.stage",
-                            "pipeline.stages=1"),
-    "zero-stage-7": (with_(TINY, zero_optimization={"stage": 7}), "zero_optimization.stage", "7"),
-    "fp16-zero2-with-pipeline": (with_(TINY, zero_optimization={"stage": 2}, fp16={"enabled": True}), "fp16.enabled",
-                                 "use bf16.enabled"),
-    "fp16-and-bf16": (with_(TINY, fp16={"enabled": True}, bf16={"enabled": True}), "bf16.enabled", "both"),
-    "negative-micro-batch": (with_(TINY, train_micro_batch_size_per_gpu=-1), "train_micro_batch_size_per_gpu",
-                             "-1"),
-    "inconsistent-batch": (with_(TINY, train_batch_size=100), "train_batch_size", "2 x gradient_accumulation"),
-    "no-batch-size": (with_(TINY, train_micro_batch_size_per_gpu=None), "train_micro_batch_size_per_gpu",
-                      "not set"),
-    "stages-over-layers": (with_(TINY, pipeline={"stages": 8}), "pipeline.stages", "the model has 2"),
-    "unknown-model": (with_(TINY, model={"name": "gpt5-tiny"}), "model.name", "gpt5-tiny"),
-    "unknown-override": (with_(TINY, model={"name": "gpt2-tiny", "overrides": {"n_layers": 4}}),
-                         "model.overrides.n_layers", "did you mean"),
-    "seq-len-over-positions": (with_(TINY, data={"seq_len": 100000}), "data.seq_len", "positions"),
-    "clipping-not-number": (with_(TINY, gradient_clipping="big"), "gradient_clipping", "'big'"),
-    "resume-bad": (with_(TINY, train={"resume": "sometimes"}), "train.resume", "'sometimes'"),
-    "pretrained-not-cached": (with_(TINY, model={"name": "gpt2-tiny", "pretrained": True}), "model.name",
-                              "local cache"),
-    "section-not-object": (with_(TINY, pipeline=2), "pipeline", "must be an object"),
-    "max-steps-zero": (with_(TINY, train={"max_steps": 0}), "train.max_steps", "0"),
-    "bad-json": ('{\n  "model": {"name": "gpt2-tiny"},\n  "pipeline": {"stages": 2,}\n}', "run.json",
-                 "line 3"),
-    "not-an-object": ("[1, 2]", "run.json", "JSON object"),
-}
-
-
-@pytest.mark.parametrize("name", sorted(MALFORMED))
-def test_malformed_config_gives_one_line_and_exit_2(name, tmp_path, capsys):
-    data, key, detail = MALFORMED[name]
-    rc, out, err = run_cli(capsys, "validate", write(tmp_path, data))
-    assert rc == 2, (out, err)
-    lines = err.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("hybrid-ds: error: "), err
-    assert key in lines[0] and detail in lines[0], lines[0]
-
-
-def test_layout_mistakes_from_the_command_line(tmp_path, capsys):
-    path = write(tmp_path, TINY)
-    cases = [
-        (["--world-size", "3"], "world size 3 is not divisible by 2 stages"),
-        (["--set", "pipeline.stages"], "--set: expected KEY.PATH=VALUE"),
-        (["--set", "pipeline.stages.x=2"], "pipeline.stages is 2, not an object"),
-    ]
-    for extra, detail in cases:
-        rc, _, err = run_cli(capsys, "validate", path, *extra)
-        assert rc == 2 and detail in err and len(err.strip().splitlines()) == 1, err
-
-
-def test_extends_cycle_and_missing_parent(tmp_path, capsys):
-    write(tmp_path, with_(TINY, extends="b.json"), "a.json")
-    write(tmp_path, {"extends": "a.json"}, "b.json")
-    rc, _, err = run_cli(capsys, "validate", str(tmp_path / "a.json"))
-    assert rc == 2 and "extends: cycle: a.json -> b.json -> a.json" in err
-    rc, _, err = run_cli(capsys, "validate", write(tmp_path, with_(TINY, extends="nope.json")))
-    assert rc == 2 and "'nope.json'" in err and "not found" in err
-    rc, _, err = run_cli(capsys, "validate", str(tmp_path / "missing.json"))
-    assert rc == 2 and "config file not found" in err
-
-
-def test_unsupported_model_type_lists_families(tmp_path, capsys):
-    transformers = pytest.importorskip("transformers")
-    folder = tmp_path / "t5"
-    transformers.T5Config(num_layers=2, d_model=32).save_pretrained(folder)
-    rc, _, err = run_cli(capsys, "validate", write(tmp_path, with_(TINY, model={"name": str(folder)})))
-    assert rc == 2 and "'t5' is not supported" in err and "llama" in err and "to add one" in err
+# Every mistake and its exact line: tests/test_bad_inputs.py.
 
 
 def test_warns_about_a_large_bubble(tmp_path, capsys):

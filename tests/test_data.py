@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import subprocess
@@ -13,8 +14,9 @@ import pytest
 import torch
 
 from hybrid_ds.config import DataConfig
-from hybrid_ds.data import MaskingRule, MicroBatches, check_vocab, load_data, padded_vocab_size
+from hybrid_ds.data import MaskingRule, MicroBatches, check_vocab, load_data, padded_vocab_size, predicted_tokens
 from hybrid_ds.data import packing
+from hybrid_ds.data.feed import eval_batches
 from hybrid_ds.data.packing import load_tokenizer, pack
 from hybrid_ds.data.sources import builtin_chapters, load_documents
 from hybrid_ds.errors import UserError
@@ -142,6 +144,46 @@ def test_resume_with_another_seed_is_refused():
         MicroBatches(fake_blocks(10), 2, seed=6).load_state_dict(batches.state_dict())
 
 
+def read_blocks(batches) -> list[int]:
+    """Indices (into fake_blocks) of the blocks one pass of ``batches`` reads, in order."""
+    return [int(ids[i, 0]) // ids.shape[1] for (ids, *_), _ in itertools.islice(batches, batches.per_epoch)
+            for i in range(len(ids))]
+
+
+def test_evaluation_reads_a_fixed_sample_from_the_whole_held_out_split():
+    """eval_batches: a seeded sample reaching the split's last part (not its first blocks in file order), the
+    same at every evaluation and for every layout reading as many blocks, disjoint across data-parallel ranks."""
+    blocks = fake_blocks(400)
+    ranks = [read_blocks(eval_batches(blocks, 2, 4, dp_rank=r, dp=2, seed=3)) for r in range(2)]
+    assert all(len(r) == 8 for r in ranks) and not set(ranks[0]) & set(ranks[1])
+    sample = sorted(ranks[0] + ranks[1])
+    assert max(sample) >= 300 and min(sample) < 100, sample  # spread over the split
+    assert read_blocks(eval_batches(blocks, 2, 4, dp_rank=1, dp=2, seed=3)) == ranks[1]  # every evaluation
+    assert sorted(read_blocks(eval_batches(blocks, 4, 4, seed=3))) == sample  # pp=2 x dp=1 at micro 4: same blocks
+    assert set(read_blocks(eval_batches(blocks, 2, 4, dp=1, seed=3))) < set(sample)  # a smaller sample: part of it
+    assert sorted(read_blocks(eval_batches(blocks, 4, 4, seed=4))) != sample  # another seed, another sample
+    small = [read_blocks(eval_batches(fake_blocks(11), 2, 8, dp_rank=r, dp=2, seed=3)) for r in range(2)]
+    assert sorted(small[0] + small[1]) != list(range(8)) and len(set(small[0] + small[1])) == 8  # all but a tail
+
+
+def test_eval_token_count_and_masks_are_fixed(bert_tok):
+    """predicted_tokens: causal LM predicts all but each block's first token; masked LM its masked tokens,
+    which are the same at every evaluation."""
+    import datasets
+
+    blocks = fake_blocks(40, seq_len=16)
+    causal = eval_batches(blocks, 2, 3, dp_rank=1, dp=2, seed=5)
+    assert predicted_tokens(causal) == 3 * 2 * 15 and causal.consumed == 0
+    mlm = MaskingRule(bert_tok)
+    ids = torch.randint(1000, 30000, (40, 16), generator=torch.Generator().manual_seed(0))
+    masked = datasets.Dataset.from_dict({"input_ids": ids.numpy()})
+    first, again = (list(itertools.islice(eval_batches(masked, 2, 3, seed=5, task="masked_lm", mlm=mlm), 3))
+                    for _ in range(2))
+    assert all(torch.equal(a[1], b[1]) and torch.equal(a[0][0], b[0][0]) for a, b in zip(first, again))
+    assert predicted_tokens(eval_batches(masked, 2, 3, seed=5, task="masked_lm", mlm=mlm)) == \
+        sum(int((labels != -100).sum()) for _, labels in first) > 0
+
+
 def test_mlm_masking_statistics(bert_tok):
     rule = MaskingRule(bert_tok, 0.15)
     ids = torch.randint(1000, 30000, (64, 512))
@@ -182,28 +224,6 @@ def test_packed_corpus_is_cached(tmp_path, monkeypatch):
     again = load_data(cfg, "causal_lm")
     assert again.train["input_ids"][:3] == first.train["input_ids"][:3] and len(again.train) == len(first.train)
     assert not [p for p in tmp_path.iterdir() if p.name.startswith(".")]  # no half-written folders left
-
-
-@pytest.mark.parametrize("data, key, detail", [
-    (dict(source="missing/corpus.txt"), "data.source", "no such file"),
-    (dict(source="{tmp}/empty.txt"), "data.source", "no documents"),
-    (dict(source="{tmp}/short.txt", seq_len=4096), "data.source",
-     "gives the training split 5 tokens in 1 document(s), fewer than one block of data.seq_len=4096"),
-    (dict(source="{tmp}/one.txt", seq_len=8), "data.source",  # one document: nothing to hold out for evaluation
-     "gives the evaluation split 0 tokens in 0 document(s), fewer than one block of data.seq_len=8"),
-    (dict(source="{tmp}/other.jsonl", text_column="text"), "data.text_column", "'body'"),
-    (dict(tokenizer="{tmp}/no-tokenizer"), "data.tokenizer", "no tokenizer"),
-])
-def test_bad_data_gives_one_clear_error(tmp_path, data, key, detail):
-    (tmp_path / "empty.txt").write_text("\n\n")
-    (tmp_path / "short.txt").write_text("only a few words here\n" * 3)
-    (tmp_path / "one.txt").write_text("In the beginning God created the heavens and the earth.\n")
-    (tmp_path / "other.jsonl").write_text('{"body": "text"}\n')
-    (tmp_path / "no-tokenizer").mkdir()
-    data = {k: v.format(tmp=tmp_path) if isinstance(v, str) else v for k, v in data.items()}
-    with pytest.raises(UserError) as err:
-        load_data(DataConfig(cache_dir=str(tmp_path / "cache"), eval_fraction=0.5, **data), "causal_lm")
-    assert err.value.key == key and detail in err.value.message, str(err.value)
 
 
 def test_vocab_checks(gpt2_tok):

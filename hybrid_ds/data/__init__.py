@@ -10,11 +10,12 @@ from dataclasses import dataclass
 from typing import Any
 
 from hybrid_ds.config import DataConfig
-from hybrid_ds.data.feed import MaskingRule, MicroBatches, eval_batches
+from hybrid_ds.data.feed import MaskingRule, MicroBatches, eval_batches, predicted_tokens
 from hybrid_ds.data.packing import load_tokenizer, packed_splits
 from hybrid_ds.errors import UserError
 
-__all__ = ["Data", "MaskingRule", "MicroBatches", "check_vocab", "load_data", "load_tokenizer", "padded_vocab_size"]
+__all__ = ["Data", "MaskingRule", "MicroBatches", "check_vocab", "load_data", "load_tokenizer", "padded_vocab_size",
+           "predicted_tokens"]
 
 
 def padded_vocab_size(n_tokens: int, multiple: int = 64) -> int:
@@ -44,8 +45,8 @@ class Data:
     def train_batches(self, micro_batch: int, dp_rank: int, dp: int, seed: int) -> MicroBatches:
         return MicroBatches(self.train, micro_batch, dp_rank, dp, seed, self.task, self.masking())
 
-    def eval_batches(self, micro_batch: int, n_batches: int, dp_rank: int, dp: int) -> MicroBatches:
-        return eval_batches(self.eval, micro_batch, n_batches, dp_rank, dp, self.task, self.masking())
+    def eval_batches(self, micro_batch: int, n_batches: int, dp_rank: int, dp: int, seed: int) -> MicroBatches:
+        return eval_batches(self.eval, micro_batch, n_batches, dp_rank, dp, seed, self.task, self.masking())
 
 
 def load_data(data: DataConfig, task: str, model_folder: str | None = None, tokenizer: Any = None) -> Data:

@@ -12,6 +12,8 @@ run resumed with another data-parallel size or micro-batch reads on exactly wher
 
 from __future__ import annotations
 
+import copy
+import itertools
 from typing import Any
 
 import numpy as np
@@ -117,9 +119,36 @@ class MaskingRule:
         return inputs, labels
 
 
-def eval_batches(blocks: Any, micro_batch: int, n_batches: int, dp_rank: int = 0, dp: int = 1,
+def eval_sample(n_blocks: int, micro_batch: int, n_batches: int, dp: int, seed: int) -> np.ndarray:
+    """Sorted indices of the held-out blocks one evaluation reads: ``n_batches`` micro-batches on each of
+    ``dp`` ranks, drawn from the whole split by a permutation seeded by ``seed`` alone, so every evaluation
+    and every layout that reads as many blocks reads the same ones (a smaller sample is part of a larger).
+    A split smaller than the request is read whole, less a tail shorter than ``micro_batch * dp``.
+
+    >>> eval_sample(10, micro_batch=2, n_batches=2, dp=1, seed=0).tolist()
+    [2, 4, 6, 7]
+    >>> len(eval_sample(10, micro_batch=2, n_batches=8, dp=2, seed=0))
+    8
+    """
+    per_batch = micro_batch * dp
+    n = min(n_batches, n_blocks // per_batch) * per_batch
+    return np.sort(np.random.default_rng(seed).permutation(n_blocks)[:n])
+
+
+def eval_batches(blocks: Any, micro_batch: int, n_batches: int, dp_rank: int = 0, dp: int = 1, seed: int = 0,
                  task: str = "causal_lm", mlm: MaskingRule | None = None) -> MicroBatches:
-    """The first ``n_batches`` micro-batches of the held-out split, in file order, the same every time."""
-    batches = MicroBatches(blocks, micro_batch, dp_rank, dp, seed=0, task=task, mlm=mlm, shuffle=False)
-    batches.per_epoch = min(batches.per_epoch, n_batches)
-    return batches
+    """This rank's micro-batches of :func:`eval_sample`, in split order, the same every time (masks too).
+
+    Micro-batch k of rank r is the sample's positions [(k * dp + r) * micro, ...): disjoint across ranks.
+    """
+    sample = eval_sample(len(blocks), micro_batch, n_batches, dp, seed)
+    return MicroBatches(blocks.select(sample), micro_batch, dp_rank, dp, seed=seed, task=task, mlm=mlm,
+                        shuffle=False)
+
+
+def predicted_tokens(batches: MicroBatches) -> int:
+    """Tokens a loss over one pass of ``batches`` averages: the labels it predicts (causal LM: all but each
+    block's first, which nothing precedes; masked LM: the masked ones). Leaves ``batches`` unread."""
+    shift = 1 if batches.task == "causal_lm" else 0
+    probe = copy.copy(batches)
+    return sum(int((labels[:, shift:] != IGNORE).sum()) for _, labels in itertools.islice(probe, batches.per_epoch))

@@ -27,6 +27,10 @@ _FORMAT = 1  # bump when the packed layout changes, so old caches are not reused
 _CHUNK = 1000  # documents per tokenizer call
 
 
+# The files a tokenizer folder holds one of (fast tokenizers, GPT-2/BERT vocabularies, sentencepiece).
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "vocab.txt", "tokenizer.model")
+
+
 def default_cache_dir() -> Path:
     return Path(os.environ.get("HYBRID_DS_CACHE", Path.home() / ".cache" / "hybrid_ds")) / "data"
 
@@ -43,6 +47,9 @@ def load_tokenizer(name: str | None, task: str, model_folder: str | None = None)
     if name is None and model_folder and Path(model_folder, "tokenizer_config.json").is_file():
         name = model_folder
     if name is not None:
+        if Path(name).is_dir() and not any(Path(name, f).is_file() for f in _TOKENIZER_FILES):
+            raise UserError("data.tokenizer", f"{name!r} is a folder without a tokenizer (none of "
+                                              f"{', '.join(_TOKENIZER_FILES)})")
         try:
             return transformers.AutoTokenizer.from_pretrained(name)
         except (OSError, ValueError) as err:

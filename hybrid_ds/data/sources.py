@@ -96,7 +96,10 @@ def _local_files(source: str) -> list[str] | None:
     """The files a local source names (a file, folder or glob), or None when it names none."""
     path = Path(source)
     if path.is_dir():
-        return sorted(str(p) for p in path.rglob("*") if p.suffix in _BUILDERS)
+        files = sorted(str(p) for p in path.rglob("*") if p.suffix in _BUILDERS)
+        if not files:
+            raise UserError("data.source", f"{source!r}: the folder holds no {'/'.join(_BUILDERS)} files")
+        return files
     if path.is_file():
         return [str(path)]
     matches = sorted(glob.glob(source, recursive=True))
@@ -115,10 +118,14 @@ def _load_files(files: list[str], data: DataConfig) -> Any:
     if unknown or len({_BUILDERS[s] for s in suffixes - unknown}) != 1:
         raise UserError("data.source", f"files must share one format of {sorted(_BUILDERS)}; got {sorted(suffixes)}")
     builder = _BUILDERS[suffixes.pop()]
+    if all(Path(f).stat().st_size == 0 for f in files):  # else datasets' SchemaInferenceError
+        raise UserError("data.source", f"{data.source!r} has no documents: {len(files)} empty file(s)")
     try:
         dataset = datasets.load_dataset(builder, data_files=files, split="train")
     except Exception as err:  # datasets raises many types for unreadable files
-        raise UserError("data.source", f"cannot read {files[0]}: {str(err).splitlines()[0][:200]}") from None
+        cause = err.__cause__ or err  # the reader's own error, inside datasets' DatasetGenerationError
+        reason = (str(cause).splitlines() or [""])[0][:200]
+        raise UserError("data.source", f"cannot read {files[0]} as {builder}: {type(cause).__name__}: {reason}") from None
     return _text_only(dataset, data.text_column)
 
 
@@ -146,6 +153,9 @@ def _load_hub_split(data: DataConfig, key: str, split: str) -> Any:
 def _text_only(dataset: Any, column: str) -> Any:
     if column not in dataset.column_names:
         raise UserError("data.text_column", f"{column!r} is not a column; columns: {dataset.column_names}")
+    kind = getattr(dataset.features[column], "dtype", type(dataset.features[column]).__name__)
+    if kind not in ("string", "large_string"):
+        raise UserError("data.text_column", f"{column!r} holds {kind} values, not text")
     dataset = dataset.select_columns([column])
     if column != "text":
         dataset = dataset.rename_column(column, "text")

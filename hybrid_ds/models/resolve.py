@@ -8,7 +8,7 @@ cache exactly as ``from_pretrained`` does, so a model downloaded before works wi
 from __future__ import annotations
 
 import copy
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +24,7 @@ class ResolvedModel:
     hf_config: Any          # transformers.PretrainedConfig, overrides applied
     family: Family
     checkpoint: str | None  # folder or hub name to read weights from; None for presets
+    overrides: dict[str, Any] = field(default_factory=dict)  # model.overrides, named when transformers rejects them
 
 
 @dataclass(frozen=True)
@@ -52,7 +53,7 @@ def resolve_model(model: ModelConfig) -> ResolvedModel:
     hf_config = _with_overrides(hf_config, source, model.overrides)
     hf_config._attn_implementation = model.attn_implementation
     family = get_family(hf_config.model_type, hf_config)  # the generic adapter must see the final config
-    return ResolvedModel(hf_config, family, checkpoint)
+    return ResolvedModel(hf_config, family, checkpoint, dict(model.overrides))
 
 
 def tokenizer_source(model: ModelConfig) -> tuple[str, str | None]:
@@ -96,6 +97,9 @@ def _load_hf_config(model: ModelConfig) -> Any:
         where = "folder" if is_folder else "preset, local folder or hub model in the local cache"
         reason = str(err).strip().splitlines()[0][:300]
         hint = "" if is_folder else f"; presets: {suggest(model.name, presets.PRESETS)}"
+        if presets.is_preset(model.name):  # pretrained: true with a preset's name means a hub model of that name
+            hint = (f"; {model.name!r} is also an architecture preset, which has no weights: set model.pretrained "
+                    "false to train it from its random init")
         raise UserError("model.name", f"{model.name!r} is not a usable {where}: {reason}{hint}") from None
 
 
@@ -115,7 +119,10 @@ def _with_overrides(hf_config: Any, source: dict[str, Any], overrides: dict[str,
     if not overrides:
         return hf_config
     merged = {**copy.deepcopy(source), **{aliases.get(k, k): v for k, v in overrides.items()}}
-    rebuilt = type(hf_config).from_dict(merged)
+    try:
+        rebuilt = type(hf_config).from_dict(merged)
+    except Exception as err:  # transformers 5 configs check field types: huggingface_hub's StrictDataclass errors
+        raise _rejected("model.overrides", overrides, hf_config.model_type, err) from None
     for key, value in overrides.items():
         if getattr(rebuilt, key) != value:   # a field the constructor recomputes: the override wins
             setattr(rebuilt, key, value)
@@ -133,8 +140,18 @@ def meta_model(resolved: ResolvedModel) -> Any:
     """The whole Hugging Face model on the meta device: shapes and structure, no memory, no weights."""
     import torch
 
-    with torch.device("meta"):
-        return auto_class(resolved.family).from_config(resolved.hf_config, trust_remote_code=False)
+    try:
+        with torch.device("meta"):
+            return auto_class(resolved.family).from_config(resolved.hf_config, trust_remote_code=False)
+    except Exception as err:  # a config transformers cannot build: heads that do not divide the width, n_head 0
+        key = "model.overrides" if resolved.overrides else "model.name"
+        raise _rejected(key, resolved.overrides or resolved.checkpoint, resolved.hf_config.model_type, err) from None
+
+
+def _rejected(key: str, given: Any, model: str, err: Exception) -> UserError:
+    reason = " ".join(str(err).split()) or type(err).__name__
+    return UserError(key, f"{given!r}: transformers cannot build a {model} model with it: "
+                          f"{type(err).__name__}: {reason[:300]}")
 
 
 def count_params(model: Any) -> int:
