@@ -206,6 +206,8 @@ def _first_line(err: Exception) -> str:
 def _resume_on_new_layout(engine: Any, folder: Path, plan: Any, saved: dict) -> None:
     now = layout_of(plan)
     if saved["zero"] not in (1, 2) or now["zero"] not in (1, 2):
+        # ZeRO-0 has no partitioned optimizer state to convert; DeepSpeed 0.19.8 writes ZeRO-3's universal form
+        # differently (flat tensors, no step, no ds_version) from what its ZeRO-1/2 loader reads
         raise UserError("train.resume", f"checkpoint {folder} was saved at {describe_layout(saved)} and this run is "
                                         f"{describe_layout(now)}: a change of layout needs zero_optimization.stage 1 "
                                         f"or 2 on both sides (DeepSpeed's universal checkpoints); resume at "

@@ -113,8 +113,8 @@ def test_a_layout_change_without_zero_partitions_is_one_line(tmp_path):
     proc = train(resumed, 2, "--resume", expect=2)
     lines = {line for line in proc.stderr.splitlines() if line.startswith("hybrid-ds: error:")}
     assert lines == {f"hybrid-ds: error: train.resume: checkpoint {tmp_path / 'run' / 'step_2'} was saved at "
-                     "pipeline.stages 2 (layers [0, 2, 4]) x dp 1, ZeRO-0 and this run is pipeline.stages 1 "
+                     "pipeline.stages 2 (layers [0, 3, 4]) x dp 1, ZeRO-0 and this run is pipeline.stages 1 "
                      "(layers [0, 4]) x dp 2, ZeRO-0: a change of layout needs zero_optimization.stage 1 or 2 on "
-                     "both sides (DeepSpeed's universal checkpoints); resume at pipeline.stages 2 (layers [0, 2, 4]) "
+                     "both sides (DeepSpeed's universal checkpoints); resume at pipeline.stages 2 (layers [0, 3, 4]) "
                      "x dp 1, ZeRO-0"}, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr
