@@ -608,8 +608,15 @@ def check_overflow_skip(optimizer: Any) -> None:
     for kind, test in _skipping_optimizers().items():
         if isinstance(optimizer, kind):
             _require(f"{kind.__name__}.step setting overflow when {test}",
-                     lambda kind=kind, test=test: _source_has(kind, "def step(", test, "self.overflow = True"),
-                     _SKIP_WHY)  # the class's source: ZeRO-3 wraps its step in an nvtx decorator
+                     lambda kind=kind, test=test: _source_has(_undecorated(kind.step), test, "self.overflow = True"),
+                     _SKIP_WHY)
+
+
+def _undecorated(function: Callable) -> Callable:
+    """``function`` without DeepSpeed's ``instrument_w_nvtx`` (ZeRO-3's ``step``), which keeps it in its closure and
+    sets no ``__wrapped__``."""
+    inner = [c.cell_contents for c in function.__closure__ or () if inspect.isfunction(c.cell_contents)]
+    return inner[0] if inner else function
 
 
 def skip_non_finite_steps(engine: Any) -> None:

@@ -25,6 +25,13 @@ ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
 # ---------------------------------------------------------------- SIGTERM
 
 
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
 def start_and_signal(config: Path, target: str) -> tuple[int, float, str, list[int]]:
     """Start a long run, SIGTERM ``target`` ("runner": the ``deepspeed`` command; "launch": DeepSpeed's launch.py;
     "rank": rank 1) once training is under way, and read the output until every process holding it has exited.
@@ -42,27 +49,28 @@ def start_and_signal(config: Path, target: str) -> tuple[int, float, str, list[i
 
     reader = threading.Thread(target=read, daemon=True)
     reader.start()
+    processes: list[int] = []
     try:
         assert under_way.wait(300), "".join(lines[-30:])
         ranks = [int(p) for p in re.findall(r"process (\d+) spawned", "".join(lines))]
         assert len(ranks) == 2, "".join(lines[-30:])
-        pid = {"runner": proc.pid, "launch": psutil.Process(ranks[0]).ppid(), "rank": ranks[1]}[target]
-        os.kill(pid, signal.SIGTERM)
+        processes = [proc.pid, psutil.Process(ranks[0]).ppid(), *ranks]  # runner, launch.py, ranks
+        os.kill(processes[{"runner": 0, "launch": 1, "rank": 3}[target]], signal.SIGTERM)
         signalled = time.time()
         reader.join(timeout=90)
         seconds = time.time() - signalled
-        rc = proc.wait(timeout=10)
     finally:
-        proc.kill()
-    orphans = [p for p in ranks if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
-    for pid in orphans:
-        os.kill(pid, signal.SIGKILL)
-    assert not orphans and not reader.is_alive(), "".join(lines[-30:])
-    return rc, seconds, "".join(lines), ranks
+        left = [pid for pid in processes[1:] if alive(pid)]
+        for pid in [proc.pid, *left]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not left and not reader.is_alive(), (left, "".join(lines[-30:]))
+    return proc.wait(timeout=10), seconds, "".join(lines), ranks
 
 
 @pytest.mark.parametrize("target, runner_rc, reason", [("runner", -signal.SIGTERM, "the deepspeed launcher's exit"),
-                                                       ("launch", 1, "SIGTERM"), ("rank", 0, "SIGTERM")])
+                                                       ("launch", 1, "SIGTERM"), ("rank", 0, "SIGTERM")],
+                         ids=["runner", "launch", "rank"])
 def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_continues_exactly(tmp_path, target, runner_rc, reason):
     """SIGTERM to the deepspeed command, to DeepSpeed's launch.py or to one rank: every rank finishes its step, the
     checkpoint of that step becomes latest, all ranks exit 0 (no orphans) within 60 s; --resume then gives the
