@@ -240,10 +240,8 @@ class Trainer:
         return summary
 
     def _stopped_line(self) -> str:
-        where = "no train.save_dir, nothing saved"
-        if self.save_dir:
-            latest = checkpoint.latest_checkpoint(self.save_dir)
-            where = f"checkpoint {latest} is latest; resume with --resume" if latest else "nothing trained, nothing saved"
+        latest = checkpoint.latest_checkpoint(self.save_dir) if self.save_dir else None
+        where = f"checkpoint {latest} is latest; resume with --resume" if latest else "nothing saved"
         return f"hybrid-ds: stopped by {self.summary.stopped} after step {self.step_count}; {where}"
 
     def export(self) -> None:

@@ -156,7 +156,8 @@ def test_non_finite_steps_are_skipped_exactly_and_enough_in_a_row_stop_the_run(t
     assert errors.pop() == (f"hybrid-ds: error: train.max_bad_steps: 2 steps in a row (5-6) had a non-finite loss or "
                          f"gradient norm and were skipped; the state after step 4 is saved as {run / 'step_6'} "
                          "(latest); lower the learning rate or check the data")
-    skipped = re.findall(r"step (\d): loss nan, a non-finite loss or gradient norm; step skipped \((\d) in a row", output)
+    skipped = re.findall(r"step (\d): loss nan, a non-finite loss or gradient norm; step skipped \((\d) in a row",
+                         output)
     assert skipped == [("3", "1"), ("5", "1"), ("6", "2")], output[-3000:]
     assert (run / "latest").read_text() == "step_6" and (run / "step_6" / "COMPLETE").is_file()
     for step in range(1, 7):
