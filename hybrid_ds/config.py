@@ -117,6 +117,10 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, ge=1, description="batches per evaluation")
     resume: bool | Literal["auto"] = Field(False, description="true/\"auto\": continue from the latest checkpoint")
     export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run")
+    # 5: one or two overflowing batches are survivable (each is skipped), while a diverged model makes every step
+    # non-finite; stopping after 5 wastes at most 5 steps and keeps the last good state.
+    max_bad_steps: int = Field(5, ge=1, description="stop (exit 2, with a checkpoint) after this many steps in a row "
+                                                    "with a non-finite loss or gradient norm; each is skipped")
 
     @field_validator("resume", mode="before")
     @classmethod

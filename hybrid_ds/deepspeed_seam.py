@@ -33,6 +33,9 @@ Items (entry point: internals; used by):
 9. ``to_universal`` and ``load_universal``: resume on another layout. ``ds_to_universal.main`` and its options,
    ``engine._config.load_universal_checkpoint`` (set for one load), the ZeRO optimizer's ``param_names`` as its
    universal loader reads them; checkpoint.py. ``describe_for_universal`` uses public names only; engine.py.
+10. ``skip_non_finite_steps``: ``DeepSpeedEngine._take_model_step`` reading ``optimizer.overflow`` after
+   ``optimizer.step()``; the ZeRO-1/2, ZeRO-3 and bf16 optimizers' ``step`` marking a non-finite gradient norm as
+   an overflow; engine.py.
 
 Transformers and torch internals used elsewhere (they stay next to the code that needs them):
 
@@ -648,3 +651,74 @@ def load_universal(engine: Any, folder: Path, names: dict[str, str]) -> Any:
     finally:
         optimizer.param_names = own
         config.load_universal_checkpoint = flag
+# ---------------------------------------------------------------- 10. skipping steps with non-finite gradients
+
+
+_SKIP_WHY = "a step with inf or NaN gradients must leave parameters, optimizer state and learning rate unchanged"
+
+
+def _skipping_optimizers() -> dict[type, str]:
+    """DeepSpeed 0.19.8's optimizers that skip a step whose global gradient norm is not finite, in fp32 too (measured:
+    parameters unchanged across a NaN step at ZeRO-1/2 and ZeRO-3), each with the test in its ``step`` that does it."""
+    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
+    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    return {DeepSpeedZeroOptimizer: "is_invalid_grad_norm(scaled_global_grad_norm)",
+            DeepSpeedZeroOptimizer_Stage3: "is_invalid_grad_norm(scaled_global_grad_norm)",
+            BF16_Optimizer: "is_invalid_grad_norm(all_groups_norm)"}
+
+
+def check_overflow_skip(optimizer: Any) -> None:
+    """What skipping relies on: ``DeepSpeedEngine._take_model_step`` calls ``self.optimizer.step()``, then reads
+    ``self.optimizer.overflow``: a skipped step leaves the LR scheduler alone, counts in ``skipped_steps`` and makes
+    ``was_step_applied()`` false. DeepSpeed's own optimizers set ``overflow`` when the norm is not finite."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+
+    _require("DeepSpeedEngine._take_model_step reading optimizer.overflow after optimizer.step()",
+             lambda: _source_has(DeepSpeedEngine._take_model_step, "self.optimizer.step()", "self.optimizer.overflow",
+                                 "self._step_applied = not overflow", "self.skipped_steps += 1")
+             and callable(DeepSpeedEngine.was_step_applied), _SKIP_WHY)
+    for kind, test in _skipping_optimizers().items():
+        if isinstance(optimizer, kind):
+            _require(f"{kind.__name__}.step setting overflow when {test}",
+                     lambda kind=kind, test=test: _source_has(_undecorated(kind.step), test, "self.overflow = True"),
+                     _SKIP_WHY)
+
+
+def _undecorated(function: Callable) -> Callable:
+    """``function`` without DeepSpeed's ``instrument_w_nvtx`` (ZeRO-3's ``step``), which keeps it in its closure and
+    sets no ``__wrapped__``."""
+    inner = [c.cell_contents for c in function.__closure__ or () if inspect.isfunction(c.cell_contents)]
+    return inner[0] if inner else function
+
+
+def skip_non_finite_steps(engine: Any) -> None:
+    """Make every optimizer step whose gradients hold inf or NaN a skipped step, as DeepSpeed's loss scaler does.
+
+    DeepSpeed's ZeRO-1/2, ZeRO-3 and bf16 optimizers do so already (:func:`_skipping_optimizers`); fp16's loss
+    scaler too. fp32 at ZeRO-0 steps torch's optimizer directly and wrote NaN into every parameter (measured): its
+    ``step`` first agrees over all ranks whether any gradient is non-finite and reports a skip through the same
+    ``overflow`` attribute DeepSpeed's optimizers use.
+    """
+    optimizer = engine.optimizer
+    check_overflow_skip(optimizer)
+    if isinstance(optimizer, torch.optim.Optimizer):
+        optimizer.overflow = False
+        optimizer.step = _step_if_finite(optimizer, optimizer.step)
+
+
+def _step_if_finite(optimizer: torch.optim.Optimizer, step: Callable) -> Callable:
+    from deepspeed.accelerator import get_accelerator
+
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+
+    def step_if_finite(*args: Any, **kwargs: Any) -> Any:
+        sums = [p.grad.detach().float().sum() for p in params if p.grad is not None]  # inf and NaN survive a sum
+        local = torch.stack(sums).sum() if sums else torch.zeros(())
+        bad = (~torch.isfinite(local)).to(torch.int32).reshape(1).to(get_accelerator().current_device_name())
+        torch.distributed.all_reduce(bad, op=torch.distributed.ReduceOp.MAX)  # stages hold different gradients
+        optimizer.overflow = bool(bad.item())
+        return None if optimizer.overflow else step(*args, **kwargs)
+
+    return step_if_finite

@@ -91,6 +91,7 @@ def build_pipeline_engine(plan: Plan) -> Any:
         engine_class, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=deepspeed_config(plan))
     deepspeed_seam.use_global_clip_norm(engine)
+    deepspeed_seam.skip_non_finite_steps(engine)
     return engine
 
 
@@ -155,6 +156,7 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
     deepspeed_seam.describe_for_universal(model, [])
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    deepspeed_seam.skip_non_finite_steps(engine)
     return PlainEngine(engine, plan.layout.grad_accum)
 
 

@@ -27,6 +27,7 @@ from hybrid_ds.engine import build_engine, data_parallel, init_distributed, rais
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.resolve import tokenizer_source
 from hybrid_ds.plan import Plan, build_plan
+from hybrid_ds.preemption import StopRequest, gloo_group
 
 
 @dataclass
@@ -39,6 +40,8 @@ class Summary:
     tokens_per_s: float = 0.0
     seconds: float = 0.0
     losses: list[float] = field(default_factory=list)
+    skipped_steps: int = 0  # steps with a non-finite loss or gradient norm, skipped (see Trainer.step)
+    stopped: str = ""  # what stopped the run before train.max_steps (a signal), else ""
 
     def line(self) -> str:
         evaluated = "" if math.isnan(self.eval_loss) else (
@@ -95,7 +98,8 @@ def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
     trainer = Trainer(plan, build_engine(plan), data)
     trainer.resume(resume)
     summary = trainer.fit()
-    trainer.export()
+    if not summary.stopped:
+        trainer.export()
     return summary
 
 
@@ -112,6 +116,8 @@ class Trainer:
         self.save_dir = Path(self.cfg.train.save_dir) if self.cfg.train.save_dir else None
         self.tokens_per_step = layout.train_batch * self.cfg.data.seq_len
         self.step_count = 0
+        self.bad_in_a_row = 0
+        self.stop_group = gloo_group()
         self.summary = Summary()
         self.bar: Any = None
 
@@ -143,7 +149,36 @@ class Trainer:
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.get_lr()[0]:.2e}",
                                  tok_s=f"{self.tokens_per_step / seconds:,.0f}", step_s=f"{seconds:.1f}")
             self.bar.update(1)
+        self._count_bad_step(loss)
         return loss
+
+    def _count_bad_step(self, loss: float) -> None:
+        """A step with a non-finite loss or gradient norm was skipped by the engine (no parameter, optimizer-state
+        or learning-rate change; hybrid_ds.deepspeed_seam.skip_non_finite_steps): count it, say so, and stop with
+        a checkpoint after ``train.max_bad_steps`` in a row. Every rank sees the same loss and the same skip."""
+        skipped = not self.engine.was_step_applied()
+        if self.cfg.precision == "fp16":  # fp16's loss scaler skips overflowing steps as it searches for its scale
+            skipped = False
+        if math.isfinite(loss) and not skipped:
+            self.bad_in_a_row = 0
+            return
+        self.bad_in_a_row += 1
+        self.summary.skipped_steps += 1
+        limit = self.cfg.train.max_bad_steps
+        if self.rank == 0:
+            (self.bar.write if self.bar is not None else print)(
+                f"step {self.step_count}: loss {loss}, a non-finite loss or gradient norm; step skipped "
+                f"({self.bad_in_a_row} in a row, train.max_bad_steps {limit})")
+        if self.bad_in_a_row < limit:
+            return
+        good = self.step_count - self.bad_in_a_row
+        saved = "no train.save_dir, nothing saved"
+        if self.save_dir:
+            self.save()
+            saved = f"saved as {self.save_dir / f'step_{self.step_count}'} (latest)"
+        raise UserError("train.max_bad_steps", f"{limit} steps in a row ({good + 1}-{self.step_count}) had a "
+                                               f"non-finite loss or gradient norm and were skipped; the state after "
+                                               f"step {good} is {saved}; lower the learning rate or check the data")
 
     def evaluate(self) -> float:
         """Mean loss over a fixed sample of the held-out split, ``eval_batches`` micro-batches per data-parallel
@@ -177,13 +212,21 @@ class Trainer:
         self.bar = tqdm(total=train.max_steps, initial=self.step_count, disable=self.rank != 0, dynamic_ncols=True,
                         desc="train")
         start, first = time.perf_counter(), self.step_count
-        while self.step_count < train.max_steps:
-            self.step()
-            if train.eval_interval and self.step_count % train.eval_interval == 0:
-                self.evaluate()
-            if self.save_dir and ((train.save_interval and self.step_count % train.save_interval == 0)
-                                  or self.step_count == train.max_steps):
-                self.save()
+        saved = self.step_count  # the resumed checkpoint's step, or 0: nothing to save yet
+        with StopRequest(self.stop_group) as stop:  # SIGTERM/SIGINT: finish the step, save, exit 0
+            while self.step_count < train.max_steps:
+                summary.stopped = stop.agreed() or ""
+                if summary.stopped:
+                    if self.save_dir and saved < self.step_count:
+                        self.save()
+                    break
+                self.step()
+                if train.eval_interval and self.step_count % train.eval_interval == 0:
+                    self.evaluate()
+                if self.save_dir and ((train.save_interval and self.step_count % train.save_interval == 0)
+                                      or self.step_count == train.max_steps):
+                    self.save()
+                    saved = self.step_count
         self.bar.close()
         self.bar = None
         trained = self.step_count - first
@@ -191,13 +234,19 @@ class Trainer:
         summary.steps = self.step_count
         summary.last_loss = summary.losses[-1] if summary.losses else math.nan
         summary.tokens_per_s = self.tokens_per_step * trained / summary.seconds if trained else 0.0
-        if train.eval_interval and (math.isnan(summary.eval_loss) or self.step_count % train.eval_interval):
+        if not summary.stopped and train.eval_interval and (math.isnan(summary.eval_loss)
+                                                            or self.step_count % train.eval_interval):
             self.evaluate()
         if self.rank == 0:
-            print(summary.line(), flush=True)
+            print(self._stopped_line() if summary.stopped else summary.line(), flush=True)
             if self.save_dir:
                 (self.save_dir / "summary.json").write_text(summary.to_json())
         return summary
+
+    def _stopped_line(self) -> str:
+        latest = checkpoint.latest_checkpoint(self.save_dir) if self.save_dir else None
+        where = f"checkpoint {latest} is latest; resume with --resume" if latest else "nothing saved"
+        return f"hybrid-ds: stopped by {self.summary.stopped} after step {self.step_count}; {where}"
 
     def export(self) -> None:
         """``train.export_hf``: a Hugging Face folder from the last checkpoint (rank 0 writes, all wait)."""

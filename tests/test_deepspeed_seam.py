@@ -361,3 +361,55 @@ def test_universal_checkpoints_refuse_without_their_internals(taken, monkeypatch
     take_away, internal = UNIVERSAL_INTERNALS[taken]
     take_away(monkeypatch)
     expect_missing(internal, seam.check_universal_checkpoints)
+# ---------------------------------------------------------------- 10. skipping steps with non-finite gradients
+
+
+def _take_model_step_ignoring_overflow(self, lr_kwargs):
+    self.optimizer.step()
+    self._step_applied = True
+
+
+def _step_whatever_the_norm(self, closure=None):
+    self.optimizer.step()
+
+
+def _skipping_optimizer(name):
+    return next(kind for kind in seam._skipping_optimizers() if kind.__name__ == name)
+
+
+SKIP_INTERNALS = {  # taken away -> (the internal named, the optimizer class in use)
+    "_take_model_step": (lambda mp: mp.setattr(DeepSpeedEngine, "_take_model_step", _take_model_step_ignoring_overflow),
+                         "DeepSpeedEngine._take_model_step reading optimizer.overflow", "DeepSpeedZeroOptimizer"),
+    **{name: (lambda mp, name=name: mp.setattr(_skipping_optimizer(name), "step", _step_whatever_the_norm),
+              f"{name}.step setting overflow when is_invalid_grad_norm(", name)
+       for name in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer")},
+}
+
+
+@pytest.mark.parametrize("name", ["DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer"])
+def test_overflow_skip_check_passes_with_this_deepspeed(name):
+    kind = _skipping_optimizer(name)
+    seam.check_overflow_skip(kind.__new__(kind))  # not initialized: only its class matters
+
+
+@pytest.mark.parametrize("taken", sorted(SKIP_INTERNALS))
+def test_overflow_skip_refuses_without_its_internals(taken, monkeypatch):
+    take_away, internal, name = SKIP_INTERNALS[taken]
+    kind = _skipping_optimizer(name)
+    take_away(monkeypatch)
+    expect_missing(internal, seam.check_overflow_skip, kind.__new__(kind))
+
+
+def test_torch_optimizer_steps_only_on_finite_gradients(monkeypatch):
+    """fp32 ZeRO-0 steps torch's optimizer directly: a step with a NaN gradient on any rank is reported as DeepSpeed's
+    optimizers report it (``overflow``) and changes nothing. (One process: the all-reduce is stood in for.)"""
+    weight = torch.nn.Parameter(torch.ones(3))
+    optimizer = torch.optim.AdamW([weight], lr=0.1)
+    monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op=None: None)
+    seam.skip_non_finite_steps(types.SimpleNamespace(optimizer=optimizer))
+    weight.grad = torch.tensor([1.0, float("nan"), 1.0])
+    optimizer.step()
+    assert optimizer.overflow and torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state
+    weight.grad = torch.ones(3)
+    optimizer.step()
+    assert not optimizer.overflow and not torch.equal(weight.detach(), torch.ones(3))

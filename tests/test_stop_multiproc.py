@@ -1,0 +1,170 @@
+"""Runs that stop cleanly: SIGTERM to the launcher or a rank, and steps with a non-finite loss (issue 13, item 2)."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from test_train_multiproc import ROOT, command, summary, tiny_config, train
+
+pytestmark = pytest.mark.multiproc
+
+ENV = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+
+
+# ---------------------------------------------------------------- SIGTERM
+
+
+def alive(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+def start_and_signal(config: Path, target: str) -> tuple[int, float, str, list[int]]:
+    """Start a long run, SIGTERM ``target`` ("runner": the ``deepspeed`` command; "launch": DeepSpeed's launch.py;
+    "rank": rank 1) once training is under way, and read the output until every process holding it has exited.
+    Returns (the deepspeed command's exit code, seconds from the signal to the last exit, output, rank pids)."""
+    proc = subprocess.Popen(command(ROOT / "launch" / "train.py", config, 2), stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+    lines: list[str] = []
+    under_way = threading.Event()
+
+    def read() -> None:  # to EOF: the runner, launch.py and both ranks all hold the pipe
+        for line in proc.stdout:
+            lines.append(line)
+            if re.search(r"train:.*\| [2-9]\d*/", line):  # the bar after step 2 or later
+                under_way.set()
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    processes: list[int] = []
+    try:
+        assert under_way.wait(300), "".join(lines[-30:])
+        ranks = [int(p) for p in re.findall(r"process (\d+) spawned", "".join(lines))]
+        assert len(ranks) == 2, "".join(lines[-30:])
+        processes = [proc.pid, psutil.Process(ranks[0]).ppid(), *ranks]  # runner, launch.py, ranks
+        os.kill(processes[{"runner": 0, "launch": 1, "rank": 3}[target]], signal.SIGTERM)
+        signalled = time.time()
+        reader.join(timeout=90)
+        seconds = time.time() - signalled
+    finally:
+        left = [pid for pid in processes[1:] if alive(pid)]
+        for pid in [proc.pid, *left]:
+            if alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    assert not left and not reader.is_alive(), (left, "".join(lines[-30:]))
+    return proc.wait(timeout=10), seconds, "".join(lines), ranks
+
+
+@pytest.mark.parametrize("target, runner_rc, reason", [("runner", -signal.SIGTERM, "the deepspeed launcher's exit"),
+                                                       ("launch", 1, "SIGTERM"), ("rank", 0, "SIGTERM")],
+                         ids=["runner", "launch", "rank"])
+def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_continues_exactly(tmp_path, target, runner_rc, reason):
+    """SIGTERM to the deepspeed command, to DeepSpeed's launch.py or to one rank: every rank finishes its step, the
+    checkpoint of that step becomes latest, all ranks exit 0 (no orphans) within 60 s; --resume then gives the
+    uninterrupted run's losses exactly (dropout on). The deepspeed command's own exit code is DeepSpeed's: 143 when
+    it is signalled itself (it has no handler), 1 from launch.py's handler, 0 otherwise."""
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    config = tiny_config(tmp_path / "a", "gpt2-tiny", 2, max_steps=100000, eval_interval=0)
+    rc, seconds, output, ranks = start_and_signal(config, target)
+    stopped = re.findall(rf"hybrid-ds: stopped by {re.escape(reason)} after step (\d+); checkpoint (\S+) is latest; "
+                         r"resume with --resume", output)
+    assert len(stopped) == 1 and rc == runner_rc and seconds < 60, (rc, seconds, output[-3000:])
+    step = int(stopped[0][0])
+    run = tmp_path / "a" / "run"
+    assert stopped[0][1] == str(run / f"step_{step}") and (run / "latest").read_text() == f"step_{step}"
+    assert (run / f"step_{step}" / "COMPLETE").is_file() and "Traceback" not in output, output[-3000:]
+    if target != "launch":  # launch.py logs each rank's exit code from its poll loop, not from its signal handler
+        assert all(f"Process {pid} exits successfully." in output for pid in ranks), output[-3000:]
+
+    resumed = tiny_config(tmp_path / "a", "gpt2-tiny", 2, max_steps=step + 2, eval_interval=0)
+    train(resumed, 2, "--resume")
+    straight = tiny_config(tmp_path / "b", "gpt2-tiny", 2, max_steps=step + 2, eval_interval=0)
+    train(straight)
+    want, got = summary(straight)["losses"], summary(resumed)["losses"]
+    assert len(got) == 2 and got == want[step:], (step, want, got)
+
+
+# ---------------------------------------------------------------- non-finite steps
+
+
+def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of the model and optimizer state files of one checkpoint, by file and path inside it."""
+    found: dict[str, torch.Tensor] = {}
+
+    def walk(value: object, name: str) -> None:
+        if isinstance(value, torch.Tensor):
+            found[name] = value
+        elif isinstance(value, dict):
+            for key, item in value.items():
+                walk(item, f"{name}.{key}")
+        elif isinstance(value, (list, tuple)):
+            for index, item in enumerate(value):
+                walk(item, f"{name}.{index}")
+
+    for file in sorted(folder.glob("*_states.pt")):
+        walk(torch.load(file, map_location="cpu", weights_only=False), file.name)
+    return found
+
+
+def nan_steps_run(tmp_path: Path, stages: int, zero: int, flag: str, steps: str) -> subprocess.CompletedProcess:
+    """tests/workers/nan_steps.py on 2 processes, a checkpoint after every step; dropout off, so a step left out
+    consumes no random numbers; the learning rate changes at every step, so a scheduler step shows."""
+    tmp_path.mkdir()
+    config = tiny_config(tmp_path, "gpt2-tiny", stages, zero=zero, max_steps=6, save_interval=1, eval_interval=0,
+                         max_bad_steps=2)
+    raw = json.loads(config.read_text())
+    raw["model"]["overrides"] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
+    raw["scheduler"]["params"].update(warmup_min_lr=1e-3, warmup_num_steps=10)
+    config.write_text(json.dumps(raw))
+    return subprocess.run(command(ROOT / "tests" / "workers" / "nan_steps.py", config, 2, flag, steps),
+                          capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+
+
+ENGINES = {"zero1-pipeline": (2, 1), "zero0-pipeline": (2, 0), "zero2-pipeline": (2, 2), "zero2-plain": (1, 2),
+           "zero3-plain": (1, 3)}
+
+
+@pytest.mark.parametrize("engine", sorted(ENGINES))
+def test_non_finite_steps_are_skipped_exactly_and_enough_in_a_row_stop_the_run(tmp_path, engine):
+    """NaN losses at steps 3, 5 and 6 with train.max_bad_steps 2: each step is skipped, counted and printed; steps 5-6
+    stop the run (exit 2, one line) with the state after step 4 saved as latest. Every checkpoint equals that of a run
+    that left steps 3, 5 and 6 out (no parameter, optimizer-state or learning-rate change from a skipped step)."""
+    stages, zero = ENGINES[engine]
+    bad = nan_steps_run(tmp_path / "nan", stages, zero, "--nan-steps", "3,5,6")
+    reference = nan_steps_run(tmp_path / "dropped", stages, zero, "--drop-steps", "3,5,6")
+    assert reference.returncode == 0, reference.stderr[-3000:]
+    output = bad.stdout + bad.stderr
+    # The same line from every rank that prints one (cli.report_error: another rank prints when it outlives the first
+    # one's exit by OTHER_RANKS_WAIT_S, which a loaded machine can make it do).
+    errors = {line[line.index("hybrid-ds: error"):] for line in bad.stderr.splitlines() if "hybrid-ds: error" in line}
+    assert bad.returncode == 2 and len(errors) == 1 and "Traceback" not in output, output[-3000:]
+    run = tmp_path / "nan" / "run"
+    assert errors.pop() == (f"hybrid-ds: error: train.max_bad_steps: 2 steps in a row (5-6) had a non-finite loss or "
+                         f"gradient norm and were skipped; the state after step 4 is saved as {run / 'step_6'} "
+                         "(latest); lower the learning rate or check the data")
+    skipped = re.findall(r"step (\d): loss nan, a non-finite loss or gradient norm; step skipped \((\d) in a row",
+                         output)
+    assert skipped == [("3", "1"), ("5", "1"), ("6", "2")], output[-3000:]
+    assert (run / "latest").read_text() == "step_6" and (run / "step_6" / "COMPLETE").is_file()
+    for step in range(1, 7):
+        got, want = checkpoint_tensors(run / f"step_{step}"), checkpoint_tensors(tmp_path / "dropped" / "run" /
+                                                                                 f"step_{step}")
+        assert got.keys() == want.keys() and len(got) > 0
+        for name, tensor in want.items():
+            assert torch.equal(got[name], tensor), (step, name)
+    before, after = checkpoint_tensors(run / "step_2"), checkpoint_tensors(run / "step_4")
+    assert any(not torch.equal(before[name], after[name]) for name in before), "step 4 trained"
