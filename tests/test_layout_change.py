@@ -1,8 +1,8 @@
 """Resume on another layout: a checkpoint saved at one (engine, stages, dp, ZeRO stage, boundaries) continues
 at another through DeepSpeed's universal checkpoints, weights, optimizer moments, schedule and data position.
 
-Each transition: run A straight for 8 steps; run B saves at step 4 at the first layout and resumes at the
-second. B's steps 5-8 must give A's losses (fp32, dropout off: the layouts compute the same sums in another
+Each transition: run A straight for 8 steps at the first layout, saving after 4; run B is A's save dir
+with step 4 as its latest checkpoint, resumed at the second layout. B's steps 5-8 must give A's losses (fp32, dropout off: the layouts compute the same sums in another
 order; the global batch is 8 samples at every layout). Optimizer moments lost or reset, a data position counted per rank, or the schedule restarted would
 each move the losses far beyond the 1e-5 allowed.
 """
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -37,18 +38,32 @@ def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partiti
     return config
 
 
-def continue_elsewhere(tmp_path: Path, name: str, first: dict, then: dict) -> tuple[list[float], list[float], Path]:
-    """(A's losses, B's losses after resuming, B's config)."""
-    for folder in ("a", "b"):
-        (tmp_path / folder).mkdir()
-    straight = layout_config(tmp_path / "a", name, **first)
-    train(straight, 2)
-    saved = layout_config(tmp_path / "b", name, max_steps=4, **first)
-    train(saved, 2)
-    resumed = layout_config(tmp_path / "b", name, **then)
+_STRAIGHT: dict[tuple, Path] = {}
+
+
+def straight_run(tmp_path_factory, name: str, stages: int, zero: int = 1, partition=None) -> Path:
+    """The config of run A: 8 uninterrupted steps at this layout, saved after 4 and 8 and exported (one run
+    per layout, shared by the tests that start from it)."""
+    key = (name, stages, zero, str(partition))
+    if key not in _STRAIGHT:
+        folder = tmp_path_factory.mktemp("straight")
+        config = layout_config(folder, name, stages, zero, partition, export_hf=str(folder / "hf"))
+        train(config, 2)
+        _STRAIGHT[key] = config
+    return _STRAIGHT[key]
+
+
+def continue_elsewhere(tmp_path: Path, tmp_path_factory, name: str, first: dict, then: dict) -> tuple[list, list]:
+    """(A's losses, B's losses after resuming at ``then``). B is A's save dir with step 4 its latest checkpoint
+    (what a run stopped there leaves: the runs are deterministic, dropout off)."""
+    straight = straight_run(tmp_path_factory, name, **first)
+    saved = Path(json.loads(straight.read_text())["train"]["save_dir"])
+    shutil.copytree(saved, tmp_path / "run", ignore=shutil.ignore_patterns("step_8", "summary.json", "universal"))
+    (tmp_path / "run" / "latest").write_text("step_4")
+    resumed = layout_config(tmp_path, name, **then)
     proc = train(resumed, 2, "--resume")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return summary(straight)["losses"], summary(resumed)["losses"], resumed
+    return summary(straight)["losses"], summary(resumed)["losses"]
 
 
 TRANSITIONS = {
@@ -61,9 +76,9 @@ TRANSITIONS = {
 
 
 @pytest.mark.parametrize("transition", TRANSITIONS)
-def test_a_run_continues_on_another_layout(tmp_path, transition):
+def test_a_run_continues_on_another_layout(tmp_path, tmp_path_factory, transition):
     name, first, then = TRANSITIONS[transition]
-    want, got, _ = continue_elsewhere(tmp_path, name, first, then)
+    want, got = continue_elsewhere(tmp_path, tmp_path_factory, name, first, then)
     assert len(want) == 8 and len(got) == 4, (want, got)
     assert max(abs(a - b) for a, b in zip(want[4:], got)) < 1e-5, (want[4:], got)
     assert want[-1] < want[0] - 0.1, want  # it learns: equal losses are not a flat line
@@ -80,25 +95,24 @@ def _universal_weights(folder: Path) -> dict[str, torch.Tensor]:
 
 
 @pytest.mark.parametrize("stages, zero", [(2, 1), (1, 2)])
-def test_the_universal_form_keeps_hugging_face_names_and_deepspeeds_tools_agree(tmp_path, stages, zero):
+def test_the_universal_form_keeps_hugging_face_names_and_deepspeeds_tools_agree(tmp_path, tmp_path_factory,
+                                                                                stages, zero):
     """``hybrid-ds convert-checkpoint``: every parameter of the (tied) GPT-2 under its Hugging Face name, its fp32
     weights exactly the exported model's, with Adam's moments beside them. On the plain engine DeepSpeed's
     ``zero_to_fp32.py``, copied into the save dir, gives the same weights."""
     import transformers
 
-    config = layout_config(tmp_path, "gpt2-tiny", stages, zero=zero, max_steps=3, export_hf=str(tmp_path / "hf"))
-    train(config, 2)
-    proc = _cli("convert-checkpoint", str(tmp_path / "run"))
-    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {tmp_path / 'run' / 'step_3' / 'universal'}", \
+    run = Path(json.loads(straight_run(tmp_path_factory, "gpt2-tiny", stages, zero).read_text())["train"]["save_dir"])
+    proc = _cli("convert-checkpoint", str(run))
+    assert proc.returncode == 0 and proc.stdout.strip() == f"wrote {run / 'step_8' / 'universal'}", \
         proc.stdout + proc.stderr
-    universal = _universal_weights(tmp_path / "run" / "step_3" / "universal")
-    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf")
+    universal = _universal_weights(run / "step_8" / "universal")
+    exported = transformers.AutoModelForCausalLM.from_pretrained(run.parent / "hf")
     want = dict(exported.named_parameters())
     assert sorted(universal) == sorted(want)
     assert all(torch.equal(universal[name], want[name].detach()) for name in want)
     if stages == 1:
-        script = tmp_path / "run" / "zero_to_fp32.py"
-        proc = subprocess.run([sys.executable, str(script), str(tmp_path / "run"), str(tmp_path / "fp32")],
+        proc = subprocess.run([sys.executable, str(run / "zero_to_fp32.py"), str(run), str(tmp_path / "fp32")],
                               capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
         assert proc.returncode == 0, proc.stderr[-2000:]
         consolidated = torch.load(tmp_path / "fp32" / "pytorch_model.bin", weights_only=False)
