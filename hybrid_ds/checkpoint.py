@@ -97,7 +97,9 @@ def layout_of(plan: Any) -> dict[str, Any]:
 
 
 def describe_layout(layout: dict[str, Any]) -> str:
-    """>>> describe_layout({"engine": "pipeline", "stages": 2, "dp": 1, "zero": 1, "boundaries": [0, 2, 4]})
+    """The layout in the words of the config keys that set it.
+
+    >>> describe_layout({"engine": "pipeline", "stages": 2, "dp": 1, "zero": 1, "boundaries": [0, 2, 4]})
     'pipeline.stages 2 (layers [0, 2, 4]) x dp 1, ZeRO-1'
     """
     stages = (f"pipeline.stages {layout['stages']} (layers {layout['boundaries']})" if layout["engine"] == "pipeline"

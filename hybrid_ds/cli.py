@@ -185,7 +185,21 @@ def main(argv: list[str] | None = None) -> int:
         return func(args)
     except UserError as err:
         report_error(err)
+        _leave_process_group(2)
         return 2
+
+
+def _leave_process_group(code: int) -> None:
+    """A rank of a multi-process run exits at once, without tearing its process group down: gloo's threads,
+    destroyed at interpreter exit while a peer that met the same mistake has already gone, can abort the
+    process ("terminate called without an active exception", exit -6 instead of 2)."""
+    torch = sys.modules.get("torch")
+    distributed = getattr(torch, "distributed", None)
+    if distributed and distributed.is_available() and distributed.is_initialized() \
+            and distributed.get_world_size() > 1:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
 
 
 # The deepspeed launcher polls its ranks every second and ends them all once one exits with an error.

@@ -105,7 +105,7 @@ ROWS = [
     ("max-steps-fraction", ("config", {"train": {"max_steps": 2.5}}),
      E + "train.max_steps: Input should be a valid integer, got a number with a fractional part, got 2.5"),
     ("unknown-train-key", ("config", {"train": {"max_step": 3}}),
-     E + "train.max_step: unknown key; did you mean 'max_steps'?"),
+     E + "train.max_step: unknown key; did you mean 'max_steps' or 'max_bad_steps'?"),
     ("eval-fraction-one", ("config", {"data": {"eval_fraction": 1.0}}),
      E + "data.eval_fraction: Input should be less than 1, got 1.0"),
     ("attention-kernel", ("config", {"model": {"name": "gpt2-tiny", "attn_implementation": "flash_attention_2"}}),
