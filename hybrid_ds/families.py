@@ -73,11 +73,35 @@ def _dropout(name: str) -> EmbedFn:
     return lambda mods, embeds, mask, types, positions: mods[name](embeds)
 
 
-def apply_in_order(names: tuple[str, ...]) -> EmbedFn:
-    """Modules applied in order to the embeddings alone (what the generic adapter found before block 0)."""
+class ScalarOp(NamedTuple):
+    """An elementwise op the model applies to the hidden states or logits outside its modules, with a constant.
+
+    Replayed as the model runs it, ``x.<name>(value)`` (``x.<name>()`` without a value): Granite's
+    ``inputs_embeds * embedding_multiplier``, Cohere's ``logits * logit_scale``, Gemma 2's final soft-cap
+    ``tanh(logits / cap) * cap``. ``value`` is the constant exactly as the model's op saw it (a 0-dim tensor's
+    value after its dtype's rounding).
+
+    >>> apply_ops(7.0, (ScalarOp("__truediv__", 2.0), ScalarOp("__mul__", 3.0)))
+    10.5
+    """
+
+    name: str                  # "mul", "div", "tanh" (a tensor method)
+    value: float | None = None
+
+
+def apply_ops(x: Any, ops: tuple[ScalarOp, ...]) -> Any:
+    """``x`` with ``ops`` applied in order."""
+    for op in ops:
+        x = getattr(x, op.name)() if op.value is None else getattr(x, op.name)(op.value)
+    return x
+
+
+def apply_in_order(steps: tuple[str | ScalarOp, ...]) -> EmbedFn:
+    """Modules (by name) and scalar ops applied in order to the embeddings alone (what the generic adapter
+    found before block 0: an embedding dropout, Granite's embedding multiplier)."""
     def embed(mods, embeds, mask, types, positions):
-        for name in names:
-            embeds = mods[name](embeds)
+        for step in steps:
+            embeds = apply_ops(embeds, (step,)) if isinstance(step, ScalarOp) else mods[step](embeds)
         return embeds
     return embed
 
@@ -108,6 +132,10 @@ class Family:
     rotary: str | None = None        # module giving (cos, sin) from position ids; rebuilt on each stage
     positions: str = "arange"        # "arange", "cumsum" (OPT: from the padding mask, not given to masks),
                                      # or "absolute" (BERT: the embedding makes its own)
+    rotary_per_layer_type: bool = False  # the rotary module is called once per layer type (Gemma 3: local and
+                                         # global bases); each block gets the (cos, sin) of config.layer_types[i]
+    head_ops: tuple[ScalarOp, ...] = ()   # applied to the final hidden states before the output projection
+    logit_ops: tuple[ScalarOp, ...] = ()  # applied to the logits after the output projection (scales, soft-caps)
     task: str = "causal_lm"          # a key of TASKS
     block_class: str = ""            # the Hugging Face class of one block ("LlamaDecoderLayer")
     # transformers' attribute_map of the config class: generic key -> the family's own key
@@ -171,4 +199,4 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 )}
 
 
-__all__ = ["FAMILIES", "TASKS", "ConfigKeys", "EmbedFn", "Family", "Task", "apply_in_order"]
+__all__ = ["FAMILIES", "TASKS", "ConfigKeys", "EmbedFn", "Family", "ScalarOp", "Task", "apply_in_order", "apply_ops"]

@@ -19,8 +19,8 @@ from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentra
 
 from hybrid_ds.deepspeed_seam import HybridPipelineModule
 from hybrid_ds.models.build import StageBuilder
-from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, OutputProjection, TokenEmbedding,
-                                    loss_function, project_with_embedding)
+from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, LogitsOps, OutputProjection,
+                                    TokenEmbedding, loss_function, project_with_embedding)
 from hybrid_ds.models.resolve import meta_model
 from hybrid_ds.plan import Plan
 
@@ -44,6 +44,8 @@ def layer_specs(builder: StageBuilder) -> tuple[list[Any], list[int]]:
             head.append(LayerSpec(LogitsBias, builder, bias))
     else:
         head.append(LayerSpec(OutputProjection, builder))
+    if family.logit_ops:
+        head.append(LayerSpec(LogitsOps, builder))
     units = [0, 0] + [i + 1 for i in range(n_blocks)] + [n_blocks + 1] * len(head)
     return specs + head, units
 

@@ -59,11 +59,6 @@ ACCEPTED = {
 REFUSED = {
     "t5": ({}, "encoder-decoder"),
     "bart": (dict(d_model=64, encoder_layers=1, decoder_layers=1), "encoder-decoder"),
-    # Granite's embedding multiplier is refused even at 1.0: the structure, not the value, decides.
-    "granite": (dict(embedding_multiplier=1.0), "applies mul to the hidden states between the embedding and block 0"),
-    "cohere": ({}, "applies mul to the logits"),                                    # logit_scale
-    "gemma2": ({}, "applies div to the logits"),                                    # logit soft-cap
-    "gemma3_text": ({}, "rotary module model.rotary_emb is not called once"),        # rotary per layer type
     "gemma4_text": ({}, "embed_tokens_per_layer"),                                   # per-layer embeddings
     "bloom": (dict(n_layer=2, n_head=4), "requires alibi"),                          # ALiBi bias from the mask
     "mamba": (dict(num_hidden_layers=2), "attention mask that no masking_utils helper made"),
@@ -99,8 +94,8 @@ def test_refusal_reaches_the_user_from_the_config(tmp_path):
     """Through the whole path a run takes: config -> plan. A model whose parity would fail is never built."""
     from hybrid_ds.plan import build_plan
 
-    folder = saved(tmp_path, tiny_config("granite", embedding_multiplier=12.0, logits_scaling=8.0))
-    with pytest.raises(UserError, match="model_type 'granite'.* mul to the hidden states between the embedding and"):
+    folder = saved(tmp_path, tiny_config("starcoder2", embedding_dropout=0.1))
+    with pytest.raises(UserError, match="model_type 'starcoder2'.* applies dropout to the hidden states between the"):
         build_plan(run_config(folder), world_size=1)
 
 
@@ -142,15 +137,21 @@ def test_named_families_come_first_and_unknown_types_without_a_config_are_refuse
 
 def test_the_trace_leaves_the_model_and_transformers_as_they_were():
     """The meta-device trace patches mask helpers, block forwards and the loss: all restored, refused or not."""
+    import importlib
+
     from transformers import masking_utils
-    from transformers.models.granite import modeling_granite
 
     helper = masking_utils.create_causal_mask
-    skeleton = meta_causal_lm("granite", tiny_config("granite"))
-    with pytest.raises(UserError):
-        generic_family("granite", skeleton)
-    assert masking_utils.create_causal_mask is helper and modeling_granite.create_causal_mask is helper
-    assert all("forward" not in vars(block) for block in skeleton.model.layers)
-    assert "_loss_function" not in vars(skeleton)
-    assert not any(m._forward_hooks or m._forward_pre_hooks for m in skeleton.modules())
-    assert skeleton.training
+    for model_type, overrides, refused in (("granite", {}, False), ("starcoder2", dict(embedding_dropout=0.1), True)):
+        skeleton = meta_causal_lm(model_type, tiny_config(model_type, **overrides))
+        if refused:
+            with pytest.raises(UserError):
+                generic_family(model_type, skeleton)
+        else:
+            generic_family(model_type, skeleton)
+        modeling = importlib.import_module(f"transformers.models.{model_type}.modeling_{model_type}")
+        assert masking_utils.create_causal_mask is helper and modeling.create_causal_mask is helper
+        assert all("forward" not in vars(block) for block in skeleton.model.layers)
+        assert "_loss_function" not in vars(skeleton)
+        assert not any(m._forward_hooks or m._forward_pre_hooks for m in skeleton.modules())
+        assert skeleton.training

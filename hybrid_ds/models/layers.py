@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_ds.families import Family
+from hybrid_ds.families import Family, apply_ops
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.masks import attention_mask_4d, position_ids
 
@@ -95,6 +95,7 @@ class Block(nn.Module):
         self.family, self.config, self.index = builder.family, builder.config, index
         layer_types = getattr(self.config, "layer_types", None)
         self.mask_kind = layer_types[index] if layer_types else "all"
+        self.rotary_kwargs = {"layer_type": self.mask_kind} if self.family.rotary_per_layer_type else {}
         self.derived: Derived = builder.shared.setdefault("derived", Derived())
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -108,7 +109,8 @@ class Block(nn.Module):
             kwargs["position_ids"] = positions
         if self.rotary is not None:
             kwargs["position_embeddings"] = self.derived.get(
-                "rotary", attention_mask, hidden, lambda: self.rotary(hidden, position_ids=positions))
+                f"rotary:{self.rotary_kwargs.get('layer_type')}", attention_mask, hidden,
+                lambda: self.rotary(hidden, position_ids=positions, **self.rotary_kwargs))
         return self.layer(hidden, **kwargs), attention_mask
 
 
@@ -118,12 +120,13 @@ class FinalNorm(nn.Module):
     def __init__(self, builder: StageBuilder):
         super().__init__()
         self.mods = nn.ModuleList(m for m in (builder.module(p) for p in builder.family.final) if m is not None)
+        self.ops = builder.family.head_ops
 
     def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
         hidden = inputs[0]
         for module in self.mods:
             hidden = module(hidden)
-        return hidden
+        return apply_ops(hidden, self.ops)
 
 
 class OutputProjection(nn.Module):
@@ -147,6 +150,17 @@ class LogitsBias(nn.Module):
 
     def forward(self, logits: torch.Tensor) -> torch.Tensor:
         return logits + self.bias
+
+
+class LogitsOps(nn.Module):
+    """Scalar ops the model applies to its logits (Cohere's logit scale, Gemma 2's final soft-cap)."""
+
+    def __init__(self, builder: StageBuilder):
+        super().__init__()
+        self.ops = builder.family.logit_ops
+
+    def forward(self, logits: torch.Tensor) -> torch.Tensor:
+        return apply_ops(logits, self.ops)
 
 
 def loss_function(family: Family, vocab_size: int):

@@ -28,6 +28,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family
 from hybrid_ds.models.generic.checks import FlowChecker, check_unplaced
 from hybrid_ds.models.generic.structure import find_model_map, first_line, refuse
@@ -44,7 +45,19 @@ def meta_causal_lm(model_type: str, hf_config: Any) -> nn.Module:
         with torch.device("meta"):
             return transformers.AutoModelForCausalLM.from_config(copy.deepcopy(hf_config), trust_remote_code=False)
     except Exception as err:  # noqa: BLE001 - the model's own code rejecting its config, in many types
+        _check_attention(hf_config)
         raise refuse(model_type, f"it cannot be built as a causal LM ({first_line(err)})") from None
+
+
+def _check_attention(hf_config: Any) -> None:
+    """A model without the attention kernel asked for (Gemma 2 has no SDPA path) is a setting to change, not a refusal."""
+    import transformers
+
+    cls = transformers.AutoModelForCausalLM._model_mapping.get(type(hf_config), None)
+    asked = getattr(hf_config, "_attn_implementation", None)
+    if cls is not None and asked == "sdpa" and not getattr(cls, "_supports_sdpa", True):
+        raise UserError("model.attn_implementation", f"'sdpa': {cls.__name__} does not support SDPA attention; "
+                                                     "set it to 'eager'")
 
 
 def generic_family(model_type: str, skeleton: nn.Module) -> Family:

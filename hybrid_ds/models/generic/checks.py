@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hybrid_ds.errors import UserError
-from hybrid_ds.families import Family, apply_in_order
+from hybrid_ds.families import Family, ScalarOp, apply_in_order
 from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, ModelMap, refuse
 from hybrid_ds.models.generic.trace import Call, Mask, Trace
 
@@ -26,10 +26,13 @@ class FlowChecker:
         self.stage = "embedding"     # embedding -> pre -> blocks -> post -> head -> logits -> done
         self.hidden: Any = None      # the tensor that is "the hidden states" now
         self.pre: list[str] = []     # modules between the embedding and block 0
+        self.pre_steps: list[str | ScalarOp] = []  # those modules' names and scalar ops, in order
+        self.head_ops: list[ScalarOp] = []   # scalar ops on the final hidden states before the output projection
+        self.logit_ops: list[ScalarOp] = []  # scalar ops on the logits after it
         self.post: list[str] = []    # modules between the last block and the output projection
         self.blocks_seen = 0
         self.positions: Any = None
-        self.rotary_out: Any = None
+        self.rotary_out: dict[str | None, Any] = {}  # layer type (None: all layers) -> the rotary module's output
         self.logits: Any = None
         self.loss: Any = None
 
@@ -56,6 +59,8 @@ class FlowChecker:
             self.logits, self.stage = call.out, "logits"
         elif self.stage in ("pre", "post") and _only(call, self.hidden):
             (self.pre if self.stage == "pre" else self.post).append(path)
+            if self.stage == "pre":
+                self.pre_steps.append(path.rpartition(".")[2])
             self.hidden = call.out
         else:
             raise self.fail(f"it calls {path} ({type(self.skeleton.get_submodule(path)).__name__}) in a way the "
@@ -63,13 +68,18 @@ class FlowChecker:
                             "placed before the first or after the last block)")
 
     def _rotary(self, call: Call) -> None:
+        """Called once as (hidden_states, position_ids), or once per layer type with ``layer_type`` (Gemma 3)."""
         bound = _bind(self.map.rotary, call)
-        names = list(bound)
-        if (self.rotary_out is not None or self.stage not in ("pre", "blocks") or len(names) < 2
-                or names[1] != "position_ids" or any(v is not None for v in list(bound.values())[2:])):
-            raise self.fail(f"its rotary module {self.rotary_path} is not called once as (hidden_states, position_ids)")
+        names, rest = list(bound), dict(list(bound.items())[2:])
+        layer_type = rest.pop("layer_type", None)
+        per_type = layer_type is not None
+        if (self.stage not in ("pre", "blocks") or len(names) < 2 or names[1] != "position_ids"
+                or any(v is not None for v in rest.values()) or layer_type in self.rotary_out
+                or (self.rotary_out and (None in self.rotary_out) != (not per_type))):
+            raise self.fail(f"its rotary module {self.rotary_path} is not called once as (hidden_states, position_ids)"
+                            " or once per layer type")
         self._set_positions(bound["position_ids"])
-        self.rotary_out = call.out
+        self.rotary_out[layer_type] = call.out
 
     def _set_positions(self, positions: Any) -> None:
         if self.positions is None:
@@ -92,7 +102,11 @@ class FlowChecker:
         if self.blocks_seen == len(self.map.blocks):
             self.stage = "post"
 
-    def _check_block_kwargs(self, index: int, args: dict[str, Any]) -> None:
+    def _check_block_kwargs(self, index: int, bound: dict[str, Any]) -> None:
+        signature = inspect.signature(self.map.blocks[index].forward).parameters
+        args = {}
+        for name, value in bound.items():  # what reaches **kwargs counts as given by name
+            args.update(value if signature[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
         mask = args.pop("attention_mask", None)
         if not isinstance(mask, Mask):
             raise self.fail(f"block {index} gets an attention mask that no masking_utils helper made")
@@ -103,13 +117,13 @@ class FlowChecker:
             raise self.fail(f"block {index} is not given position_ids")
         self._set_positions(args.pop("position_ids"))
         cos_sin = args.pop("position_embeddings", None)
-        if cos_sin is not self.rotary_out:
-            raise self.fail(f"block {index} gets position_embeddings that are not its rotary module's output")
-        signature = inspect.signature(self.map.blocks[index].forward).parameters
-        extras = {}
+        layer_types = getattr(self.skeleton.config, "layer_types", None)
+        per_type = bool(self.rotary_out) and None not in self.rotary_out
+        layer_type = layer_types[index] if per_type and layer_types else None
+        if cos_sin is not self.rotary_out.get(layer_type):
+            raise self.fail(f"block {index} gets position_embeddings that are not its rotary module's output"
+                            + (f" for its layer type {layer_type!r}" if layer_type else ""))
         for name, value in args.items():
-            extras.update(value if signature[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
-        for name, value in extras.items():
             default = signature[name].default if name in signature else None
             if value is not None and value is not False and value is not default:
                 raise self.fail(f"block {index} gets {name}={type(value).__name__}, which the pipeline does not pass")
@@ -136,11 +150,21 @@ class FlowChecker:
             if name == "dropout" and _dropout_p(call) == 0:
                 self.hidden = call.out  # dropout with p=0 is the identity
                 return
+            op = _scalar_op(call, self.hidden)
+            if op is not None and self.stage in ("pre", "head"):
+                (self.pre_steps if self.stage == "pre" else self.head_ops).append(op)
+                self.hidden = call.out
+                return
             if name == "__getitem__" and self.stage == "head" and call.out.shape == self.hidden.shape:
                 return  # hidden_states[:, slice(0, None), :] (logits_to_keep=0); checked at the projection
             raise self.fail(f"it applies {name} to the hidden states {WHERE[self.stage]}, outside its modules, "
                             "which the pipeline does not reproduce")
         if self.logits is not None and any(v is self.logits for v in (*call.args, *call.kwargs.values())):
+            op = _scalar_op(call, self.logits)
+            if op is not None and self.stage == "logits" and self.loss is None:
+                self.logit_ops.append(op)
+                self.logits = call.out
+                return
             raise self.fail(f"it applies {name} to the logits after the output projection (a logit scale or "
                             "soft-cap the pipeline does not reproduce)")
         if name in POSITION_OPS or (name in ("add", "__add__", "__radd__") and _adds_zero(call)):
@@ -189,18 +213,46 @@ class FlowChecker:
             raise self.fail("its logits are not the output projection's output unchanged")
         if self.loss is None or getattr(out, "loss", None) is not self.loss:
             raise self.fail("its loss is not ForCausalLMLoss of the logits alone (e.g. an auxiliary loss is added)")
-        if self.map.rotary is not None and self.rotary_out is None:
+        if self.map.rotary is not None and not self.rotary_out:
             raise self.fail(f"its rotary module {self.rotary_path} is never called")
         self._check_positions_are_arange()
-        names = [p.rpartition(".")[2] for p in self.pre]
-        return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(names)),
+        return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(self.pre_steps)),
                       self.paths[id(self.map.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
-                      block_class=type(self.map.blocks[0]).__name__)
+                      block_class=type(self.map.blocks[0]).__name__, head_ops=tuple(self.head_ops),
+                      logit_ops=tuple(self.logit_ops),
+                      rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out)
 
 
 def _only(call: Call, tensor: Any) -> bool:
     """The call's one argument is ``tensor`` (by identity: comparing tensors with == would compare values)."""
     return len(call.args) == 1 and call.args[0] is tensor and not call.kwargs
+
+
+# Elementwise ops with a constant that the pipeline replays (ScalarOp): torch function name -> tensor method
+SCALAR_OPS = {"mul": "mul", "__mul__": "mul", "__rmul__": "mul", "div": "div", "__truediv__": "div", "tanh": "tanh"}
+
+
+def _scalar_op(call: Call, tensor: Any) -> ScalarOp | None:
+    """``call`` as a ScalarOp of ``tensor`` (the hidden states or logits), or None if it is not one.
+
+    The constant is a Python number or a 0-dim tensor with a value: on the meta device every tensor
+    made from the model's inputs or weights is on meta, so a real one is a constant of the model's code.
+    """
+    name = SCALAR_OPS.get(call.name)
+    if name is None or call.kwargs or not call.args or not any(a is tensor for a in call.args):
+        return None
+    others = [a for a in call.args if a is not tensor]
+    if name == "tanh":
+        return ScalarOp("tanh") if len(call.args) == 1 else None
+    if len(call.args) != 2 or len(others) != 1 or (name == "div" and call.args[0] is not tensor):
+        return None
+    value = others[0]
+    if type(value) in (int, float):
+        return ScalarOp(name, float(value))
+    if (isinstance(value, torch.Tensor) and value.dim() == 0 and value.is_floating_point()
+            and value.device.type != "meta"):
+        return ScalarOp(name, value.item())
+    return None
 
 
 def _adds_zero(call: Call) -> bool:
