@@ -89,6 +89,21 @@ class ScalarOp(NamedTuple):
     value: float | None = None
 
 
+class RouterAux(NamedTuple):
+    """The load-balancing loss of a Mixture-of-Experts model's routers, added to the LM loss times ``coef``.
+
+    transformers' ``load_balancing_loss_func`` (Switch Transformer, eqs. 4-6), which the model runs when
+    ``output_router_logits`` is set. Each block adds its routers' share to running sums that travel with
+    the activations (hybrid_ds.models.layers.add_router_stats); the head turns them into the loss.
+    """
+
+    router_class: str   # the class whose output[index] is a router's logits (the model's _can_record_outputs)
+    index: int
+    experts: int
+    top_k: int
+    coef: float         # router_aux_loss_coef
+
+
 def apply_ops(x: Any, ops: tuple[ScalarOp, ...]) -> Any:
     """``x`` with ``ops`` applied in order."""
     for op in ops:
@@ -136,6 +151,7 @@ class Family:
                                          # global bases); each block gets the (cos, sin) of config.layer_types[i]
     head_ops: tuple[ScalarOp, ...] = ()   # applied to the final hidden states before the output projection
     logit_ops: tuple[ScalarOp, ...] = ()  # applied to the logits after the output projection (scales, soft-caps)
+    router_aux: RouterAux | None = None   # a Mixture-of-Experts model's router loss (with output_router_logits)
     task: str = "causal_lm"          # a key of TASKS
     block_class: str = ""            # the Hugging Face class of one block ("LlamaDecoderLayer")
     # transformers' attribute_map of the config class: generic key -> the family's own key
@@ -199,4 +215,4 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
 )}
 
 
-__all__ = ["FAMILIES", "TASKS", "ConfigKeys", "EmbedFn", "Family", "ScalarOp", "Task", "apply_in_order", "apply_ops"]
+__all__ = ["FAMILIES", "TASKS", "ConfigKeys", "EmbedFn", "Family", "RouterAux", "ScalarOp", "Task", "apply_in_order", "apply_ops"]

@@ -8,6 +8,7 @@ difference relative to the gradient's scale, and parameters whose gradient one s
 
 from __future__ import annotations
 
+import copy
 import math
 import tempfile
 from dataclasses import dataclass, field
@@ -81,7 +82,8 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
         cfg = cfg.replace(model={"name": folder, "pretrained": True})
         plan = build_plan(cfg, world_size=stages)
         family = plan.resolved.family
-        hf = auto_class(family).from_pretrained(folder, attn_implementation=cfg.model.attn_implementation,
+        hf = auto_class(family).from_pretrained(folder, config=copy.deepcopy(plan.resolved.hf_config),  # overrides
+                                                attn_implementation=cfg.model.attn_implementation,
                                                 dtype=torch.float32).eval()
         batch = sample_batch(hf.config.vocab_size, seq_len, family.task)
         hf_kwargs = {k: v for k, v in batch.items() if k != "token_type_ids" or family.task_info.token_types}
@@ -94,8 +96,9 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
         inputs = (batch["input_ids"], batch["attention_mask"])
         if family.task_info.token_types:
             inputs += (batch["token_type_ids"],)
-        logits = pipe.forward(inputs)
-        loss = pipe.loss_fn(logits, batch["labels"])
+        outputs = pipe.forward(inputs)  # the logits, and the router loss of a model that adds it
+        loss = pipe.loss_fn(outputs, batch["labels"])
+        logits = outputs[0] if isinstance(outputs, tuple) else outputs
         loss.backward()
         return _report(original, stages, out, logits, loss, hf, pipe)
 

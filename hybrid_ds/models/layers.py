@@ -2,7 +2,8 @@
 
 Between layers (and so between stages) travels a tuple of tensors:
 ``(input_ids, attention_mask[, token_type_ids])`` into the first layer, then
-``(hidden_states, attention_mask)``, and logits out of the last. The attention mask is an int64
+``(hidden_states, attention_mask[, router_stats])``, and logits out of the last (``(logits, router_aux_loss)``
+for a Mixture-of-Experts model whose loss includes its routers': see :func:`add_router_stats`). The attention mask is an int64
 padding mask (1 = real token): no bools (DeepSpeed cannot send them) and nothing that needs grad.
 Position ids, rotary cos/sin and the 4-D attention mask are recomputed on each stage with the same
 helpers Hugging Face uses, so nothing derived has to cross a stage boundary; within a stage they are made
@@ -17,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_ds.families import Family, apply_ops
+from hybrid_ds.families import Family, RouterAux, apply_ops
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.masks import attention_mask_4d, position_ids
 
@@ -34,9 +35,14 @@ class TokenEmbedding(nn.Module):
         return (self.embed(input_ids), *rest)
 
 
-def project_with_embedding(module: TokenEmbedding, hidden: torch.Tensor) -> torch.Tensor:
+def project_with_embedding(module: TokenEmbedding, hidden: Any) -> Any:
     """A tied output projection: the embedding's own weight, unscaled (Gemma scales only the lookup)."""
-    return F.linear(hidden, module.embed.weight)
+    return on_logits(lambda x: F.linear(x, module.embed.weight), hidden)
+
+
+def on_logits(fn: Any, outputs: Any) -> Any:
+    """``fn`` of the hidden states or logits in a head layer's input, which may carry the router loss: (x, aux)."""
+    return (fn(outputs[0]), *outputs[1:]) if isinstance(outputs, tuple) else fn(outputs)
 
 
 class EmbeddingRest(nn.Module):
@@ -97,9 +103,15 @@ class Block(nn.Module):
         self.mask_kind = layer_types[index] if layer_types else "all"
         self.rotary_kwargs = {"layer_type": self.mask_kind} if self.family.rotary_per_layer_type else {}
         self.derived: Derived = builder.shared.setdefault("derived", Derived())
+        self.router_logits: list[torch.Tensor] = []
+        aux = self.family.router_aux if getattr(self.config, "output_router_logits", False) else None
+        self.aux = aux
+        for module in self.layer.modules() if aux else ():
+            if type(module).__name__ == aux.router_class:
+                module.register_forward_hook(lambda m, args, out: self.router_logits.append(out[aux.index]))
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-        hidden, attention_mask = inputs
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+        hidden, attention_mask, *stats = inputs
         positions = self.derived.get("positions", attention_mask, hidden,
                                      lambda: position_ids(self.family, attention_mask))
         kwargs: dict[str, Any] = {"attention_mask": self.derived.get(
@@ -111,7 +123,46 @@ class Block(nn.Module):
             kwargs["position_embeddings"] = self.derived.get(
                 f"rotary:{self.rotary_kwargs.get('layer_type')}", attention_mask, hidden,
                 lambda: self.rotary(hidden, position_ids=positions, **self.rotary_kwargs))
-        return self.layer(hidden, **kwargs), attention_mask
+        self.router_logits.clear()  # a recompute (activation checkpointing) may have left some
+        hidden = self.layer(hidden, **kwargs)
+        for router_logits in self.router_logits:
+            stats = [add_router_stats(stats[0] if stats else None, router_logits, attention_mask, self.aux)]
+        self.router_logits.clear()
+        return (hidden, attention_mask, *stats)
+
+
+def add_router_stats(stats: torch.Tensor | None, router_logits: torch.Tensor, attention_mask: torch.Tensor,
+                     aux: RouterAux) -> torch.Tensor:
+    """One router's step of transformers' ``load_balancing_loss_func``, as running sums in one tensor.
+
+    ``stats`` is ``[assignments per expert (E), routing probability per expert (E), rows (1)]``, summed over
+    the routers run so far, masked by the padding mask, in float32; None before the first router. The
+    steps are the Hugging Face function's, in its order, so the loss comes out the same; as one tensor
+    with the probability sums in it, it needs grad and crosses stage boundaries as activations do.
+    """
+    experts = aux.experts
+    flat_mask = attention_mask.reshape(-1).to(device=router_logits.device, dtype=torch.float32)
+    if stats is None:
+        tokens = probs = torch.zeros(experts, dtype=torch.float32, device=router_logits.device)
+        rows: Any = 0.0
+    else:
+        tokens, probs, rows = stats[:experts], stats[experts:2 * experts], stats[2 * experts]
+    weights = F.softmax(router_logits, dim=-1)
+    _, selected = torch.topk(weights, aux.top_k, dim=-1)
+    tokens = tokens + torch.zeros(experts, dtype=torch.float32, device=router_logits.device).scatter_add_(
+        0, selected.reshape(-1), flat_mask.repeat_interleave(aux.top_k))
+    probs = probs + (weights.float() * flat_mask.unsqueeze(-1)).sum(dim=0)
+    rows = rows + flat_mask.sum()
+    return torch.cat([tokens, probs, rows.reshape(1)])
+
+
+def router_aux_loss(stats: torch.Tensor, aux: RouterAux) -> torch.Tensor:
+    """The load-balancing loss of the sums :func:`add_router_stats` carried through all blocks."""
+    experts = aux.experts
+    rows = stats[2 * experts]
+    tokens_per_expert = stats[:experts] / rows
+    router_prob_per_expert = stats[experts:2 * experts] / rows
+    return torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * experts
 
 
 class FinalNorm(nn.Module):
@@ -121,12 +172,14 @@ class FinalNorm(nn.Module):
         super().__init__()
         self.mods = nn.ModuleList(m for m in (builder.module(p) for p in builder.family.final) if m is not None)
         self.ops = builder.family.head_ops
+        self.aux = builder.family.router_aux
 
-    def forward(self, inputs: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        hidden = inputs[0]
+    def forward(self, inputs: tuple[torch.Tensor, ...]) -> Any:
+        hidden, _, *stats = inputs
         for module in self.mods:
             hidden = module(hidden)
-        return apply_ops(hidden, self.ops)
+        hidden = apply_ops(hidden, self.ops)
+        return (hidden, router_aux_loss(stats[0], self.aux)) if stats else hidden
 
 
 class OutputProjection(nn.Module):
@@ -136,8 +189,8 @@ class OutputProjection(nn.Module):
         super().__init__()
         self.proj = builder.module(builder.family.output)
 
-    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self.proj(hidden)
+    def forward(self, hidden: Any) -> Any:
+        return on_logits(self.proj, hidden)
 
 
 class LogitsBias(nn.Module):
@@ -148,8 +201,8 @@ class LogitsBias(nn.Module):
         super().__init__()
         self.bias = builder.parameter(path)
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return logits + self.bias
+    def forward(self, logits: Any) -> Any:
+        return on_logits(lambda x: x + self.bias, logits)
 
 
 class LogitsOps(nn.Module):
@@ -159,8 +212,8 @@ class LogitsOps(nn.Module):
         super().__init__()
         self.ops = builder.family.logit_ops
 
-    def forward(self, logits: torch.Tensor) -> torch.Tensor:
-        return apply_ops(logits, self.ops)
+    def forward(self, logits: Any) -> Any:
+        return on_logits(lambda x: apply_ops(x, self.ops), logits)
 
 
 def loss_function(family: Family, vocab_size: int):
@@ -169,7 +222,10 @@ def loss_function(family: Family, vocab_size: int):
 
     hf_loss = getattr(loss_utils, family.task_info.loss)
 
-    def lm_loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return hf_loss(logits, labels, vocab_size)
+    def lm_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        """The LM loss of the logits, plus ``router_aux_loss_coef`` times the router loss where it came along."""
+        logits, *aux = outputs if isinstance(outputs, tuple) else (outputs,)
+        loss = hf_loss(logits, labels, vocab_size)
+        return loss + family.router_aux.coef * aux[0] if aux else loss
 
     return lm_loss

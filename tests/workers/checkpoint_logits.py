@@ -22,6 +22,7 @@ def pipeline_logits(plan, ids):
     # One micro-batch of the configured size: DeepSpeed returns the logits of the last micro-batch only.
     micro = [((ids, torch.ones_like(ids)), ids)]
     _, logits = engine.eval_batch(iter(micro), return_logits=True, num_micro_batches=1)
+    logits = logits[0] if isinstance(logits, tuple) else logits  # (logits, router loss) of a MoE model
     return logits if engine.is_last_stage() and engine.grid.get_data_parallel_rank() == 0 else None
 
 

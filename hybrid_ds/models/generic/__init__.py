@@ -11,11 +11,15 @@ the mapping by running the model once on the meta device with every part recorde
 - each block gets exactly what the pipeline gives it: the mask from the same ``masking_utils`` helper
   that :func:`hybrid_ds.models.layers.attention_mask_4d` picks for that block, the rotary module's
   ``(cos, sin)``, ``position_ids`` made by ``arange``, and nothing else;
-- every submodule or parameter of the model has a place in the pipeline.
+- every submodule or parameter of the model has a place in the pipeline;
+- a Mixture-of-Experts model's router loss (``output_router_logits``) is transformers' own
+  ``load_balancing_loss_func``, which the blocks' running sums reproduce (``router``).
 
-Anything else (a multiplier on the embeddings or the logits, per-layer inputs, a mask helper the
-pipeline does not use, an extra tower) is refused with a UserError: a structure it cannot map is
-never turned into a wrong model. That the numbers match is what ``hybrid-ds parity`` then checks.
+Scalar ops outside the modules on the embeddings, the final hidden states or the logits (Granite's
+multipliers, Cohere's logit scale, Gemma's soft-cap) are recorded and replayed (``ScalarOp``); a rotary
+module called once per layer type (Gemma 3) gives each block its type's (cos, sin). Anything else
+(per-layer inputs, a mask helper the pipeline does not use, an extra tower) is refused with a
+UserError: a structure it cannot map is never turned into a wrong model. That the numbers match is what ``hybrid-ds parity`` then checks.
 
 ``structure`` maps the model (ModelMap), ``trace`` runs the recorded forward, ``checks`` reads the record.
 """
@@ -23,6 +27,8 @@ never turned into a wrong model. That the numbers match is what ``hybrid-ds pari
 from __future__ import annotations
 
 import copy
+import dataclasses
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -30,6 +36,7 @@ from torch import nn
 
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family
+from hybrid_ds.models.generic.router import router_aux
 from hybrid_ds.models.generic.checks import FlowChecker, check_unplaced
 from hybrid_ds.models.generic.structure import find_model_map, first_line, refuse
 from hybrid_ds.models.generic.trace import trace_model
@@ -65,14 +72,25 @@ def generic_family(model_type: str, skeleton: nn.Module) -> Family:
     config = skeleton.config
     if getattr(config, "is_encoder_decoder", False):
         raise refuse(model_type, "it is an encoder-decoder model, not decoder-only")
-    if getattr(config, "output_router_logits", False):
-        raise refuse(model_type, "output_router_logits=true adds a loss from inside the blocks, which pipeline stages "
-                                 "do not pass on; set model.overrides.output_router_logits=false")
     model_map = find_model_map(model_type, skeleton)
-    trace = trace_model(model_type, skeleton, model_map)
+    aux = router_aux(model_type, skeleton, model_map.blocks)
+    with _router_loss_off(config):  # the trace maps the LM loss; router_aux checked the router loss
+        trace = trace_model(model_type, skeleton, model_map)
     checker = FlowChecker(model_type, skeleton, model_map, trace)
     for call in trace.calls:
         checker.visit(call)
     family = checker.family()
     check_unplaced(model_type, skeleton, model_map, family, trace)
-    return family
+    return dataclasses.replace(family, router_aux=aux)
+
+
+@contextmanager
+def _router_loss_off(config: Any):
+    saved = getattr(config, "output_router_logits", None)
+    if saved:
+        config.output_router_logits = False
+    try:
+        yield
+    finally:
+        if saved:
+            config.output_router_logits = saved

@@ -1,0 +1,117 @@
+"""A Mixture-of-Experts model's router loss through the pipeline, exactly as Hugging Face adds it.
+
+With ``output_router_logits`` the Hugging Face model adds ``router_aux_loss_coef`` times transformers'
+``load_balancing_loss_func`` of every router's logits to its loss. In the pipeline each block adds its
+routers' share to running sums that travel to the next stage with the activations; the head turns them
+into the loss (hybrid_ds.models.layers.add_router_stats). Checked against the Hugging Face model: loss,
+logits and every gradient (the routers' included) at one and two stages, bit for bit; and a negative
+control that drops the router loss of the second stage's blocks.
+"""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+
+from test_generic_adapter import run_config, tiny_config  # noqa: E402
+
+from hybrid_ds.parity import check_parity  # noqa: E402
+
+MOE = dict(num_hidden_layers=4, output_router_logits=True, router_aux_loss_coef=0.5)  # 4 experts, top-2
+FAMILIES = ["mixtral", "qwen3_moe"]
+
+
+def merged_folder(tmp_path, model_type, **overrides):
+    """A tiny random MoE saved with its experts merged, as the model holds them (``mlp.experts.gate_up_proj``)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, **{**MOE, **overrides}))
+    model.config.save_pretrained(tmp_path)
+    tied = model.config.tie_word_embeddings
+    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
+              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    return str(tmp_path)
+
+
+@pytest.mark.parametrize("model_type", FAMILIES)
+def test_router_loss_is_bit_exact(model_type, tmp_path):
+    folder = merged_folder(tmp_path, model_type)
+    without = check_parity(run_config(folder).replace(model={"overrides": {"output_router_logits": False}}), 1)
+    for stages in (1, 2):
+        report = check_parity(run_config(folder), stages)
+        assert report.exact, "\n".join(report.lines())
+        assert report.hf_loss > without.hf_loss + 0.5 * 1.5  # the router loss (~top_k = 2 at random init) is in it
+
+
+def test_router_gradients_come_from_both_losses(tmp_path):
+    """The routers' gradients differ with and without the router loss (parity compares every one of them)."""
+    folder = merged_folder(tmp_path, "mixtral")
+    config = run_config(folder)
+    with_loss = check_parity(config, 2)
+    without = check_parity(config.replace(model={"overrides": {"router_aux_loss_coef": 0.0}}), 2)
+    assert with_loss.exact and without.exact
+    assert with_loss.hf_loss != without.hf_loss
+
+
+def test_parity_fails_when_one_stage_drops_its_router_loss(tmp_path, monkeypatch):
+    """Negative control: the blocks of the second stage (blocks 2, 3) add nothing to the router sums."""
+    from hybrid_ds.models import layers
+
+    folder = merged_folder(tmp_path, "mixtral")
+    added = layers.add_router_stats
+    block_forward = layers.Block.forward
+
+    def forward(self, inputs):
+        if self.index >= 2:
+            monkeypatch.setattr(layers, "add_router_stats", lambda stats, *rest: stats)
+        try:
+            return block_forward(self, inputs)
+        finally:
+            monkeypatch.setattr(layers, "add_router_stats", added)
+
+    monkeypatch.setattr(layers.Block, "forward", forward)
+    report = check_parity(run_config(folder), 2)
+    assert not report.ok and abs(report.hf_loss - report.pipeline_loss) > 1e-3, "\n".join(report.lines())
+
+
+def test_a_router_loss_the_adapter_does_not_know_is_refused(monkeypatch):
+    """A model whose load_balancing_loss_func differs from the running sums is refused, not trained wrongly."""
+    from transformers.models.mixtral import modeling_mixtral
+
+    from hybrid_ds.errors import UserError
+    from hybrid_ds.models.resolve import get_family
+
+    original = modeling_mixtral.load_balancing_loss_func
+    monkeypatch.setattr(modeling_mixtral, "load_balancing_loss_func", lambda *a: original(*a) * 2)
+    with pytest.raises(UserError, match="adds a router loss other than transformers' load_balancing_loss_func"):
+        get_family("mixtral", tiny_config("mixtral", **MOE))
+    assert get_family("mixtral", tiny_config("mixtral", **{**MOE, "output_router_logits": False})).router_aux is None
+
+
+@pytest.mark.multiproc
+def test_moe_pipeline_trains_with_its_router_loss_and_exports(tmp_path):
+    """pp=2 on the DeepSpeed launcher: the router sums cross the stage boundary (forward and backward), the
+    loss falls, and the exported folder computes the trained engine's logits."""
+    from test_train_multiproc import checkpoint_logits, summary, train
+    from test_train_multiproc import tiny_config as run_file
+
+    model = tmp_path / "model"
+    tiny_config("mixtral", **{**MOE, "num_hidden_layers": 2}).save_pretrained(model)
+    config = run_file(tmp_path, str(model), 2, export_hf=str(tmp_path / "hf"))
+    raw = json.loads(config.read_text())
+    raw["model"]["pretrained"] = False
+    config.write_text(json.dumps(raw))
+    train(config)
+    result = summary(config)
+    assert result["last_loss"] < result["first_loss"] - 0.1, result["losses"]
+    batch = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
+    engine = checkpoint_logits(config, batch, tmp_path)
+    exported = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
+    with torch.no_grad():
+        logits = exported(input_ids=batch).logits
+    assert (logits - engine).abs().max().item() < 1e-5
