@@ -36,6 +36,10 @@ Items (entry point: internals; used by):
 10. ``skip_non_finite_steps``: ``DeepSpeedEngine._take_model_step`` reading ``optimizer.overflow`` after
    ``optimizer.step()``; the ZeRO-1/2, ZeRO-3 and bf16 optimizers' ``step`` marking a non-finite gradient norm as
    an overflow; engine.py.
+11. ``pipeline_engine_class`` (``OneBackwardPipelineEngine``, the base of item 8's engine): one backward pass for a
+   stage whose output is several tensors needing grad (a MoE model's router sums ride with the hidden states).
+   ``PipelineEngine._exec_backward_pass`` reading ``pipe_buffers['outputs']`` and ``grad_layer``, and the
+   per-output backward it replaces; engine.py.
 
 Transformers and torch internals used elsewhere (they stay next to the code that needs them):
 
@@ -378,10 +382,13 @@ def check_partitioned_gradients_pipeline() -> None:
              "the stages sharing a tied weight add up their partitions of its gradient")
 
 
-def partitioned_gradients_engine_class() -> type:
-    """The PipelineEngine subclass for ZeRO-2 (gradients partitioned over data parallel) with stages."""
-    check_partitioned_gradients_pipeline()
-    return PartitionedGradientsPipelineEngine
+def pipeline_engine_class(zero_stage: int) -> type:
+    """The PipelineEngine subclass a run with pipeline stages uses: ZeRO-2 partitions gradients over data parallel
+    (:class:`PartitionedGradientsPipelineEngine`); every one runs one backward pass per micro-batch and stage."""
+    if zero_stage == 2:
+        check_partitioned_gradients_pipeline()
+    check_one_backward()
+    return PartitionedGradientsPipelineEngine if zero_stage == 2 else OneBackwardPipelineEngine
 
 
 def initialize_pipeline(engine_class: type | None, **kwargs: Any) -> Any:
@@ -417,7 +424,57 @@ def _compact_partition(optimizer: Any, group_index: int) -> bool:
     return not (len(params) > 0 and optimizer._is_muon_group(params))
 
 
-class PartitionedGradientsPipelineEngine(_pipeline_engine_base()):
+# ---------------------------------------------------------------- 11. one backward pass for several outputs
+
+
+_ONE_BACKWARD_WHY = "a stage whose output is several tensors needing grad runs one backward pass, not one per tensor"
+
+
+def check_one_backward() -> None:
+    """DeepSpeed 0.19.8's ``_exec_backward_pass`` takes a non-last stage's outputs from ``pipe_buffers['outputs']``
+    and their gradients from ``grad_layer``, and runs ``out.backward(gradient=grad, retain_graph=...)`` once per
+    floating output: with two outputs that depend on the whole stage (hidden states and a MoE model's router
+    sums) autograd walks the stage's graph twice. Given one flat tensor it runs one ``backward``."""
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    _require("PipelineEngine._exec_backward_pass running one backward per output of pipe_buffers['outputs'] with "
+             "the gradients in grad_layer",
+             lambda: _source_has(PipelineEngine._exec_backward_pass, "outputs = self.pipe_buffers['outputs'][buffer_id]",
+                                 "grad_tensors = self.grad_layer", "out.backward(gradient=grad, retain_graph=",
+                                 "outputs.backward(gradient=grad_tensors)")
+             and PipelineEngine._exec_backward_pass in PipelineEngine._INSTRUCTION_MAP.values(), _ONE_BACKWARD_WHY)
+
+
+class OneBackwardPipelineEngine(_pipeline_engine_base()):
+    """DeepSpeed's PipelineEngine with one backward pass per micro-batch on a stage with several outputs.
+
+    The floating outputs are flattened into one tensor (``torch.cat``, whose backward hands each its slice
+    of the gradient) and so are the gradients received for them: one ``backward`` call instead of one per
+    output, each of which walked the whole stage (measured: bench/moe_backward.py). A stage with one
+    floating output runs DeepSpeed's own path unchanged.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        # The class-level map holds PipelineEngine's functions; this engine's map holds its own overrides.
+        self._INSTRUCTION_MAP = {kind: getattr(type(self), fn.__name__) for kind, fn in self._INSTRUCTION_MAP.items()}
+
+    def _exec_backward_pass(self, buffer_id: int) -> None:
+        outputs = self.pipe_buffers["outputs"][buffer_id]
+        floating = [t for t in outputs if t.is_floating_point()] if isinstance(outputs, tuple) else []
+        if len(floating) < 2 or self.is_last_stage() or self.is_pipe_partitioned or self.is_grad_partitioned:
+            super()._exec_backward_pass(buffer_id)
+            return
+        received = self.grad_layer
+        self.pipe_buffers["outputs"][buffer_id] = torch.cat([t.reshape(-1) for t in floating])
+        self.grad_layer = torch.cat([g.reshape(-1) for g in received])
+        try:
+            super()._exec_backward_pass(buffer_id)
+        finally:
+            self.grad_layer = received  # the receive buffers, reused for the next micro-batch
+
+
+class PartitionedGradientsPipelineEngine(OneBackwardPipelineEngine):
     """DeepSpeed's PipelineEngine driving DeepSpeed's ZeRO-2 optimizer: between micro-batches each data-parallel
     rank holds only its partition of its stage's gradients, tied weights included.
 
@@ -458,8 +515,6 @@ class PartitionedGradientsPipelineEngine(_pipeline_engine_base()):
         optimizer.reduce_independent_p_g_buckets_and_remove_grads = reduce_oversized_at_once
         self._group_index = {id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group}
         self._tied = self._tied_weights_over_all_replicas()
-        # The class-level map holds PipelineEngine's functions; this engine's map holds its own overrides.
-        self._INSTRUCTION_MAP = {kind: getattr(type(self), fn.__name__) for kind, fn in self._INSTRUCTION_MAP.items()}
 
     def _tied_weights_over_all_replicas(self) -> list[tuple[torch.nn.Parameter, Any]]:
         """(weight, group of every rank of the stages that share it) for this rank's tied weights.

@@ -303,15 +303,28 @@ ZERO2_INTERNALS = {
 }
 
 
-def test_zero2_pipeline_check_passes_with_this_deepspeed():
-    assert seam.partitioned_gradients_engine_class() is seam.PartitionedGradientsPipelineEngine
+def test_pipeline_engine_check_passes_with_this_deepspeed():
+    assert seam.pipeline_engine_class(2) is seam.PartitionedGradientsPipelineEngine
+    assert seam.pipeline_engine_class(1) is seam.pipeline_engine_class(0) is seam.OneBackwardPipelineEngine
+    assert issubclass(seam.PartitionedGradientsPipelineEngine, seam.OneBackwardPipelineEngine)
 
 
 @pytest.mark.parametrize("taken", sorted(ZERO2_INTERNALS))
 def test_zero2_pipeline_refuses_without_its_internals(taken, monkeypatch):
     take_away, internal = ZERO2_INTERNALS[taken]
     take_away(monkeypatch)
-    expect_missing(internal, seam.partitioned_gradients_engine_class)
+    expect_missing(internal, lambda: seam.pipeline_engine_class(2))
+
+
+def test_one_backward_refuses_without_its_internals(monkeypatch):
+    """DeepSpeed backing up a stage's outputs some other way: the flattening would be wrong, so it refuses."""
+    def backward(self, buffer_id):
+        for out, grad in zip(self.pipe_buffers["outputs"][buffer_id], self.grad_layer):
+            out.backward(grad)
+
+    monkeypatch.setattr(PipelineEngine, "_exec_backward_pass", backward)
+    expect_missing("PipelineEngine._exec_backward_pass running one backward per output",
+                   lambda: seam.pipeline_engine_class(1))
 
 
 def test_initialize_pipeline_restores_deepspeeds_engine_class(monkeypatch):
