@@ -84,15 +84,17 @@ class SafetensorsCheckpoint:
             converter.add_tensor(source.target, key, pattern, functools.partial(self.read, key))
         try:
             made = converter.convert(source.target, model=self.skeleton, config=self.skeleton.config)
-        except Exception as err:  # an operation per-stage loading cannot run (e.g. one needing a quantizer)
-            raise UserError("model.name", f"{self.folder}: transformers' conversion of {source.keys[0]} and "
-                                          f"{len(source.keys) - 1} more into {model_key} failed "
-                                          f"({type(err).__name__}: {str(err)[:200]}); save the model with "
-                                          "save_pretrained first and name that folder") from None
+        except Exception as err:  # a broken checkpoint, or an operation that needs more than one stage's tensors
+            raise self._unconvertible(model_key, source, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
         if model_key not in made:
-            raise UserError("model.name", f"{self.folder}: transformers' conversion made {sorted(made)[:3]}, not "
-                                          f"{model_key}; save the model with save_pretrained and name that folder")
+            raise self._unconvertible(model_key, source, f"it made {sorted(made)[:3]}")
         return made[model_key]
+
+    def _unconvertible(self, model_key: str, source: _Source, reason: str) -> UserError:
+        return UserError("model.name", f"{self.folder}: transformers' conversion of {source.keys[0]} (and "
+                                       f"{len(source.keys) - 1} more) into {model_key} failed per stage ({reason}); "
+                                       "if from_pretrained loads this folder, save the model with save_pretrained("
+                                       "save_original_format=False), which needs no conversion, and name that folder")
 
     def read(self, key: str) -> torch.Tensor:
         """The checkpoint tensor ``key``, memory-mapped from its file: copy it where it belongs and drop it.
