@@ -85,7 +85,8 @@ class SafetensorsCheckpoint:
         try:
             made = converter.convert(source.target, model=self.skeleton, config=self.skeleton.config)
         except Exception as err:  # a broken checkpoint, or an operation that needs more than one stage's tensors
-            raise self._unconvertible(model_key, source, f"{type(err).__name__}: {' '.join(str(err).split())[:200]}") from None
+            reason = " ".join(str(err).split())[:200]
+            raise self._unconvertible(model_key, source, f"{type(err).__name__}: {reason}") from None
         if model_key not in made:
             raise self._unconvertible(model_key, source, f"it made {sorted(made)[:3]}")
         return made[model_key]
