@@ -9,8 +9,11 @@ read from the checkpoint's safetensors files. Other stages' tensors are never re
 
 from __future__ import annotations
 
+import copy
+import functools
 import json
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -44,39 +47,58 @@ def checkpoint_folder(name: str, revision: str | None = None) -> Path:
 
 
 class SafetensorsCheckpoint:
-    """Reads single tensors by model key from a single-file or sharded safetensors checkpoint.
+    """Reads model tensors, by model key, from a single-file or sharded safetensors checkpoint.
 
-    Checkpoint keys are mapped to the model's keys by Hugging Face's own loading rules
-    (``rename_source_key``): legacy renamings (GPT-NeoX ``embed_out`` -> ``lm_head``) and the
-    base-model prefix (GPT-2 checkpoints saved without ``transformer.``).
+    Checkpoint keys are mapped to the model's keys by Hugging Face's own loading rules, the weight
+    conversion mapping ``from_pretrained`` applies: renamings (GPT-NeoX ``embed_out`` -> ``lm_head``,
+    the base-model prefix of GPT-2 checkpoints saved without ``transformer.``) and converters that make
+    one model tensor from several checkpoint tensors (Mixtral's per-expert ``experts.3.w1.weight`` and
+    ``w3`` stacked and concatenated into ``mlp.experts.gate_up_proj``). A model tensor is made from its
+    own checkpoint tensors only, by the converter's own operations, in the order ``from_pretrained`` uses.
     """
 
     def __init__(self, folder: Path, skeleton: nn.Module):
         from safetensors import safe_open
 
         self.folder = folder
+        self.skeleton = skeleton
         if (folder / _INDEX).is_file():
             files: dict[str, str] = json.loads((folder / _INDEX).read_text())["weight_map"]
         else:
             with safe_open(folder / _SINGLE, framework="pt") as f:
                 files = {key: _SINGLE for key in f.keys()}
         self.files = files
-        self.keys: dict[str, str] = {}       # model key -> checkpoint key
-        self.converted: set[str] = set()     # model keys that need tensors merged or split
-        for key, (model_key, converter) in zip(files, _model_keys(list(files), skeleton)):
-            self.keys[model_key] = key
-            if converter is not None:
-                self.converted.add(model_key)
+        self.sources = _sources(list(files), skeleton)  # model key -> the checkpoint tensors it is made of
 
     def find(self, model_key: str) -> str | None:
-        if model_key in self.converted:
-            raise UserError("model.name", f"{self.folder}: {model_key} must be merged from several checkpoint "
-                                          "tensors, which per-stage loading does not do; save the model with "
-                                          "save_pretrained first and name that folder")
-        return self.keys.get(model_key)
+        """``model_key`` when the checkpoint holds it (as itself, renamed, or to be converted), else None."""
+        return model_key if model_key in self.sources else None
+
+    def tensor(self, model_key: str) -> torch.Tensor:
+        """The model tensor ``model_key``: one checkpoint tensor, or the converter's result from several."""
+        source = self.sources[model_key]
+        if source.converter is None:
+            return self.read(source.keys[0])
+        converter = copy.deepcopy(source.converter)  # it collects tensors: a fresh one each time, as HF does
+        for key, pattern in zip(source.keys, source.patterns):
+            converter.add_tensor(source.target, key, pattern, functools.partial(self.read, key))
+        try:
+            made = converter.convert(source.target, model=self.skeleton, config=self.skeleton.config)
+        except Exception as err:  # a broken checkpoint, or an operation that needs more than one stage's tensors
+            reason = " ".join(str(err).split())[:200]
+            raise self._unconvertible(model_key, source, f"{type(err).__name__}: {reason}") from None
+        if model_key not in made:
+            raise self._unconvertible(model_key, source, f"it made {sorted(made)[:3]}")
+        return made[model_key]
+
+    def _unconvertible(self, model_key: str, source: _Source, reason: str) -> UserError:
+        return UserError("model.name", f"{self.folder}: transformers' conversion of {source.keys[0]} (and "
+                                       f"{len(source.keys) - 1} more) into {model_key} failed per stage ({reason}); "
+                                       "if from_pretrained loads this folder, save the model with save_pretrained("
+                                       "save_original_format=False), which needs no conversion, and name that folder")
 
     def read(self, key: str) -> torch.Tensor:
-        """The tensor, memory-mapped from its file: copy it where it belongs and drop it.
+        """The checkpoint tensor ``key``, memory-mapped from its file: copy it where it belongs and drop it.
 
         Each read maps the file anew, so the mapping goes when the tensor goes: the pages a copy touches
         count in RSS for as long as the file stays mapped, which would double a stage's memory.
@@ -87,16 +109,42 @@ class SafetensorsCheckpoint:
             return f.get_tensor(key)
 
 
-def _model_keys(checkpoint_keys: list[str], skeleton: nn.Module) -> list[tuple[str, str | None]]:
+@dataclass
+class _Source:
+    """The checkpoint tensors one model tensor is made of."""
+
+    target: str                    # the model key transformers files the conversion under (its first target)
+    converter: Any = None          # transformers' WeightConverter; None: the tensor is read as it is
+    keys: list[str] = field(default_factory=list)      # checkpoint keys, in the order from_pretrained feeds them
+    patterns: list[str] = field(default_factory=list)  # the converter's source pattern each key matched
+
+
+def _sources(checkpoint_keys: list[str], skeleton: nn.Module) -> dict[str, _Source]:
+    """Model key -> its checkpoint tensors, grouped as ``convert_and_load_state_dict_in_model`` groups them."""
     from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, dot_natural_key, rename_source_key
 
     transforms = get_model_conversion_mapping(skeleton)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
     converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    by_pattern = {pattern: c for c in converters for pattern in c.source_patterns}
     meta_state = skeleton.state_dict()
     prefix = getattr(skeleton, "base_model_prefix", None)
-    return [rename_source_key(key, renamings, converters, prefix, meta_state) for key in checkpoint_keys]
+    sources: dict[str, _Source] = {}
+    for key in sorted(checkpoint_keys, key=dot_natural_key):  # experts 0, 1, .., 10: the order they are stacked in
+        model_key, pattern = rename_source_key(key, renamings, converters, prefix, meta_state)
+        if model_key not in meta_state and key in meta_state:  # a key already right is not renamed
+            model_key, pattern = rename_source_key(key, [], [], prefix, meta_state)
+        if pattern is None:
+            sources[model_key] = _Source(model_key, keys=[key])
+        elif model_key in meta_state:
+            converter = by_pattern[pattern]
+            source = sources.setdefault(model_key, _Source(model_key, converter))
+            source.keys.append(key)
+            source.patterns.append(pattern)
+            for target in converter.target_patterns[1:]:  # one checkpoint tensor split into several (qkv)
+                sources[model_key.replace(converter.target_patterns[0], target)] = source
+    return sources
 
 
 class StageBuilder:
@@ -164,7 +212,7 @@ class StageBuilder:
             key = self.checkpoint.find(path) or self.checkpoint.find(f"{self.family.output}.bias")
             if key is None:
                 raise UserError("model.name", f"checkpoint {self.checkpoint.folder} lacks {path}")
-            value.copy_(self.checkpoint.read(key))
+            value.copy_(self.checkpoint.tensor(key))
         self._params[path] = nn.Parameter(value)
         return self._params[path]
 
@@ -203,7 +251,7 @@ class StageBuilder:
                                           f"stage needs, e.g. {missing[:3]}")
         with torch.no_grad():
             for name, key in keys.items():  # one tensor mapped at a time (see SafetensorsCheckpoint.read)
-                tensor, target = self.checkpoint.read(key), names[name]
+                tensor, target = self.checkpoint.tensor(key), names[name]
                 if target.shape != tensor.shape:
                     raise UserError("model.name", f"checkpoint tensor for {path}.{name} has shape "
                                                   f"{tuple(tensor.shape)}, the model expects {tuple(target.shape)}")
@@ -219,8 +267,6 @@ def _is_persistent(module: nn.Module, name: str) -> bool:
 
 def _shallow_without(module: nn.Module, children: tuple[str, ...]) -> nn.Module:
     """A copy of ``module`` sharing its children except ``children``, which are None in the copy."""
-    import copy
-
     clone = copy.copy(module)
     clone._modules = dict(module._modules)
     for child in children:
