@@ -26,8 +26,8 @@ def korthikanti_layer_bytes(seq: int, batch: int, hidden: int, heads: int) -> fl
 
 
 def block_activation_terms(arch: Arch, seq: int, batch: int, precision: str, attn: str = "sdpa",
-                           runtime: str = "cuda") -> dict[str, float]:
-    """Bytes autograd saves in one block for one micro-batch, by term.
+                           runtime: str = "cuda", block: int = 0) -> dict[str, float]:
+    """Bytes autograd saves in block ``block`` for one micro-batch, by term.
 
     ``runtime`` "cuda" assumes what GPUs run: dropout keeps 1-byte masks, ``sdpa`` takes a fused
     (flash / memory-efficient) kernel that saves q, k, v, the output and the log-sum-exp but no s x s
@@ -64,9 +64,28 @@ def block_activation_terms(arch: Arch, seq: int, batch: int, precision: str, att
     if arch.rotary_dim:
         terms["rotary cos/sin"] = 2 * seq * arch.rotary_dim * w
     act = _ACT_SAVES.get(arch.act, 1)
-    terms["mlp"] = (3 + act if arch.gated else act + 1) * w * tokens * arch.ffn
+    if arch.experts and arch.experts.routed[block]:
+        terms.update(_expert_terms(arch, block, tokens, w, act))
+    else:
+        terms["mlp"] = (3 + act if arch.gated else act + 1) * w * tokens * arch.ffn
     if arch.resid_dropout > 0:
         terms["dropout masks"] = 2 * mask * tokens * h
+    return terms
+
+
+def _expert_terms(arch: Arch, block: int, tokens: int, w: int, act: int) -> dict[str, float]:
+    """An MoE layer: the router's fp32 scores and choices, then each token's top-k experts save what a dense
+    MLP of one expert's width saves, plus the token's rows gathered in and weighted out. An approximation from
+    the shapes (transformers' fused experts loop over the experts a batch hits)."""
+    e, h = arch.experts, arch.hidden
+    weights = 3 if arch.gated else 2
+    expert_ffn = e.routed[block] / (e.count * weights * h)
+    shared_ffn = max(0, e.always[block] - e.count * h) / (weights * h)   # what is not the router: shared experts
+    saves = 3 + act if arch.gated else act + 1
+    terms = {"router": 2 * 4 * tokens * e.count + 12 * tokens * e.top_k,
+             "experts": w * tokens * e.top_k * (saves * expert_ffn + 2 * h)}
+    if shared_ffn:
+        terms["shared experts"] = saves * w * tokens * shared_ffn
     return terms
 
 

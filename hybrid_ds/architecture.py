@@ -13,6 +13,10 @@ on the meta device by :func:`hybrid_ds.models.shape.model_arch`, which needs tor
 >>> tiny = arch_from_preset("gpt2-tiny")   # tied wte: counted in the embedding and again in the head
 >>> tiny.layer_params(), stage_boundaries(tiny, "parameters", 2, seq_len=64)
 ([24576, 49984, 49984, 16512], [0, 2, 4])
+
+A Mixture-of-Experts model (:class:`Experts`) holds every expert, and each token passes only ``top_k`` of them:
+memory follows :meth:`Arch.layer_params`, compute :meth:`Arch.layer_active_params`. Partition "flops" balances
+the active parameters, "parameters" all of them.
 """
 
 from __future__ import annotations
@@ -28,6 +32,25 @@ from hybrid_ds.errors import UserError
 from hybrid_ds.families import FAMILIES
 from hybrid_ds.shapes import Tensor
 from hybrid_ds.topology import partition_layers
+
+
+@dataclass(frozen=True)
+class Experts:
+    """The routed experts of a Mixture-of-Experts model, per block, as transformers 5.x builds them (fused).
+
+    >>> e = Experts(count=8, top_k=2, routed=(800, 0), always=(40, 0))   # block 1: a dense MLP
+    >>> e.active(0), e.active(1)       # the router and shared experts pass every token
+    (240, 0)
+    """
+
+    count: int                  # routed experts in one MoE layer (num_local_experts, num_experts, n_routed_experts)
+    top_k: int                  # routed experts each token passes (num_experts_per_tok)
+    routed: tuple[int, ...]     # per block: elements of all its routed experts (0: a block with a dense MLP)
+    always: tuple[int, ...]     # per block: the rest of its MoE layer, which every token passes (router, shared experts)
+
+    def active(self, block: int) -> int:
+        """Elements of block ``block``'s MoE layer one token passes through."""
+        return self.routed[block] * self.top_k // self.count + self.always[block]
 
 
 @dataclass(frozen=True)
@@ -69,11 +92,38 @@ class Arch:
     # blocks that differ from one another (a structure read by hybrid_ds.models.shape): (class, parameters)
     # of each; empty when every block is ``block``
     per_block: tuple[tuple[str, int], ...] = ()
+    experts: Experts | None = None  # the routed experts of a Mixture-of-Experts model; None: dense
 
     def layer_params(self) -> list[int]:
         """Elements of [embedding, block 0 .. n-1, head], a tied weight in both embedding and head."""
         blocks = [n for _, n in self.per_block] or [sum(n for _, n in self.block)] * self.layers
         return [sum(n for _, n in self.embedding), *blocks, sum(n for _, n in self.head)]
+
+    def layer_expert_params(self) -> list[int]:
+        """Elements of the routed experts in [embedding, block 0 .. n-1, head] (all zero for a dense model)."""
+        return [0, *(self.experts.routed if self.experts else [0] * self.layers), 0]
+
+    def layer_active_params(self) -> list[int]:
+        """Elements one token uses in [embedding, block 0 .. n-1, head]: a block's routed experts count top_k / count.
+
+        >>> tiny = arch_from_preset("gpt2-tiny")   # dense: every parameter is active
+        >>> tiny.layer_active_params() == tiny.layer_params()
+        True
+        """
+        e = self.experts
+        if e is None:
+            return self.layer_params()
+        return [n - routed + routed * e.top_k // e.count for n, routed in zip(self.layer_params(), self.layer_expert_params())]
+
+    @property
+    def active_params(self) -> int:
+        """Unique parameters one token uses: all but the routed experts it is not sent to."""
+        return sum(self.layer_active_params()) - self.tied
+
+    def stage_expert_params(self, parts: list[int]) -> list[int]:
+        """Elements of the routed experts each stage holds."""
+        per_layer = self.layer_expert_params()
+        return [sum(per_layer[lo:hi]) for lo, hi in zip(parts, parts[1:])]
 
     def layer_classes(self) -> list[str]:
         """Class names of [embedding, block 0 .. n-1, head], as hybrid_ds.plan names the pipeline's layers."""
@@ -166,16 +216,17 @@ def _local_config_json(name: str) -> Path | None:
 def stage_boundaries(arch: Arch, method: str | list[int], stages: int, seq_len: int) -> list[int]:
     """Stage boundaries over [embedding, blocks..., head], as hybrid_ds.plan computes them."""
     key = tuple(method) if isinstance(method, list) else method
-    return list(_partition(key, tuple(arch.layer_params()), tuple(arch.layer_classes()), stages, seq_len, arch.hidden))
+    return list(_partition(key, tuple(arch.layer_params()), tuple(arch.layer_classes()), stages, seq_len, arch.hidden,
+                           tuple(arch.layer_active_params())))
 
 
 @functools.lru_cache(maxsize=256)
 def _partition(method: str | tuple[int, ...], per_layer: tuple[int, ...], classes: tuple[str, ...], stages: int,
-               seq_len: int, hidden: int) -> tuple[int, ...]:
+               seq_len: int, hidden: int, active: tuple[int, ...]) -> tuple[int, ...]:
     # `plan` asks for the same split of one model many times; the balanced split is O(layers^2 x stages).
     method = list(method) if isinstance(method, tuple) else method
-    return tuple(partition_layers(method, list(per_layer), list(classes), stages, seq_len, hidden))
+    return tuple(partition_layers(method, list(per_layer), list(classes), stages, seq_len, hidden, list(active)))
 
 
-__all__ = ["Arch", "Tensor", "arch_from_config_dict", "arch_from_model", "arch_from_preset", "has_shape", "local_model_type",
+__all__ = ["Arch", "Experts", "Tensor", "arch_from_config_dict", "arch_from_model", "arch_from_preset", "has_shape", "local_model_type",
            "stage_boundaries"]

@@ -15,10 +15,10 @@ from typing import Any
 
 from hybrid_ds.config import ModelConfig, RunConfig, load_config, load_config_dict
 from hybrid_ds.errors import UserError, at_least, fraction
-from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, estimate, run_from_config
+from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, estimate, forward_flops_per_token, run_from_config
 from hybrid_ds.gpus import Cluster, get_gpu, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
-from hybrid_ds.report import estimate_dict, human_bytes, human_count, human_time
+from hybrid_ds.report import estimate_dict, expert_text, human_bytes, human_count, human_time, params_text
 
 PRECISION_KEYS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True, "fp16": False},
                    "fp16": {"bf16": False, "fp16": True}}
@@ -133,7 +133,7 @@ def _rows(est: Estimate) -> list[tuple[str, str]]:
     run, b = est.run, est.binding
     acts = b.activations + b.logits
     return [
-        ("model", f"{run.arch.name} ({human_count(run.arch.params)})"),
+        ("model", f"{run.arch.name} ({params_text(run.arch)})"),
         ("cluster", est.cluster.describe()),
         ("layout", f"pp{run.stages} x dp{run.dp} ZeRO-{run.zero}"),
         ("precision", run.precision + (f", ckpt {run.checkpoint_interval}" if run.checkpoint_interval else "")),
@@ -142,8 +142,10 @@ def _rows(est: Estimate) -> list[tuple[str, str]]:
         ("of device", f"{b.total / est.cluster.memory:.0%} of {human_bytes(est.cluster.memory)}"),
         ("fits", "yes" if est.fits else "NO"),
         ("model states", human_bytes(b.state.total)),
+        ("of it experts", expert_text(est, b)),
         ("activations", f"{human_bytes(acts)} ({b.in_flight} mb)"),
         ("buffers+overhead", human_bytes(b.state.comm_buffer + b.pipe_buffers + b.overhead)),
+        ("fwd FLOPs/token", human_count(forward_flops_per_token(run.arch, run.seq_len))),
         ("model FLOPs/step", human_count(est.model_flops)),
         ("hw FLOPs/step", human_count(est.hardware_flops)),
         ("bubble", f"{est.bubble:.1%}"),

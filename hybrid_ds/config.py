@@ -170,10 +170,16 @@ class RunConfig:
         return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
 
     @property
+    def expert_parallel(self) -> bool:
+        """Whether DeepSpeed's AutoEP spreads the experts of the MoE layers over ranks (``expert_parallel``)."""
+        return self.deepspeed.get("expert_parallel", {}).get("enabled", False) is True
+
+    @property
     def pipeline_engine(self) -> bool:
         """Whether the run trains a PipelineModule on DeepSpeed's PipelineEngine: ZeRO 0-2 with stages > 1,
-        ZeRO 0/1 at one stage. ZeRO-2/3 at one stage train the plain Hugging Face model instead."""
-        return self.pipeline.stages > 1 or self.zero_stage <= 1
+        ZeRO 0/1 at one stage. ZeRO-2/3 at one stage, and expert parallelism (AutoEP replaces the MoE layers of
+        the whole Hugging Face model), train the plain Hugging Face model instead."""
+        return self.pipeline.stages > 1 or (self.zero_stage <= 1 and not self.expert_parallel)
 
     @property
     def precision(self) -> str:
@@ -372,7 +378,7 @@ def _check_deepspeed_keys(ds: dict[str, Any]) -> None:
         value = ds.get(key)
         if value is not None and (type(value) is not int or value < 1):
             raise UserError(key, f"must be a positive integer, got {value!r}")
-    for key in ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler"):
+    for key in ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "expert_parallel"):
         if not isinstance(ds.get(key, {}), dict):
             raise UserError(key, f"must be an object, got {ds[key]!r}")
     for key in ("optimizer", "scheduler"):  # DeepSpeed reads them only when the engine is built, minutes later
@@ -391,9 +397,20 @@ def _check_deepspeed_keys(ds: dict[str, Any]) -> None:
         enabled = ds.get(key, {}).get("enabled", False)
         if enabled not in (True, False, "auto"):
             raise UserError(f"{key}.enabled", f"must be true or false, got {enabled!r}")
+    _check_expert_parallel(ds.get("expert_parallel", {}))
     clip = ds.get("gradient_clipping", 0.0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
         raise UserError("gradient_clipping", f"must be a number >= 0 (0 = off), got {clip!r}")
+
+
+def _check_expert_parallel(ep: dict[str, Any]) -> None:
+    """The keys of DeepSpeed's ``expert_parallel`` section that decide the layout; DeepSpeed checks the rest."""
+    if ep.get("enabled", False) not in (True, False):
+        raise UserError("expert_parallel.enabled", f"must be true or false, got {ep['enabled']!r}")
+    size = ep.get("autoep_size", 1)
+    if type(size) is not int or size < 1:
+        raise UserError("expert_parallel.autoep_size", f"must be a positive integer (ranks sharing one copy of "
+                                                       f"the experts), got {size!r}")
 
 
 def _check_cross_section(cfg: RunConfig) -> None:
@@ -410,6 +427,14 @@ def _check_cross_section(cfg: RunConfig) -> None:
             "fp16.enabled", f"fp16 (dynamic loss scaling) is not supported with ZeRO-2 and pipeline.stages="
             f"{cfg.pipeline.stages}: hybrid_ds runs that layout in fp32 or bf16; use bf16.enabled, or "
             "zero_optimization.stage 0 or 1 for fp16")
+    if cfg.expert_parallel and cfg.pipeline.stages > 1:
+        raise UserError(
+            "expert_parallel.enabled", f"true needs pipeline.stages 1, got {cfg.pipeline.stages}: DeepSpeed's AutoEP "
+            "swaps the MoE layers of the whole Hugging Face model inside its plain engine, and a pipeline stage "
+            "is not that model; use pipeline.stages 1 with expert_parallel, or expert_parallel.enabled false")
+    if cfg.expert_parallel and cfg.train.export_hf:
+        raise UserError("train.export_hf", "not available with expert_parallel.enabled: each rank saves only its "
+                                           "own experts under AutoEP's names, which no Hugging Face folder holds")
     if cfg.train.export_hf and not cfg.train.save_dir:
         raise UserError("train.export_hf", f"{cfg.train.export_hf!r} needs train.save_dir: the export is written "
                                            "from the run's last checkpoint")

@@ -139,7 +139,8 @@ class PlainEngine:
 
 
 def build_plain_engine(plan: Plan) -> PlainEngine:
-    """The whole Hugging Face model under ZeRO-2/3 (one stage, data parallel over every rank)."""
+    """The whole Hugging Face model under ZeRO-2/3 or DeepSpeed's AutoEP (one stage, data parallel over every
+    rank; AutoEP then spreads each MoE layer's experts over ``expert_parallel.autoep_size`` of them)."""
     cfg = plan.config
     ds = deepspeed_config(plan)
     # Kept alive while the model is built: transformers then builds under deepspeed.zero.Init for
@@ -154,8 +155,15 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
     else:
         model = auto.from_config(resolved.hf_config)
     deepspeed_seam.describe_for_universal(model, [])
+    if cfg.expert_parallel:
+        deepspeed_seam.use_autoep_output_recorders()
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+    if cfg.expert_parallel and not deepspeed_seam.autoep_layers(engine.module):
+        raise UserError("expert_parallel.enabled", f"AutoEP found no MoE layer it knows in {cfg.model.name} "
+                                                   f"({resolved.hf_config.model_type}); its presets: "
+                                                   f"{', '.join(deepspeed_seam.autoep_presets())}; or set "
+                                                   "expert_parallel.moe_layer_pattern and its companions")
     deepspeed_seam.skip_non_finite_steps(engine)
     return PlainEngine(engine, plan.layout.grad_accum)
 

@@ -44,9 +44,11 @@ LINK_EFFICIENCY = 0.7          # achieved / peak bus bandwidth of NCCL collectiv
 # ---------------------------------------------------------------- FLOPs
 
 
-def block_flops(arch: Arch, seq: int) -> float:
-    """Forward matmul FLOPs per token of one block. Causal attention is counted as the full s x s product,
+def block_flops(arch: Arch, seq: int, block: int = 0) -> float:
+    """Forward matmul FLOPs per token of block ``block``. Causal attention is counted as the full s x s product,
     as Narayanan et al. 2021 (eq. 3) and Megatron-LM count it, not halved as FlashAttention papers do.
+    A Mixture-of-Experts layer costs 2 FLOPs per element a token passes: its router, its shared experts and
+    the top-k routed experts it is sent to (:meth:`hybrid_ds.architecture.Experts.active`).
 
     >>> a = arch_from_preset("gpt3-175b")
     >>> math.isclose(block_flops(a, 2048), 24 * a.hidden**2 * (1 + 2048 / (6 * a.hidden)))
@@ -54,7 +56,20 @@ def block_flops(arch: Arch, seq: int) -> float:
     """
     h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     attention = 2 * h * (q + 2 * kv) + 2 * q * h + 4 * seq * q
+    if arch.experts and arch.experts.routed[block]:
+        return attention + 2 * arch.experts.active(block)
     return attention + 2 * h * arch.ffn * (3 if arch.gated else 2)
+
+
+def blocks_flops(arch: Arch, seq: int, lo: int = 0, hi: int | None = None) -> float:
+    """Forward FLOPs per token of the blocks among pipeline layers [lo, hi) (default: every block)."""
+    hi = arch.layers + 2 if hi is None else hi
+    return sum(block_flops(arch, seq, layer - 1) for layer in range(max(lo, 1), min(hi, arch.layers + 1)))
+
+
+def forward_flops_per_token(arch: Arch, seq: int) -> float:
+    """Forward FLOPs of one token through the whole model: every block (top-k experts) and the head."""
+    return blocks_flops(arch, seq) + head_flops(arch)
 
 
 def head_flops(arch: Arch) -> float:
@@ -156,6 +171,13 @@ class StageEstimate:
     overhead: float
     flops_per_micro_batch: float   # hardware FLOPs (forward, backward, recompute)
     comm: dict[str, float]         # bytes this rank sends per step, by kind
+    expert_params: int = 0         # of ``params``: the routed experts of Mixture-of-Experts blocks
+
+    @property
+    def expert_states(self) -> float:
+        """Bytes of this stage's model states (weights, gradients, master copy, Adam) that are routed experts:
+        their share of the stage's parameters, since every model state is a per-parameter buffer."""
+        return self.state.total * self.expert_params / self.params if self.params else 0.0
 
     @property
     def total(self) -> float:
@@ -170,17 +192,22 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     """(activations, micro-batches in flight, logits, pipeline buffers) of the stage holding layers [lo, hi)."""
     arch, p, w = run.arch, run.stages, DTYPE_BYTES[run.precision]
     seq, batch, tokens = run.seq_len, run.micro_batch, run.seq_len * run.micro_batch
-    blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
-    block = sum(block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime).values())
+    held = [layer - 1 for layer in range(lo, hi) if 1 <= layer <= arch.layers]
+    blocks, kinds = len(held), {}  # a dense block and an MoE block save different tensors; compute each kind once
+    for b in held:
+        kind = (arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0
+        if kind not in kinds:
+            kinds[kind] = sum(block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b).values())
+    saved = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
     per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if lo == 0 else 0.0
     if hi == arch.layers + 2:
         per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime)
     interval, working = run.checkpoint_interval, 0.0
     if interval and blocks:  # each chunk of `interval` blocks keeps its input; backward recomputes one chunk at a time
         per_micro_batch += math.ceil(blocks / interval) * w * tokens * arch.hidden + 8 * tokens
-        working = min(interval, blocks) * block
+        working = sum(sorted(saved)[-interval:])
     else:
-        per_micro_batch += blocks * block
+        per_micro_batch += sum(saved)
     # TrainSchedule (1F1B): stage s runs min(p - s, m) forwards before its first backward.
     in_flight = min(p - stage, run.grad_accum)
     activation = w * tokens * arch.hidden
@@ -192,10 +219,9 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
 def stage_flops(run: Run, lo: int, hi: int) -> float:
     """Hardware FLOPs of one micro-batch on the stage holding layers [lo, hi): 3 passes, plus recompute."""
     arch, tokens = run.arch, run.seq_len * run.micro_batch
-    blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
-    forward = blocks * block_flops(arch, run.seq_len) + (head_flops(arch) if hi == arch.layers + 2 else 0.0)
-    recompute = blocks * block_flops(arch, run.seq_len) if run.checkpoint_interval else 0.0
-    return tokens * (3 * forward + recompute)
+    blocks = blocks_flops(arch, run.seq_len, lo, hi)
+    forward = blocks + (head_flops(arch) if hi == arch.layers + 2 else 0.0)
+    return tokens * (3 * forward + (blocks if run.checkpoint_interval else 0.0))
 
 
 def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, float]:
@@ -249,6 +275,7 @@ def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = No
     persistent = (sum(n for _, n in arch.tensors() if n <= run.persistence_threshold) if run.zero == 3 else 0)
     largest = arch.largest_module() if run.zero == 3 else 0
     out = []
+    experts = arch.stage_expert_params(parts)
     for s, (lo, hi, params) in enumerate(zip(parts, parts[1:], arch.stage_params(parts))):
         shares_tie = run.stages > 1 and s in (0, run.stages - 1)   # the tied weight is summed across stages
         state = model_state(params, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
@@ -259,7 +286,7 @@ def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = No
         blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
         out.append(StageEstimate(s, lo, hi - 1, blocks, params, state, activations, in_flight, logits, buffers,
                                  RUNTIME_OVERHEAD if overhead is None else overhead, stage_flops(run, lo, hi),
-                                 stage_comm(run, s, params, persistent)))
+                                 stage_comm(run, s, params, persistent), experts[s]))
     return out
 
 
@@ -304,8 +331,8 @@ def estimate(run: Run, cluster: Any = None, runtime: str = "cuda", efficiency: f
         raise UserError("--gpus", f"{cluster.gpus} GPUs but the run's world size is {run.world_size}")
     stages = stage_estimates(run, runtime, overhead=RUNTIME_OVERHEAD if runtime == "cuda" else 0.0)
     arch, tokens = run.arch, run.tokens_per_step
-    model_flops = 3 * tokens * (arch.layers * block_flops(arch, run.seq_len) + head_flops(arch))
-    recompute = tokens * arch.layers * block_flops(arch, run.seq_len) if run.checkpoint_interval else 0.0
+    model_flops = 3 * tokens * forward_flops_per_token(arch, run.seq_len)
+    recompute = tokens * blocks_flops(arch, run.seq_len) if run.checkpoint_interval else 0.0
     est = Estimate(run, stages, cluster, runtime, model_flops, model_flops + recompute,
                    bubble_fraction(run.stages, run.grad_accum))
     if run.stages > 1 and run.grad_accum < 4 * run.stages:
@@ -370,6 +397,6 @@ def estimate_for_config(cfg: Any, world_size: int, cluster: Any = None, runtime:
 # Arch, the arch_from_* readers and the activation terms are re-exported from hybrid_ds.architecture and
 # hybrid_ds.activations, where they are defined; the formatters from hybrid_ds.report.
 __all__ = ["Arch", "Estimate", "ModelState", "Run", "StageEstimate", "arch_from_config_dict",
-           "arch_from_model", "arch_from_preset", "block_activation_terms", "embedding_activation_bytes",
-           "estimate", "estimate_for_config", "head_activation_bytes",
+           "arch_from_model", "arch_from_preset", "block_activation_terms", "block_flops", "blocks_flops",
+           "embedding_activation_bytes", "estimate", "estimate_for_config", "forward_flops_per_token", "head_activation_bytes",
            "korthikanti_layer_bytes", "model_state", "narayanan_training_days", "run_from_config"]

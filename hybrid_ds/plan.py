@@ -12,8 +12,9 @@ from typing import Any
 from hybrid_ds.activations import DTYPE_BYTES
 from hybrid_ds.config import RunConfig
 from hybrid_ds.errors import UserError
+from hybrid_ds.models.shape import layer_active_params, model_experts
 from hybrid_ds.models.resolve import (PipelineLayer, ResolvedModel, count_params, meta_model, pipeline_layers,
-                                      resolve_model, stage_params)
+                                      resolve_model, stage_params, submodule)
 from hybrid_ds.topology import Layout, partition_layers, resolve_layout
 
 
@@ -66,9 +67,12 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     layout = resolve_layout(world_size or default_world_size(cfg), cfg.pipeline.stages, n_blocks,
                             cfg.micro_batch, cfg.grad_accum, cfg.train_batch)
     _check_seq_len(cfg, resolved)
-    boundaries = partition_layers(cfg.pipeline.partition, [layer.params for layer in layers],
-                                  [layer.class_name for layer in layers], cfg.pipeline.stages, cfg.data.seq_len,
-                                  resolved.hf_config.hidden_size)
+    if cfg.expert_parallel:
+        _check_expert_parallel(cfg, layout.world_size, model_experts(model, list(submodule(model, resolved.family.blocks))))
+    per_layer = [layer.params for layer in layers]
+    boundaries = partition_layers(cfg.pipeline.partition, per_layer, [layer.class_name for layer in layers],
+                                  cfg.pipeline.stages, cfg.data.seq_len, resolved.hf_config.hidden_size,
+                                  layer_active_params(model, resolved.family, per_layer))
     bytes_per_param = DTYPE_BYTES[cfg.precision]
     per_stage = stage_params(model, resolved.family, boundaries)
     stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param)
@@ -82,3 +86,14 @@ def _check_seq_len(cfg: RunConfig, resolved: ResolvedModel) -> None:
         raise UserError("data.seq_len",
                         f"{cfg.data.seq_len} exceeds the model's {max_positions} positions "
                         f"(max_position_embeddings); use at most {max_positions}")
+
+
+def _check_expert_parallel(cfg: RunConfig, world_size: int, experts: Any) -> None:
+    """AutoEP's layout, checked before any process group: DeepSpeed checks it inside the engine, as a traceback."""
+    size = cfg.deepspeed["expert_parallel"].get("autoep_size", 1)
+    if experts is None:
+        raise UserError("expert_parallel.enabled", f"{cfg.model.name} has no Mixture-of-Experts layers to spread")
+    if world_size % size or experts.count % size:
+        valid = [n for n in range(1, world_size + 1) if world_size % n == 0 and experts.count % n == 0]
+        raise UserError("expert_parallel.autoep_size", f"{size} must divide the world size {world_size} and the "
+                                                       f"{experts.count} experts of each layer; valid: {valid}")

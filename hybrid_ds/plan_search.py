@@ -17,7 +17,7 @@ from hybrid_ds.errors import UserError, at_least
 from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, estimate, run_from_config
 from hybrid_ds.gpus import GIGA, Cluster, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
-from hybrid_ds.report import estimate_dict, human_bytes, human_time
+from hybrid_ds.report import estimate_dict, human_bytes, human_time, params_text
 
 
 def add_plan_parser(sub: Any) -> None:
@@ -117,7 +117,9 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(json.dumps([{"rank": i + 1, "estimate": estimate_dict(est), "config": config}
                           for i, (config, est) in enumerate(found)], indent=2))
         return 0 if found else 1
-    head = (f"{raw['model']['name']} on {cluster.describe()}: global batch {batch} x {seq} tokens, {precision}; "
+    arch = found[0][1].run.arch if found else None
+    size = f" ({params_text(arch)} parameters)" if arch else ""
+    head = (f"{raw['model']['name']}{size} on {cluster.describe()}: global batch {batch} x {seq} tokens, {precision}; "
             f"{len(found)} layouts fit")
     if not found:
         print(head + ". None fits: more GPUs, more memory per GPU, a shorter sequence or a smaller batch.")

@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hybrid_ds.errors import UserError, suggest
-from hybrid_ds.families import FAMILIES
+from hybrid_ds.families import FAMILIES, ConfigKeys
 
 @dataclass(frozen=True)
 class Preset:
@@ -28,24 +28,30 @@ class Preset:
 
     ``published_params`` is the count the source publishes (the tests build the model on the meta
     device and require 2% agreement); ``None`` for the tiny debug presets, which match nothing.
+    ``published_active`` is, for a Mixture-of-Experts model, the parameters one token uses (top-k experts).
     """
 
     name: str  # lowercase-with-dashes, e.g. "gpt3-1.3b"
-    model_type: str  # Hugging Face model_type, a key of hybrid_ds.families.FAMILIES
+    model_type: str  # Hugging Face model_type: a key of hybrid_ds.families.FAMILIES, or of GENERIC_TYPES
     config: dict  # kwargs for transformers.CONFIG_MAPPING[model_type]; read-only
     published_params: int | None  # parameter count the source publishes
     source: str  # where the numbers come from, one short line
+    published_active: int | None = None  # Mixture-of-Experts: parameters per token the source publishes
 
     def __post_init__(self):
         # A bad entry in the table below is a bug in hybrid_ds, not a user mistake.
-        if self.model_type not in FAMILIES:
+        if self.model_type not in FAMILIES and self.model_type not in GENERIC_TYPES:
             raise ValueError(f"preset {self.name}: {self.model_type!r} is not in the family table")
 
     @property
     def task(self) -> str:
-        """"causal_lm" or "masked_lm": the family's."""
-        return FAMILIES[self.model_type].task
+        """"causal_lm" or "masked_lm": the family's (the generic adapter maps causal LMs only)."""
+        return FAMILIES[self.model_type].task if self.model_type in FAMILIES else "causal_lm"
 
+
+# Model types with presets but no family entry: the generic adapter (hybrid_ds/models/generic) maps them, and
+# the estimator reads their structure on the meta device (torch) where a family's shape builder needs none.
+GENERIC_TYPES = frozenset({"mixtral", "qwen3_moe"})
 
 MILLION, BILLION = 10**6, 10**9  # the units the papers round to: "125M", "1.3B"
 
@@ -131,6 +137,24 @@ _ALL = [
         rope_theta=500000.0, rms_norm_eps=1e-5, tie_word_embeddings=False,
         bos_token_id=128000, eos_token_id=128001,
     ), 8030 * MILLION, "Meta Llama 3 8B model card; HF config.json"),
+    # Mixtral 8x7B, mistralai/Mixtral-8x7B-v0.1 config.json: Mistral-7B's attention (GQA, 8 KV heads) with 8
+    # SwiGLU experts of 14336 per layer, 2 per token. The Mistral AI announcement ("Mixtral of experts", Dec
+    # 2023): "46.7B total parameters but only uses 12.9B parameters per token".
+    Preset("mixtral-8x7b", "mixtral", dict(
+        num_hidden_layers=32, hidden_size=4096, num_attention_heads=32, num_key_value_heads=8,
+        intermediate_size=14336, num_local_experts=8, num_experts_per_tok=2, vocab_size=32000,
+        max_position_embeddings=32768, rms_norm_eps=1e-5, rope_theta=1e6, tie_word_embeddings=False,
+        router_aux_loss_coef=0.02, bos_token_id=1, eos_token_id=2,
+    ), 46700 * MILLION, "Mistral AI, Mixtral of experts (2023); HF config.json", published_active=12900 * MILLION),
+    # Qwen3-30B-A3B, Qwen/Qwen3-30B-A3B model card ("30.5B in total and 3.3B activated"; 48 layers, 32 query
+    # and 4 KV heads, 128 experts, 8 activated) and config.json (head_dim 128, experts of 768, q/k norms).
+    Preset("qwen3-30b-a3b", "qwen3_moe", dict(
+        num_hidden_layers=48, hidden_size=2048, num_attention_heads=32, num_key_value_heads=4, head_dim=128,
+        intermediate_size=6144, moe_intermediate_size=768, num_experts=128, num_experts_per_tok=8,
+        norm_topk_prob=True, decoder_sparse_step=1, mlp_only_layers=[], vocab_size=151936,
+        max_position_embeddings=40960, rms_norm_eps=1e-6, rope_theta=1e6, tie_word_embeddings=False,
+        router_aux_loss_coef=0.001, bos_token_id=151643, eos_token_id=151645,
+    ), 30500 * MILLION, "Qwen3-30B-A3B model card; HF config.json", published_active=3300 * MILLION),
     # Tiny debug presets, one per family, each keeping the family's quirks.
     # gpt2: tied embeddings, learned positions; bos/eos moved to the last id as in GPT-2 (50256).
     # 2 layers, as in the STYLE.md example.
@@ -171,6 +195,15 @@ _ALL = [
     _tiny("phi-tiny", "phi", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
           intermediate_size=256, vocab_size=256, max_position_embeddings=128,
           partial_rotary_factor=0.5),
+    # mixtral: every block an MoE layer of 4 SwiGLU experts, 2 per token, GQA; untied.
+    _tiny("mixtral-tiny", "mixtral", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+          num_key_value_heads=2, intermediate_size=128, num_local_experts=4, num_experts_per_tok=2,
+          vocab_size=256, max_position_embeddings=128),
+    # qwen3_moe: q/k norms, 4 experts narrower than the dense MLP (moe_intermediate_size), 2 per token,
+    # and block 1 a dense MLP (mlp_only_layers), so blocks differ in size and in active parameters.
+    _tiny("qwen3-moe-tiny", "qwen3_moe", num_hidden_layers=2, hidden_size=64, num_attention_heads=4,
+          num_key_value_heads=2, head_dim=16, intermediate_size=176, moe_intermediate_size=64, num_experts=4,
+          num_experts_per_tok=2, mlp_only_layers=[1], vocab_size=256, max_position_embeddings=128),
 ]
 
 
@@ -207,7 +240,12 @@ def n_layers(preset: Preset) -> int:
     >>> n_layers(get_preset("llama2-70b"))
     80
     """
-    return preset.config[FAMILIES[preset.model_type].keys.layers]
+    return preset.config[_keys(preset).layers]
+
+
+def _keys(preset: Preset) -> ConfigKeys:
+    family = FAMILIES.get(preset.model_type)
+    return family.keys if family else ConfigKeys("num_hidden_layers", "hidden_size", "num_attention_heads")
 
 
 def describe(preset: Preset) -> dict:
@@ -217,7 +255,7 @@ def describe(preset: Preset) -> dict:
     {'name': 'gpt2', 'family': 'gpt2', 'layers': 12, 'hidden': 768, 'heads': 12,
      'published': 124000000}
     """
-    keys = FAMILIES[preset.model_type].keys
+    keys = _keys(preset)
     return {
         "name": preset.name,
         "family": preset.model_type,

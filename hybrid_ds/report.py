@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, Run
+from hybrid_ds.architecture import Arch
+from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, Run, forward_flops_per_token
 from hybrid_ds.topology import layer_span
 
 
@@ -45,6 +46,23 @@ def human_time(seconds: float) -> str:
     return f"{seconds * 1e3:.0f} ms" if seconds < 1 else f"{seconds:.2f} s"
 
 
+def params_text(arch: Arch) -> str:
+    """Parameters, and for a Mixture-of-Experts model those one token uses.
+
+    >>> from hybrid_ds.architecture import arch_from_preset
+    >>> params_text(arch_from_preset("llama2-7b"))
+    '6.7B'
+    """
+    return human_count(arch.params) + (f", {human_count(arch.active_params)} active" if arch.experts else "")
+
+
+def expert_text(est: Estimate, stage: Any) -> str:
+    """The routed experts a stage holds, and the bytes of their model states ("-" for a dense model)."""
+    if not est.run.arch.experts:
+        return "-"
+    return f"{human_count(stage.expert_params)} = {human_bytes(stage.expert_states)}"
+
+
 def layout_text(run: Run) -> str:
     ckpt = f", recompute every {run.checkpoint_interval}" if run.checkpoint_interval else ""
     return (f"{run.stages} stages x {run.dp} dp, ZeRO-{run.zero}, {run.precision}, micro-batch {run.micro_batch} "
@@ -55,17 +73,17 @@ def format_estimate(est: Estimate) -> str:
     """The estimate as the table ``train --dry-run`` prints."""
     run, arch = est.run, est.run.arch
     where = est.cluster.describe() if est.cluster else f"{run.world_size} ranks ({est.runtime}, no device memory given)"
-    lines = [f"estimate   {arch.name}: {human_count(arch.params)} parameters on {where}",
+    lines = [f"estimate   {arch.name}: {params_text(arch)} parameters on {where}",
              f"layout     {layout_text(run)}; optimizer {est.stages[0].state.optimizer_path}",
              "",
              f"{'stage':>5}  {'holds':<26} {'params':>8}  {'model states':>12}  {'activations (in flight)':>23}  "
-             f"{'buffers':>10}  {'total':>10}"]
+             f"{'buffers':>10}  {'total':>10}" + (f"  {'routed experts (states)':>24}" if arch.experts else "")]
     for s in est.stages:
         acts = f"{human_bytes(s.activations + s.logits)} ({s.in_flight} mb)"
         buffers = s.state.comm_buffer + s.pipe_buffers + s.overhead
         lines.append(f"{s.stage:>5}  {layer_span(s.first_layer, s.last_layer, arch.layers):<26} {human_count(s.params):>8}  "
                      f"{human_bytes(s.state.total):>12}  {acts:>23}  {human_bytes(buffers):>10}  "
-                     f"{human_bytes(s.total):>10}")
+                     f"{human_bytes(s.total):>10}" + (f"  {expert_text(est, s):>24}" if arch.experts else ""))
     b = est.binding
     busiest = max((s.comm for s in est.stages), key=lambda comm: sum(comm.values()))
     lines += ["",
@@ -75,7 +93,9 @@ def format_estimate(est: Estimate) -> str:
               + _transients(b),
               f"FLOPs/step  model {human_count(est.model_flops, 'FLOPs')} (3 passes), hardware "
               f"{human_count(est.hardware_flops, 'FLOPs')}"
-              f" (with recompute); causal attention counted as full s x s",
+              f" (with recompute); causal attention counted as full s x s; forward "
+              f"{human_count(forward_flops_per_token(arch, run.seq_len), 'FLOPs')}/token"
+              + (f" with the top-{arch.experts.top_k} of {arch.experts.count} experts" if arch.experts else ""),
               f"bubble     (p-1)/(m+p-1) = {est.bubble:.1%}",
               f"comm/rank  {human_bytes(est.comm_per_rank)} per step"
               + (f" ({', '.join(f'{k} {human_bytes(v)}' for k, v in busiest.items())})" if busiest else "")]
@@ -109,9 +129,13 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
                          "transient_outside_backward": s.state.transient,
                          "activations": s.activations, "logits": s.logits, "pipe_buffers": s.pipe_buffers,
                          "overhead": s.overhead, "total": s.total},
+               "expert_params": s.expert_params, "expert_state_bytes": s.expert_states,
                "micro_batches_in_flight": s.in_flight, "hardware_flops_per_micro_batch": s.flops_per_micro_batch,
                "comm_bytes_per_step": s.comm} for s in est.stages]
-    return {"model": run.arch.name, "params": run.arch.params, "source": run.source,
+    return {"model": run.arch.name, "params": run.arch.params, "active_params": run.arch.active_params,
+            "experts": ({"count": run.arch.experts.count, "top_k": run.arch.experts.top_k}
+                        if run.arch.experts else None), "source": run.source,
+            "forward_flops_per_token": forward_flops_per_token(run.arch, run.seq_len),
             "cluster": est.cluster.describe() if est.cluster else None,
             "device_memory": est.device_memory, "world_size": run.world_size, "stages": run.stages, "dp": run.dp,
             "zero": run.zero, "precision": run.precision, "micro_batch": run.micro_batch,

@@ -170,11 +170,19 @@ def layer_span(first: int, last: int, n_blocks: int) -> str:
 
 
 def partition_layers(method: str | list[int], layer_params: list[int], layer_classes: list[str],
-                     stages: int, seq_len: int = 0, hidden: int = 0) -> list[int]:
+                     stages: int, seq_len: int = 0, hidden: int = 0, active_params: list[int] | None = None) -> list[int]:
     """Stage boundaries for a pipeline of ``len(layer_params)`` layers (embedding, blocks, head).
 
     ``method`` is "flops" (balance forward FLOPs, which needs ``seq_len`` and ``hidden``), "parameters",
-    "uniform", "type:REGEX" or blocks per stage.
+    "uniform", "type:REGEX" or blocks per stage. "flops" counts the ``active_params`` of each layer where given
+    (a Mixture-of-Experts block computes with the top-k experts of each token, not all it holds), "parameters"
+    every parameter (memory).
+
+    >>> params = [0, 80, 20, 20, 20, 20, 0]   # block 0 holds 8 experts of 10, top-2: 20 active
+    >>> partition_layers("flops", params, list("EBBBBBH"), 2), partition_layers("parameters", params, list("EBBBBBH"), 2)
+    ([0, 2, 7], [0, 2, 7])
+    >>> partition_layers("flops", params, list("EBBBBBH"), 2, active_params=[0, 20, 20, 20, 20, 20, 0])
+    [0, 4, 7]
 
     >>> partition_layers([1, 2], [5, 3, 3, 3, 5], ["E", "B", "B", "B", "H"], 2)
     [0, 2, 5]
@@ -193,7 +201,7 @@ def partition_layers(method: str | list[int], layer_params: list[int], layer_cla
     if method == "uniform":
         return partition_uniform(len(layer_params), stages)
     if method == "flops":
-        weights = layer_flops(layer_params, seq_len, hidden)
+        weights = layer_flops(active_params or layer_params, seq_len, hidden)
     elif method == "parameters":
         weights = layer_params
     else:

@@ -426,3 +426,41 @@ def test_torch_optimizer_steps_only_on_finite_gradients(monkeypatch):
     weight.grad = torch.ones(3)
     optimizer.step()
     assert not optimizer.overflow and not torch.equal(weight.detach(), torch.ones(3))
+
+
+# ---------------------------------------------------------------- 11. AutoEP with transformers 5.x
+
+
+def test_autoep_recorder_check_passes_and_refuses_without_its_caller(monkeypatch):
+    from deepspeed.module_inject.auto_ep_presets import base
+
+    seam.check_autoep_output_recorders()
+    monkeypatch.setattr(base, "_retarget_transformers_output_recorders_for_modules", lambda **kwargs: 0)
+    expect_missing("auto_ep_presets.base._retarget_transformers_output_recorders_for_modules calling it",
+                   seam.check_autoep_output_recorders)
+    monkeypatch.delattr(base, "_install_instance_transformers_output_recorders")
+    expect_missing("auto_ep_presets.base._install_instance_transformers_output_recorders",
+                   seam.check_autoep_output_recorders)
+
+
+def test_autoep_recorders_install_through_transformers_registry_and_restore_it():
+    """DeepSpeed's own helper dies on transformers 5.24's registry (its get() takes one argument); the replacement
+    installs the hooks with the retargeted entry in place, then puts the class's entry back."""
+    import transformers
+    from deepspeed.module_inject.auto_ep_presets import base
+    from transformers.utils import output_capturing
+
+    config = transformers.MixtralConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
+                                        num_attention_heads=2, num_key_value_heads=1, vocab_size=32,
+                                        num_local_experts=2, num_experts_per_tok=1)
+    with torch.device("meta"):
+        model = transformers.AutoModelForCausalLM.from_config(config)
+    registry, key = output_capturing._CAN_RECORD_REGISTRY, str(type(model.model))
+    before, seen = dict.get(registry, key), []
+    entry = {**before, "router_logits": "retargeted"}
+    with pytest.raises(TypeError, match="positional argument"):
+        base._install_instance_transformers_output_recorders(model.model, {key: entry}, output_capturing, lambda m: 0)
+    fake = types.SimpleNamespace(_CAN_RECORD_REGISTRY=registry,
+                                 maybe_install_capturing_hooks=lambda m: seen.append(dict.get(registry, key)))
+    assert seam._install_output_recorders(model.model, {key: entry}, fake, lambda m: 0)
+    assert seen == [entry] and dict.get(registry, key) is before

@@ -60,12 +60,14 @@ def _run(name: str, world: int = 1, **keys) -> object:
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))
 def test_parameter_counts_match_the_meta_model(name):
-    """Per layer, per stage and in total, the formulas give exactly what the meta-device model holds."""
+    """Per layer, per stage and in total, the formulas give exactly what the meta-device model holds (a preset of
+    a type the generic adapter maps, mixtral-8x7b, is read from that structure: the same counts, by construction)."""
     from hybrid_ds.models.resolve import count_params, meta_model, pipeline_layers, resolve_model, stage_params
+    from hybrid_ds.models.shape import model_arch
 
     resolved = resolve_model(ModelConfig(name=name))
     model = meta_model(resolved)
-    arch = arch_from_preset(name)
+    arch = model_arch(ModelConfig(name=name))
     layers = pipeline_layers(model, resolved.family)
     assert arch.layer_params() == [layer.params for layer in layers]
     assert arch.layer_classes() == [layer.class_name for layer in layers]  # what type:REGEX partitions match
@@ -75,7 +77,8 @@ def test_parameter_counts_match_the_meta_model(name):
         assert arch.stage_params(parts) == stage_params(model, resolved.family, parts), parts
     largest = max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules())
     assert arch.largest_module() == largest  # DeepSpeed's model_to_params definition
-    assert sum(t for _, t in arch.tensors()) == arch.params
+    if not arch.per_block:  # tensors() repeats one block: blocks that differ (qwen3-moe-tiny's dense block 1) do not
+        assert sum(t for _, t in arch.tensors()) == arch.params
 
 
 def test_overridden_architectures_count_exactly():

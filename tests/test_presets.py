@@ -31,6 +31,11 @@ ROPE_KWARGS = {"rope_theta": "rope_theta", "rotary_pct": "partial_rotary_factor"
 TIED_TINY = {"gpt2-tiny", "bert-tiny", "opt-tiny", "qwen2-tiny", "gemma-tiny"}
 
 
+# Keys a config class does not declare but its model reads (getattr(config, "head_dim", hidden // heads)), and
+# published config.json files set: Qwen3-30B-A3B's heads are 128 wide with hidden 2048 and 32 heads.
+UNDECLARED = {"qwen3_moe": {"head_dim"}}
+
+
 def hf_config(preset):
     return transformers.CONFIG_MAPPING[preset.model_type](**preset.config)
 
@@ -49,10 +54,11 @@ def test_required_presets_exist():
     assert set(PUBLISHED) == {
         "gpt2", "gpt2-medium", "gpt2-large", "gpt2-xl",
         "gpt3-125m", "gpt3-350m", "gpt3-760m", "gpt3-1.3b", "gpt3-2.7b", "gpt3-6.7b", "gpt3-13b",
-        "gpt3-175b", "bert-base", "bert-large", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b"}
-    # One tiny preset per family.
+        "gpt3-175b", "bert-base", "bert-large", "llama2-7b", "llama2-13b", "llama2-70b", "llama3-8b",
+        "mixtral-8x7b", "qwen3-30b-a3b"}
+    # One tiny preset per family, and per Mixture-of-Experts type the generic adapter maps.
     assert sorted(PRESETS[name].model_type for name in TINY) == sorted(
-        ["gpt2", "bert", "llama", "mistral", "qwen2", "gpt_neox", "opt", "gemma", "phi"])
+        ["gpt2", "bert", "llama", "mistral", "qwen2", "gpt_neox", "opt", "gemma", "phi", "mixtral", "qwen3_moe"])
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
@@ -110,8 +116,9 @@ def test_tiny_presets_keep_family_quirks():
 def test_config_keys_exist_and_take_effect(name):
     # Config classes accept any kwarg silently, so a misspelt key would just be ignored.
     preset = get_preset(name)
-    defaults = transformers.CONFIG_MAPPING[preset.model_type]().to_dict()
-    unknown = set(preset.config) - set(defaults) - set(ROPE_KWARGS)
+    config_class = transformers.CONFIG_MAPPING[preset.model_type]
+    defaults = {**config_class().to_dict(), **getattr(config_class, "attribute_map", {})}
+    unknown = set(preset.config) - set(defaults) - set(ROPE_KWARGS) - UNDECLARED.get(preset.model_type, set())
     assert not unknown, f"{name}: keys the config class does not know: {sorted(unknown)}"
     cfg = hf_config(preset)
     for key, value in preset.config.items():
