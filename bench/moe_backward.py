@@ -32,6 +32,7 @@ def stage_zero(args: argparse.Namespace):
     overrides = {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
                  "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": args.hidden // 8,
                  "num_local_experts": args.experts, "num_experts_per_tok": 2, "vocab_size": 4096,
+                 "max_position_embeddings": max(args.seq_len, 1024),
                  "output_router_logits": True}
     cfg = load_config_dict({"model": {"name": "mixtral-tiny", "overrides": overrides}, "pipeline": {"stages": 2},
                             "train_micro_batch_size_per_gpu": 1})

@@ -94,7 +94,7 @@ class RouterAux(NamedTuple):
 
     transformers' ``load_balancing_loss_func`` (Switch Transformer, eqs. 4-6), which the model runs when
     ``output_router_logits`` is set. Each block adds its routers' share to running sums that travel with
-    the activations (hybrid_ds.models.layers.add_router_stats); the head turns them into the loss.
+    the activations (hybrid_ds.models.router_loss.add_router_stats); the head turns them into the loss.
     """
 
     router_class: str   # the class whose output[index] is a router's logits (the model's _can_record_outputs)

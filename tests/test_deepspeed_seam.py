@@ -428,7 +428,7 @@ def test_torch_optimizer_steps_only_on_finite_gradients(monkeypatch):
     assert not optimizer.overflow and not torch.equal(weight.detach(), torch.ones(3))
 
 
-# ---------------------------------------------------------------- 11. AutoEP with transformers 5.x
+# ---------------------------------------------------------------- 12. AutoEP with transformers 5.x
 
 
 def test_autoep_recorder_check_passes_and_refuses_without_its_caller(monkeypatch):

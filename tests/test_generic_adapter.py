@@ -62,7 +62,6 @@ REFUSED = {
     "gemma4_text": ({}, "embed_tokens_per_layer"),                                   # per-layer embeddings
     "bloom": (dict(n_layer=2, n_head=4), "requires alibi"),                          # ALiBi bias from the mask
     "mamba": (dict(num_hidden_layers=2), "attention mask that no masking_utils helper made"),
-    "qwen3_moe": (dict(output_router_logits=True), "output_router_logits=true adds a loss"),  # router aux loss
 }
 
 

@@ -10,9 +10,9 @@ from dataclasses import replace
 import pytest
 
 from hybrid_ds import presets
-from hybrid_ds.architecture import Arch, Experts, arch_from_preset
+from hybrid_ds.architecture import Experts, arch_from_preset
 from hybrid_ds.config import ModelConfig, load_config_dict
-from hybrid_ds.estimate import block_flops, estimate, forward_flops_per_token, partition, run_from_config
+from hybrid_ds.estimate import block_flops, forward_flops_per_token, partition, run_from_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

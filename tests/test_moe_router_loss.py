@@ -3,7 +3,7 @@
 With ``output_router_logits`` the Hugging Face model adds ``router_aux_loss_coef`` times transformers'
 ``load_balancing_loss_func`` of every router's logits to its loss. In the pipeline each block adds its
 routers' share to running sums that travel to the next stage with the activations; the head turns them
-into the loss (hybrid_ds.models.layers.add_router_stats). Checked against the Hugging Face model: loss,
+into the loss (hybrid_ds.models.router_loss.add_router_stats). Checked against the Hugging Face model: loss,
 logits and every gradient (the routers' included) at one and two stages, bit for bit; and a negative
 control that drops the router loss of the second stage's blocks.
 """

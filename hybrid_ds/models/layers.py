@@ -3,8 +3,8 @@
 Between layers (and so between stages) travels a tuple of tensors:
 ``(input_ids, attention_mask[, token_type_ids])`` into the first layer, then
 ``(hidden_states, attention_mask[, router_stats])``, and logits out of the last (``(logits, router_aux_loss)``
-for a Mixture-of-Experts model whose loss includes its routers': see :func:`add_router_stats`). The attention mask is an int64
-padding mask (1 = real token): no bools (DeepSpeed cannot send them) and nothing that needs grad.
+for a Mixture-of-Experts model whose loss includes its routers': hybrid_ds.models.router_loss). The
+attention mask is an int64 padding mask (1 = real token): no bools (DeepSpeed cannot send them) and nothing that needs grad.
 Position ids, rotary cos/sin and the 4-D attention mask are recomputed on each stage with the same
 helpers Hugging Face uses, so nothing derived has to cross a stage boundary; within a stage they are made
 once per micro-batch and shared by its blocks (``Derived``), as the Hugging Face model makes them once.
@@ -18,9 +18,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from hybrid_ds.families import Family, RouterAux, apply_ops
+from hybrid_ds.families import Family, apply_ops
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.masks import attention_mask_4d, position_ids
+from hybrid_ds.models.router_loss import add_router_stats, router_aux_loss
 
 
 class TokenEmbedding(nn.Module):
@@ -129,40 +130,6 @@ class Block(nn.Module):
             stats = [add_router_stats(stats[0] if stats else None, router_logits, attention_mask, self.aux)]
         self.router_logits.clear()
         return (hidden, attention_mask, *stats)
-
-
-def add_router_stats(stats: torch.Tensor | None, router_logits: torch.Tensor, attention_mask: torch.Tensor,
-                     aux: RouterAux) -> torch.Tensor:
-    """One router's step of transformers' ``load_balancing_loss_func``, as running sums in one tensor.
-
-    ``stats`` is ``[assignments per expert (E), routing probability per expert (E), rows (1)]``, summed over
-    the routers run so far, masked by the padding mask, in float32; None before the first router. The
-    steps are the Hugging Face function's, in its order, so the loss comes out the same; as one tensor
-    with the probability sums in it, it needs grad and crosses stage boundaries as activations do.
-    """
-    experts = aux.experts
-    flat_mask = attention_mask.reshape(-1).to(device=router_logits.device, dtype=torch.float32)
-    if stats is None:
-        tokens = probs = torch.zeros(experts, dtype=torch.float32, device=router_logits.device)
-        rows: Any = 0.0
-    else:
-        tokens, probs, rows = stats[:experts], stats[experts:2 * experts], stats[2 * experts]
-    weights = F.softmax(router_logits, dim=-1)
-    _, selected = torch.topk(weights, aux.top_k, dim=-1)
-    tokens = tokens + torch.zeros(experts, dtype=torch.float32, device=router_logits.device).scatter_add_(
-        0, selected.reshape(-1), flat_mask.repeat_interleave(aux.top_k))
-    probs = probs + (weights.float() * flat_mask.unsqueeze(-1)).sum(dim=0)
-    rows = rows + flat_mask.sum()
-    return torch.cat([tokens, probs, rows.reshape(1)])
-
-
-def router_aux_loss(stats: torch.Tensor, aux: RouterAux) -> torch.Tensor:
-    """The load-balancing loss of the sums :func:`add_router_stats` carried through all blocks."""
-    experts = aux.experts
-    rows = stats[2 * experts]
-    tokens_per_expert = stats[:experts] / rows
-    router_prob_per_expert = stats[experts:2 * experts] / rows
-    return torch.sum(tokens_per_expert * router_prob_per_expert.unsqueeze(0)) * experts
 
 
 class FinalNorm(nn.Module):

@@ -18,6 +18,7 @@ from torch import nn
 
 from hybrid_ds.families import RouterAux
 from hybrid_ds.models.generic.structure import refuse
+from hybrid_ds.models.router_loss import add_router_stats, router_aux_loss
 
 
 def router_aux(model_type: str, skeleton: nn.Module, blocks: nn.ModuleList) -> RouterAux | None:
@@ -46,8 +47,6 @@ def router_aux(model_type: str, skeleton: nn.Module, blocks: nn.ModuleList) -> R
 
 def _check_loss_function(model_type: str, skeleton: nn.Module, aux: RouterAux) -> None:
     """The pipeline's running sums give what the model's ``load_balancing_loss_func`` gives, bit for bit."""
-    from hybrid_ds.models.layers import add_router_stats, router_aux_loss
-
     hf_loss: Any = getattr(sys.modules[type(skeleton).__module__], "load_balancing_loss_func", None)
     generator = torch.Generator().manual_seed(0)
     logits = tuple(torch.randn(12, aux.experts, generator=generator) for _ in range(3))
