@@ -176,14 +176,15 @@ def test_moe_checkpoint_missing_an_expert_is_one_clear_line(tmp_path):
 @pytest.mark.multiproc
 @pytest.mark.parametrize("model_type", ["mixtral"])
 def test_moe_pipeline_trains_at_two_stages_and_exports(model_type, tmp_path):
-    """A per-expert checkpoint trained at pp=2 through the launcher (loss falls), exported by the run: the
-    folder is in the published per-expert layout, and from_pretrained computes the trained pipeline's logits."""
+    """A per-expert checkpoint trained at pp=2 through the launcher with its router loss (the sums cross the stage
+    boundary forward and backward; the loss falls), exported by the run: the folder is in the published
+    per-expert layout, and from_pretrained computes the trained pipeline's logits."""
     import json
 
     from test_train_multiproc import checkpoint_logits, summary, tiny_config, train
 
     vocab = 50257  # the built-in corpus is tokenized with GPT-2's tokenizer
-    folder = saved_moe(tmp_path / "moe", model_type, vocab_size=vocab)
+    folder = saved_moe(tmp_path / "moe", model_type, vocab_size=vocab, output_router_logits=True)
     config = tiny_config(tmp_path, folder, 2, eval_interval=0, export_hf=str(tmp_path / "hf"))
     raw = json.loads(config.read_text())
     raw["model"] = {"name": folder, "pretrained": True}
