@@ -43,6 +43,7 @@ README_BEGIN, README_END = "<!-- adapter-sweep:begin -->", "<!-- adapter-sweep:e
 TINY = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
             head_dim=16, vocab_size=256, max_position_embeddings=128, pad_token_id=0, bos_token_id=1, eos_token_id=2,
             num_local_experts=4, num_experts_per_tok=2,
+            moe_intermediate_size=32,  # deepseek_v2's 1407 gives grouped_mm rows not 16-byte aligned
             n_group=1, topk_group=1,  # group-limited routing: 8 groups of 4 experts leave 0 per group
             rotary_dim=8)             # gptj, codegen: rotary on part of a 16-wide head
 # Multi-head latent attention (deepseek_v2/v3 and kin): its head widths must agree with TINY's head_dim.
@@ -57,8 +58,7 @@ TINY_VISION = dict(image_size=32, patch_size=8, num_channels=3)
 OVERRIDES: dict[str, dict[str, Any]] = {
     "cohere_compass_text": dict(rope_parameters={"full_attention": {"rope_type": "default", "rope_theta": 1e4}}),
     "dots1": dict(n_routed_experts=4, n_shared_experts=1, moe_intermediate_size=32),  # None * int without them
-    "dots3_note": dict(text_config=dict(num_key_value_heads=4, per_layer_config={})),  # the config requires as many kv heads as heads
-    "dots3_note_text": dict(num_key_value_heads=4),
+    "dots3_note_text": dict(num_key_value_heads=4),  # the config requires as many kv heads as heads
     "gemma3n_text": dict(num_kv_shared_layers=0),      # 15 of 3 layers share a cache
     "gemma4_assistant": dict(text_config=dict(hidden_size_per_layer_input=0,
                                                           vocab_size_per_layer_input=0)),  # the config requires 0
@@ -137,10 +137,6 @@ def sweep_one(model_type: str) -> dict[str, Any]:
     import torch
     import transformers
 
-    from hybrid_ds.config import load_config_dict
-    from hybrid_ds.errors import UserError
-    from hybrid_ds.parity import check_parity
-
     torch.set_num_threads(1)
     with tempfile.TemporaryDirectory() as folder:
         print("phase: build", file=sys.stderr, flush=True)
@@ -150,19 +146,36 @@ def sweep_one(model_type: str) -> dict[str, Any]:
             _runs_in_transformers(folder)
         except Exception as err:  # noqa: BLE001 - whatever stops a tiny model, said in one line
             return {"outcome": "no tiny model", "reason": first_line(err)}
-        cfg = load_config_dict({"model": {"name": folder, "pretrained": True}, "train_micro_batch_size_per_gpu": 1})
-        reports = []
-        for stages in (2, 1):
-            print(f"phase: parity {stages}", file=sys.stderr, flush=True)
-            try:
-                reports.append(check_parity(cfg, stages))
-            except UserError as err:
-                if stages == 2:
-                    return {"outcome": "refused", "reason": short_reason(str(err))}
-                return {"outcome": "WRONG", "reason": f"accepted at 2 stages, refused at 1: {short_reason(str(err))}"}
-            except Exception as err:  # noqa: BLE001 - accepted, then crashed: as wrong as a mismatch
-                return {"outcome": "WRONG", "reason": f"accepted, then parity at {stages} stages crashed: "
-                                                      f"{first_line(err)}"}
+        for attn in ("sdpa", "eager"):  # eager where the model has no sdpa, as a user would set it
+            result = _parity(folder, attn)
+            if result["outcome"] != "refused" or NO_SDPA not in result["reason"]:
+                return {**result, "attn": attn}
+    return {**result, "attn": attn}
+
+
+NO_SDPA = "does not support an attention implementation through torch.nn.functional.scaled"  # _dot_product_attention
+
+
+def _parity(folder: str, attn: str) -> dict[str, Any]:
+    """``check_parity`` of the saved model at 2 stages, then 1, with attention ``attn``."""
+    from hybrid_ds.config import load_config_dict
+    from hybrid_ds.errors import UserError
+    from hybrid_ds.parity import check_parity
+
+    cfg = load_config_dict({"model": {"name": folder, "pretrained": True, "attn_implementation": attn},
+                            "train_micro_batch_size_per_gpu": 1})
+    reports = []
+    for stages in (2, 1):
+        print(f"phase: parity {stages}", file=sys.stderr, flush=True)
+        try:
+            reports.append(check_parity(cfg, stages))
+        except UserError as err:
+            if stages == 2:
+                return {"outcome": "refused", "reason": short_reason(str(err))}
+            return {"outcome": "WRONG", "reason": f"accepted at 2 stages, refused at 1: {short_reason(str(err))}"}
+        except Exception as err:  # noqa: BLE001 - accepted, then crashed: as wrong as a mismatch
+            return {"outcome": "WRONG",
+                    "reason": f"accepted, then parity at {stages} stages crashed: {first_line(err)}"}
     return _judge(reports)
 
 
@@ -178,7 +191,8 @@ def _runs_in_transformers(folder: str) -> None:
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     batch = sample_batch(model.config.get_text_config().vocab_size, 16, "causal_lm")
-    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"]).loss.backward()
+    model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], labels=batch["labels"],
+          use_cache=False).loss.backward()  # training: no cache (encoder-decoders' and hybrids' caches fail here)
 
 
 def _judge(reports: list[Any]) -> dict[str, Any]:
@@ -215,6 +229,8 @@ def run_one(model_type: str, timeout: float) -> dict[str, Any]:
             result = json.loads(lines[-1])
         else:
             tail = (proc.stderr.strip().splitlines() or ["(no output)"])[-1][:200]
+            if proc.returncode == -9:
+                tail = "killed (SIGKILL: out of memory?)"
             phases = re.findall(r"phase: (.*)", proc.stderr)
             outcome = "no tiny model" if not phases or phases[-1] == "build" else "WRONG"
             result = {"outcome": outcome, "reason": f"process died (exit {proc.returncode}): {tail}"}
@@ -245,15 +261,19 @@ def cause(reason: str) -> str:
     'block N gets the mask of create_sliding_window_causal_mask where the pipeline would use x'
     >>> cause("it calls model.layers.0.mlp (GraniteMLP) in a way the pipeline does not reproduce")
     'it calls PATH (CLASS) in a way the pipeline does not reproduce'
+    >>> cause("its input embedding is not a direct child of roberta")
+    'its input embedding is not a direct child of BASE'
     """
     reason = re.sub(r"\([A-Z]\w*\)", "(CLASS)", reason)
+    reason = re.sub(r"(direct child of )\w+$", r"\1BASE", re.sub(r"\(found: [^)]*\)", "(found: ...)", reason))
     reason = re.sub(r"\b(?:model|transformer|backbone|language_model|lm_head)(?:\.\w+)+|\b\w+\.\d+(?:\.\w+)*", "PATH",
                     reason)
     reason = re.sub(r"\(\w+Error: .*", "(ERROR)", reason)
     return re.sub(r"\b\d+\b", "N", reason)
 
 
-def table(results: list[dict[str, Any]], named: set[str]) -> str:
+def table(results: list[dict[str, Any]], named: dict[str, str]) -> str:
+    """The markdown table; ``named`` maps each named family to its task (what parity checks it as)."""
     counts = Counter(r["outcome"] for r in results)
     wrong = [r for r in results if r["outcome"] == "WRONG"]
     out = ["# Generic adapter sweep", "",
@@ -265,7 +285,10 @@ def table(results: list[dict[str, Any]], named: set[str]) -> str:
     out += ["| type | outcome | reason |", "|---|---|---|"]
     for r in results:
         reason = short_reason(r["reason"])  # results of older versions of this script kept the temporary folder
-        kind = f"{r['outcome']} (named family)" if r["type"] in named and r["outcome"] in ("exact", "ok") else r["outcome"]
+        kind = r["outcome"] + (" (named family)" if r["type"] in named and r["outcome"] in ("exact", "ok") else "")
+        kind += " (eager)" if r.get("attn") == "eager" else ""
+        if r["type"] in named and named[r["type"]] != "causal_lm":
+            reason = f"checked as its named family's task, {named[r['type']]}, not as a causal LM; {reason}".strip("; ")
         out.append(f"| {r['type']} | {kind} | {reason.replace('|', '/')} |")
     refused = [(r["type"], cause(short_reason(r["reason"]))) for r in results if r["outcome"] == "refused"]
     groups = Counter(text for _, text in refused)
@@ -276,16 +299,19 @@ def table(results: list[dict[str, Any]], named: set[str]) -> str:
     return "\n".join(out) + "\n"
 
 
-def readme_section(results: list[dict[str, Any]], named: set[str]) -> str:
+def readme_section(results: list[dict[str, Any]], named: dict[str, str]) -> str:
     """The generated list of supported model types that README holds between the sweep's markers."""
     def types(outcome: str, generic: bool) -> list[str]:
-        return [f"`{r['type']}`" for r in results if r["outcome"] == outcome and (r["type"] not in named) == generic]
+        return [f"`{r['type']}`" + (" (eager)" if r.get("attn") == "eager" else "") for r in results
+                if r["outcome"] == outcome and (r["type"] not in named) == generic]
 
     exact, close = types("exact", True), types("ok", True)
+    named_exact = sorted(r["type"] for r in results if r["type"] in named and r["outcome"] == "exact")
     lines = [README_BEGIN,
              f"Generated by `python bench/adapter_sweep.py --write-readme` (transformers {_version()}; the full table "
-             "with every refusal's reason is `bench/results/adapter_sweep.md`).", "",
-             f"- Named families, bit for bit: {', '.join(f'`{n}`' for n in sorted(named))}.",
+             "with every refusal's reason is `bench/results/adapter_sweep.md`; \"(eager)\": the model has no sdpa "
+             "attention, set `model.attn_implementation: eager`).", "",
+             f"- Named families, bit for bit: {', '.join(f'`{n}`' + _task_note(named[n]) for n in named_exact)}.",
              f"- Through the generic adapter, bit for bit at 1 and 2 stages ({len(exact)}): {', '.join(exact)}."]
     if close:
         lines.append(f"- Through the generic adapter, within 1e-5 ({len(close)}): {', '.join(close)}.")
@@ -293,6 +319,10 @@ def readme_section(results: list[dict[str, Any]], named: set[str]) -> str:
     lines += [f"- Of the {len(results)} causal-LM types transformers registers, {counts['refused']} are refused with "
               f"a one-line reason and {counts['no tiny model']} could not be built from a tiny config.", README_END]
     return "\n".join(lines)
+
+
+def _task_note(task: str) -> str:
+    return "" if task == "causal_lm" else f" ({task.replace('_', ' ')})"
 
 
 def replace_between_markers(text: str, section: str) -> str:
@@ -329,7 +359,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--write-readme lists what a full sweep found: drop --types")
     from hybrid_ds.families import FAMILIES
 
-    named, saved = set(FAMILIES), RESULTS / f"{args.out}.json"
+    named, saved = {name: family.task for name, family in FAMILIES.items()}, RESULTS / f"{args.out}.json"
     if args.from_json:
         results = json.loads(saved.read_text())["results"]
     else:

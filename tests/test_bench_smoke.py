@@ -50,12 +50,14 @@ def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
     """bench/adapter_sweep.py on two types: qwen3 through the generic adapter bit for bit, cohere refused with
     its cause (the logit scale) and none of the boilerplate every refusal carries."""
     env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
-    proc = subprocess.run([sys.executable, str(BENCH / "adapter_sweep.py"), "--types", "qwen3,cohere", "--out", "smoke"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    args = ["--types", "qwen3,cohere", "--out", "smoke"]
+    proc = subprocess.run([sys.executable, str(BENCH / "adapter_sweep.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["type"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["results"]}
     assert rows["qwen3"]["outcome"] == "exact", rows["qwen3"]
-    assert rows["cohere"]["outcome"] == "refused" and rows["cohere"]["reason"].startswith("it applies mul to the logits")
+    assert rows["cohere"]["outcome"] == "refused"
+    assert rows["cohere"]["reason"].startswith("it applies mul to the logits")
     table = (tmp_path / "smoke.md").read_text()
     assert "| qwen3 | exact |  |" in table
     assert "| cohere | refused | it applies mul to the logits after the output projection" in table
