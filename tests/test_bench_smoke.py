@@ -12,7 +12,7 @@ import pytest
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("module", ["common", "overhead", "scaling", "default_config"])
+@pytest.mark.parametrize("module", ["common", "overhead", "scaling", "default_config", "adapter_sweep"])
 def test_bench_arithmetic(module, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     result = doctest.testmod(__import__(module))
@@ -44,3 +44,21 @@ def test_gpu_bench_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (result,) = json.loads((tmp_path / "gpu-smoke.json").read_text())["results"]
     assert result["max_loss_diff"] < 1e-5 and result["tokens_per_s_ours"] > 0
+
+
+def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
+    """bench/adapter_sweep.py on two types: qwen3 through the generic adapter bit for bit, cohere refused with
+    its cause (the logit scale) and none of the boilerplate every refusal carries."""
+    env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
+    args = ["--types", "qwen3,cohere", "--out", "smoke"]
+    proc = subprocess.run([sys.executable, str(BENCH / "adapter_sweep.py"), *args], env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = {r["type"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["results"]}
+    assert rows["qwen3"]["outcome"] == "exact", rows["qwen3"]
+    assert rows["cohere"]["outcome"] == "refused"
+    assert rows["cohere"]["reason"].startswith("it applies mul to the logits")
+    table = (tmp_path / "smoke.md").read_text()
+    assert "| qwen3 | exact |  |" in table
+    assert "| cohere | refused | it applies mul to the logits after the output projection" in table
+    assert "exact: 1 | ok: 0 | WRONG: 0 | refused: 1 | no tiny model: 0" in table
