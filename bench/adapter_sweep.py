@@ -15,7 +15,7 @@ some models hang or allocate far more than their tiny sizes suggest. Outcomes:
 Writes ``adapter_sweep.md`` (one row per type, counts, refusals grouped by cause) and ``adapter_sweep.json``
 to bench/results/; ``--write-readme`` rewrites README's generated list of supported model types.
 
-    python bench/adapter_sweep.py [--types a,b] [--jobs 2] [--timeout 240] [--write-readme] [--from-json]
+    python bench/adapter_sweep.py [--types a,b] [--jobs 2] [--timeout 240] [--write-readme] [--from-json] [--update]
 """
 
 from __future__ import annotations
@@ -350,13 +350,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="adapter_sweep", help="result file name in bench/results/, no extension")
     parser.add_argument("--from-json", action="store_true",
                         help="sweep nothing: write the table (and README) again from the last results JSON")
+    parser.add_argument("--update", action="store_true",
+                        help="with --types: replace those types' rows in the last results JSON, keep the others")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the worker: one type, its result as JSON on stdout
     args = parser.parse_args(argv)
     if args.one:
         print(json.dumps(sweep_one(args.one)))
         return 0
-    if args.write_readme and args.types and not args.from_json:
-        parser.error("--write-readme lists what a full sweep found: drop --types")
+    if args.write_readme and args.types and not (args.from_json or args.update):
+        parser.error("--write-readme lists what a full sweep found: drop --types or add --update")
     from hybrid_ds.families import FAMILIES
 
     named, saved = {name: family.task for name, family in FAMILIES.items()}, RESULTS / f"{args.out}.json"
@@ -364,6 +366,10 @@ def main(argv: list[str] | None = None) -> int:
         results = json.loads(saved.read_text())["results"]
     else:
         results = sweep(args.types.split(",") if args.types else all_types(), args.jobs, args.timeout)
+        if args.update and args.types:  # the other types' rows from the last run, in its order
+            fresh = {r["type"]: r for r in results}
+            last = json.loads(saved.read_text())["results"]
+            results = [fresh.pop(r["type"], r) for r in last] + list(fresh.values())
         RESULTS.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"transformers": _version(), "results": results}, indent=1))
     (RESULTS / f"{args.out}.md").write_text(table(results, named))
