@@ -81,12 +81,13 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
 def build_pipeline_engine(plan: Plan) -> Any:
     """PipelineModule + PipelineEngine for this rank, with a global gradient-clipping norm.
 
-    ZeRO-2 gets the PipelineEngine subclass that partitions gradients over data parallel between micro-batches
+    The engine is ``deepspeed_seam.OneBackwardPipelineEngine`` (one backward pass per micro-batch, whatever a stage
+    outputs); ZeRO-2 gets its subclass that partitions gradients over data parallel between micro-batches
     (``deepspeed_seam.PartitionedGradientsPipelineEngine``).
     """
     module = build_pipeline_module(plan, device())
     deepspeed_seam.describe_for_universal(module, [r"tied_modules\."])  # saved by each stage that holds them
-    engine_class = deepspeed_seam.partitioned_gradients_engine_class() if plan.config.zero_stage == 2 else None
+    engine_class = deepspeed_seam.pipeline_engine_class(plan.config.zero_stage)
     engine = deepspeed_seam.initialize_pipeline(
         engine_class, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
         config=deepspeed_config(plan))

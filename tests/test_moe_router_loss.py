@@ -114,4 +114,5 @@ def test_moe_pipeline_steps_match_hugging_face(tmp_path):
     run = launch(tmp_path, folder, batches, stages=2, nproc=2, steps=steps)
     assert run["losses"] == pytest.approx(ref["losses"], abs=1e-5)
     assert run["losses"][-1] < run["losses"][0]
+    assert {r["engine"] for r in run["ranks"]} == {"OneBackwardPipelineEngine"}
     assert_params_match(run["ranks"], ref["params"])

@@ -75,7 +75,7 @@ def main():
               for path, module in engine.module.builder.built_modules().items()
               for name, p in module.named_parameters()}
     params.update({path: p.detach().clone() for path, p in engine.module.builder.built_parameters().items()})
-    torch.save({"stage": engine.stage_id, "dp_rank": dp_rank, "params": params, "norms": norms,
+    torch.save({"stage": engine.stage_id, "dp_rank": dp_rank, "engine": type(engine).__name__, "params": params, "norms": norms,
                 "grad_bytes": max(held), "offload": bool(getattr(engine.optimizer, "cpu_offload", False))},
                out / f"params-rank{rank}.pt")
     if rank == 0:
