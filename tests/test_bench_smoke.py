@@ -47,18 +47,18 @@ def test_gpu_bench_runs_on_cpu(tmp_path):
 
 
 def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
-    """bench/adapter_sweep.py on two types: qwen3 through the generic adapter bit for bit, cohere refused with
-    its cause (the logit scale) and none of the boilerplate every refusal carries."""
+    """bench/adapter_sweep.py on two types: qwen3 through the generic adapter bit for bit, falcon refused with
+    its cause (ALiBi) and none of the boilerplate every refusal carries."""
     env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
-    args = ["--types", "qwen3,cohere", "--out", "smoke"]
+    args = ["--types", "qwen3,falcon", "--out", "smoke"]
     proc = subprocess.run([sys.executable, str(BENCH / "adapter_sweep.py"), *args], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     rows = {r["type"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["results"]}
     assert rows["qwen3"]["outcome"] == "exact", rows["qwen3"]
-    assert rows["cohere"]["outcome"] == "refused"
-    assert rows["cohere"]["reason"].startswith("it applies mul to the logits")
+    assert rows["falcon"]["outcome"] == "refused"
+    assert rows["falcon"]["reason"].startswith("transformer.h.0 (FalconDecoderLayer) requires alibi")
     table = (tmp_path / "smoke.md").read_text()
     assert "| qwen3 | exact |  |" in table
-    assert "| cohere | refused | it applies mul to the logits after the output projection" in table
+    assert "| falcon | refused | transformer.h.0 (FalconDecoderLayer) requires alibi besides hidden_states" in table
     assert "exact: 1 | ok: 0 | WRONG: 0 | refused: 1 | no tiny model: 0" in table
