@@ -151,6 +151,8 @@ class Family:
                                          # global bases); each block gets the (cos, sin) of config.layer_types[i]
     head_ops: tuple[ScalarOp, ...] = ()   # applied to the final hidden states before the output projection
     logit_ops: tuple[ScalarOp, ...] = ()  # applied to the logits after the output projection (scales, soft-caps)
+    # keywords the model adds to every masking_utils call (Doge: allow_is_causal_skip=False materializes the mask)
+    mask_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     router_aux: RouterAux | None = None   # a Mixture-of-Experts model's router loss (with output_router_logits)
     task: str = "causal_lm"          # a key of TASKS
     block_class: str = ""            # the Hugging Face class of one block ("LlamaDecoderLayer")

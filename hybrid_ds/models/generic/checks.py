@@ -11,7 +11,7 @@ from torch import nn
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family, ScalarOp, apply_in_order
 from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, ModelMap, refuse
-from hybrid_ds.models.generic.trace import Call, Mask, Trace
+from hybrid_ds.models.generic.trace import MASK_INPUTS, Call, Mask, Trace, common_mask_extras
 
 
 class FlowChecker:
@@ -129,8 +129,7 @@ class FlowChecker:
                 raise self.fail(f"block {index} gets {name}={type(value).__name__}, which the pipeline does not pass")
 
     def _mask(self, call: Call) -> None:
-        known = {"config", "inputs_embeds", "input_embeds", "attention_mask", "cache", "past_key_values",
-                 "position_ids", "cache_position"}
+        known = MASK_INPUTS | {"allow_is_causal_skip"}  # the latter: recorded in the Family, checked per block
         kwargs = call.kwargs
         if call.args or set(kwargs) - known:
             raise self.fail(f"it calls {call.name} with {sorted(set(kwargs) - known) or 'positional arguments'}")
@@ -219,7 +218,7 @@ class FlowChecker:
         return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(self.pre_steps)),
                       self.paths[id(self.map.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
                       block_class=type(self.map.blocks[0]).__name__, head_ops=tuple(self.head_ops),
-                      logit_ops=tuple(self.logit_ops),
+                      logit_ops=tuple(self.logit_ops), mask_kwargs=common_mask_extras(self.trace),
                       rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out)
 
 

@@ -18,7 +18,21 @@ from hybrid_ds.models.generic.structure import TRACE_SHAPE, ModelMap, first_line
 
 
 class Mask(str):
-    """What a patched mask helper returns: the helper's name."""
+    """What a patched mask helper returns: the helper's name and any keywords beyond the usual ones."""
+
+    @classmethod
+    def of(cls, name: str, kwargs: dict) -> "Mask":
+        extra = ", ".join(f"{k}={v!r}" for k, v in sorted(mask_extras(kwargs).items()))
+        return cls(f"{name}({extra})" if extra else name)
+
+
+# What every mask helper call passes; anything else (allow_is_causal_skip=False) is part of the mask's name
+MASK_INPUTS = {"config", "inputs_embeds", "input_embeds", "attention_mask", "cache", "past_key_values",
+               "position_ids", "cache_position"}
+
+
+def mask_extras(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in MASK_INPUTS}
 
 
 @dataclass
@@ -94,7 +108,8 @@ def _patched_mask_helpers(skeleton: nn.Module, trace: Trace):
     saved = [(module, name, fn) for module in modules for name, fn in helpers.items()
              if getattr(module, name, None) is fn]
     for module, name, _ in saved:
-        setattr(module, name, lambda *a, _name=name, **k: trace.record("mask", _name, a, k, lambda: Mask(_name)))
+        setattr(module, name, lambda *a, _name=name, **k: trace.record("mask", _name, a, k,
+                                                                      lambda: Mask.of(_name, k)))
     try:
         yield
     finally:
@@ -161,7 +176,7 @@ def _recorded_loss(skeleton: nn.Module, trace: Trace):
 
 def _glue_masks(skeleton: nn.Module, model_map: ModelMap, trace: Trace) -> list[str]:
     """Which mask helper the pipeline's glue calls for each block (the helpers are still patched)."""
-    probe = Family("probe", "", (), None, "", (), "")
+    probe = Family("probe", "", (), None, "", (), "", mask_kwargs=common_mask_extras(trace))
     hidden = torch.empty(*TRACE_SHAPE, 1, device="meta")
     positions = torch.arange(TRACE_SHAPE[1], device="meta").unsqueeze(0)
     start = len(trace.calls)
@@ -169,3 +184,9 @@ def _glue_masks(skeleton: nn.Module, model_map: ModelMap, trace: Trace) -> list[
                for i in range(len(model_map.blocks))]
     del trace.calls[start:]
     return helpers
+
+
+def common_mask_extras(trace: Trace) -> dict:
+    """The extra keywords every mask helper call of the model passes (none if they differ)."""
+    extras = [mask_extras(c.kwargs) for c in trace.calls if c.kind == "mask"]
+    return extras[0] if extras and all(e == extras[0] for e in extras) else {}
