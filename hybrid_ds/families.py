@@ -85,7 +85,7 @@ class ScalarOp(NamedTuple):
     10.5
     """
 
-    name: str                  # "mul", "div", "tanh" (a tensor method)
+    name: str                  # "mul", "div", "tanh", "float" (a tensor method)
     value: float | None = None
 
 
@@ -146,7 +146,7 @@ class Family:
     output_bias: str | None = None   # a bias applied after a tied projection (BERT's cls.predictions.bias)
     rotary: str | None = None        # module giving (cos, sin) from position ids; rebuilt on each stage
     positions: str = "arange"        # "arange", "cumsum" (OPT: from the padding mask, not given to masks),
-                                     # or "absolute" (BERT: the embedding makes its own)
+                                     # "absolute" (BERT: the embedding makes its own) or "none" (Mamba 2)
     rotary_per_layer_type: bool = False  # the rotary module is called once per layer type (Gemma 3: local and
                                          # global bases); each block gets the (cos, sin) of config.layer_types[i]
     head_ops: tuple[ScalarOp, ...] = ()   # applied to the final hidden states before the output projection

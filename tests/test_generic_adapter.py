@@ -36,8 +36,9 @@ def saved(tmp_path, config) -> str:
     return str(tmp_path)
 
 
-def run_config(folder: str):
-    return load_config_dict({"model": {"name": folder, "pretrained": True}, "train_micro_batch_size_per_gpu": 1})
+def run_config(folder: str, attn: str = "sdpa"):
+    return load_config_dict({"model": {"name": folder, "pretrained": True, "attn_implementation": attn},
+                             "train_micro_batch_size_per_gpu": 1})
 
 
 # model_type -> overrides. What each adds beyond Llama's layout, and so what the parity check covers:
@@ -53,7 +54,15 @@ ACCEPTED = {
     "exaone4": dict(num_hidden_layers=4, sliding_window=4),  # sliding and full layers, post-norms
     "gptj": dict(n_embd=64, n_head=4, rotary_dim=8, n_positions=128),  # no rotary module: it is inside attention
     "jetmoe": dict(num_hidden_layers=2),   # mixture-of-experts blocks (attention experts too), tied head
+    # hybrids: linear-attention / SSM / conv layers get the 2-D padding mask (create_recurrent_attention_mask)
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1),  # Mamba and attention layers
+    "qwen3_next": dict(num_hidden_layers=4, full_attention_interval=2),  # gated delta-net and attention layers
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_hidden_layers=4,
+                     num_dense_layers=1, num_experts=4, moe_intermediate_size=32),  # short convolutions
+    "mamba2": dict(num_heads=8, num_hidden_layers=2),  # no attention, no position ids; eager (no sdpa)
+    "doge": {},                            # every mask made with allow_is_causal_skip=False
 }
+ATTENTION = {"mamba2": "eager"}  # model.attn_implementation where the model has no sdpa
 
 # model_type -> (overrides, what the error must say). Each is refused for a structural reason.
 REFUSED = {
@@ -73,7 +82,7 @@ def test_generic_adapter_matches_hugging_face(model_type, tmp_path):
     config = tiny_config(model_type, **ACCEPTED[model_type])
     folder = saved(tmp_path, config)
     for stages in (1, 2):
-        report = check_parity(run_config(folder), stages)
+        report = check_parity(run_config(folder, ATTENTION.get(model_type, "sdpa")), stages)
         assert report.exact, "\n".join(report.lines())  # bit for bit, as the named families (fp32, CPU)
 
 

@@ -20,7 +20,7 @@ def position_ids(family: Family, attention_mask: torch.Tensor) -> torch.Tensor |
     """Position ids as the family's model computes them when none are given."""
     if family.positions == "cumsum":  # OPT: padding-aware
         return (torch.cumsum(attention_mask, dim=1) * attention_mask - 1).long()
-    if family.positions == "absolute":  # BERT: the embedding uses its own buffer
+    if family.positions in ("absolute", "none"):  # BERT: the embedding uses its own buffer; Mamba 2: none
         return None
     return torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
 

@@ -31,6 +31,7 @@ class FlowChecker:
         self.logit_ops: list[ScalarOp] = []  # scalar ops on the logits after it
         self.post: list[str] = []    # modules between the last block and the output projection
         self.blocks_seen = 0
+        self.blocks_without_positions: list[int] = []  # a model without positions (Mamba 2) gives none
         self.positions: Any = None
         self.rotary_out: dict[str | None, Any] = {}  # layer type (None: all layers) -> the rotary module's output
         self.logits: Any = None
@@ -113,9 +114,10 @@ class FlowChecker:
         if mask != self.trace.glue_masks[index]:
             raise self.fail(f"block {index} gets the mask of {mask} where the pipeline would use "
                             f"{self.trace.glue_masks[index]} (see layer_types / sliding_window in the config)")
-        if "position_ids" not in args:
-            raise self.fail(f"block {index} is not given position_ids")
-        self._set_positions(args.pop("position_ids"))
+        if "position_ids" in args:
+            self._set_positions(args.pop("position_ids"))
+        else:
+            self.blocks_without_positions.append(index)
         cos_sin = args.pop("position_embeddings", None)
         layer_types = getattr(self.skeleton.config, "layer_types", None)
         per_type = bool(self.rotary_out) and None not in self.rotary_out
@@ -145,6 +147,9 @@ class FlowChecker:
         name = call.name
         if not isinstance(call.out, torch.Tensor):
             return  # shapes, devices, dtypes
+        if (name == "to" and self.stage == "head" and call.args and call.out is call.args[0]
+                and self._same_hidden(call.args[0])):
+            return  # Mamba 2's hidden_states.to(lm_head.weight.dtype): the projection's own dtype, a no-op
         if self.touches(call):
             if name == "dropout" and _dropout_p(call) == 0:
                 self.hidden = call.out  # dropout with p=0 is the identity
@@ -214,12 +219,22 @@ class FlowChecker:
             raise self.fail("its loss is not ForCausalLMLoss of the logits alone (e.g. an auxiliary loss is added)")
         if self.map.rotary is not None and not self.rotary_out:
             raise self.fail(f"its rotary module {self.rotary_path} is never called")
-        self._check_positions_are_arange()
+        positions = self._positions_kind()
         return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(self.pre_steps)),
                       self.paths[id(self.map.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
                       block_class=type(self.map.blocks[0]).__name__, head_ops=tuple(self.head_ops),
                       logit_ops=tuple(self.logit_ops), mask_kwargs=common_mask_extras(self.trace),
-                      rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out)
+                      rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out,
+                      positions=positions)
+
+    def _positions_kind(self) -> str:
+        """"arange", or "none" where no block, mask or rotary module is given position ids at all."""
+        if not self.blocks_without_positions:
+            self._check_positions_are_arange()
+            return "arange"
+        if len(self.blocks_without_positions) < len(self.map.blocks) or self.positions is not None:
+            raise self.fail(f"block {self.blocks_without_positions[0]} is not given position_ids")
+        return "none"
 
 
 def _only(call: Call, tensor: Any) -> bool:
@@ -228,7 +243,8 @@ def _only(call: Call, tensor: Any) -> bool:
 
 
 # Elementwise ops with a constant that the pipeline replays (ScalarOp): torch function name -> tensor method
-SCALAR_OPS = {"mul": "mul", "__mul__": "mul", "__rmul__": "mul", "div": "div", "__truediv__": "div", "tanh": "tanh"}
+SCALAR_OPS = {"mul": "mul", "__mul__": "mul", "__rmul__": "mul", "div": "div", "__truediv__": "div", "tanh": "tanh",
+              "float": "float"}  # Mamba 2's logits.float(): a cast, replayed as is in any precision
 
 
 def _scalar_op(call: Call, tensor: Any) -> ScalarOp | None:
@@ -241,8 +257,8 @@ def _scalar_op(call: Call, tensor: Any) -> ScalarOp | None:
     if name is None or call.kwargs or not call.args or not any(a is tensor for a in call.args):
         return None
     others = [a for a in call.args if a is not tensor]
-    if name == "tanh":
-        return ScalarOp("tanh") if len(call.args) == 1 else None
+    if name in ("tanh", "float"):
+        return ScalarOp(name) if len(call.args) == 1 else None
     if len(call.args) != 2 or len(others) != 1 or (name == "div" and call.args[0] is not tensor):
         return None
     value = others[0]
