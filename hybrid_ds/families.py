@@ -156,6 +156,7 @@ class Family:
     router_aux: RouterAux | None = None   # a Mixture-of-Experts model's router loss (with output_router_logits)
     task: str = "causal_lm"          # a key of TASKS
     block_class: str = ""            # the Hugging Face class of one block ("LlamaDecoderLayer")
+    block_returns_tuple: bool = False  # a block returns (hidden_states, ...) and the model uses only the first
     # transformers' attribute_map of the config class: generic key -> the family's own key
     aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     # the estimator's shape builder (hybrid_ds.shapes); None: the estimator reads the model's structure

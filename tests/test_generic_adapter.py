@@ -64,6 +64,8 @@ ACCEPTED = {
                      num_dense_layers=1, num_experts=4, moe_intermediate_size=32),  # short convolutions
     "mamba2": dict(num_heads=8, num_hidden_layers=2),  # no attention, no position ids; eager (no sdpa)
     "doge": {},                            # every mask made with allow_is_causal_skip=False
+    "bamba": dict(num_hidden_layers=4, attn_layer_indices=[1, 3], mamba_n_heads=8),  # blocks return (hidden,
+                                                                                     # attention weights)
 }
 ATTENTION = {"mamba2": "eager"}  # model.attn_implementation where the model has no sdpa
 
@@ -74,6 +76,7 @@ REFUSED = {
     "gemma4_text": ({}, "embed_tokens_per_layer"),                                   # per-layer embeddings
     "bloom": (dict(n_layer=2, n_head=4), "requires alibi"),                          # ALiBi bias from the mask
     "mamba": (dict(num_hidden_layers=2), "attention mask that no masking_utils helper made"),
+    "glm_moe_dsa": ({}, "block 1 gets prev_topk_indices=Unused"),  # uses what block 0 returns after the hidden states
 }
 
 

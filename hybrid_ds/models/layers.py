@@ -126,6 +126,8 @@ class Block(nn.Module):
                 lambda: self.rotary(hidden, position_ids=positions, **self.rotary_kwargs))
         self.router_logits.clear()  # a recompute (activation checkpointing) may have left some
         hidden = self.layer(hidden, **kwargs)
+        if self.family.block_returns_tuple:  # Bamba: (hidden_states, attention weights the model drops)
+            hidden = hidden[0]
         for router_logits in self.router_logits:
             stats = [add_router_stats(stats[0] if stats else None, router_logits, attention_mask, self.aux)]
         self.router_logits.clear()

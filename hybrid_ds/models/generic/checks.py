@@ -11,7 +11,7 @@ from torch import nn
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family, ScalarOp, apply_in_order
 from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, ModelMap, refuse
-from hybrid_ds.models.generic.trace import MASK_INPUTS, Call, Mask, Trace, common_mask_extras
+from hybrid_ds.models.generic.trace import MASK_INPUTS, Call, Mask, Trace, Unused, common_mask_extras
 
 
 class FlowChecker:
@@ -219,13 +219,16 @@ class FlowChecker:
             raise self.fail("its loss is not ForCausalLMLoss of the logits alone (e.g. an auxiliary loss is added)")
         if self.map.rotary is not None and not self.rotary_out:
             raise self.fail(f"its rotary module {self.rotary_path} is never called")
+        if self.trace.block_tuple and any(isinstance(v, Unused) or (isinstance(v, tuple) and any(
+                isinstance(x, Unused) for x in v)) for v in out.values()):
+            raise self.fail("its output includes what its blocks return after the hidden states")
         positions = self._positions_kind()
         return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(self.pre_steps)),
                       self.paths[id(self.map.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
                       block_class=type(self.map.blocks[0]).__name__, head_ops=tuple(self.head_ops),
                       logit_ops=tuple(self.logit_ops), mask_kwargs=common_mask_extras(self.trace),
                       rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out,
-                      positions=positions)
+                      positions=positions, block_returns_tuple=self.trace.block_tuple)
 
     def _positions_kind(self) -> str:
         """"arange", or "none" where no block, mask or rotary module is given position ids at all."""
