@@ -157,6 +157,7 @@ class Family:
     task: str = "causal_lm"          # a key of TASKS
     block_class: str = ""            # the Hugging Face class of one block ("LlamaDecoderLayer")
     block_returns_tuple: bool = False  # a block returns (hidden_states, ...) and the model uses only the first
+    unmasked_layer_types: tuple[str, ...] = ()  # config.layer_types whose blocks get attention_mask=None (MLPs)
     # transformers' attribute_map of the config class: generic key -> the family's own key
     aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     # the estimator's shape builder (hybrid_ds.shapes); None: the estimator reads the model's structure

@@ -64,6 +64,9 @@ ACCEPTED = {
                      num_dense_layers=1, num_experts=4, moe_intermediate_size=32),  # short convolutions
     "mamba2": dict(num_heads=8, num_hidden_layers=2),  # no attention, no position ids; eager (no sdpa)
     "doge": {},                            # every mask made with allow_is_causal_skip=False
+    "nemotron_h": dict(num_hidden_layers=4, layer_types=["linear_attention", "moe", "full_attention", "mlp"],
+                       mamba_num_heads=8, mamba_head_dim=16, moe_intermediate_size=32,  # MLP and MoE layers:
+                       moe_shared_expert_intermediate_size=32),                         # no mask at all
     "bamba": dict(num_hidden_layers=4, attn_layer_indices=[1, 3], mamba_n_heads=8),  # blocks return (hidden,
                                                                                      # attention weights)
 }

@@ -31,6 +31,9 @@ def attention_mask_4d(family: Family, config: Any, layer_index: int, hidden: tor
     if family.task_info.bidirectional:
         return masking_utils.create_bidirectional_mask(config=config, inputs_embeds=hidden,
                                                        attention_mask=attention_mask)
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and layer_types[layer_index] in family.unmasked_layer_types:
+        return None
     name, extra = mask_helper(family, config, layer_index)
     kwargs = {} if family.positions == "cumsum" else {"position_ids": positions}
     return getattr(masking_utils, name)(config=config, inputs_embeds=hidden, attention_mask=attention_mask,

@@ -10,6 +10,7 @@ from torch import nn
 
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family, ScalarOp, apply_in_order
+from hybrid_ds.models.masks import LAYER_HELPERS
 from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, ModelMap, refuse
 from hybrid_ds.models.generic.trace import MASK_INPUTS, Call, Mask, Trace, Unused, common_mask_extras
 
@@ -31,6 +32,8 @@ class FlowChecker:
         self.logit_ops: list[ScalarOp] = []  # scalar ops on the logits after it
         self.post: list[str] = []    # modules between the last block and the output projection
         self.blocks_seen = 0
+        self.unmasked: set[str | None] = set()  # layer types whose blocks get attention_mask=None
+        self.masked: set[str | None] = set()    # and those whose blocks get a mask
         self.blocks_without_positions: list[int] = []  # a model without positions (Mamba 2) gives none
         self.positions: Any = None
         self.rotary_out: dict[str | None, Any] = {}  # layer type (None: all layers) -> the rotary module's output
@@ -108,10 +111,15 @@ class FlowChecker:
         args = {}
         for name, value in bound.items():  # what reaches **kwargs counts as given by name
             args.update(value if signature[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
-        mask = args.pop("attention_mask", None)
-        if not isinstance(mask, Mask):
+        given, mask = "attention_mask" in args, args.pop("attention_mask", None)
+        layer_types = getattr(self.skeleton.config, "layer_types", None)
+        kind = layer_types[index] if layer_types else None
+        (self.unmasked if given and mask is None else self.masked).add(kind)
+        if given and mask is None and kind is not None and kind not in LAYER_HELPERS:
+            pass  # Nemotron-H's MLP and MoE layers: no mask for a layer type transformers' table does not know
+        elif not isinstance(mask, Mask):
             raise self.fail(f"block {index} gets an attention mask that no masking_utils helper made")
-        if mask != self.trace.glue_masks[index]:
+        elif mask != self.trace.glue_masks[index]:
             raise self.fail(f"block {index} gets the mask of {mask} where the pipeline would use "
                             f"{self.trace.glue_masks[index]} (see layer_types / sliding_window in the config)")
         if "position_ids" in args:
@@ -222,13 +230,17 @@ class FlowChecker:
         if self.trace.block_tuple and any(isinstance(v, Unused) or (isinstance(v, tuple) and any(
                 isinstance(x, Unused) for x in v)) for v in out.values()):
             raise self.fail("its output includes what its blocks return after the hidden states")
+        if self.unmasked & self.masked:
+            raise self.fail(f"blocks of layer type {sorted(map(str, self.unmasked & self.masked))[0]} get a mask "
+                            "in some layers and none in others")
         positions = self._positions_kind()
         return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(self.pre_steps)),
                       self.paths[id(self.map.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
                       block_class=type(self.map.blocks[0]).__name__, head_ops=tuple(self.head_ops),
                       logit_ops=tuple(self.logit_ops), mask_kwargs=common_mask_extras(self.trace),
                       rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out,
-                      positions=positions, block_returns_tuple=self.trace.block_tuple)
+                      positions=positions, block_returns_tuple=self.trace.block_tuple,
+                      unmasked_layer_types=tuple(sorted(self.unmasked)))
 
     def _positions_kind(self) -> str:
         """"arange", or "none" where no block, mask or rotary module is given position ids at all."""
