@@ -158,6 +158,8 @@ class Family:
     block_class: str = ""            # the Hugging Face class of one block ("LlamaDecoderLayer")
     block_returns_tuple: bool = False  # a block returns (hidden_states, ...) and the model uses only the first
     unmasked_layer_types: tuple[str, ...] = ()  # config.layer_types whose blocks get attention_mask=None (MLPs)
+    unrotated_layer_types: tuple[str, ...] = ()  # those whose blocks get position_embeddings=None (OLMo-hybrid's
+                                                 # linear attention)
     # transformers' attribute_map of the config class: generic key -> the family's own key
     aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     # the estimator's shape builder (hybrid_ds.shapes); None: the estimator reads the model's structure

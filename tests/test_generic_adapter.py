@@ -67,6 +67,7 @@ ACCEPTED = {
     "nemotron_h": dict(num_hidden_layers=4, layer_types=["linear_attention", "moe", "full_attention", "mlp"],
                        mamba_num_heads=8, mamba_head_dim=16, moe_intermediate_size=32,  # MLP and MoE layers:
                        moe_shared_expert_intermediate_size=32),                         # no mask at all
+    "olmo_hybrid": dict(num_hidden_layers=4),  # (cos, sin) for its attention layers only, none for linear ones
     "bamba": dict(num_hidden_layers=4, attn_layer_indices=[1, 3], mamba_n_heads=8),  # blocks return (hidden,
                                                                                      # attention weights)
 }

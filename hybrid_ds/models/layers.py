@@ -120,7 +120,9 @@ class Block(nn.Module):
             lambda: attention_mask_4d(self.family, self.config, self.index, hidden, attention_mask, positions))}
         if positions is not None:
             kwargs["position_ids"] = positions
-        if self.rotary is not None:
+        if self.rotary is not None and self.mask_kind in self.family.unrotated_layer_types:
+            kwargs["position_embeddings"] = None  # as the model gives them
+        elif self.rotary is not None:
             kwargs["position_embeddings"] = self.derived.get(
                 f"rotary:{self.rotary_kwargs.get('layer_type')}", attention_mask, hidden,
                 lambda: self.rotary(hidden, position_ids=positions, **self.rotary_kwargs))

@@ -34,6 +34,8 @@ class FlowChecker:
         self.blocks_seen = 0
         self.unmasked: set[str | None] = set()  # layer types whose blocks get attention_mask=None
         self.masked: set[str | None] = set()    # and those whose blocks get a mask
+        self.unrotated: set[str] = set()        # layer types whose blocks get position_embeddings=None
+        self.rotated: set[str] = set()          # and those whose blocks get the rotary module's
         self.blocks_without_positions: list[int] = []  # a model without positions (Mamba 2) gives none
         self.positions: Any = None
         self.rotary_out: dict[str | None, Any] = {}  # layer type (None: all layers) -> the rotary module's output
@@ -126,11 +128,15 @@ class FlowChecker:
             self._set_positions(args.pop("position_ids"))
         else:
             self.blocks_without_positions.append(index)
-        cos_sin = args.pop("position_embeddings", None)
-        layer_types = getattr(self.skeleton.config, "layer_types", None)
+        given, cos_sin = "position_embeddings" in args, args.pop("position_embeddings", None)
         per_type = bool(self.rotary_out) and None not in self.rotary_out
         layer_type = layer_types[index] if per_type and layer_types else None
-        if cos_sin is not self.rotary_out.get(layer_type):
+        unrotated = given and cos_sin is None and kind is not None and self.rotary_out
+        if kind is not None:
+            (self.unrotated if unrotated else self.rotated).add(kind)
+        if unrotated:
+            pass  # OLMo-hybrid's linear-attention layers: the model gives them no (cos, sin)
+        elif cos_sin is not self.rotary_out.get(layer_type):
             raise self.fail(f"block {index} gets position_embeddings that are not its rotary module's output"
                             + (f" for its layer type {layer_type!r}" if layer_type else ""))
         for name, value in args.items():
@@ -233,6 +239,9 @@ class FlowChecker:
         if self.unmasked & self.masked:
             raise self.fail(f"blocks of layer type {sorted(map(str, self.unmasked & self.masked))[0]} get a mask "
                             "in some layers and none in others")
+        if self.unrotated & self.rotated:
+            raise self.fail(f"blocks of layer type {sorted(self.unrotated & self.rotated)[0]} get position_embeddings"
+                            " in some layers and none in others")
         positions = self._positions_kind()
         return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(self.pre_steps)),
                       self.paths[id(self.map.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
@@ -240,7 +249,8 @@ class FlowChecker:
                       logit_ops=tuple(self.logit_ops), mask_kwargs=common_mask_extras(self.trace),
                       rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out,
                       positions=positions, block_returns_tuple=self.trace.block_tuple,
-                      unmasked_layer_types=tuple(sorted(self.unmasked)))
+                      unmasked_layer_types=tuple(sorted(self.unmasked)),
+                      unrotated_layer_types=tuple(sorted(self.unrotated)))
 
     def _positions_kind(self) -> str:
         """"arange", or "none" where no block, mask or rotary module is given position ids at all."""
