@@ -85,7 +85,7 @@ class ScalarOp(NamedTuple):
     10.5
     """
 
-    name: str                  # "mul", "div", "tanh" (a tensor method)
+    name: str                  # "mul", "div", "tanh", "float" (a tensor method)
     value: float | None = None
 
 
@@ -146,14 +146,20 @@ class Family:
     output_bias: str | None = None   # a bias applied after a tied projection (BERT's cls.predictions.bias)
     rotary: str | None = None        # module giving (cos, sin) from position ids; rebuilt on each stage
     positions: str = "arange"        # "arange", "cumsum" (OPT: from the padding mask, not given to masks),
-                                     # or "absolute" (BERT: the embedding makes its own)
+                                     # "absolute" (BERT: the embedding makes its own) or "none" (Mamba 2)
     rotary_per_layer_type: bool = False  # the rotary module is called once per layer type (Gemma 3: local and
                                          # global bases); each block gets the (cos, sin) of config.layer_types[i]
     head_ops: tuple[ScalarOp, ...] = ()   # applied to the final hidden states before the output projection
     logit_ops: tuple[ScalarOp, ...] = ()  # applied to the logits after the output projection (scales, soft-caps)
+    # keywords the model adds to every masking_utils call (Doge: allow_is_causal_skip=False materializes the mask)
+    mask_kwargs: Mapping[str, Any] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     router_aux: RouterAux | None = None   # a Mixture-of-Experts model's router loss (with output_router_logits)
     task: str = "causal_lm"          # a key of TASKS
     block_class: str = ""            # the Hugging Face class of one block ("LlamaDecoderLayer")
+    block_returns_tuple: bool = False  # a block returns (hidden_states, ...) and the model uses only the first
+    unmasked_layer_types: tuple[str, ...] = ()  # config.layer_types whose blocks get attention_mask=None (MLPs)
+    unrotated_layer_types: tuple[str, ...] = ()  # those whose blocks get position_embeddings=None (OLMo-hybrid's
+                                                 # linear attention)
     # transformers' attribute_map of the config class: generic key -> the family's own key
     aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
     # the estimator's shape builder (hybrid_ds.shapes); None: the estimator reads the model's structure

@@ -87,7 +87,7 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
                                                 dtype=torch.float32).eval()
         batch = sample_batch(hf.config.vocab_size, seq_len, family.task)
         hf_kwargs = {k: v for k, v in batch.items() if k != "token_type_ids" or family.task_info.token_types}
-        out = hf(**hf_kwargs)
+        out = hf(**hf_kwargs, use_cache=False)  # as in training (hybrid models' caches cannot start empty)
         out.loss.backward()
 
         pipe = SequentialStages(plan)

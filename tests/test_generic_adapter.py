@@ -36,8 +36,9 @@ def saved(tmp_path, config) -> str:
     return str(tmp_path)
 
 
-def run_config(folder: str):
-    return load_config_dict({"model": {"name": folder, "pretrained": True}, "train_micro_batch_size_per_gpu": 1})
+def run_config(folder: str, attn: str = "sdpa"):
+    return load_config_dict({"model": {"name": folder, "pretrained": True, "attn_implementation": attn},
+                             "train_micro_batch_size_per_gpu": 1})
 
 
 # model_type -> overrides. What each adds beyond Llama's layout, and so what the parity check covers:
@@ -53,7 +54,24 @@ ACCEPTED = {
     "exaone4": dict(num_hidden_layers=4, sliding_window=4),  # sliding and full layers, post-norms
     "gptj": dict(n_embd=64, n_head=4, rotary_dim=8, n_positions=128),  # no rotary module: it is inside attention
     "jetmoe": dict(num_hidden_layers=2),   # mixture-of-experts blocks (attention experts too), tied head
+    # hybrids: linear-attention / SSM / conv layers get the 2-D padding mask (create_recurrent_attention_mask)
+    "jamba": dict(num_hidden_layers=4, attn_layer_period=2, attn_layer_offset=1),  # Mamba and attention layers
+    "qwen3_next": dict(num_hidden_layers=4, full_attention_interval=2,  # gated delta-net and attention layers
+                       num_experts=4, moe_intermediate_size=32, shared_expert_intermediate_size=32,  # (its default
+                       linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,  # 512 experts
+                       linear_num_value_heads=4),                                                # take minutes)
+    "lfm2_moe": dict(layer_types=["conv", "full_attention", "conv", "full_attention"], num_hidden_layers=4,
+                     num_dense_layers=1, num_experts=4, moe_intermediate_size=32),  # short convolutions
+    "mamba2": dict(num_heads=8, num_hidden_layers=2),  # no attention, no position ids; eager (no sdpa)
+    "doge": {},                            # every mask made with allow_is_causal_skip=False
+    "nemotron_h": dict(num_hidden_layers=4, layer_types=["linear_attention", "moe", "full_attention", "mlp"],
+                       mamba_num_heads=8, mamba_head_dim=16, moe_intermediate_size=32,  # MLP and MoE layers:
+                       moe_shared_expert_intermediate_size=32),                         # no mask at all
+    "olmo_hybrid": dict(num_hidden_layers=4),  # (cos, sin) for its attention layers only, none for linear ones
+    "bamba": dict(num_hidden_layers=4, attn_layer_indices=[1, 3], mamba_n_heads=8),  # blocks return (hidden,
+                                                                                     # attention weights)
 }
+ATTENTION = {"mamba2": "eager"}  # model.attn_implementation where the model has no sdpa
 
 # model_type -> (overrides, what the error must say). Each is refused for a structural reason.
 REFUSED = {
@@ -62,6 +80,7 @@ REFUSED = {
     "gemma4_text": ({}, "embed_tokens_per_layer"),                                   # per-layer embeddings
     "bloom": (dict(n_layer=2, n_head=4), "requires alibi"),                          # ALiBi bias from the mask
     "mamba": (dict(num_hidden_layers=2), "attention mask that no masking_utils helper made"),
+    "glm_moe_dsa": ({}, "block 1 gets prev_topk_indices=Unused"),  # uses what block 0 returns after the hidden states
 }
 
 
@@ -73,7 +92,7 @@ def test_generic_adapter_matches_hugging_face(model_type, tmp_path):
     config = tiny_config(model_type, **ACCEPTED[model_type])
     folder = saved(tmp_path, config)
     for stages in (1, 2):
-        report = check_parity(run_config(folder), stages)
+        report = check_parity(run_config(folder, ATTENTION.get(model_type, "sdpa")), stages)
         assert report.exact, "\n".join(report.lines())  # bit for bit, as the named families (fp32, CPU)
 
 
@@ -154,3 +173,34 @@ def test_the_trace_leaves_the_model_and_transformers_as_they_were():
         assert "_loss_function" not in vars(skeleton)
         assert not any(m._forward_hooks or m._forward_pre_hooks for m in skeleton.modules())
         assert skeleton.training
+
+
+def test_linear_attention_layers_need_the_recurrent_mask(tmp_path, monkeypatch):
+    """Qwen3-Next's gated delta-net layers without their padding mask (the pads leak into the state) fail parity."""
+    from hybrid_ds.models import layers, masks
+    from hybrid_ds.parity import check_parity
+
+    def no_padding_mask(family, config, index, *args):
+        linear = config.layer_types[index] == "linear_attention"
+        return None if linear else masks.attention_mask_4d(family, config, index, *args)
+
+    assert masks.LAYER_HELPERS["linear_attention"] == ("create_recurrent_attention_mask", {})
+    folder = saved(tmp_path, tiny_config("qwen3_next", **ACCEPTED["qwen3_next"]))
+    monkeypatch.setattr(layers, "attention_mask_4d", no_padding_mask)  # the glue only: the adapter still accepts
+    report = check_parity(run_config(folder), stages=1)
+    assert not report.exact and report.max_logit_diff > 1e-3, "\n".join(report.lines())
+
+
+def test_a_model_that_never_skips_its_causal_mask_gets_it_materialized():
+    """Doge adds its dynamic mask onto the causal mask, so it asks for one even without padding; so does the glue."""
+    from hybrid_ds.models.masks import attention_mask_4d
+
+    config = tiny_config("doge")
+    config._attn_implementation = "sdpa"  # as the built model's config says
+    family = get_family("doge", config)
+    assert dict(family.mask_kwargs) == {"allow_is_causal_skip": False}
+    hidden, unpadded = torch.zeros(1, 8, 64), torch.ones(1, 8, dtype=torch.long)
+    positions = torch.arange(8).unsqueeze(0)
+    assert attention_mask_4d(family, config, 0, hidden, unpadded, positions) is not None
+    plain = get_family("llama", tiny_config("llama"))  # sdpa skips the mask of an unpadded causal batch
+    assert attention_mask_4d(plain, config, 0, hidden, unpadded, positions) is None

@@ -120,12 +120,16 @@ class Block(nn.Module):
             lambda: attention_mask_4d(self.family, self.config, self.index, hidden, attention_mask, positions))}
         if positions is not None:
             kwargs["position_ids"] = positions
-        if self.rotary is not None:
+        if self.rotary is not None and self.mask_kind in self.family.unrotated_layer_types:
+            kwargs["position_embeddings"] = None  # as the model gives them
+        elif self.rotary is not None:
             kwargs["position_embeddings"] = self.derived.get(
                 f"rotary:{self.rotary_kwargs.get('layer_type')}", attention_mask, hidden,
                 lambda: self.rotary(hidden, position_ids=positions, **self.rotary_kwargs))
         self.router_logits.clear()  # a recompute (activation checkpointing) may have left some
         hidden = self.layer(hidden, **kwargs)
+        if self.family.block_returns_tuple:  # Bamba: (hidden_states, attention weights the model drops)
+            hidden = hidden[0]
         for router_logits in self.router_logits:
             stats = [add_router_stats(stats[0] if stats else None, router_logits, attention_mask, self.aux)]
         self.router_logits.clear()

@@ -10,8 +10,9 @@ from torch import nn
 
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family, ScalarOp, apply_in_order
+from hybrid_ds.models.masks import LAYER_HELPERS
 from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, ModelMap, refuse
-from hybrid_ds.models.generic.trace import Call, Mask, Trace
+from hybrid_ds.models.generic.trace import MASK_INPUTS, Call, Mask, Trace, Unused, common_mask_extras
 
 
 class FlowChecker:
@@ -31,6 +32,11 @@ class FlowChecker:
         self.logit_ops: list[ScalarOp] = []  # scalar ops on the logits after it
         self.post: list[str] = []    # modules between the last block and the output projection
         self.blocks_seen = 0
+        self.unmasked: set[str | None] = set()  # layer types whose blocks get attention_mask=None
+        self.masked: set[str | None] = set()    # and those whose blocks get a mask
+        self.unrotated: set[str] = set()        # layer types whose blocks get position_embeddings=None
+        self.rotated: set[str] = set()          # and those whose blocks get the rotary module's
+        self.blocks_without_positions: list[int] = []  # a model without positions (Mamba 2) gives none
         self.positions: Any = None
         self.rotary_out: dict[str | None, Any] = {}  # layer type (None: all layers) -> the rotary module's output
         self.logits: Any = None
@@ -107,20 +113,30 @@ class FlowChecker:
         args = {}
         for name, value in bound.items():  # what reaches **kwargs counts as given by name
             args.update(value if signature[name].kind is inspect.Parameter.VAR_KEYWORD else {name: value})
-        mask = args.pop("attention_mask", None)
-        if not isinstance(mask, Mask):
+        given, mask = "attention_mask" in args, args.pop("attention_mask", None)
+        layer_types = getattr(self.skeleton.config, "layer_types", None)
+        kind = layer_types[index] if layer_types else None
+        (self.unmasked if given and mask is None else self.masked).add(kind)
+        if given and mask is None and kind is not None and kind not in LAYER_HELPERS:
+            pass  # Nemotron-H's MLP and MoE layers: no mask for a layer type transformers' table does not know
+        elif not isinstance(mask, Mask):
             raise self.fail(f"block {index} gets an attention mask that no masking_utils helper made")
-        if mask != self.trace.glue_masks[index]:
+        elif mask != self.trace.glue_masks[index]:
             raise self.fail(f"block {index} gets the mask of {mask} where the pipeline would use "
                             f"{self.trace.glue_masks[index]} (see layer_types / sliding_window in the config)")
-        if "position_ids" not in args:
-            raise self.fail(f"block {index} is not given position_ids")
-        self._set_positions(args.pop("position_ids"))
-        cos_sin = args.pop("position_embeddings", None)
-        layer_types = getattr(self.skeleton.config, "layer_types", None)
+        if "position_ids" in args:
+            self._set_positions(args.pop("position_ids"))
+        else:
+            self.blocks_without_positions.append(index)
+        given, cos_sin = "position_embeddings" in args, args.pop("position_embeddings", None)
         per_type = bool(self.rotary_out) and None not in self.rotary_out
         layer_type = layer_types[index] if per_type and layer_types else None
-        if cos_sin is not self.rotary_out.get(layer_type):
+        unrotated = given and cos_sin is None and kind is not None and self.rotary_out
+        if kind is not None:
+            (self.unrotated if unrotated else self.rotated).add(kind)
+        if unrotated:
+            pass  # OLMo-hybrid's linear-attention layers: the model gives them no (cos, sin)
+        elif cos_sin is not self.rotary_out.get(layer_type):
             raise self.fail(f"block {index} gets position_embeddings that are not its rotary module's output"
                             + (f" for its layer type {layer_type!r}" if layer_type else ""))
         for name, value in args.items():
@@ -129,8 +145,7 @@ class FlowChecker:
                 raise self.fail(f"block {index} gets {name}={type(value).__name__}, which the pipeline does not pass")
 
     def _mask(self, call: Call) -> None:
-        known = {"config", "inputs_embeds", "input_embeds", "attention_mask", "cache", "past_key_values",
-                 "position_ids", "cache_position"}
+        known = MASK_INPUTS | {"allow_is_causal_skip"}  # the latter: recorded in the Family, checked per block
         kwargs = call.kwargs
         if call.args or set(kwargs) - known:
             raise self.fail(f"it calls {call.name} with {sorted(set(kwargs) - known) or 'positional arguments'}")
@@ -146,6 +161,9 @@ class FlowChecker:
         name = call.name
         if not isinstance(call.out, torch.Tensor):
             return  # shapes, devices, dtypes
+        if (name == "to" and self.stage == "head" and call.args and call.out is call.args[0]
+                and self._same_hidden(call.args[0])):
+            return  # Mamba 2's hidden_states.to(lm_head.weight.dtype): the projection's own dtype, a no-op
         if self.touches(call):
             if name == "dropout" and _dropout_p(call) == 0:
                 self.hidden = call.out  # dropout with p=0 is the identity
@@ -215,12 +233,33 @@ class FlowChecker:
             raise self.fail("its loss is not ForCausalLMLoss of the logits alone (e.g. an auxiliary loss is added)")
         if self.map.rotary is not None and not self.rotary_out:
             raise self.fail(f"its rotary module {self.rotary_path} is never called")
-        self._check_positions_are_arange()
+        if self.trace.block_tuple and any(isinstance(v, Unused) or (isinstance(v, tuple) and any(
+                isinstance(x, Unused) for x in v)) for v in out.values()):
+            raise self.fail("its output includes what its blocks return after the hidden states")
+        if self.unmasked & self.masked:
+            raise self.fail(f"blocks of layer type {sorted(map(str, self.unmasked & self.masked))[0]} get a mask "
+                            "in some layers and none in others")
+        if self.unrotated & self.rotated:
+            raise self.fail(f"blocks of layer type {sorted(self.unrotated & self.rotated)[0]} get position_embeddings"
+                            " in some layers and none in others")
+        positions = self._positions_kind()
         return Family(self.model_type, self.embedding_path, tuple(self.pre), apply_in_order(tuple(self.pre_steps)),
                       self.paths[id(self.map.blocks)], tuple(self.post), self.output_path, rotary=self.rotary_path,
                       block_class=type(self.map.blocks[0]).__name__, head_ops=tuple(self.head_ops),
-                      logit_ops=tuple(self.logit_ops),
-                      rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out)
+                      logit_ops=tuple(self.logit_ops), mask_kwargs=common_mask_extras(self.trace),
+                      rotary_per_layer_type=bool(self.rotary_out) and None not in self.rotary_out,
+                      positions=positions, block_returns_tuple=self.trace.block_tuple,
+                      unmasked_layer_types=tuple(sorted(self.unmasked)),
+                      unrotated_layer_types=tuple(sorted(self.unrotated)))
+
+    def _positions_kind(self) -> str:
+        """"arange", or "none" where no block, mask or rotary module is given position ids at all."""
+        if not self.blocks_without_positions:
+            self._check_positions_are_arange()
+            return "arange"
+        if len(self.blocks_without_positions) < len(self.map.blocks) or self.positions is not None:
+            raise self.fail(f"block {self.blocks_without_positions[0]} is not given position_ids")
+        return "none"
 
 
 def _only(call: Call, tensor: Any) -> bool:
@@ -229,7 +268,8 @@ def _only(call: Call, tensor: Any) -> bool:
 
 
 # Elementwise ops with a constant that the pipeline replays (ScalarOp): torch function name -> tensor method
-SCALAR_OPS = {"mul": "mul", "__mul__": "mul", "__rmul__": "mul", "div": "div", "__truediv__": "div", "tanh": "tanh"}
+SCALAR_OPS = {"mul": "mul", "__mul__": "mul", "__rmul__": "mul", "div": "div", "__truediv__": "div", "tanh": "tanh",
+              "float": "float"}  # Mamba 2's logits.float(): a cast, replayed as is in any precision
 
 
 def _scalar_op(call: Call, tensor: Any) -> ScalarOp | None:
@@ -242,8 +282,8 @@ def _scalar_op(call: Call, tensor: Any) -> ScalarOp | None:
     if name is None or call.kwargs or not call.args or not any(a is tensor for a in call.args):
         return None
     others = [a for a in call.args if a is not tensor]
-    if name == "tanh":
-        return ScalarOp("tanh") if len(call.args) == 1 else None
+    if name in ("tanh", "float"):
+        return ScalarOp(name) if len(call.args) == 1 else None
     if len(call.args) != 2 or len(others) != 1 or (name == "div" and call.args[0] is not tensor):
         return None
     value = others[0]

@@ -12,13 +12,28 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family
 from hybrid_ds.models.masks import attention_mask_4d
 from hybrid_ds.models.generic.structure import TRACE_SHAPE, ModelMap, first_line, refuse
 
 
 class Mask(str):
-    """What a patched mask helper returns: the helper's name."""
+    """What a patched mask helper returns: the helper's name and any keywords beyond the usual ones."""
+
+    @classmethod
+    def of(cls, name: str, kwargs: dict) -> "Mask":
+        extra = ", ".join(f"{k}={v!r}" for k, v in sorted(mask_extras(kwargs).items()))
+        return cls(f"{name}({extra})" if extra else name)
+
+
+# What every mask helper call passes; anything else (allow_is_causal_skip=False) is part of the mask's name
+MASK_INPUTS = {"config", "inputs_embeds", "input_embeds", "attention_mask", "cache", "past_key_values",
+               "position_ids", "cache_position"}
+
+
+def mask_extras(kwargs: dict) -> dict:
+    return {k: v for k, v in kwargs.items() if k not in MASK_INPUTS}
 
 
 @dataclass
@@ -28,6 +43,20 @@ class Call:
     args: tuple
     kwargs: dict
     out: Any
+
+
+class Unused:
+    """What a traced block returns after its hidden states when the model unpacks a tuple (Bamba's attention
+    weights): any use of it (truth value, attribute, item, torch op) raises, so a trace that runs never used it."""
+
+    def _used(self, *args, **kwargs):
+        raise TypeError("the model uses what its blocks return after the hidden states")
+
+    __bool__ = __iter__ = __len__ = __getitem__ = __getattr__ = __call__ = _used
+
+    @classmethod
+    def __torch_function__(cls, *args, **kwargs):
+        raise TypeError("the model uses what its blocks return after the hidden states")
 
 
 class Trace(TorchFunctionMode):
@@ -43,6 +72,7 @@ class Trace(TorchFunctionMode):
         self.inputs, self.calls, self.depth = inputs, [], 0
         self.output: Any = None
         self.glue_masks: list[str] = []  # the helper masks.attention_mask_4d picks for each block
+        self.block_tuple = False         # the blocks return (hidden_states, Unused()), not hidden_states
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         out = func(*args, **(kwargs or {}))
@@ -61,9 +91,24 @@ class Trace(TorchFunctionMode):
 
 
 def trace_model(model_type: str, skeleton: nn.Module, model_map: ModelMap) -> Trace:
-    """Run the model once on the meta device, in training mode (dropout shows), recording what it does."""
+    """Run the model once on the meta device, in training mode (dropout shows), recording what it does.
+
+    Blocks return their hidden states; if the model's forward fails on that, it is run again with blocks
+    that return a tuple (hidden states, Unused()), as Bamba's do.
+    """
+    try:
+        return _trace_once(model_type, skeleton, model_map, block_tuple=False)
+    except UserError as err:
+        try:
+            return _trace_once(model_type, skeleton, model_map, block_tuple=True)
+        except UserError:
+            raise err from None
+
+
+def _trace_once(model_type: str, skeleton: nn.Module, model_map: ModelMap, block_tuple: bool) -> Trace:
     ids = torch.zeros(*TRACE_SHAPE, dtype=torch.long, device="meta")
     trace = Trace({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": torch.zeros_like(ids)})
+    trace.block_tuple = block_tuple
     with ExitStack() as stack:
         for patch in (_patched_mask_helpers(skeleton, trace), _recorded_modules(skeleton, model_map, trace),
                       _recorded_blocks(model_map, trace), _recorded_loss(skeleton, trace)):
@@ -94,7 +139,8 @@ def _patched_mask_helpers(skeleton: nn.Module, trace: Trace):
     saved = [(module, name, fn) for module in modules for name, fn in helpers.items()
              if getattr(module, name, None) is fn]
     for module, name, _ in saved:
-        setattr(module, name, lambda *a, _name=name, **k: trace.record("mask", _name, a, k, lambda: Mask(_name)))
+        setattr(module, name, lambda *a, _name=name, **k: trace.record("mask", _name, a, k,
+                                                                      lambda: Mask.of(_name, k)))
     try:
         yield
     finally:
@@ -133,7 +179,8 @@ def _recorded_blocks(model_map: ModelMap, trace: Trace):
         def forward(*args, **kwargs):
             bound = dict(signature.bind(*args, **kwargs).arguments)  # by name, however the model passes them
             hidden = next(iter(bound.values()))
-            return trace.record("block", str(index), (), bound, lambda: torch.empty_like(hidden))
+            out = trace.record("block", str(index), (), bound, lambda: torch.empty_like(hidden))
+            return (out, Unused()) if trace.block_tuple else out
         return forward
 
     for i, block in enumerate(model_map.blocks):
@@ -161,7 +208,7 @@ def _recorded_loss(skeleton: nn.Module, trace: Trace):
 
 def _glue_masks(skeleton: nn.Module, model_map: ModelMap, trace: Trace) -> list[str]:
     """Which mask helper the pipeline's glue calls for each block (the helpers are still patched)."""
-    probe = Family("probe", "", (), None, "", (), "")
+    probe = Family("probe", "", (), None, "", (), "", mask_kwargs=common_mask_extras(trace))
     hidden = torch.empty(*TRACE_SHAPE, 1, device="meta")
     positions = torch.arange(TRACE_SHAPE[1], device="meta").unsqueeze(0)
     start = len(trace.calls)
@@ -169,3 +216,9 @@ def _glue_masks(skeleton: nn.Module, model_map: ModelMap, trace: Trace) -> list[
                for i in range(len(model_map.blocks))]
     del trace.calls[start:]
     return helpers
+
+
+def common_mask_extras(trace: Trace) -> dict:
+    """The extra keywords every mask helper call of the model passes (none if they differ)."""
+    extras = [mask_extras(c.kwargs) for c in trace.calls if c.kind == "mask"]
+    return extras[0] if extras and all(e == extras[0] for e in extras) else {}
