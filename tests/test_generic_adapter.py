@@ -70,6 +70,10 @@ ACCEPTED = {
     "olmo_hybrid": dict(num_hidden_layers=4),  # (cos, sin) for its attention layers only, none for linear ones
     "bamba": dict(num_hidden_layers=4, attn_layer_indices=[1, 3], mamba_n_heads=8),  # blocks return (hidden,
                                                                                      # attention weights)
+    # position ids arange(T) expanded to (4, B, T): row 0 to masks and blocks, rows 1-3 to the 3-axis rotary
+    "qwen3_5_text": dict(num_hidden_layers=4, layer_types=["linear_attention", "full_attention"] * 2,
+                         linear_key_head_dim=16, linear_value_head_dim=16, linear_num_key_heads=2,
+                         linear_num_value_heads=4),
 }
 ATTENTION = {"mamba2": "eager"}  # model.attn_implementation where the model has no sdpa
 
@@ -204,3 +208,14 @@ def test_a_model_that_never_skips_its_causal_mask_gets_it_materialized():
     assert attention_mask_4d(family, config, 0, hidden, unpadded, positions) is not None
     plain = get_family("llama", tiny_config("llama"))  # sdpa skips the mask of an unpadded causal batch
     assert attention_mask_4d(plain, config, 0, hidden, unpadded, positions) is None
+
+
+def test_position_ids_may_be_indexed_on_leading_axes_only():
+    """Qwen 3.5 indexes rows of an expanded arange: accepted; an index that could reorder or drop positions is not."""
+    from hybrid_ds.models.generic.checks import _leading_index
+
+    out = torch.empty(2, 8, device="meta")
+    assert _leading_index(0, out, 8) and _leading_index((slice(1, None),), out, 8) and _leading_index((Ellipsis,), out, 8)
+    assert not _leading_index(([0, 1],), out, 8)  # a list: any order
+    assert not _leading_index((torch.zeros(1, dtype=torch.long),), out, 8)
+    assert not _leading_index((Ellipsis, slice(1, None)), torch.empty(2, 7, device="meta"), 8)  # positions dropped

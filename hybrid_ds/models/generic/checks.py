@@ -38,6 +38,7 @@ class FlowChecker:
         self.rotated: set[str] = set()          # and those whose blocks get the rotary module's
         self.blocks_without_positions: list[int] = []  # a model without positions (Mamba 2) gives none
         self.positions: Any = None
+        self.more_positions: list[Any] = []
         self.rotary_out: dict[str | None, Any] = {}  # layer type (None: all layers) -> the rotary module's output
         self.logits: Any = None
         self.loss: Any = None
@@ -88,10 +89,12 @@ class FlowChecker:
         self.rotary_out[layer_type] = call.out
 
     def _set_positions(self, positions: Any) -> None:
+        """Blocks, masks and rotary may get different tensors (Qwen 3.5: rows of one expanded arange); each must be
+        arange(sequence length), checked at the end."""
         if self.positions is None:
             self.positions = positions
-        elif positions is not self.positions:
-            raise self.fail("its blocks, masks and rotary module do not share one position_ids tensor")
+        elif positions is not self.positions and all(positions is not p for p in self.more_positions):
+            self.more_positions.append(positions)
 
     def _block(self, call: Call) -> None:
         index = int(call.name)
@@ -211,15 +214,21 @@ class FlowChecker:
         self.loss = call.out
 
     def _check_positions_are_arange(self) -> None:
-        """The position ids come from ``arange(seq_len)`` (+ 0 cached tokens), as the pipeline makes them."""
+        """The position ids come from ``arange(seq_len)`` (+ 0 cached tokens), as the pipeline makes them: each
+        tensor given is one made from it by views, expansions and indexing of the leading axes."""
         made_by = {id(c.out): c for c in self.trace.calls if c.kind == "op" and isinstance(c.out, torch.Tensor)}
-        tensor, seq = self.positions, TRACE_SHAPE[1]
-        while (call := made_by.get(id(tensor))) is not None and call.name != "arange":
-            tensor = next((a for a in call.args if isinstance(a, torch.Tensor)), None)
-        numbers = [a for a in (call.args if call else ()) if isinstance(a, (int, float))]
-        if (call is None or call.kwargs.get("start", 0) != 0 or call.out.shape != (seq,)
-                or (len(numbers) > 1 and numbers[0] != 0) or tuple(self.positions.shape[-1:]) != (seq,)):
-            raise self.fail("its position ids are not arange(sequence length), which the pipeline assumes")
+        seq = TRACE_SHAPE[1]
+        for positions in (self.positions, *self.more_positions):
+            tensor = positions
+            while (call := made_by.get(id(tensor))) is not None and call.name != "arange":
+                if call.name == "__getitem__" and not _leading_index(call.args[1], call.out, seq):
+                    call = None
+                    break
+                tensor = next((a for a in call.args if isinstance(a, torch.Tensor)), None)
+            numbers = [a for a in (call.args if call else ()) if isinstance(a, (int, float))]
+            if (call is None or call.kwargs.get("start", 0) != 0 or call.out.shape != (seq,)
+                    or (len(numbers) > 1 and numbers[0] != 0) or tuple(positions.shape[-1:]) != (seq,)):
+                raise self.fail("its position ids are not arange(sequence length), which the pipeline assumes")
 
     def _same_hidden(self, tensor: Any) -> bool:
         return tensor is self.hidden or (getattr(tensor, "_base", None) is self.hidden
@@ -293,6 +302,14 @@ def _scalar_op(call: Call, tensor: Any) -> ScalarOp | None:
             and value.device.type != "meta"):
         return ScalarOp(name, value.item())
     return None
+
+
+def _leading_index(index: Any, out: Any, seq: int) -> bool:
+    """``x[index]`` picks along leading axes only (ints, slices, ``...``, no lists or tensors), keeping all ``seq``
+    positions of the last axis in order."""
+    parts = index if isinstance(index, tuple) else (index,)
+    # a slice of the last axis that keeps seq of its seq entries is all of them, in order (steps are positive)
+    return all(p is Ellipsis or p is None or type(p) in (int, slice) for p in parts) and out.shape[-1:] == (seq,)
 
 
 def _adds_zero(call: Call) -> bool:

@@ -13,8 +13,9 @@ from hybrid_ds.errors import UserError
 from hybrid_ds.families import FAMILIES
 
 TRACE_SHAPE = (2, 8)  # batch, sequence of the meta-device trace
-# Ops a model may run outside its modules: they only make position ids (arange, + cache length 0).
-POSITION_OPS = {"arange", "unsqueeze", "expand", "view", "reshape"}
+# Ops a model may run outside its modules: they only make position ids (arange, + cache length 0; Qwen 3.5's
+# text and rotary rows of arange expanded to (4, batch, seq)).
+POSITION_OPS = {"arange", "unsqueeze", "expand", "view", "reshape", "__getitem__"}  # getitem: leading axes only
 GLUE_KWARGS = {"attention_mask", "position_ids", "position_embeddings"}
 WHERE = {"pre": "between the embedding and block 0", "blocks": "between blocks", "post": "after the last block",
          "head": "before the output projection"}
