@@ -17,6 +17,7 @@ import pytest
 
 from hybrid_ds import presets
 from hybrid_ds.config import ModelConfig, load_config_dict
+from hybrid_ds.errors import UserError  # noqa: E402
 from hybrid_ds.families import FAMILIES, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -25,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from hybrid_ds.models.resolve import count_params, meta_model, pipeline_layers, resolve_model, stage_params  # noqa: E402
 from hybrid_ds.models.shape import model_arch  # noqa: E402
-from tests.test_generic_adapter import ACCEPTED, saved, tiny_config  # noqa: E402
+from tests.test_generic_adapter import ACCEPTED, ATTENTION, saved, tiny_config  # noqa: E402
 
 
 def assert_counts_match(model: ModelConfig) -> None:
@@ -44,7 +45,16 @@ def assert_counts_match(model: ModelConfig) -> None:
 @pytest.mark.parametrize("model_type", sorted(ACCEPTED))
 def test_generic_model_counts_match_the_meta_model(model_type, tmp_path):
     folder = saved(tmp_path, tiny_config(model_type, **ACCEPTED[model_type]))
-    assert_counts_match(ModelConfig(name=folder, pretrained=True))
+    model = ModelConfig(name=folder, pretrained=True, attn_implementation=ATTENTION.get(model_type, "sdpa"))
+    if model_type in NO_ESTIMATE:
+        with pytest.raises(UserError, match=NO_ESTIMATE[model_type]):
+            assert_counts_match(model)
+        return
+    assert_counts_match(model)
+
+
+# The generic adapter trains these, the estimator does not model their blocks: one line says so.
+NO_ESTIMATE = {"mamba2": "the estimator models attention blocks and mamba2 has no num_attention_heads"}
 
 
 def test_table_entries_are_what_transformers_builds():
@@ -117,6 +127,8 @@ def test_compare_and_dry_run_count_every_generic_model_exactly(model_type, tmp_p
 
     from hybrid_ds.cli import main
 
+    if model_type in NO_ESTIMATE:
+        pytest.skip(f"{model_type}: {NO_ESTIMATE[model_type]} (test_generic_model_counts_match_the_meta_model)")
     folder = saved(tmp_path / "model", tiny_config(model_type, **ACCEPTED[model_type]))
     exact = count_params(meta_model(resolve_model(ModelConfig(name=folder, pretrained=True))))
     assert main(["compare", folder, "--gpus", "2", "--stages", "2", "--seq-len", "32", "--json"]) == 0

@@ -21,6 +21,7 @@ from typing import Any
 from hybrid_ds import presets
 from hybrid_ds.architecture import Arch, Experts, arch_from_model, has_shape, local_model_type
 from hybrid_ds.config import ModelConfig
+from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family
 from hybrid_ds.shapes import Tensor
 
@@ -50,6 +51,10 @@ def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
     uniform = len(set(per_block)) == 1 and per_block[0][1] == sum(n for _, n in block)
     out, inp = skeleton.get_output_embeddings(), skeleton.get_input_embeddings()
     tied = inp.weight.numel() if out is not None and out.weight is inp.weight else 0
+    if getattr(c, "num_attention_heads", None) is None:  # Mamba 2: the activation model is of attention blocks
+        raise UserError("model.name", f"{name!r}: the estimator models attention blocks and {c.model_type} has no "
+                                      "num_attention_heads; training needs no estimate (hybrid-ds train without "
+                                      "--dry-run)")
     h, heads = c.hidden_size, c.num_attention_heads
     head_dim = getattr(c, "head_dim", None) or h // heads
     block_modules = [type(m).__name__ for m in blocks[first].modules()]
