@@ -17,30 +17,23 @@ import pytest
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
-from test_generic_adapter import run_config, tiny_config  # noqa: E402
+from test_generic_adapter import run_config  # noqa: E402
+from test_moe import moe_config, saved_moe  # noqa: E402
 
 from hybrid_ds.parity import check_parity  # noqa: E402
 
-MOE = dict(num_hidden_layers=4, output_router_logits=True, router_aux_loss_coef=0.5)  # 4 experts, top-2
+ROUTER_LOSS = dict(output_router_logits=True, router_aux_loss_coef=0.5)  # test_moe.MOE: 4 layers, 4 experts, top-2
 FAMILIES = ["mixtral", "qwen3_moe"]
 
 
-def merged_folder(tmp_path, model_type, **overrides):
-    """A tiny random MoE saved with its experts merged, as the model holds them (``mlp.experts.gate_up_proj``)."""
-    from safetensors.torch import save_file
-
-    torch.manual_seed(0)
-    model = transformers.AutoModelForCausalLM.from_config(tiny_config(model_type, **{**MOE, **overrides}))
-    model.config.save_pretrained(tmp_path)
-    tied = model.config.tie_word_embeddings
-    save_file({k: v.contiguous() for k, v in model.state_dict().items() if not (tied and k == "lm_head.weight")},
-              str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
-    return str(tmp_path)
+def moe_folder(folder, model_type, **overrides):
+    """A tiny random MoE with its router loss on, saved by save_pretrained (experts one by one, as published)."""
+    return saved_moe(folder, model_type, **{**ROUTER_LOSS, **overrides})
 
 
 @pytest.mark.parametrize("model_type", FAMILIES)
 def test_router_loss_is_bit_exact(model_type, tmp_path):
-    folder = merged_folder(tmp_path, model_type)
+    folder = moe_folder(tmp_path, model_type)
     without = check_parity(run_config(folder).replace(model={"overrides": {"output_router_logits": False}}), 1)
     for stages in (1, 2):
         report = check_parity(run_config(folder), stages)
@@ -50,7 +43,7 @@ def test_router_loss_is_bit_exact(model_type, tmp_path):
 
 def test_router_gradients_come_from_both_losses(tmp_path):
     """The routers' gradients differ with and without the router loss (parity compares every one of them)."""
-    folder = merged_folder(tmp_path, "mixtral")
+    folder = moe_folder(tmp_path, "mixtral")
     config = run_config(folder)
     with_loss = check_parity(config, 2)
     without = check_parity(config.replace(model={"overrides": {"router_aux_loss_coef": 0.0}}), 2)
@@ -62,7 +55,7 @@ def test_parity_fails_when_one_stage_drops_its_router_loss(tmp_path, monkeypatch
     """Negative control: the blocks of the second stage (blocks 2, 3) add nothing to the router sums."""
     from hybrid_ds.models import layers
 
-    folder = merged_folder(tmp_path, "mixtral")
+    folder = moe_folder(tmp_path, "mixtral")
     added = layers.add_router_stats
     block_forward = layers.Block.forward
 
@@ -89,8 +82,8 @@ def test_a_router_loss_the_adapter_does_not_know_is_refused(monkeypatch):
     original = modeling_mixtral.load_balancing_loss_func
     monkeypatch.setattr(modeling_mixtral, "load_balancing_loss_func", lambda *a: original(*a) * 2)
     with pytest.raises(UserError, match="adds a router loss other than transformers' load_balancing_loss_func"):
-        get_family("mixtral", tiny_config("mixtral", **MOE))
-    assert get_family("mixtral", tiny_config("mixtral", **{**MOE, "output_router_logits": False})).router_aux is None
+        get_family("mixtral", moe_config("mixtral", **ROUTER_LOSS))
+    assert get_family("mixtral", moe_config("mixtral")).router_aux is None
 
 
 @pytest.mark.multiproc
@@ -102,7 +95,7 @@ def test_moe_pipeline_steps_match_hugging_face(tmp_path):
 
     folder = tmp_path / "model"
     folder.mkdir()
-    merged_folder(folder, "mixtral", router_aux_loss_coef=2.0)
+    moe_folder(folder, "mixtral", router_aux_loss_coef=2.0)
     steps = 4
     batches = make_batches("llama-tiny", steps)
     threads = torch.get_num_threads()

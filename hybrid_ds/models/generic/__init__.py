@@ -21,9 +21,9 @@ module called once per layer type (Gemma 3) gives each block its type's (cos, si
 layer type the mask helper of transformers' own table (linear-attention, SSM and conv layers: the 2-D padding
 mask), no mask where the model gives none (Nemotron-H's MLP layers), the model's ``allow_is_causal_skip``;
 blocks that return (hidden_states, ...) whose rest the model drops (Bamba), and models without position ids
-(Mamba 2) are mapped too. Anything else
-(per-layer inputs, a mask helper the pipeline does not use, an extra tower) is refused with a
-UserError: a structure it cannot map is never turned into a wrong model. That the numbers match is what ``hybrid-ds parity`` then checks.
+(Mamba 2) are mapped too. Anything else (per-layer inputs, a mask helper the pipeline does not use, an
+extra tower) is refused with a UserError: a structure it cannot map is never turned into a wrong model.
+That the numbers match is what ``hybrid-ds parity`` then checks.
 
 ``structure`` maps the model (ModelMap), ``trace`` runs the recorded forward, ``checks`` reads the record.
 """

@@ -3,7 +3,7 @@
 With ``output_router_logits`` set, a Hugging Face MoE causal LM records each router's logits while the
 blocks run (the model's ``_can_record_outputs["router_logits"]``) and adds ``router_aux_loss_coef`` times
 ``load_balancing_loss_func(router_logits, num_experts, num_experts_per_tok, attention_mask)`` to its loss.
-The pipeline computes that loss from running sums each block adds to (hybrid_ds.models.layers); this
+The pipeline computes that loss from running sums each block adds to (hybrid_ds.models.router_loss); this
 module finds what those sums need and checks, on random router logits, that they give exactly what the
 model's own ``load_balancing_loss_func`` gives. A model whose router loss is anything else is refused.
 """
