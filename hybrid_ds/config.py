@@ -119,6 +119,13 @@ class TrainConfig(_Section):
     export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run")
     # 5: one or two overflowing batches are survivable (each is skipped), while a diverged model makes every step
     # non-finite; stopping after 5 wastes at most 5 steps and keeps the last good state.
+    # As the Hugging Face Trainer, Megatron-LM and nanoGPT do: decay pulls weights of matrices toward zero; on a
+    # norm's gain, a bias or an embedding row it only fights the model (most rows of an embedding see no gradient).
+    no_weight_decay: list[Literal["bias", "norm", "embedding"]] = Field(
+        ["bias", "norm", "embedding"],
+        description="parameters that the optimizer's weight_decay skips (their own parameter group): \"bias\", "
+                    "\"norm\" (every other 1-D parameter: norm weights and scales), \"embedding\" (tables of "
+                    "nn.Embedding, tied output projection included); [] = decay every parameter")
     max_bad_steps: int = Field(5, ge=1, description="stop (exit 2, with a checkpoint) after this many steps in a row "
                                                     "with a non-finite loss or gradient norm; each is skipped")
 
@@ -182,6 +189,23 @@ class RunConfig:
         return self.pipeline.stages > 1 or (self.zero_stage <= 1 and not self.expert_parallel)
 
     @property
+    def grad_accum_dtype(self) -> str | None:
+        """The dtype gradients are summed in over micro-batches: ``data_types.grad_accum_dtype`` where given, else
+        "fp32" for bf16 with ZeRO-1/2 (DeepSpeed's default, the model dtype, sums them in bf16's 8 significant
+        bits; gpt-neox #963), else None: DeepSpeed's default. ZeRO-3 sums its gradient partitions in fp32 anyway,
+        and at ZeRO-0 DeepSpeed accepts only the model dtype.
+
+        >>> cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "bf16": {"enabled": True},
+        ...                         "zero_optimization": {"stage": 1}})
+        >>> cfg.grad_accum_dtype, cfg.deepspeed_config()["data_types"]
+        ('fp32', {'grad_accum_dtype': 'fp32'})
+        """
+        given = self.deepspeed.get("data_types", {}).get("grad_accum_dtype")
+        if given is not None:
+            return str(given).lower()
+        return "fp32" if self.precision == "bf16" and self.zero_stage in (1, 2) else None
+
+    @property
     def precision(self) -> str:
         """"bf16", "fp16" or "fp32": the dtype the engine trains in."""
         for name in ("bf16", "fp16"):
@@ -193,6 +217,8 @@ class RunConfig:
         """The dict to hand to ``deepspeed.initialize``: DeepSpeed's keys only, with resolved batch sizes."""
         ds = copy.deepcopy(self.deepspeed)
         ds.update(batch or {})
+        if self.grad_accum_dtype is not None:
+            ds.setdefault("data_types", {})["grad_accum_dtype"] = self.grad_accum_dtype
         pipe = {k: getattr(self.pipeline, k) for k in _DS_PIPELINE_KEYS}
         pipe["activation_checkpoint_interval"] = self.pipeline.activation_checkpoint_interval
         ds["pipeline"] = pipe

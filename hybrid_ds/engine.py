@@ -78,6 +78,31 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
     return ds
 
 
+def parameter_groups(module: torch.nn.Module, no_weight_decay: list[str] | tuple[str, ...]) -> list[Any]:
+    """``module``'s trainable parameters as the optimizer's groups: those of the kinds in ``no_weight_decay``
+    ("bias", "norm": any other 1-D parameter, "embedding": a table of an ``nn.Embedding``) in a group with
+    ``weight_decay`` 0, the rest in a group that takes the optimizer's own; a flat list when nothing is exempt.
+
+    Works on a PipelineModule and on the Hugging Face model alike (ZeRO-3's partitioned parameters keep their
+    shape in ``ds_shape``). A parameter shared by two modules (a tied embedding) is listed once.
+    """
+    embedding = {id(p) for m in module.modules() if isinstance(m, torch.nn.Embedding) for p in m.parameters()}
+
+    def kind(name: str, param: torch.nn.Parameter) -> str:
+        if id(param) in embedding:
+            return "embedding"
+        if len(getattr(param, "ds_shape", param.shape)) <= 1:
+            return "bias" if name.rpartition(".")[2] == "bias" else "norm"
+        return "matrix"
+
+    params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
+    exempt = [p for n, p in params if kind(n, p) in no_weight_decay]
+    if not exempt:
+        return [p for _, p in params]
+    decay = [p for n, p in params if kind(n, p) not in no_weight_decay]
+    return [{"params": decay}, {"params": exempt, "weight_decay": 0.0}]
+
+
 def build_pipeline_engine(plan: Plan) -> Any:
     """PipelineModule + PipelineEngine for this rank, with a global gradient-clipping norm.
 
@@ -89,7 +114,7 @@ def build_pipeline_engine(plan: Plan) -> Any:
     deepspeed_seam.describe_for_universal(module, [r"tied_modules\."])  # saved by each stage that holds them
     engine_class = deepspeed_seam.pipeline_engine_class(plan.config.zero_stage)
     engine = deepspeed_seam.initialize_pipeline(
-        engine_class, model=module, model_parameters=[p for p in module.parameters() if p.requires_grad],
+        engine_class, model=module, model_parameters=parameter_groups(module, plan.config.train.no_weight_decay),
         config=deepspeed_config(plan))
     deepspeed_seam.use_global_clip_norm(engine)
     deepspeed_seam.skip_non_finite_steps(engine)
@@ -159,7 +184,7 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
     if cfg.expert_parallel:
         deepspeed_seam.use_autoep_output_recorders()
     engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds)
+        model=model, model_parameters=parameter_groups(model, cfg.train.no_weight_decay), config=ds)
     if cfg.expert_parallel and not deepspeed_seam.autoep_layers(engine.module):
         raise UserError("expert_parallel.enabled", f"AutoEP found no MoE layer it knows in {cfg.model.name} "
                                                    f"({resolved.hf_config.model_type}); its presets: "

@@ -136,11 +136,11 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
         raise UserError("data.seq_len", f"{cfg.data.seq_len} exceeds the model's {arch.max_positions} positions "
                                         f"(max_position_embeddings); use at most {arch.max_positions}")
     zero = cfg.deepspeed.get("zero_optimization", {})
-    accum = cfg.deepspeed.get("data_types", {}).get("grad_accum_dtype")
-    if accum is not None and str(accum).lower() not in _DTYPE_NAMES:
+    accum = cfg.grad_accum_dtype
+    if accum is not None and accum not in _DTYPE_NAMES:
         raise UserError("data_types.grad_accum_dtype", f"must be fp32, bf16 or fp16, got {accum!r}")
     return Run(arch, world_size, layout.stages, layout.dp, layout.micro_batch, layout.grad_accum, cfg.data.seq_len,
-               cfg.zero_stage, cfg.precision, _DTYPE_NAMES[str(accum).lower()] if accum else None,
+               cfg.zero_stage, cfg.precision, _DTYPE_NAMES[accum] if accum else None,
                cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation,
                int(zero.get("reduce_bucket_size", 5e8)), bool(zero.get("contiguous_gradients", True)),
                bool(zero.get("overlap_comm", cfg.zero_stage == 3)),

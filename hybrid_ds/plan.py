@@ -77,7 +77,33 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     per_stage = stage_params(model, resolved.family, boundaries)
     stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param)
                    for s, (lo, hi, n) in enumerate(zip(boundaries, boundaries[1:], per_stage))]
-    return Plan(cfg, resolved, layout, layers, boundaries, stage_plans, count_params(model), model, layout.warnings())
+    return Plan(cfg, resolved, layout, layers, boundaries, stage_plans, count_params(model), model,
+                layout.warnings() + accumulation_warnings(cfg, layout.grad_accum))
+
+
+# Up to 4 micro-batches summed in bf16 lose at most a few of its 8 significant bits; beyond, small gradients vanish.
+BF16_SAFE_ACCUMULATION = 4
+
+
+def accumulation_warnings(cfg: RunConfig, grad_accum: int) -> list[str]:
+    """A warning when bf16 gradients are summed in bf16 over more than a few micro-batches.
+
+    >>> from hybrid_ds.config import load_config_dict
+    >>> cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "bf16": {"enabled": True},
+    ...                         "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}})
+    >>> accumulation_warnings(cfg, 8)[0][:69]
+    'data_types.grad_accum_dtype: bf16 sums the gradients of 8 micro-batch'
+    >>> accumulation_warnings(cfg, 4), accumulation_warnings(cfg.replace(data_types={"grad_accum_dtype": "fp32"}), 8)
+    ([], [])
+    """
+    accum = cfg.grad_accum_dtype or cfg.precision
+    if cfg.precision != "bf16" or accum not in ("bf16", "bfloat16") or cfg.zero_stage == 3 \
+            or grad_accum <= BF16_SAFE_ACCUMULATION:
+        return []
+    fix = ('set it to "fp32"' if cfg.zero_stage else
+           'DeepSpeed sums in fp32 only with ZeRO: set zero_optimization.stage 1 (fp32 sums are its default here)')
+    return [f"data_types.grad_accum_dtype: bf16 sums the gradients of {grad_accum} micro-batches in bf16 (8 "
+            f"significant bits: small gradients are lost); {fix}"]
 
 
 def _check_seq_len(cfg: RunConfig, resolved: ResolvedModel) -> None:

@@ -209,6 +209,8 @@ class Trainer:
         train, summary = self.cfg.train, self.summary
         if self.save_dir and self.rank == 0:
             checkpoint.write_run_files(self.save_dir, self.cfg.to_dict(), self.data.tokenizer)
+        for warning in self.plan.warnings if self.rank == 0 else ():
+            print(f"warning: {warning}", flush=True)
         self.bar = tqdm(total=train.max_steps, initial=self.step_count, disable=self.rank != 0, dynamic_ncols=True,
                         desc="train")
         start, first = time.perf_counter(), self.step_count

@@ -216,9 +216,11 @@ def test_bf16_with_fp32_accumulation_keeps_a_full_fp32_gradient_buffer():
 
 def test_zero2_with_stages_partitions_gradients_and_counts_its_transients():
     """pp=2 x dp=4, bf16: between micro-batches each rank holds 1/dp of its stage's gradients; inside backward the
-    whole gradient of the stage's largest parameter (the tied embedding), at ReduceTiedGrads its fp32 sum."""
+    whole gradient of the stage's largest parameter (the tied embedding), at ReduceTiedGrads its fp32 sum. (Summed
+    in bf16, so that ZeRO-1 is DeepSpeed's ZeRO optimizer too, not the BF16_Optimizer of fp32 sums.)"""
     zero1, zero2 = (_run("gpt2", 8, pipeline={"stages": 2}, zero_optimization={"stage": zero},
-                         bf16={"enabled": True}, gradient_accumulation_steps=8) for zero in (1, 2))
+                         bf16={"enabled": True}, gradient_accumulation_steps=8,
+                         data_types={"grad_accum_dtype": "bf16"}) for zero in (1, 2))
     for one, two in zip(stage_estimates(zero1), stage_estimates(zero2)):
         n, tied = two.params, zero2.arch.tied
         assert two.state.optimizer_path == "DeepSpeedZeroOptimizer"

@@ -16,6 +16,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from hybrid_ds.config import TrainConfig
+from hybrid_ds.engine import parameter_groups
 from hybrid_ds.parity import sample_batch
 
 pytestmark = pytest.mark.multiproc
@@ -88,12 +90,14 @@ def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps
 
 
 def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0) -> dict:
-    """Plain torch: the HF model, AdamW, loss / grad_accum per micro-batch, optional clip_grad_norm_."""
+    """Plain torch: the HF model, AdamW (hybrid_ds's default parameter groups), loss / grad_accum per micro-batch,
+    optional clip_grad_norm_."""
     import transformers
 
     auto = transformers.AutoModelForMaskedLM if name == "bert-tiny" else transformers.AutoModelForCausalLM
     model = auto.from_pretrained(folder, dtype=torch.float32)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=ADAMW["lr"], betas=tuple(ADAMW["betas"]),
+    groups = parameter_groups(model, TrainConfig.model_fields["no_weight_decay"].default)  # no decay on 1-D, tables
+    optimizer = torch.optim.AdamW(groups, lr=ADAMW["lr"], betas=tuple(ADAMW["betas"]),
                                   eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])
 
     def loss_of(b):
