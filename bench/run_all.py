@@ -22,6 +22,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO, RESULTS, write_result  # noqa: E402
 
+# Step time of ours at its defaults over DeepSpeed's engine on the Hugging Face model at the same config (issue 15).
+OVERHEAD_TARGET = 0.90
 # result name -> (script, arguments); each script writes bench/results/<result name>.json
 FLOOR = ["--models", "gpt2-12x64,llama-12x64", "--grad-accum", "4", "--threads", "1", "--warmup", "3",
          "--quiet-wait", "5"]
@@ -68,8 +70,8 @@ def table(results: dict[str, Any]) -> list[str]:
                 + f"; pair ratios: median {r['pair_ratio_median']:.3f}, 95% CI {low:.2f}-{high:.2f}")
         rows.append(f"| step time, stages=1 vs DeepSpeed on the HF model: {r['model']} ({r['threads']} threads, "
                     f"micro {r['micro_batch']} x {r['grad_accum']}, seq {r['seq_len']}; {note}) "
-                    f"| {r['ours_median_s']:.2f} s | {r['baseline_median_s']:.2f} s | {r['ratio']:.3f} | <= 1.03 "
-                    f"| {_met_within(r['ratio'], 1.03, low, high)} |")
+                    f"| {r['ours_median_s']:.2f} s | {r['baseline_median_s']:.2f} s | {r['ratio']:.3f} | <= {OVERHEAD_TARGET} "
+                    f"| {_met_within(r['ratio'], OVERHEAD_TARGET, low, high)} |")
     for r in (results.get("overhead_floor") or {}).get("results", []):
         per_micro_ms = 1000 * (r["pair_ratio_median"] - 1) * r["baseline_median_s"] / r["grad_accum"]
         low, high = r["pair_ratio_ci95"]
