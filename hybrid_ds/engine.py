@@ -100,7 +100,8 @@ def parameter_groups(module: torch.nn.Module, no_weight_decay: list[str] | tuple
     if not exempt:
         return [p for _, p in params]
     decay = [p for n, p in params if kind(n, p) not in no_weight_decay]
-    return [{"params": decay}, {"params": exempt, "weight_decay": 0.0}]
+    # Named: DeepSpeed's MoE support (AutoEP) splits each group by its name into expert and shared parameters.
+    return [{"name": "decay", "params": decay}, {"name": "no_decay", "params": exempt, "weight_decay": 0.0}]
 
 
 def build_pipeline_engine(plan: Plan) -> Any:
