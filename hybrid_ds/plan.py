@@ -84,7 +84,7 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
 
 
 def document_mask(cfg: RunConfig, resolved: ResolvedModel) -> bool:
-    """``data.document_mask`` as the run applies it: as given, or for null, on when fine-tuning a model that allows it.
+    """``data.document_mask`` as the run applies it: as given, or (null) on when fine-tuning a model that allows it.
 
     The plain-engine path (ZeRO-2/3 at one stage) hands the Hugging Face model restarting ``position_ids`` and
     no padding mask; OPT's model makes positions from the padding mask and gives its mask helper none, so it
@@ -97,7 +97,9 @@ def document_mask(cfg: RunConfig, resolved: ResolvedModel) -> bool:
                     "start (the pipeline engine can: zero_optimization.stage 0 or 1, or pipeline.stages > 1)")
     if cfg.data.document_mask and obstacle:
         raise UserError("data.document_mask", f"true is not available: {obstacle}; set it false")
-    return cfg.model.pretrained and obstacle is None if cfg.data.document_mask is None else cfg.data.document_mask
+    if cfg.data.document_mask is None:
+        return cfg.model.pretrained and obstacle is None
+    return cfg.data.document_mask
 
 
 def _check_seq_len(cfg: RunConfig, resolved: ResolvedModel) -> None:
