@@ -74,6 +74,13 @@ class DataConfig(_Section):
                                                     "default (GPT-2 BPE, or BERT's WordPiece for masked LMs)")
     seq_len: int = Field(1024, ge=8, description="tokens per training sequence")
     mlm_probability: float = Field(0.15, gt=0, lt=1, description="masked LM: share of tokens to predict")
+    document_mask: bool | None = Field(
+        None, description="causal LM: packed documents do not see each other: positions restart at each document "
+                          "(after each EOS), attention stays inside it, and a document's first token is not "
+                          "predicted from the one before (what fine-tuning needs; Megatron's reset_position_ids, "
+                          "reset_attention_mask, eod_mask_loss); null = on for fine-tuning (model.pretrained true) "
+                          "where the model allows it, off when training from scratch; not for masked LMs or "
+                          "state-space layers")
     num_proc: int = Field(1, ge=1, description="processes for tokenizing")
     cache_dir: str | None = Field(None, description="packed-data cache; null = ~/.cache/hybrid_ds/data")
 

@@ -16,6 +16,7 @@ from transformers.integrations import HfDeepSpeedConfig
 from hybrid_ds import deepspeed_seam
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.build import checkpoint_folder
+from hybrid_ds.models.masks import document_positions
 from hybrid_ds.models.resolve import auto_class
 from hybrid_ds.pipeline import build_pipeline_module
 from hybrid_ds.plan import Plan
@@ -130,21 +131,27 @@ class PlainEngine:
 
     ``train_batch`` runs gradient_accumulation_steps micro-batches (the model's own loss, scaled by
     DeepSpeed) and returns their mean loss averaged over data-parallel ranks; ``eval_batch`` returns
-    this rank's mean eval loss. Everything else is the DeepSpeed engine's own.
+    this rank's mean eval loss. Everything else is the DeepSpeed engine's own. With ``documents``
+    (``data.document_mask``) the model gets each document's own positions and no padding mask, transformers'
+    packed-sequence format, from which its mask helpers make the block-diagonal mask.
     """
 
-    def __init__(self, engine: Any, grad_accum: int):
+    def __init__(self, engine: Any, grad_accum: int, documents: bool = False):
         self.engine = engine
         self.grad_accum = grad_accum
+        self.documents = documents
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.engine, name)
 
-    @staticmethod
-    def _kwargs(micro_batch: tuple) -> dict[str, torch.Tensor]:
+    def _kwargs(self, micro_batch: tuple) -> dict[str, torch.Tensor]:
         inputs, labels = micro_batch
         names = ("input_ids", "attention_mask", "token_type_ids")
-        return {**{n: t.to(device()) for n, t in zip(names, inputs)}, "labels": labels.to(device())}
+        kwargs = {n: t.to(device()) for n, t in zip(names, inputs)}
+        if self.documents:  # the attention mask holds document indices (hybrid_ds.data.feed.document_ids)
+            kwargs["position_ids"] = document_positions(kwargs.pop("attention_mask"))
+            kwargs["use_cache"] = False  # transformers looks for packed documents only without a cache
+        return {**kwargs, "labels": labels.to(device())}
 
     def train_batch(self, data_iter: Any) -> torch.Tensor:
         total = torch.zeros((), device=device())
@@ -192,7 +199,7 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
                                                    f"{', '.join(deepspeed_seam.autoep_presets())}; or set "
                                                    "expert_parallel.moe_layer_pattern and its companions")
     deepspeed_seam.skip_non_finite_steps(engine)
-    return PlainEngine(engine, plan.layout.grad_accum)
+    return PlainEngine(engine, plan.layout.grad_accum, plan.document_mask)
 
 
 def build_engine(plan: Plan) -> Any:

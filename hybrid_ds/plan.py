@@ -12,6 +12,7 @@ from typing import Any
 from hybrid_ds.activations import DTYPE_BYTES
 from hybrid_ds.config import RunConfig
 from hybrid_ds.errors import UserError
+from hybrid_ds.models.masks import document_mask_obstacle
 from hybrid_ds.models.shape import layer_active_params, model_experts
 from hybrid_ds.models.resolve import (PipelineLayer, ResolvedModel, count_params, meta_model, pipeline_layers,
                                       resolve_model, stage_params, submodule)
@@ -38,6 +39,7 @@ class Plan:
     stage_plans: list[StagePlan]
     total_params: int
     skeleton: Any = None          # the whole model on the meta device (what the counts came from)
+    document_mask: bool = False   # data.document_mask resolved (its null default decided): see document_mask()
     warnings: list[str] = field(default_factory=list)
 
     @property
@@ -78,7 +80,7 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param)
                    for s, (lo, hi, n) in enumerate(zip(boundaries, boundaries[1:], per_stage))]
     return Plan(cfg, resolved, layout, layers, boundaries, stage_plans, count_params(model), model,
-                layout.warnings() + accumulation_warnings(cfg, layout.grad_accum))
+                document_mask(cfg, resolved), layout.warnings() + accumulation_warnings(cfg, layout.grad_accum))
 
 
 # Up to 4 micro-batches summed in bf16 lose at most a few of its 8 significant bits; beyond, small gradients vanish.
@@ -104,6 +106,25 @@ def accumulation_warnings(cfg: RunConfig, grad_accum: int) -> list[str]:
            'DeepSpeed sums in fp32 only with ZeRO: set zero_optimization.stage 1 (fp32 sums are its default here)')
     return [f"data_types.grad_accum_dtype: bf16 sums the gradients of {grad_accum} micro-batches in bf16 (8 "
             f"significant bits: small gradients are lost); {fix}"]
+
+
+def document_mask(cfg: RunConfig, resolved: ResolvedModel) -> bool:
+    """``data.document_mask`` as the run applies it: as given, or (null) on when fine-tuning a model that allows it.
+
+    The plain-engine path (ZeRO-2/3 at one stage) hands the Hugging Face model restarting ``position_ids`` and
+    no padding mask; OPT's model makes positions from the padding mask and gives its mask helper none, so it
+    cannot separate documents there.
+    """
+    obstacle = document_mask_obstacle(resolved.family, resolved.hf_config)
+    if obstacle is None and not cfg.pipeline_engine and resolved.family.positions == "cumsum":
+        obstacle = (f"the plain engine (ZeRO-{cfg.zero_stage} at one stage) runs {resolved.hf_config.model_type}'s "
+                    "own model, which makes positions from the padding mask and cannot be told where documents "
+                    "start (the pipeline engine can: zero_optimization.stage 0 or 1, or pipeline.stages > 1)")
+    if cfg.data.document_mask and obstacle:
+        raise UserError("data.document_mask", f"true is not available: {obstacle}; set it false")
+    if cfg.data.document_mask is None:
+        return cfg.model.pretrained and obstacle is None
+    return cfg.data.document_mask
 
 
 def _check_seq_len(cfg: RunConfig, resolved: ResolvedModel) -> None:

@@ -161,6 +161,7 @@ def format_plan(plan: Any) -> str:
         f"batch      train_batch_size {layout.train_batch} = micro {layout.micro_batch} x grad_accum "
         f"{layout.grad_accum} x dp {layout.dp}; {layout.train_batch * cfg.data.seq_len:,} tokens per step "
         f"at seq_len {cfg.data.seq_len}",
+        f"documents  {documents_text(plan)}",
         f"bubble     (p-1)/(m+p-1) = {layout.bubble:.1%}",
         f"partition  {cfg.pipeline.partition} -> boundaries {plan.boundaries}",
         "",
@@ -174,6 +175,15 @@ def format_plan(plan: Any) -> str:
     return "\n".join(lines)
 
 
+def documents_text(plan: Any) -> str:
+    """What packing does at document boundaries (``data.document_mask``), and why where the default chose."""
+    text = ("kept apart: positions restart, attention stays inside each" if plan.document_mask
+            else "see each other inside a packed block")
+    if plan.config.data.document_mask is None:
+        text += " (data.document_mask null: on when fine-tuning a pretrained causal LM that allows it)"
+    return text
+
+
 def plan_dict(plan: Any) -> dict:
     """The plan as JSON data (``hybrid-ds validate --json``)."""
     layout = plan.layout
@@ -184,7 +194,7 @@ def plan_dict(plan: Any) -> dict:
         "world_size": layout.world_size, "stages": layout.stages, "dp": layout.dp,
         "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum, "train_batch": layout.train_batch,
         "zero_stage": plan.config.zero_stage, "precision": plan.config.precision, "bubble": layout.bubble,
-        "boundaries": plan.boundaries,
+        "boundaries": plan.boundaries, "document_mask": plan.document_mask,
         "stage_plan": [{"stage": s.stage, "layers": s.layer_names, "params": s.params,
                         "param_bytes": s.param_bytes} for s in plan.stage_plans],
         "warnings": plan.warnings,

@@ -45,7 +45,8 @@ def bf16_parity(name: str, stages: int, folder: Path, device: str) -> dict[str, 
     torch.manual_seed(0)
     auto.from_config(resolved.hf_config).save_pretrained(folder)
     cfg = load_config_dict({"model": {"name": str(folder), "pretrained": True}, "pipeline": {"stages": stages},
-                            "data": {"seq_len": 64}, "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}})
+                            "data": {"seq_len": 64, "document_mask": False},  # padded rows, not packed documents
+                            "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}})
     batch = {k: v.to(device) for k, v in sample_batch(resolved.hf_config.vocab_size, 64, resolved.family.task,
                                                        pad_last=5).items()}
     inputs = (batch["input_ids"], batch["attention_mask"])

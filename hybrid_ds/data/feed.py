@@ -25,13 +25,18 @@ IGNORE = -100
 
 
 class MicroBatches:
-    """An endless iterator of ``((input_ids, attention_mask[, token_type_ids]), labels)`` micro-batches."""
+    """An endless iterator of ``((input_ids, attention_mask[, token_type_ids]), labels)`` micro-batches.
+
+    With ``separator`` (the EOS id that ends each packed document; ``data.document_mask``) the attention mask
+    holds document indices (:func:`document_ids`) and no document's first token is predicted from the one before.
+    """
 
     def __init__(self, blocks: Any, micro_batch: int, dp_rank: int = 0, dp: int = 1, seed: int = 1234,
-                 task: str = "causal_lm", mlm: "MaskingRule | None" = None, shuffle: bool = True):
+                 task: str = "causal_lm", mlm: "MaskingRule | None" = None, shuffle: bool = True,
+                 separator: int | None = None):
         self.tokens = np.asarray(blocks.with_format("numpy")["input_ids"], dtype=np.int64)
         self.micro, self.dp_rank, self.dp, self.seed = micro_batch, dp_rank, dp, seed
-        self.task, self.mlm, self.shuffle = task, mlm, shuffle
+        self.task, self.mlm, self.shuffle, self.separator = task, mlm, shuffle, separator
         self.per_epoch = len(self.tokens) // (micro_batch * dp)
         if self.per_epoch == 0:
             raise UserError("data", f"{len(self.tokens)} blocks cannot fill one micro-batch of {micro_batch} on "
@@ -91,7 +96,34 @@ class MicroBatches:
             assert self.mlm is not None
             inputs, labels = self.mlm.apply(ids, [self.seed, int(indices[0]), first])
             return (inputs, mask, torch.zeros_like(ids)), labels
+        if self.separator is not None:
+            return (ids, document_ids(ids, self.separator)), document_labels(ids, self.separator)
         return (ids, mask), ids.clone()
+
+
+def document_ids(ids: torch.Tensor, separator: int) -> torch.Tensor:
+    """Each token's document in its row, counted from 1; a separator belongs to the document it ends.
+
+    The boundaries are read from the separator, as Megatron reads them from its EOD token: no packed-data
+    cache changes, and the block is all it takes. (A block's first document may be the tail of one begun
+    in an earlier block: it starts at position 0 here, as in Megatron.)
+
+    >>> document_ids(torch.tensor([[5, 6, 0, 7, 0, 0, 8]]), separator=0).tolist()
+    [[1, 1, 1, 2, 2, 3, 4]]
+    """
+    ends = (ids == separator).long()
+    return 1 + ends.cumsum(dim=1) - ends
+
+
+def document_labels(ids: torch.Tensor, separator: int) -> torch.Tensor:
+    """Causal-LM labels with each document's first token ignored: nothing in its own document precedes it.
+
+    >>> document_labels(torch.tensor([[5, 6, 0, 7, 0, 8]]), separator=0).tolist()
+    [[5, 6, 0, -100, 0, -100]]
+    """
+    labels = ids.clone()
+    labels[:, 1:].masked_fill_(ids[:, :-1] == separator, IGNORE)
+    return labels
 
 
 class MaskingRule:
@@ -136,14 +168,14 @@ def eval_sample(n_blocks: int, micro_batch: int, n_batches: int, dp: int, seed: 
 
 
 def eval_batches(blocks: Any, micro_batch: int, n_batches: int, dp_rank: int = 0, dp: int = 1, seed: int = 0,
-                 task: str = "causal_lm", mlm: MaskingRule | None = None) -> MicroBatches:
+                 task: str = "causal_lm", mlm: MaskingRule | None = None, separator: int | None = None) -> MicroBatches:
     """This rank's micro-batches of :func:`eval_sample`, in split order, the same every time (masks too).
 
     Micro-batch k of rank r is the sample's positions [(k * dp + r) * micro, ...): disjoint across ranks.
     """
     sample = eval_sample(len(blocks), micro_batch, n_batches, dp, seed)
     return MicroBatches(blocks.select(sample), micro_batch, dp_rank, dp, seed=seed, task=task, mlm=mlm,
-                        shuffle=False)
+                        shuffle=False, separator=separator)
 
 
 def predicted_tokens(batches: MicroBatches) -> int:

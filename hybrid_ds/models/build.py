@@ -152,8 +152,9 @@ class StageBuilder:
 
     def __init__(self, resolved: ResolvedModel, pretrained: bool, seed: int = 1234,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 revision: str | None = None, skeleton: nn.Module | None = None):
+                 revision: str | None = None, skeleton: nn.Module | None = None, documents: bool = False):
         self.resolved = resolved
+        self.documents = documents  # the travelling mask holds document indices (data.document_mask)
         self.config = resolved.hf_config
         self.family = resolved.family
         self.skeleton = skeleton if skeleton is not None else meta_model(resolved)

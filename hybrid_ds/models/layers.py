@@ -4,7 +4,8 @@ Between layers (and so between stages) travels a tuple of tensors:
 ``(input_ids, attention_mask[, token_type_ids])`` into the first layer, then
 ``(hidden_states, attention_mask[, router_stats])``, and logits out of the last (``(logits, router_aux_loss)``
 for a Mixture-of-Experts model whose loss includes its routers': hybrid_ds.models.router_loss). The
-attention mask is an int64 padding mask (1 = real token): no bools (DeepSpeed cannot send them) and nothing that needs grad.
+attention mask is an int64 padding mask (1 = real token), or with ``data.document_mask`` each token's document
+index (0 = padding; hybrid_ds.models.masks): no bools (DeepSpeed cannot send them) and nothing that needs grad.
 Position ids, rotary cos/sin and the 4-D attention mask are recomputed on each stage with the same
 helpers Hugging Face uses, so nothing derived has to cross a stage boundary; within a stage they are made
 once per micro-batch and shared by its blocks (``Derived``), as the Hugging Face model makes them once.
@@ -20,7 +21,7 @@ from torch import nn
 
 from hybrid_ds.families import Family, apply_ops
 from hybrid_ds.models.build import StageBuilder
-from hybrid_ds.models.masks import attention_mask_4d, position_ids
+from hybrid_ds.models.masks import attention_mask_4d, padding_mask, position_ids
 from hybrid_ds.models.router_loss import add_router_stats, router_aux_loss
 
 
@@ -58,13 +59,13 @@ class EmbeddingRest(nn.Module):
             inside = family.token_embedding.startswith(path + ".")  # BERT: embeddings holds word_embeddings
             mods[path.rpartition(".")[2]] = builder.module(path, without=(token_child,) if inside else ())
         self.mods = nn.ModuleDict({k: v for k, v in mods.items() if v is not None})
-        self.family = family
+        self.family, self.documents = family, builder.documents
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, attention_mask, *rest = inputs
         token_types = rest[0] if rest else None
-        hidden = self.family.embed(dict(self.mods), embeds, attention_mask, token_types,
-                                   position_ids(self.family, attention_mask))
+        hidden = self.family.embed(dict(self.mods), embeds, padding_mask(attention_mask, self.documents), token_types,
+                                   position_ids(self.family, attention_mask, self.documents))
         return hidden, attention_mask
 
 
@@ -100,6 +101,7 @@ class Block(nn.Module):
         self.layer = builder.module(f"{builder.family.blocks}.{index}")
         self.rotary = builder.rotary()
         self.family, self.config, self.index = builder.family, builder.config, index
+        self.documents = builder.documents
         layer_types = getattr(self.config, "layer_types", None)
         self.mask_kind = layer_types[index] if layer_types else "all"
         self.rotary_kwargs = {"layer_type": self.mask_kind} if self.family.rotary_per_layer_type else {}
@@ -114,10 +116,11 @@ class Block(nn.Module):
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, attention_mask, *stats = inputs
         positions = self.derived.get("positions", attention_mask, hidden,
-                                     lambda: position_ids(self.family, attention_mask))
+                                     lambda: position_ids(self.family, attention_mask, self.documents))
         kwargs: dict[str, Any] = {"attention_mask": self.derived.get(
             f"mask:{self.mask_kind}", attention_mask, hidden,
-            lambda: attention_mask_4d(self.family, self.config, self.index, hidden, attention_mask, positions))}
+            lambda: attention_mask_4d(self.family, self.config, self.index, hidden, attention_mask, positions,
+                                      self.documents))}
         if positions is not None:
             kwargs["position_ids"] = positions
         if self.rotary is not None and self.mask_kind in self.family.unrotated_layer_types:
@@ -131,7 +134,8 @@ class Block(nn.Module):
         if self.family.block_returns_tuple:  # Bamba: (hidden_states, attention weights the model drops)
             hidden = hidden[0]
         for router_logits in self.router_logits:
-            stats = [add_router_stats(stats[0] if stats else None, router_logits, attention_mask, self.aux)]
+            stats = [add_router_stats(stats[0] if stats else None, router_logits,
+                                      padding_mask(attention_mask, self.documents), self.aux)]
         self.router_logits.clear()
         return (hidden, attention_mask, *stats)
 

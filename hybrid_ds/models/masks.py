@@ -3,6 +3,13 @@
 Both are made with the helpers the Hugging Face model itself uses, so a block gets exactly what it would
 get inside the whole model. The generic adapter's trace (models/generic/trace.py) checks a model's blocks
 against the same choice of mask helper.
+
+With ``data.document_mask`` the int64 mask that travels between stages holds each token's document index
+(1, 2, ... within a row; 0 = padding: hybrid_ds.data.feed.document_ids) instead of 1/0. Positions then
+restart at every document, and the mask helpers are given those positions and no padding mask: that is
+transformers' own packed-sequence format (``find_packed_sequence_indices``), which makes the block-diagonal
+mask for every layer type (causal, sliding-window, chunked), the mask a Hugging Face model itself makes
+when it is given restarting ``position_ids`` (DataCollatorWithFlattening's format).
 """
 
 from __future__ import annotations
@@ -16,8 +23,10 @@ from transformers import masking_utils
 from hybrid_ds.families import Family
 
 
-def position_ids(family: Family, attention_mask: torch.Tensor) -> torch.Tensor | None:
-    """Position ids as the family's model computes them when none are given."""
+def position_ids(family: Family, attention_mask: torch.Tensor, documents: bool = False) -> torch.Tensor | None:
+    """Position ids as the family's model computes them when none are given; per document with ``documents``."""
+    if documents:
+        return document_positions(attention_mask)
     if family.positions == "cumsum":  # OPT: padding-aware
         return (torch.cumsum(attention_mask, dim=1) * attention_mask - 1).long()
     if family.positions in ("absolute", "none"):  # BERT: the embedding uses its own buffer; Mamba 2: none
@@ -25,9 +34,30 @@ def position_ids(family: Family, attention_mask: torch.Tensor) -> torch.Tensor |
     return torch.arange(attention_mask.shape[1], device=attention_mask.device).unsqueeze(0)
 
 
+def document_positions(documents: torch.Tensor) -> torch.Tensor:
+    """Each token's position in its document: 0 where the document index changes (padding counts as one).
+
+    >>> document_positions(torch.tensor([[1, 1, 1, 2, 2, 3, 0, 0]])).tolist()
+    [[0, 1, 2, 0, 1, 0, 0, 1]]
+    """
+    index = torch.arange(documents.shape[1], device=documents.device).expand_as(documents)
+    starts = torch.ones_like(documents, dtype=torch.bool)
+    starts[:, 1:] = documents[:, 1:] != documents[:, :-1]
+    return index - torch.where(starts, index, 0).cummax(dim=1).values
+
+
+def padding_mask(attention_mask: torch.Tensor, documents: bool = False) -> torch.Tensor:
+    """The 1/0 padding mask of what travels between stages (document indices with ``documents``)."""
+    return (attention_mask > 0).to(attention_mask.dtype) if documents else attention_mask
+
+
 def attention_mask_4d(family: Family, config: Any, layer_index: int, hidden: torch.Tensor,
-                      attention_mask: torch.Tensor, positions: torch.Tensor | None) -> Any:
-    """The mask the Hugging Face model gives block ``layer_index``, from the same helper it uses."""
+                      attention_mask: torch.Tensor, positions: torch.Tensor | None, documents: bool = False) -> Any:
+    """The mask the Hugging Face model gives block ``layer_index``, from the same helper it uses.
+
+    With ``documents`` (``positions`` restarting per document): no padding mask and those positions, so the
+    helper finds the documents and keeps attention inside each (padding is a document of its own).
+    """
     if family.task_info.bidirectional:
         return masking_utils.create_bidirectional_mask(config=config, inputs_embeds=hidden,
                                                        attention_mask=attention_mask)
@@ -35,7 +65,9 @@ def attention_mask_4d(family: Family, config: Any, layer_index: int, hidden: tor
     if layer_types and layer_types[layer_index] in family.unmasked_layer_types:
         return None
     name, extra = mask_helper(family, config, layer_index)
-    kwargs = {} if family.positions == "cumsum" else {"position_ids": positions}
+    kwargs = {} if family.positions == "cumsum" and not documents else {"position_ids": positions}
+    if documents:
+        attention_mask = None  # transformers looks for packed documents only when no padding mask is given
     return getattr(masking_utils, name)(config=config, inputs_embeds=hidden, attention_mask=attention_mask,
                                         cache=None, **kwargs, **extra)
 
@@ -70,3 +102,17 @@ def _layer_helpers() -> dict[str, tuple[str, dict[str, Any]]]:
 
 
 LAYER_HELPERS = _layer_helpers()
+
+
+def document_mask_obstacle(family: Family, config: Any) -> str | None:
+    """Why ``data.document_mask`` cannot keep this model's documents apart, or None where it can."""
+    if family.task_info.bidirectional:
+        return (f"{config.model_type} is a masked LM: a packed block wraps only its first document in [CLS] ... [SEP], "
+                "so the documents after it would not look like the model's input")
+    layer_types = getattr(config, "layer_types", None) or ()
+    recurrent = sorted({t for t in layer_types if LAYER_HELPERS.get(t, ("",))[0] == "create_recurrent_attention_mask"})
+    if family.positions == "none" or recurrent:
+        kind = ", ".join(recurrent) if recurrent else "state-space"
+        return (f"{config.model_type}'s {kind} layers carry a state from token to token, which no attention mask "
+                "keeps inside a document")
+    return None
