@@ -105,6 +105,8 @@ def progress_line(when: str, step_seconds: float | None, group: Any = None) -> s
         return None
     ranks = f" over {world} ranks" if world > 1 else ""
     of_step = f" of the step's {step_seconds:.1f} s" if step_seconds is not None else ""
+    plural = "s" if graphs > 1 else ""
     if blocks:
-        return f"{when}: compiled {blocks} blocks into {graphs} graphs{ranks} in {seconds:.1f} s{of_step}"
-    return f"{when}: compiled {graphs} more block graphs{ranks} in {seconds:.1f} s{of_step} (a new shape or mode)"
+        return f"{when}: compiled {blocks} blocks into {graphs} graph{plural}{ranks} in {seconds:.1f} s{of_step}"
+    return (f"{when}: compiled {graphs} more block graph{plural}{ranks} in {seconds:.1f} s{of_step} "
+            "(a new shape or mode)")
