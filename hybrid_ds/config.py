@@ -135,6 +135,12 @@ class TrainConfig(_Section):
                     "nn.Embedding, tied output projection included); [] = decay every parameter")
     max_bad_steps: int = Field(5, ge=1, description="stop (exit 2, with a checkpoint) after this many steps in a row "
                                                     "with a non-finite loss or gradient norm; each is skipped")
+    # Off by default: on CPU it does not pay at GPT-2-small size (bench/compile_speed.py), and it costs tens of
+    # seconds of compiling at start. hybrid_ds.compile_blocks says which graphs are made and when.
+    compile: bool = Field(False, description="compile each transformer block with torch.compile (regional: identical "
+                                             "blocks share one graph; the rotary/mask work stays eager); the compile "
+                                             "time is shown in the progress output. Pipeline engine only (not ZeRO-3 "
+                                             "or expert parallelism at one stage)")
 
     @field_validator("resume", mode="before")
     @classmethod
@@ -468,6 +474,12 @@ def _check_cross_section(cfg: RunConfig) -> None:
     if cfg.expert_parallel and cfg.train.export_hf:
         raise UserError("train.export_hf", "not available with expert_parallel.enabled: each rank saves only its "
                                            "own experts under AutoEP's names, which no Hugging Face folder holds")
+    if cfg.train.compile and not cfg.pipeline_engine:
+        raise UserError("train.compile", f"true needs the pipeline engine; zero_optimization.stage {cfg.zero_stage}"
+                                         f"{' with expert_parallel' if cfg.expert_parallel else ''} at pipeline.stages 1 "
+                                         "trains the plain Hugging Face model, which hybrid_ds does not compile; use "
+                                         "zero_optimization.stage 0-2 with stages > 1 (0/1 at one stage), or "
+                                         "train.compile false")
     if cfg.train.export_hf and not cfg.train.save_dir:
         raise UserError("train.export_hf", f"{cfg.train.export_hf!r} needs train.save_dir: the export is written "
                                            "from the run's last checkpoint")

@@ -17,6 +17,7 @@ import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
+from hybrid_ds.compile_blocks import compile_blocks
 from hybrid_ds.deepspeed_seam import HybridPipelineModule
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, LogitsOps, OutputProjection,
@@ -92,6 +93,8 @@ def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any
         # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
         activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
     module.builder = builder
+    if cfg.train.compile:
+        compile_blocks([module])
     return module
 
 
@@ -126,6 +129,8 @@ class SequentialStages:
                 layers.append(((lambda x, f=fn, m=module: f(m, x)) if fn else module, module))
             self.layers_per_stage.append(layers)
             self.builders.append(builder)
+        if plan.config.train.compile:
+            compile_blocks(self.modules())
         self.loss_fn = loss_function(plan.resolved.family, _vocab(self.builders[0]))
 
     def modules(self) -> list[torch.nn.Module]:

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hybrid_ds import checkpoint
+from hybrid_ds import checkpoint, compile_blocks
 from hybrid_ds.config import RunConfig
 from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size, predicted_tokens
 from hybrid_ds.engine import build_engine, data_parallel, init_distributed, raise_shared
@@ -149,8 +149,15 @@ class Trainer:
             self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.get_lr()[0]:.2e}",
                                  tok_s=f"{self.tokens_per_step / seconds:,.0f}", step_s=f"{seconds:.1f}")
             self.bar.update(1)
+        self._compiled(f"step {self.step_count}", seconds)
         self._count_bad_step(loss)
         return loss
+
+    def _compiled(self, when: str, seconds: float | None) -> None:
+        """``train.compile``: what was compiled during this step or evaluation, and in how long (all ranks call)."""
+        line = compile_blocks.progress_line(when, seconds, self.stop_group) if self.cfg.train.compile else None
+        if line and self.rank == 0:
+            (self.bar.write if self.bar is not None else print)(line)
 
     def _count_bad_step(self, loss: float) -> None:
         """A step with a non-finite loss or gradient norm was skipped by the engine (no parameter, optimizer-state
@@ -186,6 +193,7 @@ class Trainer:
         layout, n_batches = self.plan.layout, self.cfg.train.eval_batches
         batches = self.data.eval_batches(layout.micro_batch, n_batches, self.dp_rank, layout.dp, self.cfg.train.seed)
         loss = self.engine.eval_batch(batches, num_micro_batches=batches.per_epoch).detach().double().reshape(())
+        self._compiled(f"step {self.step_count} eval", None)
         totals = torch.stack([loss, loss.new_tensor(predicted_tokens(batches))])  # on the engine's device (NCCL)
         torch.distributed.all_reduce(totals, group=self.dp_group)
         loss, tokens = totals[0].item() / layout.dp, int(totals[1].item())
