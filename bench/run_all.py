@@ -33,12 +33,14 @@ QUICK = {
     "overhead_floor": ("overhead", [*FLOOR, "--steps", "20", "--budget-s", "30"]),
     "scaling": ("scaling", ["--rounds", "2", "--warmup", "1"]),
     "default_config": ("default_config", ["--steps", "2", "--warmup", "0", "--budget-s", "40"]),
+    "compile_speed": ("compile_speed", ["--steps", "2", "--budget-s", "45", "--quiet-wait", "5"]),
 }
 FULL = {
     "overhead": ("overhead", ["--models", "gpt2,llama-100m", "--grad-accum", "4", "--steps", "6", "--warmup", "1"]),
     "overhead_floor": ("overhead", [*FLOOR, "--steps", "40"]),
     "scaling": ("scaling", ["--rounds", "4", "--warmup", "1"]),
     "default_config": ("default_config", ["--steps", "3", "--warmup", "1", "--cli"]),
+    "compile_speed": ("compile_speed", ["--steps", "4"]),
 }
 
 
@@ -101,6 +103,11 @@ def table(results: dict[str, Any]) -> list[str]:
         phases = ", ".join(f"{p['phase']} {p['s']:.1f}" for p in default["phases"])
         rows.append(f"| start-up, launch to end of first step, configs/gpt.json ({phases} s) "
                     f"| {default['launch_to_first_step_s']:.1f} s | - | - | - | - |")
+    for r in (results.get("compile_speed") or {}).get("results", []):
+        rows.append(f"| step time, `train.compile: true` vs eager: {r['model']} (1 thread, micro {r['micro_batch']} x "
+                    f"{r['grad_accum']}, seq {r['seq_len']}; {r['clean_pairs']} clean pairs; compile {r['compile_s']:.0f} s "
+                    f"for {r['blocks']} blocks in {r['graphs']} graph(s), paid in the first step) "
+                    f"| {r['compiled_median_s']:.2f} s | {r['eager_median_s']:.2f} s | {r['ratio']:.3f} | - | - |")
     for name, error in results.get("errors", {}).items():
         rows.append(f"| {name} | failed: {error} | | | | |")
     return rows
@@ -120,7 +127,7 @@ def _met_within(ratio: float, target: float, low: float, high: float) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer steps and rounds (under 10 minutes)")
-    parser.add_argument("--only", help="comma-separated subset: overhead,overhead_floor,scaling,default_config")
+    parser.add_argument("--only", help="comma-separated subset of: " + ",".join(QUICK))
     args = parser.parse_args(argv)
 
     plan = QUICK if args.quick else FULL
