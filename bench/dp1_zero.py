@@ -3,8 +3,10 @@ ZeRO-1 (its default 5e8-element bucket), pp=1, one process, one thread, GPT-2 sm
 
 Both engines live in one process, built from the same seed (same weights) and stepped alternately (A B B A ...) on
 the same micro-batches, so drift on a shared machine hits both alike and their losses must agree (the same
-maths). Reported: median step time of each after warm-up, and the median time of the two instructions that
-differ, ReduceGrads (ZeRO-1 copies every gradient through its buckets) and OptimizerStep.
+maths). Reported: median step time (wall and this process's CPU seconds: on a shared machine the CPU seconds are
+the steadier figure) of each after warm-up, and the median time of the two instructions that differ, ReduceGrads
+(ZeRO-1 copies every gradient through its buckets) and OptimizerStep (ZeRO-1 steps a flat fp32 copy and copies
+it back into the parameters).
 
     python bench/dp1_zero.py [--model gpt2] [--seq-len 128] [--grad-accum 2] [--steps 3] [--warmup 1]
 """
@@ -84,6 +86,7 @@ def main() -> None:
     for k in range(args.warmup + args.steps):
         for name in (order if k % 2 == 0 else order[::-1]):
             engine, _ = engines[name]
+            torch.manual_seed(k)  # the same dropout masks for both engines
             tick, cpu = time.perf_counter(), own_cpu_s()
             loss = engine.train_batch(data_iter=batches[name]).item()
             steps[name].append({"s": time.perf_counter() - tick, "cpu_s": own_cpu_s() - cpu, "loss": loss})
@@ -99,6 +102,7 @@ def main() -> None:
         for kind, seconds in times.items():
             result[f"{name}_{kind}_median_s"] = median(seconds[args.warmup:])
     result["ratio"] = result["zero0_median_s"] / result["zero1_median_s"]
+    result["cpu_ratio"] = result["zero0_median_cpu_s"] / result["zero1_median_cpu_s"]
     print({k: v for k, v in result.items() if k != "steps"})
     print(f"wrote {write_result('dp1_zero', result)}")
 
