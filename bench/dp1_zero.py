@@ -22,6 +22,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import bench_config, median, own_cpu_s, single_process_env, write_result  # noqa: E402
+from overhead import folded  # noqa: E402
 
 
 def build(cfg: Any, as_configured: bool) -> tuple[Any, dict[str, list[float]]]:
@@ -80,7 +81,8 @@ def main() -> None:
     old_cfg = load_config_dict(raw)
     engines = {"zero0": build(new_cfg, False), "zero1": build(old_cfg, True)}
     data = load_data(new_cfg.data, "causal_lm")
-    batches = {name: data.train_batches(1, 0, 1, 0) for name in engines}
+    vocab = engines["zero0"][0].module.builder.resolved.hf_config.vocab_size
+    batches = {name: folded(data.train_batches(1, 0, 1, 0), vocab) for name in engines}
     steps: dict[str, list[dict[str, float]]] = defaultdict(list)
     order = ["zero0", "zero1"]
     for k in range(args.warmup + args.steps):
