@@ -700,7 +700,8 @@ def to_universal(folder: Path, out: Path) -> str:
 
 def load_universal(engine: Any, folder: Path, names: dict[str, str]) -> Any:
     """Load the universal checkpoint ``folder`` into ``engine`` (ZeRO 1/2, or fp32 ZeRO-0 where the optimizer is
-    torch's own: :func:`_load_universal_zero0`): weights, optimizer moments, scheduler. ``names`` maps the engine's parameter names to the names the folder keeps them under
+    torch's own: :func:`_load_universal_zero0`): weights, optimizer moments, scheduler.
+    ``names`` maps the engine's parameter names to the names the folder keeps them under
     (``zero/<name>/``); DeepSpeed's loader looks them up through ``optimizer.param_names``, swapped for the call.
     Returns what ``load_checkpoint`` returns."""
     check_universal_checkpoints()
@@ -751,7 +752,8 @@ def check_zero0_universal() -> None:
                                  "optim_sd['param_groups']")
              and _source_has(DeepSpeedZeroOptimizer._load_global_state, "sd.get(DS_VERSION"), why)
     _require("DeepSpeedEngine._load_checkpoint restoring lr_scheduler, global_steps, global_samples, skipped_steps",
-             lambda: _source_has(DeepSpeedEngine._load_checkpoint, "self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])",
+             lambda: _source_has(DeepSpeedEngine._load_checkpoint,
+                                 "self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])",
                                  "self.global_steps = checkpoint['global_steps']", "self.global_samples = ",
                                  "self.skipped_steps = checkpoint['skipped_steps']"), why)
 

@@ -48,7 +48,10 @@ class Plan:
     def zero_stage(self) -> int:
         """The ZeRO stage the engine runs (:func:`zero_stage_to_run`), which the config's may not be."""
         cfg = self.config
-        return zero_stage_to_run(cfg.zero_stage, self.layout.dp, cfg.precision, cfg.pipeline_engine)
+        zero = cfg.deepspeed.get("zero_optimization", {})
+        offload = (zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+                   or zero.get("cpu_offload", False))
+        return zero_stage_to_run(cfg.zero_stage, self.layout.dp, cfg.precision, cfg.pipeline_engine and not offload)
 
     @property
     def zero_note(self) -> str | None:
@@ -64,7 +67,7 @@ class Plan:
         return reduce_bucket_elements([s.params for s in self.stage_plans])
 
 
-def zero_stage_to_run(requested: int, dp: int, precision: str, pipeline_engine: bool) -> int:
+def zero_stage_to_run(requested: int, dp: int, precision: str, eligible: bool) -> int:
     """The ZeRO stage a run's engine gets: fp32 ZeRO-1/2 on the pipeline engine at one data-parallel rank runs
     as ZeRO-0.
 
@@ -74,12 +77,13 @@ def zero_stage_to_run(requested: int, dp: int, precision: str, pipeline_engine: 
     CPU step of GPT-2 small) and a 5e8-element bucket. Checkpoints resume across it (checkpoint.py).
     bf16 and fp16 keep their stage: with fp32 accumulation bf16 ZeRO-1 already is DeepSpeed's BF16_Optimizer,
     which DeepSpeed refuses at ZeRO-0; bf16 accumulation and fp16's loss scaling differ between ZeRO-0's
-    optimizers and ZeRO-1's. The plain engine (ZeRO-2/3 at one stage) keeps its stage too.
+    optimizers and ZeRO-1's. The plain engine (ZeRO-2/3 at one stage) and ZeRO-Offload (``eligible`` false for
+    them) keep their stage too.
 
     >>> [zero_stage_to_run(1, dp, precision, True) for dp, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16"))]
     [0, 1, 1]
     """
-    return 0 if requested in (1, 2) and dp == 1 and precision == "fp32" and pipeline_engine else requested
+    return 0 if requested in (1, 2) and dp == 1 and precision == "fp32" and eligible else requested
 
 
 DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed 0.19.8's zero_optimization.reduce_bucket_size

@@ -220,6 +220,7 @@ def test_zero1_at_dp1_runs_as_zero0_and_zero1_buckets_are_sized_to_the_model():
     assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (1000, largest)  # the user's value wins
     assert zero_of(2, bf16={"enabled": True})[0]["stage"] == 1
     assert zero_of(1, pipeline={"stages": 1}, zero_optimization={"stage": 2})[0]["stage"] == 2  # the plain engine
+    assert zero_of(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})[0]["stage"] == 2
 
 
 def test_cuda_arch_list_is_made_parsable_for_deepspeed(monkeypatch):

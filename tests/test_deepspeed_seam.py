@@ -501,7 +501,8 @@ def _stand_in_engine(dp: int, optimizer=None):
 
     module = torch.nn.Linear(2, 2)
     grid = types.SimpleNamespace(get_data_parallel_world_size=lambda: dp)
-    return types.SimpleNamespace(module=module, grid=grid, optimizer=optimizer or torch.optim.AdamW(module.parameters()),
+    return types.SimpleNamespace(module=module, grid=grid,
+                                 optimizer=optimizer or torch.optim.AdamW(module.parameters()),
                                  _INSTRUCTION_MAP=dict(PipelineEngine._INSTRUCTION_MAP), reduce=schedule.ReduceGrads)
 
 
