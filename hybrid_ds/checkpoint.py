@@ -6,9 +6,10 @@ finished does rank 0 point ``SAVE_DIR/latest`` at it (write aside, then rename),
 interrupted mid-write never becomes ``latest``. ``SAVE_DIR/run.json`` is the resolved run config and
 ``SAVE_DIR/tokenizer/`` the tokenizer: an export needs nothing else.
 
-A run resumed at another layout (stages, data parallel, ZeRO stage 1/2, stage boundaries, or the plain
+A run resumed at another layout (stages, data parallel, ZeRO stage 0-2, stage boundaries, or the plain
 engine instead of the pipeline) loads the checkpoint through DeepSpeed's universal format: once, the first
-rank converts ``step_N/`` with DeepSpeed's ``ds_to_universal`` into ``step_N/universal/``, each parameter
+rank converts ``step_N/`` with DeepSpeed's ``ds_to_universal`` (ZeRO-1/2; fp32 ZeRO-0 with
+``deepspeed_seam.zero0_to_universal``) into ``step_N/universal/``, each parameter
 kept under its Hugging Face name (``zero/<name>/fp32.pt``, ``exp_avg.pt``, ``exp_avg_sq.pt``), and every
 rank loads its own partition of weights and optimizer moments from there (``hybrid-ds convert-checkpoint``
 does the conversion ahead of time).
@@ -90,10 +91,14 @@ def check_shared(save_dir: Path, wait_s: float = 5.0) -> None:
 
 
 def layout_of(plan: Any) -> dict[str, Any]:
-    """What a checkpoint's files depend on: which engine, stages, data parallel, ZeRO stage, stage boundaries."""
+    """What a checkpoint's files depend on: which engine, stages, data parallel, ZeRO stage, stage boundaries.
+
+    The ZeRO stage is the one the engine ran (``Plan.zero_stage``: fp32 ZeRO-1 at dp=1 runs as ZeRO-0); checkpoints
+    saved before recorded the config's, and resume through the universal form like any other layout change.
+    """
     cfg = plan.config
     return {"engine": "pipeline" if cfg.pipeline_engine else "plain", "stages": plan.layout.stages,
-            "dp": plan.layout.dp, "zero": cfg.zero_stage, "boundaries": list(plan.boundaries)}
+            "dp": plan.layout.dp, "zero": plan.zero_stage, "boundaries": list(plan.boundaries)}
 
 
 def describe_layout(layout: dict[str, Any]) -> str:
@@ -110,7 +115,8 @@ def describe_layout(layout: dict[str, Any]) -> str:
 def save(engine: Any, save_dir: Path, step: int, data_state: dict, layout: dict | None = None) -> Path:
     """All ranks call this. Returns the checkpoint folder."""
     tag = f"step_{step}"
-    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False)
+    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
+                           client_state=deepspeed_seam.optimizer_param_names(engine))
     folder = save_dir / tag
     rank = torch.distributed.get_rank()
     torch.save(_rng_state(), folder / f"rng-rank{rank}.pt")
@@ -207,12 +213,12 @@ def _first_line(err: Exception) -> str:
 
 def _resume_on_new_layout(engine: Any, folder: Path, plan: Any, saved: dict) -> None:
     now = layout_of(plan)
-    if saved["zero"] not in (1, 2) or now["zero"] not in (1, 2):
-        # ZeRO-0 has no partitioned optimizer state to convert; DeepSpeed 0.19.8 writes ZeRO-3's universal form
-        # differently (flat tensors, no step, no ds_version) from what its ZeRO-1/2 loader reads
+    if saved["zero"] not in (0, 1, 2) or now["zero"] not in (0, 1, 2):
+        # DeepSpeed 0.19.8 writes ZeRO-3's universal form differently (flat tensors, no step, no ds_version) from
+        # what its ZeRO-1/2 loader reads
         raise UserError("train.resume", f"checkpoint {folder} was saved at {describe_layout(saved)} and this run is "
-                                        f"{describe_layout(now)}: a change of layout needs zero_optimization.stage 1 "
-                                        f"or 2 on both sides (DeepSpeed's universal checkpoints); resume at "
+                                        f"{describe_layout(now)}: a change of layout needs zero_optimization.stage "
+                                        f"0, 1 or 2 on both sides (universal checkpoints); resume at "
                                         f"{describe_layout(saved)}")
     error = None
     if torch.distributed.get_rank() == 0 and not (folder / UNIVERSAL / COMPLETE).is_file():
@@ -243,15 +249,18 @@ def write_universal(folder: Path, plan: Any) -> Path:
     out = folder / UNIVERSAL
     tmp = folder / f".{UNIVERSAL}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
+    layout = json.loads((folder / STATE).read_text()).get("layout") or {}
     try:
-        deepspeed_seam.to_universal(folder, tmp / "step")
+        if layout.get("zero") == 0:  # fp32 ZeRO-0: whole per-parameter states, which DeepSpeed does not convert
+            deepspeed_seam.zero0_to_universal(folder, tmp / "step", _saved_weights(folder, plan), pipeline_names(plan))
+        else:
+            deepspeed_seam.to_universal(folder, tmp / "step")
     except Exception as err:  # ds_to_universal asserts and raises many types on a checkpoint it cannot read
         shutil.rmtree(tmp, ignore_errors=True)
         raise UserError("CHECKPOINT", f"{folder} cannot be converted to a universal checkpoint: "
                                       f"{_first_line(err)}") from None
     zero = tmp / "step" / "zero"
-    layout = json.loads((folder / STATE).read_text()).get("layout") or {}
-    if layout.get("engine", "pipeline") == "pipeline":  # PipelineModule names -> Hugging Face names
+    if layout.get("engine", "pipeline") == "pipeline" and layout.get("zero") != 0:  # PipelineModule -> HF names
         for source, name in pipeline_names(plan).items():
             if (zero / source).is_dir():
                 os.replace(zero / source, zero / name)
@@ -267,9 +276,9 @@ def write_universal_of(checkpoint: str | Path) -> Path:
     folder = resolve_checkpoint(checkpoint)
     cfg = load_config_dict(json.loads((folder.parent / RUN_CONFIG).read_text()))
     layout = json.loads((folder / STATE).read_text()).get("layout") or {"zero": cfg.zero_stage}
-    if layout["zero"] not in (1, 2):
+    if layout["zero"] not in (0, 1, 2):
         raise UserError("CHECKPOINT", f"{folder} was saved with zero_optimization.stage {layout['zero']}; "
-                                      "universal checkpoints are made of ZeRO-1/2 optimizer partitions")
+                                      "universal checkpoints are made of ZeRO-0/1/2 optimizer states")
     return write_universal(folder, build_plan(cfg, world_size=cfg.pipeline.stages))
 
 
@@ -359,6 +368,17 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
     if tokenizer.is_dir():
         transformers.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
     return out
+
+
+def _saved_weights(folder: Path, plan: Any) -> dict[str, torch.Tensor]:
+    """Hugging Face name -> weight of a pipeline checkpoint, a tied weight under the name its model reports."""
+    skeleton = meta_model(plan.resolved)  # its own: building layers on it would change the run's skeleton
+    builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton)
+    specs, _ = layer_specs(builder)
+    state = _gather_layers(folder, specs, builder)
+    canonical = {id(p): name for name, p in skeleton.named_parameters()}
+    alias = {name: canonical[id(p)] for name, p in skeleton.named_parameters(remove_duplicate=False)}
+    return {alias.get(name, name): value for name, value in state.items()}
 
 
 def _gather_layers(folder: Path, specs: list[Any], builder: Any) -> dict[str, torch.Tensor]:

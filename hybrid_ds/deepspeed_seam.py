@@ -33,6 +33,9 @@ Items (entry point: internals; used by):
 9. ``to_universal`` and ``load_universal``: resume on another layout. ``ds_to_universal.main`` and its options,
    ``engine._config.load_universal_checkpoint`` (set for one load), the ZeRO optimizer's ``param_names`` as its
    universal loader reads them; checkpoint.py. ``describe_for_universal`` uses public names only; engine.py.
+   ``zero0_to_universal`` and ``load_universal`` under torch's optimizer (fp32 ZeRO-0, which DeepSpeed's tools do
+   not convert): the universal files' format as ``load_hp_checkpoint_state`` and ``optimizer_state.pt``'s reader
+   read it, and the engine state ``_load_checkpoint`` restores (scheduler, step counters); checkpoint.py.
 10. ``skip_non_finite_steps``: ``DeepSpeedEngine._take_model_step`` reading ``optimizer.overflow`` after
    ``optimizer.step()``; the ZeRO-1/2, ZeRO-3 and bf16 optimizers' ``step`` marking a non-finite gradient norm as
    an overflow; engine.py.
@@ -43,6 +46,9 @@ Items (entry point: internals; used by):
 12. ``use_autoep_output_recorders``: AutoEP's ``auto_ep_presets.base._install_instance_transformers_output_recorders``
    (replaced in its module) as ``_retarget_transformers_output_recorders_for_modules`` calls it; engine.py
    (``expert_parallel``). ``autoep_layers`` reads the ``AutoEPMoELayer`` class.
+13. ``reduce_over_one_rank_is_nothing``: ``PipelineEngine._exec_reduce_grads`` in ``_INSTRUCTION_MAP`` (replaced in the
+   engine's map at dp=1 without a ZeRO optimizer) reducing through ``allreduce_gradients`` or ``_bf16_reduce_grads``,
+   and ``buffered_allreduce_fallback`` giving a parameter without a gradient zeros; engine.py.
 
 Transformers and torch internals used elsewhere (they stay next to the code that needs them):
 
@@ -693,12 +699,15 @@ def to_universal(folder: Path, out: Path) -> str:
 
 
 def load_universal(engine: Any, folder: Path, names: dict[str, str]) -> Any:
-    """Load the universal checkpoint ``folder`` into ``engine`` (ZeRO 1/2): weights, optimizer moments,
-    scheduler. ``names`` maps the engine's parameter names to the names the folder keeps them under
+    """Load the universal checkpoint ``folder`` into ``engine`` (ZeRO 1/2, or fp32 ZeRO-0 where the optimizer is
+    torch's own: :func:`_load_universal_zero0`): weights, optimizer moments, scheduler.
+    ``names`` maps the engine's parameter names to the names the folder keeps them under
     (``zero/<name>/``); DeepSpeed's loader looks them up through ``optimizer.param_names``, swapped for the call.
     Returns what ``load_checkpoint`` returns."""
     check_universal_checkpoints()
     engine = getattr(engine, "engine", engine)  # hybrid_ds.engine.PlainEngine wraps DeepSpeed's engine
+    if isinstance(engine.optimizer, torch.optim.Optimizer):
+        return _load_universal_zero0(engine, folder, names)
     optimizer = engine.optimizer
     own = optimizer.param_names
     config, flag = engine._config, engine._config.load_universal_checkpoint
@@ -709,6 +718,111 @@ def load_universal(engine: Any, folder: Path, names: dict[str, str]) -> Any:
     finally:
         optimizer.param_names = own
         config.load_universal_checkpoint = flag
+# ZeRO-0 (fp32: torch's optimizer) keeps whole per-parameter states, which DeepSpeed 0.19.8's ds_to_universal and
+# universal loader do not read (they read ZeRO-1/2 partitions); hybrid_ds writes and loads the same files for it.
+
+OPTIMIZER_NAMES = "hybrid_ds_optimizer_param_names"  # a ZeRO-0 checkpoint's client state: names in optimizer order
+
+
+def optimizer_param_names(engine: Any) -> dict[str, list[list[str]]]:
+    """``client_state`` for ``save_checkpoint``: under torch's own optimizer (fp32 ZeRO-0), the engine's parameter
+    names in the order of each group's ``params`` (a torch optimizer's state is keyed by that position), so the
+    checkpoint can be converted to the universal form; nothing under DeepSpeed's optimizers."""
+    engine = getattr(engine, "engine", engine)
+    if not isinstance(engine.optimizer, torch.optim.Optimizer):
+        return {}
+    names = {id(p): name for name, p in engine.module.named_parameters()}
+    return {OPTIMIZER_NAMES: [[names[id(p)] for p in group["params"]] for group in engine.optimizer.param_groups]}
+
+
+def check_zero0_universal() -> None:
+    from deepspeed.checkpoint import universal_checkpoint
+    from deepspeed.runtime.base_optimizer import ZeROOptimizer
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    why = "a ZeRO-0 checkpoint and a ZeRO-1/2 one resume into each other through the same universal files"
+    _require("universal_checkpoint.load_hp_checkpoint_state reading zero/<name>/<state>.pt as {PARAM: tensor} "
+             "and step.pt as the step",
+             lambda: _source_has(universal_checkpoint.load_hp_checkpoint_state, 'if key == "step":',
+                                 "ckpt_dict[PARAM]") and universal_checkpoint.PARAM == "param", why)
+    _require("ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir reading zero/optimizer_state.pt's "
+             "param_groups, and DeepSpeedZeroOptimizer._load_global_state its ds_version",
+             lambda: _source_has(ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir, '"optimizer_state.pt"',
+                                 "optim_sd['param_groups']")
+             and _source_has(DeepSpeedZeroOptimizer._load_global_state, "sd.get(DS_VERSION"), why)
+    _require("DeepSpeedEngine._load_checkpoint restoring lr_scheduler, global_steps, global_samples, skipped_steps",
+             lambda: _source_has(DeepSpeedEngine._load_checkpoint,
+                                 "self.lr_scheduler.load_state_dict(checkpoint['lr_scheduler'])",
+                                 "self.global_steps = checkpoint['global_steps']", "self.global_samples = ",
+                                 "self.skipped_steps = checkpoint['skipped_steps']"), why)
+
+
+def zero0_to_universal(folder: Path, out: Path, weights: dict[str, torch.Tensor], names: dict[str, str]) -> None:
+    """Write into ``out`` the universal form of the fp32 ZeRO-0 pipeline checkpoint ``folder``: the files
+    DeepSpeed's ``ds_to_universal`` writes for ZeRO-1/2. ``weights``: Hugging Face name -> the saved weight;
+    ``names``: the engine's parameter names -> Hugging Face names. A tied weight, held by two stages with the same
+    weight and moments, is written once."""
+    check_zero0_universal()
+    zero = out / "zero"
+    zero.mkdir(parents=True)
+    files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    for file in files:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+        optimizer = state.get("optimizer")
+        if not isinstance(optimizer, dict) or OPTIMIZER_NAMES not in state:
+            raise ValueError(f"{file.name} holds no torch optimizer state named by hybrid_ds (saved by an older "
+                             "hybrid_ds, or in bf16/fp16)")
+        for group, group_names in zip(optimizer["param_groups"], state[OPTIMIZER_NAMES]):
+            for index, name in zip(group["params"], group_names):
+                param_dir = zero / names.get(name, name)
+                if param_dir.is_dir():
+                    continue
+                param_dir.mkdir()
+                moments = dict(optimizer["state"].get(index, {}))
+                if "step" in moments:
+                    torch.save(moments.pop("step"), param_dir / "step.pt")
+                for key, value in {"fp32": weights[names.get(name, name)], **moments}.items():
+                    torch.save({"param": value.float(), "cat_dim": 0}, param_dir / f"{key}.pt")
+        if file == files[0]:
+            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
+            torch.save({"param_groups": groups, "ds_version": state["ds_version"]}, zero / "optimizer_state.pt")
+        state["optimizer"] = None  # the moments are under zero/ now
+        torch.save(state, out / file.name)
+
+
+def _load_universal_zero0(engine: Any, folder: Path, names: dict[str, str]) -> tuple[str, dict]:
+    """Load a universal folder into an engine stepping torch's optimizer (fp32 ZeRO-0): each parameter's weight
+    and optimizer state from ``zero/<name>/``, the groups' hyperparameters, and the scheduler and step counters
+    from a stage's model-states file (every stage saves the same), as DeepSpeed's ``_load_checkpoint`` restores."""
+    check_zero0_universal()
+    optimizer, zero = engine.optimizer, folder / "zero"
+    saved = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    own = {id(p): name for name, p in engine.module.named_parameters()}
+    with torch.no_grad():
+        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+            on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps its step
+            for p in group["params"]:
+                param_dir = zero / names.get(own[id(p)], own[id(p)])
+                state = {f.stem: torch.load(f, weights_only=False)["param"].reshape(p.shape).to(p)
+                         for f in param_dir.glob("*.pt") if f.stem != "step"}
+                p.copy_(state.pop("fp32"))
+                if (param_dir / "step.pt").is_file():
+                    step = torch.load(param_dir / "step.pt", weights_only=False)
+                    state["step"] = torch.as_tensor(step, dtype=torch.float32,
+                                                    device=p.device if on_device else "cpu").clone()
+                optimizer.state[p] = state
+            group.update({k: v for k, v in saved_group.items() if k != "params"})
+    model_states = sorted(folder.glob("mp_rank_*_model_states.pt"))[0]
+    checkpoint = torch.load(model_states, map_location="cpu", weights_only=False)
+    if engine.lr_scheduler is not None:
+        engine.lr_scheduler.load_state_dict(checkpoint["lr_scheduler"])
+    engine.global_steps = checkpoint["global_steps"]
+    engine.global_samples = checkpoint.get("global_samples", engine.global_steps * engine.train_batch_size())
+    engine.skipped_steps = checkpoint["skipped_steps"]
+    return str(model_states), {}
+
+
 # ---------------------------------------------------------------- 10. skipping steps with non-finite gradients
 
 
@@ -849,3 +963,58 @@ def autoep_presets() -> list[str]:
     from deepspeed.module_inject.auto_ep_presets.registry import PRESET_MODELS
 
     return sorted(PRESET_MODELS)
+
+
+# ---------------------------------------------------------------- 13. no data-parallel reduction over one rank
+
+
+_ONE_RANK_WHY = "at data-parallel size 1 the gradient reduction is an average over one rank, skipped"
+
+
+def check_reduce_grads() -> None:
+    """DeepSpeed 0.19.8's ``ReduceGrads`` instruction runs ``_exec_reduce_grads``: the data-parallel reduction only
+    (``allreduce_gradients``, or ``_bf16_reduce_grads`` for the BF16_Optimizer); tied weights are reduced by
+    ``_exec_reduce_tied_grads`` before it. Without a ZeRO optimizer both reach ``buffered_allreduce_fallback``, which
+    takes the BF16_Optimizer's own gradients (``get_grads_for_reduction``) or else the module's, giving a parameter
+    without a gradient zeros (``_get_gradients_for_reduction``), then averages them over the data-parallel group."""
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.runtime.pipe import schedule
+    from deepspeed.runtime.pipe.engine import PipelineEngine
+
+    _require("PipelineEngine._INSTRUCTION_MAP[ReduceGrads] = _exec_reduce_grads, calling allreduce_gradients or "
+             "_bf16_reduce_grads",
+             lambda: PipelineEngine._INSTRUCTION_MAP.get(schedule.ReduceGrads) is PipelineEngine._exec_reduce_grads
+             and _source_has(PipelineEngine._exec_reduce_grads, "self._bf16_reduce_grads()",
+                             "self.allreduce_gradients(")
+             and _source_has(PipelineEngine._bf16_reduce_grads, "self.buffered_allreduce_fallback("), _ONE_RANK_WHY)
+    _require("DeepSpeedEngine.buffered_allreduce_fallback reading get_grads_for_reduction, else "
+             "_get_gradients_for_reduction giving missing gradients zeros",
+             lambda: _source_has(DeepSpeedEngine.buffered_allreduce_fallback, "get_grads_for_reduction",
+                                 "self._get_gradients_for_reduction()")
+             and _source_has(DeepSpeedEngine._get_gradients_for_reduction, "if param.grad is None:",
+                             "param.grad = torch.zeros("), _ONE_RANK_WHY)
+
+
+def reduce_over_one_rank_is_nothing(engine: Any) -> bool:
+    """At data-parallel size 1 without a ZeRO optimizer, replace the engine's data-parallel gradient reduction by
+    what is left of it there: zeros for a parameter without a gradient (the optimizer then steps it as DeepSpeed's
+    reduction made it do). DeepSpeed flattens every gradient into buckets, all-reduces over a group of one and
+    copies back (measured: bench/dp1_zero.py). Returns whether it did; a ZeRO optimizer (ZeRO-1/2 at dp=1 run as
+    ZeRO-0 in fp32, plan.zero_stage_to_run) and dp > 1 keep DeepSpeed's reduction."""
+    from deepspeed.runtime.pipe import schedule
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    check_reduce_grads()
+    check_instruction_map()
+    if engine.grid.get_data_parallel_world_size() != 1 or isinstance(engine.optimizer, DeepSpeedZeroOptimizer):
+        return False
+    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, schedule.ReduceGrads: _zeros_for_missing_gradients}
+    return True
+
+
+def _zeros_for_missing_gradients(engine: Any) -> None:
+    if hasattr(engine.optimizer, "get_grads_for_reduction"):  # the BF16_Optimizer holds its own fp32 gradients
+        return
+    for param in engine.module.parameters():
+        if param.requires_grad and param.numel() and param.grad is None:
+            param.grad = torch.zeros_like(param)

@@ -76,6 +76,19 @@ def deepspeed_config(plan: Plan) -> dict[str, Any]:
         if params.setdefault("torch_adam", True):
             params.setdefault("fused", True)
     ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed's default is 1.0: clip only when the config says so
+    return zero_for_layout(plan, ds)
+
+
+def zero_for_layout(plan: Plan, ds: dict[str, Any]) -> dict[str, Any]:
+    """``ds`` with the ZeRO stage the layout runs (``Plan.zero_stage``: fp32 ZeRO-1/2 at dp=1 runs as ZeRO-0) and,
+    where ZeRO-1/2 stays, reduce and all-gather buckets sized to the model unless the config sets them."""
+    if "zero_optimization" not in ds:
+        return ds
+    zero = ds["zero_optimization"] = dict(ds["zero_optimization"])
+    zero["stage"] = plan.zero_stage
+    if plan.zero_stage in (1, 2):
+        zero.setdefault("reduce_bucket_size", plan.reduce_bucket)
+        zero.setdefault("allgather_bucket_size", plan.reduce_bucket)
     return ds
 
 
@@ -114,11 +127,14 @@ def build_pipeline_engine(plan: Plan) -> Any:
     """
     module = build_pipeline_module(plan, device())
     deepspeed_seam.describe_for_universal(module, [r"tied_modules\."])  # saved by each stage that holds them
-    engine_class = deepspeed_seam.pipeline_engine_class(plan.config.zero_stage)
+    engine_class = deepspeed_seam.pipeline_engine_class(plan.zero_stage)
     engine = deepspeed_seam.initialize_pipeline(
         engine_class, model=module, model_parameters=parameter_groups(module, plan.config.train.no_weight_decay),
         config=deepspeed_config(plan))
     deepspeed_seam.use_global_clip_norm(engine)
+    deepspeed_seam.reduce_over_one_rank_is_nothing(engine)
+    if plan.zero_note and torch.distributed.get_rank() == 0:
+        print(f"hybrid-ds: {plan.zero_note}", flush=True)
     deepspeed_seam.skip_non_finite_steps(engine)
     return engine
 

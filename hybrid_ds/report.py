@@ -158,6 +158,7 @@ def format_plan(plan: Any) -> str:
         f"layout     world size {layout.world_size} = stages={layout.stages} x dp={layout.dp}; "
         f"ZeRO-{cfg.zero_stage}; {cfg.precision}; engine "
         + ("PipelineEngine" if cfg.pipeline_engine else "DeepSpeedEngine (plain HF model)"),
+        *([f"           {plan.zero_note}"] if plan.zero_note else []),
         f"batch      train_batch_size {layout.train_batch} = micro {layout.micro_batch} x grad_accum "
         f"{layout.grad_accum} x dp {layout.dp}; {layout.train_batch * cfg.data.seq_len:,} tokens per step "
         f"at seq_len {cfg.data.seq_len}",

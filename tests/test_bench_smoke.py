@@ -62,3 +62,15 @@ def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
     assert "| qwen3 | exact |  |" in table
     assert "| falcon | refused | transformer.h.0 (FalconDecoderLayer) requires alibi besides hidden_states" in table
     assert "exact: 1 | ok: 0 | WRONG: 0 | refused: 1 | no tiny model: 0" in table
+
+
+def test_dp1_zero_bench_compares_the_same_computation(tmp_path):
+    """A tiny run of bench/dp1_zero.py: fp32 ZeRO-1 at dp=1 as hybrid_ds runs it (torch's AdamW, ZeRO-0) and as
+    DeepSpeed's ZeRO-1, on the same weights and micro-batches, report the same losses."""
+    env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+    proc = subprocess.run([sys.executable, str(BENCH / "dp1_zero.py"), "--model", "gpt2-tiny", "--steps", "2"],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    result = json.loads((tmp_path / "dp1_zero.json").read_text())
+    assert result["optimizers"] == {"zero0": "AdamW", "zero1": "DeepSpeedZeroOptimizer"}
+    assert result["max_loss_diff"] < 1e-5, result["steps"]

@@ -198,6 +198,31 @@ def test_cpu_runs_use_torch_fused_adamw_unless_told_otherwise():
     assert deepspeed_config(build_plan(cfg, 2))["optimizer"]["params"]["fused"] is False
 
 
+def test_zero1_at_dp1_runs_as_zero0_and_zero1_buckets_are_sized_to_the_model():
+    """fp32 ZeRO-1/2 at dp=1 on the pipeline engine runs as ZeRO-0 (said in one line); at dp=2 ZeRO-1 keeps its
+    stage, its buckets the largest stage's parameter count instead of 5e8 unless the config sets them; bf16 and
+    the plain engine keep their stage at dp=1."""
+    from hybrid_ds.engine import deepspeed_config
+    from hybrid_ds.plan import build_plan
+
+    def zero_of(world: int, **changes):
+        plan = build_plan(load_config_dict({**TINY, "zero_optimization": {"stage": 1}, **changes}), world)
+        return deepspeed_config(plan)["zero_optimization"], plan
+
+    zero, plan = zero_of(2)
+    assert zero == {"stage": 0} and plan.zero_stage == 0
+    assert plan.zero_note == "ZeRO-1 at dp=1 runs as ZeRO-0: same maths, no gradient copies"
+    zero, plan = zero_of(4)
+    largest = max(s.params for s in plan.stage_plans)
+    assert zero == {"stage": 1, "reduce_bucket_size": largest, "allgather_bucket_size": largest} and largest < 5e8
+    assert plan.zero_note is None
+    zero, _ = zero_of(4, zero_optimization={"stage": 1, "reduce_bucket_size": 1000})
+    assert (zero["reduce_bucket_size"], zero["allgather_bucket_size"]) == (1000, largest)  # the user's value wins
+    assert zero_of(2, bf16={"enabled": True})[0]["stage"] == 1
+    assert zero_of(1, pipeline={"stages": 1}, zero_optimization={"stage": 2})[0]["stage"] == 2  # the plain engine
+    assert zero_of(2, zero_optimization={"stage": 2, "offload_optimizer": {"device": "cpu"}})[0]["stage"] == 2
+
+
 def test_cuda_arch_list_is_made_parsable_for_deepspeed(monkeypatch):
     """CUDA images set TORCH_CUDA_ARCH_LIST="9.0a"; DeepSpeed 0.19's JIT builder (FusedAdam at the first
     GPU step) crashes on it, so the GPU path rewrites it for the process (seen on an H200 image)."""

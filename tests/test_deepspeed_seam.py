@@ -464,3 +464,111 @@ def test_autoep_recorders_install_through_transformers_registry_and_restore_it()
                                  maybe_install_capturing_hooks=lambda m: seen.append(dict.get(registry, key)))
     assert seam._install_output_recorders(model.model, {key: entry}, fake, lambda m: 0)
     assert seen == [entry] and dict.get(registry, key) is before
+
+
+# ---------------------------------------------------------------- 13. no data-parallel reduction over one rank
+
+
+def _exec_reduce_grads_elsewhere(self):
+    self.optimizer.reduce_everything()
+
+
+def _gradients_without_zeros(self):
+    return [p.grad for p in self.module.parameters() if p.grad is not None], {}
+
+
+REDUCE_INTERNALS = {
+    "_exec_reduce_grads": (lambda mp: mp.setattr(PipelineEngine, "_exec_reduce_grads", _exec_reduce_grads_elsewhere),
+                           "PipelineEngine._INSTRUCTION_MAP[ReduceGrads] = _exec_reduce_grads"),
+    "zeros": (lambda mp: mp.setattr(DeepSpeedEngine, "_get_gradients_for_reduction", _gradients_without_zeros),
+              "DeepSpeedEngine.buffered_allreduce_fallback reading get_grads_for_reduction"),
+}
+
+
+def test_reduce_check_passes_with_this_deepspeed():
+    seam.check_reduce_grads()
+
+
+@pytest.mark.parametrize("taken", sorted(REDUCE_INTERNALS))
+def test_reduce_over_one_rank_refuses_without_its_internals(taken, monkeypatch):
+    take_away, internal = REDUCE_INTERNALS[taken]
+    take_away(monkeypatch)
+    expect_missing(internal, seam.check_reduce_grads)
+
+
+def _stand_in_engine(dp: int, optimizer=None):
+    from deepspeed.runtime.pipe import schedule
+
+    module = torch.nn.Linear(2, 2)
+    grid = types.SimpleNamespace(get_data_parallel_world_size=lambda: dp)
+    return types.SimpleNamespace(module=module, grid=grid,
+                                 optimizer=optimizer or torch.optim.AdamW(module.parameters()),
+                                 _INSTRUCTION_MAP=dict(PipelineEngine._INSTRUCTION_MAP), reduce=schedule.ReduceGrads)
+
+
+def test_reduce_over_one_rank_leaves_zeros_for_missing_gradients():
+    """At dp=1 under torch's optimizer ReduceGrads runs what DeepSpeed's reduction does there, nothing but giving a
+    parameter without a gradient zeros; at dp=2, or under a ZeRO optimizer, DeepSpeed's reduction stays."""
+    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+
+    engine = _stand_in_engine(1)
+    assert seam.reduce_over_one_rank_is_nothing(engine)
+    engine.module.weight.grad = torch.ones(2, 2)
+    engine._INSTRUCTION_MAP[engine.reduce](engine)
+    assert torch.equal(engine.module.weight.grad, torch.ones(2, 2))
+    assert torch.equal(engine.module.bias.grad, torch.zeros(2))
+    assert PipelineEngine._INSTRUCTION_MAP[engine.reduce] is PipelineEngine._exec_reduce_grads  # the class's map
+    for kept in (_stand_in_engine(2), _stand_in_engine(1, DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer))):
+        assert not seam.reduce_over_one_rank_is_nothing(kept)
+        assert kept._INSTRUCTION_MAP[kept.reduce] is PipelineEngine._exec_reduce_grads
+
+
+# ---------------------------------------------------------------- 9. the universal form of a ZeRO-0 checkpoint
+
+
+def _trained_zero0(seed: int):
+    """A stand-in engine stepping torch's fused AdamW twice, with a scheduler and DeepSpeed's step counters."""
+    torch.manual_seed(seed)
+    module = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Linear(4, 2))
+    optimizer = torch.optim.AdamW(module.parameters(), lr=0.1, fused=True)
+    scheduler = torch.optim.lr_scheduler.StepLR(optimizer, 1, gamma=0.5)
+    for _ in range(2):
+        module(torch.randn(5, 3)).square().sum().backward()
+        optimizer.step()
+        scheduler.step()
+        optimizer.zero_grad()
+    return types.SimpleNamespace(module=module, optimizer=optimizer, lr_scheduler=scheduler, global_steps=2,
+                                 global_samples=16, skipped_steps=0, train_batch_size=lambda: 8)
+
+
+def test_a_zero0_checkpoint_round_trips_through_the_universal_form(tmp_path):
+    """Weights, every Adam state (moments and step), the groups' learning rate, the scheduler and the step
+    counters of a ZeRO-0 checkpoint come back exactly in another engine, through DeepSpeed's universal files."""
+    saved = _trained_zero0(0)
+    folder = tmp_path / "step_2"
+    folder.mkdir()
+    torch.save({"optimizer": saved.optimizer.state_dict(), **seam.optimizer_param_names(saved),
+                "lr_scheduler": saved.lr_scheduler.state_dict(), "global_steps": 2, "global_samples": 16,
+                "skipped_steps": 0, "ds_version": deepspeed.__version__}, folder / "mp_rank_00_model_states.pt")
+    hf = {name: f"model.{name}" for name, _ in saved.module.named_parameters()}
+    weights = {hf[name]: p.detach().clone() for name, p in saved.module.named_parameters()}
+    seam.zero0_to_universal(folder, tmp_path / "universal", weights, hf)
+    assert (tmp_path / "universal" / "zero" / "model.0.weight" / "exp_avg_sq.pt").is_file()
+
+    fresh = _trained_zero0(1)
+    seam.load_universal(fresh, tmp_path / "universal", hf)
+    for (name, a), b in zip(saved.module.named_parameters(), fresh.module.parameters()):
+        assert torch.equal(a, b), name
+        for key, value in saved.optimizer.state[a].items():
+            assert torch.equal(fresh.optimizer.state[b][key], value), (name, key)
+    assert fresh.optimizer.param_groups[0]["lr"] == saved.optimizer.param_groups[0]["lr"] == 0.025
+    assert fresh.lr_scheduler.state_dict() == saved.lr_scheduler.state_dict()
+    assert (fresh.global_steps, fresh.global_samples) == (2, 16)
+
+
+def test_zero0_universal_check_refuses_without_its_internals(monkeypatch):
+    from deepspeed.runtime.engine import DeepSpeedEngine as Engine
+
+    seam.check_zero0_universal()
+    monkeypatch.setattr(Engine, "_load_checkpoint", lambda self, *args, **kwargs: None)
+    expect_missing("DeepSpeedEngine._load_checkpoint restoring lr_scheduler", seam.check_zero0_universal)

@@ -5,6 +5,10 @@ Each transition: run A straight for 8 steps at the first layout, saving after 4;
 with step 4 as its latest checkpoint, resumed at the second layout. B's steps 5-8 must give A's losses (fp32, dropout off: the layouts compute the same sums in another
 order; the global batch is 8 samples at every layout). Optimizer moments lost or reset, a data position counted per rank, or the schedule restarted would
 each move the losses far beyond the 1e-5 allowed.
+
+With two processes, pp=2 x dp=1 under a ZeRO-1 config runs as ZeRO-0 (plan.zero_stage_to_run) and pp=1 x dp=2 as
+ZeRO-1: the transitions between them carry optimizer moments from ZeRO-0's whole states to ZeRO-1's partitions
+and back (deepspeed_seam.zero0_to_universal, load_universal), and the partition change ZeRO-0 to ZeRO-0.
 """
 
 from __future__ import annotations
@@ -119,16 +123,19 @@ def test_the_universal_form_keeps_hugging_face_names_and_deepspeeds_tools_agree(
         assert all(torch.equal(consolidated[name], want[name].detach()) for name in want)
 
 
-def test_a_layout_change_without_zero_partitions_is_one_line(tmp_path):
-    """ZeRO-0 keeps whole optimizer states per stage, which DeepSpeed's universal checkpoints do not read."""
+def test_a_layout_change_from_bf16_zero0_is_one_line(tmp_path):
+    """fp32 ZeRO-0 converts (pp=2 x dp=1 above runs as ZeRO-0); bf16 ZeRO-0 keeps DeepSpeed's BF16_Optimizer state,
+    which neither DeepSpeed's universal conversion nor hybrid_ds's reads: one line, no traceback."""
     config = layout_config(tmp_path, "gpt2-tiny", 2, zero=0, max_steps=2)
+    raw = json.loads(config.read_text())
+    config.write_text(json.dumps({**raw, "bf16": {"enabled": True}}))
     train(config, 2)
     resumed = layout_config(tmp_path, "gpt2-tiny", 1, zero=0, max_steps=4)
+    raw = json.loads(resumed.read_text())
+    resumed.write_text(json.dumps({**raw, "bf16": {"enabled": True}}))
     proc = train(resumed, 2, "--resume", expect=2)
     lines = {line for line in proc.stderr.splitlines() if line.startswith("hybrid-ds: error:")}
-    assert lines == {f"hybrid-ds: error: train.resume: checkpoint {tmp_path / 'run' / 'step_2'} was saved at "
-                     "pipeline.stages 2 (layers [0, 3, 4]) x dp 1, ZeRO-0 and this run is pipeline.stages 1 "
-                     "(layers [0, 4]) x dp 2, ZeRO-0: a change of layout needs zero_optimization.stage 1 or 2 on "
-                     "both sides (DeepSpeed's universal checkpoints); resume at pipeline.stages 2 (layers [0, 3, 4]) "
-                     "x dp 1, ZeRO-0"}, proc.stderr[-3000:]
+    assert lines == {f"hybrid-ds: error: CHECKPOINT: {tmp_path / 'run' / 'step_2'} cannot be converted to a universal "
+                     "checkpoint: mp_rank_00_model_states.pt holds no torch optimizer state named by hybrid_ds (saved "
+                     "by an older hybrid_ds, or in bf16/fp16)"}, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr

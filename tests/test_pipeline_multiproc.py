@@ -69,8 +69,8 @@ def make_batches(name: str, steps: int) -> list[dict[str, torch.Tensor]]:
     return batches * steps
 
 
-def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps: int, **ds) -> dict:
-    run = tmp_path / f"run-pp{stages}-n{nproc}-z{ds.get('zero_optimization', {}).get('stage', 0)}"
+def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps: int, *extra: str, **ds) -> dict:
+    run = tmp_path / f"run-pp{stages}-n{nproc}-z{ds.get('zero_optimization', {}).get('stage', 0)}{''.join(extra)}"
     run.mkdir()
     config = {"model": {"name": str(folder), "pretrained": True}, "data": {"seq_len": SEQ},
               "pipeline": {"stages": stages}, "train_micro_batch_size_per_gpu": MICRO,
@@ -81,7 +81,7 @@ def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps
     launcher = Path(sys.executable).with_name("deepspeed")
     cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(_free_port()), str(WORKER),
            "--config", str(run / "config.json"), "--batches", str(run / "batches.pt"),
-           "--steps", str(steps), "--out", str(run)]
+           "--steps", str(steps), "--out", str(run), *extra]
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
@@ -163,6 +163,22 @@ def test_gradient_clipping_uses_the_global_norm(zero, folders, tmp_path):
                  gradient_clipping=1.0, zero_optimization={"stage": zero})
     assert run["losses"] == pytest.approx(ref["losses"], abs=1e-5)
     assert_params_match(run["ranks"], ref["params"])
+
+
+def test_zero1_at_dp1_runs_as_zero0_with_the_same_maths(folders, tmp_path):
+    """pp=2 x dp=1, fp32, config ZeRO-1, clipping active: the engine steps torch's AdamW (ZeRO-0) and does no
+    data-parallel reduction, and its losses and parameters are DeepSpeed's ZeRO-1 run's within 1e-6."""
+    steps = 4
+    batches = make_batches("gpt2-tiny", steps)
+    ds = {"gradient_clipping": 1.0, "zero_optimization": {"stage": 1}}
+    fast = launch(tmp_path, folders["gpt2-tiny"], batches, 2, 2, steps, **ds)
+    zero1 = launch(tmp_path, folders["gpt2-tiny"], batches, 2, 2, steps, "--zero-as-configured", **ds)
+    assert {(r["optimizer"], r["reduce_grads"]) for r in fast["ranks"]} == {("AdamW", "_zeros_for_missing_gradients")}
+    assert {(r["optimizer"], r["reduce_grads"]) for r in zero1["ranks"]} == {("DeepSpeedZeroOptimizer",
+                                                                              "_exec_reduce_grads")}
+    assert min(zero1["ranks"][0]["norms"]) > 1.0, "clipping must be active for this test to mean anything"
+    assert fast["losses"][-1] < fast["losses"][0] - 0.1
+    assert_runs_match(zero1, fast, loss_atol=1e-6, param_atol=1e-6)
 
 
 def test_activation_checkpointing_keeps_parity(folders, tmp_path):

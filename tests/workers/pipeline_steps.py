@@ -53,11 +53,19 @@ def main():
     parser.add_argument("--steps", type=int, default=5)
     parser.add_argument("--out", required=True)
     parser.add_argument("--local_rank", type=int, default=0)
+    parser.add_argument("--zero-as-configured", action="store_true",
+                        help="keep the config's ZeRO stage where hybrid_ds would run another (the reference)")
     args = parser.parse_args()
+    if args.zero_as_configured:
+        import hybrid_ds.plan
+
+        hybrid_ds.plan.zero_stage_to_run = lambda requested, *_: requested
 
     world = init_distributed()
     plan = build_plan(load_config(args.config), world)
     engine = build_pipeline_engine(plan)
+    from deepspeed.runtime.pipe.schedule import ReduceGrads
+    reduce_grads = engine._INSTRUCTION_MAP[ReduceGrads].__name__  # before record_gradient_bytes wraps the map
     batches = torch.load(args.batches)
     gas, dp = plan.layout.grad_accum, plan.layout.dp
     dp_rank = engine.grid.get_data_parallel_rank()
@@ -76,7 +84,8 @@ def main():
               for name, p in module.named_parameters()}
     params.update({path: p.detach().clone() for path, p in engine.module.builder.built_parameters().items()})
     torch.save({"stage": engine.stage_id, "dp_rank": dp_rank, "engine": type(engine).__name__, "params": params, "norms": norms,
-                "grad_bytes": max(held), "offload": bool(getattr(engine.optimizer, "cpu_offload", False))},
+                "grad_bytes": max(held), "offload": bool(getattr(engine.optimizer, "cpu_offload", False)),
+                "optimizer": type(engine.optimizer).__name__, "reduce_grads": reduce_grads},
                out / f"params-rank{rank}.pt")
     if rank == 0:
         (out / "losses.json").write_text(json.dumps(losses))
