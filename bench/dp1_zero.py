@@ -29,18 +29,19 @@ def build(cfg: Any, as_configured: bool) -> tuple[Any, dict[str, list[float]]]:
     """A pipeline engine for ``cfg`` at world size 1 and the per-step seconds of its ReduceGrads and OptimizerStep."""
     import torch
 
+    import hybrid_ds.model_state
     import hybrid_ds.plan
     from hybrid_ds import deepspeed_seam
     from hybrid_ds.engine import build_pipeline_engine
 
-    choose = hybrid_ds.plan.zero_stage_to_run
+    choose = hybrid_ds.model_state.zero_stage_to_run
     if as_configured:  # DeepSpeed's ZeRO-1 as the config asks, and as hybrid_ds ran it before
-        hybrid_ds.plan.zero_stage_to_run = lambda requested, *_: requested
+        hybrid_ds.model_state.zero_stage_to_run = lambda requested, *_: requested
     try:
         torch.manual_seed(0)
         engine = build_pipeline_engine(hybrid_ds.plan.build_plan(cfg, 1))
     finally:
-        hybrid_ds.plan.zero_stage_to_run = choose
+        hybrid_ds.model_state.zero_stage_to_run = choose
     times: dict[str, list[float]] = defaultdict(list)
 
     def wrap(kind: type, fn: Any) -> Any:

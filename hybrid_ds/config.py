@@ -189,6 +189,16 @@ class RunConfig:
     def zero_stage(self) -> int:
         return self.deepspeed.get("zero_optimization", {}).get("stage", 0)
 
+    def zero_stage_at(self, dp: int) -> int:
+        """The ZeRO stage the engine runs at ``dp`` data-parallel ranks: fp32 ZeRO-1/2 on the pipeline engine
+        without optimizer offload runs as ZeRO-0 at dp=1 (``model_state.zero_stage_to_run``)."""
+        from hybrid_ds.model_state import zero_stage_to_run
+
+        zero = self.deepspeed.get("zero_optimization", {})
+        offload = (zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
+                   or zero.get("cpu_offload", False))
+        return zero_stage_to_run(self.zero_stage, dp, self.precision, self.pipeline_engine and not offload)
+
     @property
     def expert_parallel(self) -> bool:
         """Whether DeepSpeed's AutoEP spreads the experts of the MoE layers over ranks (``expert_parallel``)."""

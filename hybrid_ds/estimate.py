@@ -33,7 +33,7 @@ from hybrid_ds.activations import (DTYPE_BYTES, block_activation_terms, embeddin
                                    head_activation_bytes, korthikanti_layer_bytes)
 from hybrid_ds.architecture import Arch, arch_from_config_dict, arch_from_model, arch_from_preset, stage_boundaries
 from hybrid_ds.errors import UserError
-from hybrid_ds.model_state import ModelState, model_state
+from hybrid_ds.model_state import DEEPSPEED_REDUCE_BUCKET, ModelState, model_state, reduce_bucket_elements
 from hybrid_ds.topology import bubble_fraction, resolve_layout
 
 RUNTIME_OVERHEAD = 2 * 2**30   # CUDA context, cuBLAS/NCCL workspaces, allocator slack: a stated constant
@@ -106,7 +106,7 @@ class Run:
     checkpoint_interval: int = 0
     partition: str | list[int] = "flops"
     attn: str = "sdpa"
-    reduce_bucket: int = 500_000_000       # zero_optimization.reduce_bucket_size
+    reduce_bucket: int = 0                 # zero_optimization.reduce_bucket_size; 0 = sized to the model, as run
     contiguous_gradients: bool = True
     overlap_comm: bool = False             # zero_optimization.overlap_comm (DeepSpeed: on at ZeRO-3 only)
     persistence_threshold: int = 100_000   # zero_optimization.stage3_param_persistence_threshold
@@ -140,9 +140,9 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
     if accum is not None and accum not in _DTYPE_NAMES:
         raise UserError("data_types.grad_accum_dtype", f"must be fp32, bf16 or fp16, got {accum!r}")
     return Run(arch, world_size, layout.stages, layout.dp, layout.micro_batch, layout.grad_accum, cfg.data.seq_len,
-               cfg.zero_stage, cfg.precision, _DTYPE_NAMES[accum] if accum else None,
+               cfg.zero_stage_at(layout.dp), cfg.precision, _DTYPE_NAMES[accum] if accum else None,
                cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation,
-               int(zero.get("reduce_bucket_size", 5e8)), bool(zero.get("contiguous_gradients", True)),
+               int(zero.get("reduce_bucket_size", 0)), bool(zero.get("contiguous_gradients", True)),
                bool(zero.get("overlap_comm", cfg.zero_stage == 3)),
                int(zero.get("stage3_param_persistence_threshold", 1e5)),
                int(zero.get("stage3_prefetch_bucket_size", 5e7)), cfg.source, cfg.description)
@@ -276,10 +276,13 @@ def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = No
     largest = arch.largest_module() if run.zero == 3 else 0
     out = []
     experts = arch.stage_expert_params(parts)
+    # engine.zero_for_layout sizes ZeRO-1/2's buckets to the model; ZeRO-3 keeps DeepSpeed's
+    bucket = run.reduce_bucket or (reduce_bucket_elements(arch.stage_params(parts)) if run.zero in (1, 2)
+                                   else DEEPSPEED_REDUCE_BUCKET)
     for s, (lo, hi, params) in enumerate(zip(parts, parts[1:], arch.stage_params(parts))):
         shares_tie = run.stages > 1 and s in (0, run.stages - 1)   # the tied weight is summed across stages
         state = model_state(params, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
-                            largest if largest > run.persistence_threshold else 0, run.reduce_bucket,
+                            largest if largest > run.persistence_threshold else 0, bucket,
                             run.contiguous_gradients, run.prefetch_bucket, stage_largest_param(arch, lo, hi),
                             arch.tied if shares_tie else 0, run.overlap_comm)
         activations, in_flight, logits, buffers = stage_activations(run, s, lo, hi, runtime)

@@ -12,6 +12,7 @@ from typing import Any
 from hybrid_ds.activations import DTYPE_BYTES
 from hybrid_ds.config import RunConfig
 from hybrid_ds.errors import UserError
+from hybrid_ds.model_state import reduce_bucket_elements
 from hybrid_ds.models.masks import document_mask_obstacle
 from hybrid_ds.models.shape import layer_active_params, model_experts
 from hybrid_ds.models.resolve import (PipelineLayer, ResolvedModel, count_params, meta_model, pipeline_layers,
@@ -48,12 +49,8 @@ class Plan:
 
     @property
     def zero_stage(self) -> int:
-        """The ZeRO stage the engine runs (:func:`zero_stage_to_run`), which the config's may not be."""
-        cfg = self.config
-        zero = cfg.deepspeed.get("zero_optimization", {})
-        offload = (zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
-                   or zero.get("cpu_offload", False))
-        return zero_stage_to_run(cfg.zero_stage, self.layout.dp, cfg.precision, cfg.pipeline_engine and not offload)
+        """The ZeRO stage the engine runs (``RunConfig.zero_stage_at``), which the config's may not be."""
+        return self.config.zero_stage_at(self.layout.dp)
 
     @property
     def zero_note(self) -> str | None:
@@ -67,42 +64,6 @@ class Plan:
     def reduce_bucket(self) -> int:
         """Elements of a ZeRO-1/2 reduce bucket when the config sets none (:func:`reduce_bucket_elements`)."""
         return reduce_bucket_elements([s.params for s in self.stage_plans])
-
-
-def zero_stage_to_run(requested: int, dp: int, precision: str, eligible: bool) -> int:
-    """The ZeRO stage a run's engine gets: fp32 ZeRO-1/2 on the pipeline engine at one data-parallel rank runs
-    as ZeRO-0.
-
-    With one data-parallel rank there is nothing to partition: fp32 ZeRO-1/2 hold the whole optimizer state as
-    ZeRO-0 does, average the gradients over one rank and step torch's optimizer on an fp32 copy equal to the
-    parameters: the same update, less a copy of every gradient through the reduce buckets (1.0-1.6 s of a 10 s
-    CPU step of GPT-2 small) and a 5e8-element bucket. Checkpoints resume across it (checkpoint.py).
-    bf16 and fp16 keep their stage: with fp32 accumulation bf16 ZeRO-1 already is DeepSpeed's BF16_Optimizer,
-    which DeepSpeed refuses at ZeRO-0; bf16 accumulation and fp16's loss scaling differ between ZeRO-0's
-    optimizers and ZeRO-1's. The plain engine (ZeRO-2/3 at one stage) and ZeRO-Offload (``eligible`` false for
-    them) keep their stage too.
-
-    >>> [zero_stage_to_run(1, dp, precision, True) for dp, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16"))]
-    [0, 1, 1]
-    """
-    return 0 if requested in (1, 2) and dp == 1 and precision == "fp32" and eligible else requested
-
-
-DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed 0.19.8's zero_optimization.reduce_bucket_size
-
-
-def reduce_bucket_elements(per_stage: list[int]) -> int:
-    """A ZeRO-1/2 reduce (and all-gather) bucket sized to the model: DeepSpeed's 5e8 elements, or the largest
-    stage's parameter count when smaller.
-
-    A bucket holds gradients of one stage's parameters and DeepSpeed allocates it whole (5e8 fp32 elements are
-    2 GB, for a model of 124M parameters too); one the size of the largest stage still takes every gradient of a
-    stage in one reduction, as the default did, so the reductions and the sums are the same.
-
-    >>> reduce_bucket_elements([124_000_000]), reduce_bucket_elements([4_000_000_000, 3_000_000_000])
-    (124000000, 500000000)
-    """
-    return min(DEEPSPEED_REDUCE_BUCKET, max(per_stage))
 
 
 def default_world_size(cfg: RunConfig) -> int:

@@ -439,3 +439,15 @@ def test_estimator_aliases_are_transformers_attribute_maps():
 
     for model_type, family in FAMILIES.items():
         assert dict(family.aliases) == dict(transformers.CONFIG_MAPPING[model_type].attribute_map), model_type
+
+
+def test_estimate_follows_the_zero_stage_and_buckets_the_engine_runs():
+    """fp32 ZeRO-1 at dp=1 runs as ZeRO-0 (torch AdamW, no bucket); at dp=2 ZeRO-1's reduce bucket is the largest
+    stage's parameter count (GPT-2 small: 124M elements, not DeepSpeed's 5e8) unless the config sets one."""
+    single = stage_estimates(_run("gpt2", 1, zero_optimization={"stage": 1}))[0]
+    assert single.state.optimizer_path == "torch AdamW" and single.state.comm_buffer == 0
+    double = stage_estimates(_run("gpt2", 2, zero_optimization={"stage": 1}))[0]
+    assert double.state.optimizer_path == "DeepSpeedZeroOptimizer"
+    assert double.state.comm_buffer == 4 * double.params
+    given = stage_estimates(_run("gpt2", 2, zero_optimization={"stage": 1, "reduce_bucket_size": 10**6}))[0]
+    assert given.state.comm_buffer == 4 * 10**6

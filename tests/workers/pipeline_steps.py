@@ -57,9 +57,9 @@ def main():
                         help="keep the config's ZeRO stage where hybrid_ds would run another (the reference)")
     args = parser.parse_args()
     if args.zero_as_configured:
-        import hybrid_ds.plan
+        import hybrid_ds.model_state
 
-        hybrid_ds.plan.zero_stage_to_run = lambda requested, *_: requested
+        hybrid_ds.model_state.zero_stage_to_run = lambda requested, *_: requested
 
     world = init_distributed()
     plan = build_plan(load_config(args.config), world)
