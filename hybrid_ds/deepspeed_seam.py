@@ -709,15 +709,37 @@ def load_universal(engine: Any, folder: Path, names: dict[str, str]) -> Any:
     if isinstance(engine.optimizer, torch.optim.Optimizer):
         return _load_universal_zero0(engine, folder, names)
     optimizer = engine.optimizer
-    own = optimizer.param_names
+    own, settings = optimizer.param_names, group_settings(optimizer.param_groups)
     config, flag = engine._config, engine._config.load_universal_checkpoint
     try:
         optimizer.param_names = {param: names.get(name, name) for param, name in own.items()}
         config.load_universal_checkpoint = True
-        return engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        loaded = engine.load_checkpoint(str(folder.parent), tag=folder.name)
     finally:
         optimizer.param_names = own
         config.load_universal_checkpoint = flag
+    restore_group_settings(optimizer, torch.load(folder / "zero" / "optimizer_state.pt", weights_only=False), settings)
+    return loaded
+
+
+def group_settings(groups: list[dict]) -> list[dict]:
+    """An optimizer's groups without their parameters: the hyperparameters (lr, betas, weight_decay, name ...)."""
+    return [{k: v for k, v in group.items() if k != "params"} for group in groups]
+
+
+def restore_group_settings(optimizer: Any, saved: dict, own: list[dict]) -> None:
+    """Give each of ``optimizer``'s groups the settings of the saved group of the same name (a universal
+    folder's ``zero/optimizer_state.pt``), where DeepSpeed's loader copies them by position: a stage holding no
+    parameter of a group (no matrix on a stage of only norm and tied embedding) has one group fewer, since
+    DeepSpeed drops empty groups, and would take the no-decay group's settings from the decay group. A group
+    the folder lacks keeps its own settings (``own``, from before the load) at the saved learning rate."""
+    by_name = {group.get("name"): group for group in saved["param_groups"]}
+    lr = saved["param_groups"][0].get("lr") if saved["param_groups"] else None
+    for group, mine in zip(optimizer.param_groups, own):
+        source = by_name.get(mine.get("name"))
+        if source is None:
+            source = {**mine, "lr": lr} if lr is not None else mine
+        group.update({k: v for k, v in source.items() if k != "params"})
 # ZeRO-0 (fp32: torch's optimizer) keeps whole per-parameter states, which DeepSpeed 0.19.8's ds_to_universal and
 # universal loader do not read (they read ZeRO-1/2 partitions); hybrid_ds writes and loads the same files for it.
 
@@ -767,6 +789,7 @@ def zero0_to_universal(folder: Path, out: Path, weights: dict[str, torch.Tensor]
     zero = out / "zero"
     zero.mkdir(parents=True)
     files = sorted(folder.glob("mp_rank_*_model_states.pt"))
+    groups: dict[Any, dict] = {}
     for file in files:
         state = torch.load(file, map_location="cpu", weights_only=False)
         optimizer = state.get("optimizer")
@@ -784,11 +807,12 @@ def zero0_to_universal(folder: Path, out: Path, weights: dict[str, torch.Tensor]
                     torch.save(moments.pop("step"), param_dir / "step.pt")
                 for key, value in {"fp32": weights[names.get(name, name)], **moments}.items():
                     torch.save({"param": value.float(), "cat_dim": 0}, param_dir / f"{key}.pt")
-        if file == files[0]:
-            groups = [{k: v for k, v in g.items() if k != "params"} for g in optimizer["param_groups"]]
-            torch.save({"param_groups": groups, "ds_version": state["ds_version"]}, zero / "optimizer_state.pt")
+        for group in group_settings(optimizer["param_groups"]):  # each stage's groups: a stage may lack one
+            groups.setdefault(group.get("name"), group)
+        version = state["ds_version"]
         state["optimizer"] = None  # the moments are under zero/ now
         torch.save(state, out / file.name)
+    torch.save({"param_groups": list(groups.values()), "ds_version": version}, zero / "optimizer_state.pt")
 
 
 def _load_universal_zero0(engine: Any, folder: Path, names: dict[str, str]) -> tuple[str, dict]:
@@ -797,10 +821,10 @@ def _load_universal_zero0(engine: Any, folder: Path, names: dict[str, str]) -> t
     from a stage's model-states file (every stage saves the same), as DeepSpeed's ``_load_checkpoint`` restores."""
     check_zero0_universal()
     optimizer, zero = engine.optimizer, folder / "zero"
-    saved = torch.load(zero / "optimizer_state.pt", weights_only=False)
+    settings = group_settings(optimizer.param_groups)
     own = {id(p): name for name, p in engine.module.named_parameters()}
     with torch.no_grad():
-        for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        for group in optimizer.param_groups:
             on_device = group.get("fused") or group.get("capturable")  # where torch's AdamW keeps its step
             for p in group["params"]:
                 param_dir = zero / names.get(own[id(p)], own[id(p)])
@@ -812,7 +836,7 @@ def _load_universal_zero0(engine: Any, folder: Path, names: dict[str, str]) -> t
                     state["step"] = torch.as_tensor(step, dtype=torch.float32,
                                                     device=p.device if on_device else "cpu").clone()
                 optimizer.state[p] = state
-            group.update({k: v for k, v in saved_group.items() if k != "params"})
+    restore_group_settings(optimizer, torch.load(zero / "optimizer_state.pt", weights_only=False), settings)
     model_states = sorted(folder.glob("mp_rank_*_model_states.pt"))[0]
     checkpoint = torch.load(model_states, map_location="cpu", weights_only=False)
     if engine.lr_scheduler is not None:
