@@ -43,12 +43,12 @@ def _assert_within(got: torch.Tensor, want: torch.Tensor, tolerance: float) -> N
 @pytest.mark.parametrize("ops", [(), SOFT_CAP], ids=["plain", "soft-cap"])
 @pytest.mark.parametrize("causal", [True, False], ids=["causal", "masked"])
 def test_fused_loss_and_gradients_match_hugging_face(causal, ops, bias):
-    """Loss and the gradients of hidden states, weight and bias within 1e-5 (fp32), blocks of 5 vocabulary entries of 37."""
+    """Loss and the gradients of hidden states, weight and bias within 1e-5 (fp32), blocks of 3 rows over 14."""
     head, params = _head(bias, ops)
     labels = _labels()
     hf = (ForCausalLMLoss if causal else ForMaskedLMLoss)(materialize(head), labels, VOCAB)
     want = _loss_and_grads(hf, params)
-    got = _loss_and_grads(fused_lm_loss(head, labels, shift=causal, block_cols=5), params)
+    got = _loss_and_grads(fused_lm_loss(head, labels, shift=causal, block_rows=3), params)
     for g, w in zip(got, want):
         _assert_within(g, w, 1e-5)
 
@@ -56,7 +56,7 @@ def test_fused_loss_and_gradients_match_hugging_face(causal, ops, bias):
 def test_without_grad_it_computes_the_loss_only():
     head, _ = _head("linear", SOFT_CAP)
     with torch.no_grad():
-        loss = fused_lm_loss(head, _labels(), shift=True, block_cols=4)
+        loss = fused_lm_loss(head, _labels(), shift=True, block_rows=4)
     assert not loss.requires_grad
     torch.testing.assert_close(loss, ForCausalLMLoss(materialize(head), _labels(), VOCAB), rtol=1e-5, atol=0)
 
@@ -65,7 +65,17 @@ def test_bf16_gradients_are_those_of_the_bf16_model():
     """bf16 hidden states and weight: within bf16 rounding of Hugging Face's loss on the bf16 logits."""
     head, params = _head("added", SOFT_CAP, torch.bfloat16)
     want = _loss_and_grads(ForCausalLMLoss(materialize(head), _labels(), VOCAB), params)
-    got = _loss_and_grads(fused_lm_loss(head, _labels(), shift=True, block_cols=6), params)
+    got = _loss_and_grads(fused_lm_loss(head, _labels(), shift=True, block_rows=5), params)
     assert [g.dtype for g in got[1:]] == [torch.bfloat16] * 3
     for g, w in zip(got, want):
         _assert_within(g.float(), w.float(), 2e-2)
+
+
+def test_without_a_predicted_token_the_loss_is_nan_as_hugging_face_s():
+    head, params = _head("none", ())
+    labels = torch.full((2, 7), -100)
+    assert ForMaskedLMLoss(materialize(head), labels, VOCAB).isnan()
+    loss = fused_lm_loss(head, labels, shift=False)
+    assert loss.isnan()
+    loss.backward()
+    assert all(p.grad is not None and p.grad.count_nonzero() == 0 for p in params)

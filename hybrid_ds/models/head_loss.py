@@ -3,17 +3,19 @@
 The head layers (hybrid_ds.models.layers) do not compute logits: they return :class:`HeadLogits`, the final
 hidden states with the projection, bias and scalar ops still to apply. The loss then either materializes them
 and runs Hugging Face's loss (``fused_loss: false``, bit for bit what the model computes), or runs
-:func:`fused_lm_loss`: one block of vocabulary entries at a time (every row), the block's logits are computed
-from the hidden states and the weight's rows, a first pass keeps each row's running log-sum-exp, and a second
-computes the logits again and turns their gradient straight into the block's rows of the weight's gradient and
-its share of the hidden states'. Held at once: the weight's gradient (which autograd allocates anyway), the
-hidden states' and a few [tokens, block] temporaries. The gradients are taken in the forward pass, as Liger's
-fused linear cross-entropy does, and backward scales them by the loss's incoming gradient.
+:func:`fused_lm_loss`: a block of rows at a time, the block's logits are computed from its hidden states and the
+weight into one fp32 buffer, which becomes in place their softmax and then their gradient (softmax minus
+one-hot), from which the gradients of the hidden states, weight and biases are accumulated right away, in the
+forward pass, as Liger's fused linear cross-entropy does; backward only scales them by the loss's incoming
+gradient. The same three matmuls as the ordinary path, no recomputation. Held at once: the weight's gradient
+(which autograd allocates anyway), the hidden states' and one [block, vocab] buffer (a few more for scalar ops,
+whose autograd runs on the block).
 
-DeepSpeed's ``chunked_cross_entropy`` (blocks of rows, given the logits) does not fit here: blocks of rows
-recompute each block's logits from the whole weight, which the matmuls then re-read per block; at a few dozen
-rows (what keeps the temporaries small at a 128k vocabulary) they ran 2x slower on CPU, and at a few hundred
-rows the temporaries are half of what the full logits cost.
+DeepSpeed's ``chunked_cross_entropy`` is the same arithmetic given the logits; taking it per block would add
+its own [block, vocab] buffers (gradient, probabilities) to ours, so the in-place version is written out here.
+Blocks of rows are sized to ``BLOCK_ELEMENTS``: each block's matmuls re-read the whole weight, which costs
+little at a few hundred rows (measured on CPU: 65-row blocks ran these matmuls 2x slower, 262-row blocks as fast
+as one matmul over all rows).
 Anything that needs the logits themselves (parity, tests) calls :func:`materialize`.
 """
 
@@ -28,9 +30,9 @@ import torch.nn.functional as F
 from hybrid_ds.families import ScalarOp, apply_ops
 
 IGNORE_INDEX = -100
-# Logits per block: 2**22, 16 MiB in fp32 (4096 vocabulary entries of 1024 tokens), so a block's few temporaries
-# stay well under 100 MiB at any vocabulary, while each block's matmuls keep every row and thousands of columns.
-BLOCK_ELEMENTS = 1 << 22
+# Logits per block: 2**25, one 128 MiB fp32 buffer whatever the vocabulary (261 rows at Llama 3's 128,256), enough
+# rows for each block's matmuls to run as fast as one over all rows.
+BLOCK_ELEMENTS = 1 << 25
 
 
 @dataclass(frozen=True)
@@ -70,104 +72,93 @@ def materialize(logits: Any) -> torch.Tensor:
     return logits.logits() if isinstance(logits, HeadLogits) else logits
 
 
-def fused_lm_loss(head: HeadLogits, labels: torch.Tensor, shift: bool, block_cols: int | None = None) -> torch.Tensor:
+def fused_lm_loss(head: HeadLogits, labels: torch.Tensor, shift: bool, block_rows: int | None = None) -> torch.Tensor:
     """Hugging Face's ``ForCausalLMLoss`` (``shift``) or ``ForMaskedLMLoss`` of ``head``'s logits, fp32: the mean
     over tokens whose label is not -100 (NaN if there are none, as there), without ``num_items_in_batch``.
-    ``block_cols``: vocabulary entries per block (default: ``BLOCK_ELEMENTS`` logits per block)."""
+    ``block_rows``: tokens per block (default: ``BLOCK_ELEMENTS`` logits per block)."""
     if shift:  # tokens < n predict n; the last position predicts nothing
         labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     hidden = head.hidden.reshape(-1, head.hidden.shape[-1])
     targets = labels.reshape(-1).to(hidden.device)
-    cols = block_cols or max(1, BLOCK_ELEMENTS // max(1, hidden.shape[0]))
+    rows = block_rows or max(1, BLOCK_ELEMENTS // head.weight.shape[0])
     tensors = (hidden, head.weight, head.bias, head.added_bias)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return _FusedHeadCrossEntropy.apply(*tensors, targets, head.ops, cols, need_grad)
+    return _FusedHeadCrossEntropy.apply(*tensors, targets, head.ops, rows, need_grad)
 
 
 class _FusedHeadCrossEntropy(torch.autograd.Function):
-    """Mean cross-entropy of ``apply_ops(hidden @ weight.T + bias + added_bias, ops)``, a block of vocabulary
-    entries (all rows) at a time.
+    """Mean cross-entropy of ``apply_ops(hidden @ weight.T + bias + added_bias, ops)``, a block of rows at a time.
 
-    Pass 1 keeps a running log-sum-exp per row and picks each row's target logit. With ``need_grad``, pass 2
-    computes each block's logits again, their gradient (softmax minus one-hot, over the count of predicted
-    tokens), and from it the block's rows of the weight's gradient (written once) and its share of the hidden
-    states' gradient (summed in fp32): four matmuls where the ordinary path has three, none of them with few
-    rows. Backward only scales these by the loss's incoming gradient. Without ``need_grad`` (evaluation) pass 1
-    alone runs.
+    With ``need_grad`` the forward pass also computes every input's gradient (of the mean, so that backward only
+    scales them by the loss's incoming gradient); without it (evaluation) only the loss.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, added_bias, targets, ops, block_cols, need_grad):
-        head = _Blocks(hidden, weight, bias, added_bias, ops, block_cols)
+    def forward(ctx, hidden, weight, bias, added_bias, targets, ops, block_rows, need_grad):
         valid = targets != IGNORE_INDEX
-        safe = torch.where(valid, targets, torch.zeros_like(targets))
-        log_sum_exp, target_logit = head.log_sum_exp(safe)
-        inv_count = 1.0 / valid.sum().float()
-        ctx.grads = head.gradients(safe, log_sum_exp, torch.where(valid, inv_count, 0.0)) if need_grad else None
-        return torch.where(valid, log_sum_exp - target_logit, 0.0).sum() * inv_count
+        targets = torch.where(valid, targets, torch.zeros_like(targets))  # an index to gather; its row is masked
+        inv_count = 1.0 / valid.sum().float()  # inf without a predicted token: the loss is then NaN, as HF's
+        row_scale = torch.where(valid, inv_count, 0.0)  # the mean's gradient; 0 on ignored rows
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grads = _Grads(hidden, weight, bias is not None or added_bias is not None) if need_grad else None
+        for start in range(0, hidden.shape[0], block_rows):
+            rows = slice(start, start + block_rows)
+            pre = F.linear(hidden[rows], weight, bias)  # autograd is off inside forward
+            if added_bias is not None:
+                pre += added_bias
+            with torch.enable_grad():  # only the scalar ops' autograd, from the block's logits
+                logits = apply_ops(pre.requires_grad_(), ops) if ops and need_grad else apply_ops(pre, ops)
+            # fp32, and its own buffer where the ops' autograd may still need their output
+            work = logits.detach().to(torch.float32, copy=bool(ops))
+            target_logit = work.gather(1, targets[rows, None])[:, 0]
+            row_max = work.amax(1, keepdim=True)
+            exp_sum = work.sub_(row_max).exp_().sum(1)  # work: exp(logit - max), in place
+            losses = row_max[:, 0] + exp_sum.log() - target_logit
+            total += torch.where(valid[rows], losses, 0.0).sum()
+            if grads is not None:  # softmax minus one-hot, times the mean's scale, in place
+                scale = row_scale[rows, None]
+                work.mul_(scale / exp_sum[:, None]).scatter_add_(1, targets[rows, None], -scale)
+                d_logits = work.to(logits.dtype)  # as cross_entropy's gradient is cast by .float()'s backward
+                d_pre = torch.autograd.grad(logits, pre, d_logits)[0] if ops else d_logits
+                grads.add(rows, hidden[rows], d_pre)
+        ctx.grads = grads
+        return total * inv_count
 
     @staticmethod
     def backward(ctx, grad_loss):
         grads, ctx.grads = ctx.grads, None  # dropped, so that autograd can take the gradients without copying them
-        scale = grad_loss.float()
-        d_hidden, d_weight, d_bias = (None if g is None else g.mul_(scale.to(g.dtype)) for g in grads)
+        d_hidden, d_weight, d_bias = grads.scaled(grad_loss)
         needs = ctx.needs_input_grad
         return (d_hidden if needs[0] else None, d_weight if needs[1] else None, d_bias if needs[2] else None,
                 d_bias if needs[3] else None, None, None, None, None)
 
 
-class _Blocks:
-    """The head's logits, one block of vocabulary entries at a time."""
+class _Grads:
+    """The gradients of the hidden states, the weight and the (one) bias, filled block by block.
 
-    def __init__(self, hidden, weight, bias, added_bias, ops, block_cols):
-        self.hidden, self.weight, self.bias, self.added_bias, self.ops = hidden, weight, bias, added_bias, ops
-        self.starts = range(0, weight.shape[0], block_cols)
-        self.cols = block_cols
+    The weight's and bias's sums over blocks are kept in fp32 whatever the weight's dtype, so that a bf16 model
+    gets the gradient of one full matmul rounded once, as in the ordinary path, not one rounding per block.
+    """
 
-    def pre_ops(self, start: int) -> torch.Tensor:
-        """The block's logits before the scalar ops, as the model's layers compute them."""
-        cols = slice(start, start + self.cols)
-        x = F.linear(self.hidden, self.weight[cols], None if self.bias is None else self.bias[cols])
-        return x if self.added_bias is None else x + self.added_bias[cols]
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, has_bias: bool):
+        self.dtype, self.weight_value = weight.dtype, weight
+        self.hidden = torch.empty_like(hidden)
+        self.weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
+        self.bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if has_bias else None
 
-    def log_sum_exp(self, targets: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per row: log-sum-exp of the logits (fp32), and the logit of ``targets``."""
-        rows = self.hidden.shape[0]
-        running_max = torch.full((rows,), -torch.inf, device=self.hidden.device)
-        running_sum = torch.zeros(rows, device=self.hidden.device)
-        target_logit = torch.zeros(rows, device=self.hidden.device)
-        for start in self.starts:
-            logits = apply_ops(self.pre_ops(start), self.ops).float()
-            new_max = torch.maximum(running_max, logits.amax(-1))
-            running_sum = (running_sum * torch.exp(running_max - new_max).nan_to_num(0.0)
-                           + torch.exp(logits - new_max[:, None]).sum(-1))
-            running_max = new_max
-            inside = (targets >= start) & (targets < start + logits.shape[1])
-            picked = logits.gather(1, (targets - start).clamp(0, logits.shape[1] - 1)[:, None])[:, 0]
-            target_logit = torch.where(inside, picked, target_logit)
-        return running_max + torch.log(running_sum), target_logit
+    def add(self, rows: slice, hidden: torch.Tensor, d_logits: torch.Tensor) -> None:
+        """Add one block's share, given d loss / d (its logits before the scalar ops)."""
+        self.hidden[rows] = d_logits @ self.weight_value
+        if self.dtype == torch.float32:
+            self.weight.addmm_(d_logits.t(), hidden)
+        else:
+            self.weight += d_logits.t() @ hidden
+        if self.bias is not None:
+            self.bias += d_logits.sum(0, dtype=torch.float32)
 
-    def gradients(self, targets: torch.Tensor, log_sum_exp: torch.Tensor, row_scale: torch.Tensor) -> tuple:
-        """d (sum of row_scale * row loss) / d (hidden, weight, bias) in the inputs' dtypes."""
-        d_hidden = torch.zeros(self.hidden.shape, dtype=torch.float32, device=self.hidden.device)
-        d_weight = torch.empty_like(self.weight)
-        has_bias = self.bias is not None or self.added_bias is not None
-        d_bias = torch.empty(self.weight.shape[0], dtype=self.weight.dtype, device=self.weight.device) if has_bias else None
-        for start in self.starts:
-            pre = self.pre_ops(start)  # autograd is off inside forward: the scalar ops' alone is taken
-            with torch.enable_grad():
-                logits = apply_ops(pre.requires_grad_(), self.ops) if self.ops else pre
-            d_logits = torch.exp(logits.detach().float() - log_sum_exp[:, None])
-            inside = (targets >= start) & (targets < start + d_logits.shape[1])
-            d_logits.scatter_add_(1, (targets - start).clamp(0, d_logits.shape[1] - 1)[:, None], -inside[:, None].float())
-            d_logits = (d_logits * row_scale[:, None]).to(logits.dtype)  # as cross_entropy's, cast as .float()'s
-            d_pre = torch.autograd.grad(logits, pre, d_logits)[0] if self.ops else d_logits
-            cols = slice(start, start + d_pre.shape[1])
-            d_weight[cols] = d_pre.t() @ self.hidden
-            if d_pre.dtype == torch.float32:
-                d_hidden.addmm_(d_pre, self.weight[cols])
-            else:  # a bf16 matmul, summed over blocks in fp32
-                d_hidden += (d_pre @ self.weight[cols]).float()
-            if d_bias is not None:
-                d_bias[cols] = d_pre.sum(0)
-        return d_hidden.to(self.hidden.dtype), d_weight, d_bias
+    def scaled(self, grad_loss: torch.Tensor) -> tuple[Any, ...]:
+        """The gradients times the loss's incoming gradient, in the inputs' dtypes (in place where they are)."""
+        scale = grad_loss.float()
+        weight = self.weight.mul_(scale).to(self.dtype)
+        bias = self.bias.mul_(scale).to(self.dtype) if self.bias is not None else None
+        return self.hidden.mul_(scale.to(self.hidden.dtype)), weight, bias
