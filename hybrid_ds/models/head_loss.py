@@ -143,22 +143,29 @@ class _Grads:
     def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, has_bias: bool):
         self.dtype, self.weight_value = weight.dtype, weight
         self.hidden = torch.empty_like(hidden)
-        self.weight = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device)
-        self.bias = torch.zeros(weight.shape[0], dtype=torch.float32, device=weight.device) if has_bias else None
+        self.weight: torch.Tensor | None = None   # the first block's share, then the sum (fp32)
+        self.bias: torch.Tensor | None = None
+        self.has_bias = has_bias
 
     def add(self, rows: slice, hidden: torch.Tensor, d_logits: torch.Tensor) -> None:
         """Add one block's share, given d loss / d (its logits before the scalar ops)."""
         self.hidden[rows] = d_logits @ self.weight_value
-        if self.dtype == torch.float32:
+        if self.weight is None:
+            self.weight = (d_logits.t() @ hidden).float()
+        elif self.dtype == torch.float32:
             self.weight.addmm_(d_logits.t(), hidden)
         else:
             self.weight += d_logits.t() @ hidden
-        if self.bias is not None:
-            self.bias += d_logits.sum(0, dtype=torch.float32)
+        if self.has_bias:
+            bias = d_logits.sum(0, dtype=torch.float32)
+            self.bias = bias if self.bias is None else self.bias.add_(bias)
 
     def scaled(self, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         """The gradients times the loss's incoming gradient, in the inputs' dtypes (in place where they are)."""
         scale = grad_loss.float()
+        if self.weight is None:  # no rows at all
+            self.weight = torch.zeros_like(self.weight_value, dtype=torch.float32)
+            self.bias = torch.zeros(self.weight.shape[0], device=self.weight.device) if self.has_bias else None
         weight = self.weight.mul_(scale).to(self.dtype)
         bias = self.bias.mul_(scale).to(self.dtype) if self.bias is not None else None
         return self.hidden.mul_(scale.to(self.hidden.dtype)), weight, bias
