@@ -124,6 +124,11 @@ class TrainConfig(_Section):
     eval_batches: int = Field(8, ge=1, description="batches per evaluation")
     resume: bool | Literal["auto"] = Field(False, description="true/\"auto\": continue from the latest checkpoint")
     export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run")
+    fused_loss: bool = Field(True, description="compute the LM loss from the last hidden states a block of rows at "
+                                               "a time (hybrid_ds.models.head_loss): no [tokens, vocab] fp32 logits, "
+                                               "their log-softmax or gradient; loss and gradients within 1e-5 of "
+                                               "Hugging Face's (fp32), not bit for bit. false: Hugging Face's loss on "
+                                               "the full logits")
     # 5: one or two overflowing batches are survivable (each is skipped), while a diverged model makes every step
     # non-finite; stopping after 5 wastes at most 5 steps and keeps the last good state.
     # As the Hugging Face Trainer, Megatron-LM and nanoGPT do: decay pulls weights of matrices toward zero; on a

@@ -470,8 +470,10 @@ class OneBackwardPipelineEngine(_pipeline_engine_base()):
 
     def _exec_backward_pass(self, buffer_id: int) -> None:
         outputs = self.pipe_buffers["outputs"][buffer_id]
-        floating = [t for t in outputs if t.is_floating_point()] if isinstance(outputs, tuple) else []
-        if len(floating) < 2 or self.is_last_stage() or self.is_pipe_partitioned or self.is_grad_partitioned:
+        # The last stage's outputs are never sent, and need not be tensors (the head's HeadLogits).
+        last = self.is_last_stage()
+        floating = [t for t in outputs if t.is_floating_point()] if isinstance(outputs, tuple) and not last else []
+        if len(floating) < 2 or self.is_pipe_partitioned or self.is_grad_partitioned:
             super()._exec_backward_pass(buffer_id)
             return
         received = self.grad_layer

@@ -3,7 +3,10 @@
 One batch goes through the original model and through the pipeline's stages, each stage built as its
 rank would build it (its own meta skeleton, its own reads from the folder's safetensors), run one after
 another in this process. Reported: both losses, the largest logit difference, the largest gradient
-difference relative to the gradient's scale, and parameters whose gradient one side lacks.
+difference relative to the gradient's scale, and parameters whose gradient one side lacks. These are of
+Hugging Face's loss on the pipeline's logits, which is bit for bit the model's; with ``train.fused_loss``
+the fused loss (hybrid_ds.models.head_loss, a different summation) runs too, and its loss and gradients must
+be within the tolerance of Hugging Face's.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import torch
 
 from hybrid_ds.config import RunConfig
 from hybrid_ds.models.build import checkpoint_folder
+from hybrid_ds.models.head_loss import materialize
 from hybrid_ds.models.resolve import auto_class, resolve_model
 from hybrid_ds.pipeline import SequentialStages
 from hybrid_ds.plan import build_plan
@@ -35,17 +39,25 @@ class ParityReport:
     max_grad_diff: float          # max over parameters of max|g_pipe - g_hf| / max|g_hf|
     worst_grad: str
     unmatched_grads: list[str] = field(default_factory=list)
+    fused_loss: float | None = None       # the fused loss (train.fused_loss), and its max relative grad diff
+    fused_grad_diff: float | None = None
+
+    @property
+    def fused_ok(self) -> bool:
+        return self.fused_loss is None or (abs(self.hf_loss - self.fused_loss) <= TOLERANCE
+                                           and self.fused_grad_diff <= TOLERANCE)
 
     @property
     def ok(self) -> bool:
         return (abs(self.hf_loss - self.pipeline_loss) <= TOLERANCE and self.max_logit_diff <= TOLERANCE
-                and self.max_grad_diff <= TOLERANCE and not self.unmatched_grads)
+                and self.max_grad_diff <= TOLERANCE and not self.unmatched_grads and self.fused_ok)
 
     @property
     def exact(self) -> bool:
-        """Bit for bit: the same loss, logits and gradients (what the named families give on CPU in fp32)."""
+        """Bit for bit: the same loss, logits and gradients (what the named families give on CPU in fp32); the
+        fused loss, whose sums run in another order, within the tolerance."""
         return (self.hf_loss == self.pipeline_loss and self.max_logit_diff == 0 and self.max_grad_diff == 0
-                and not self.unmatched_grads)
+                and not self.unmatched_grads and self.fused_ok)
 
     def lines(self) -> list[str]:
         return [f"model           {self.model} ({self.stages} stages)",
@@ -54,6 +66,8 @@ class ParityReport:
                 f"max |logit diff| {self.max_logit_diff:.3g}",
                 f"max grad diff   {self.max_grad_diff:.3g} (relative, worst: {self.worst_grad})",
                 *([f"unmatched grads {self.unmatched_grads[:5]}"] if self.unmatched_grads else []),
+                *([f"fused loss      {self.fused_loss:.8f}   diff {abs(self.hf_loss - self.fused_loss):.3g}   "
+                   f"max grad diff {self.fused_grad_diff:.3g}"] if self.fused_loss is not None else []),
                 f"parity          {'OK' if self.ok else 'FAILED'} "
                 f"({'bit for bit' if self.exact else f'tolerance {TOLERANCE:g}'})"]
 
@@ -100,10 +114,18 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
         if family.task_info.token_types:
             inputs += (batch["token_type_ids"],)
         outputs = pipe.forward(inputs)  # the logits, and the router loss of a model that adds it
-        loss = pipe.loss_fn(outputs, batch["labels"])
-        logits = outputs[0] if isinstance(outputs, tuple) else outputs
+        loss = pipe.hf_loss_fn(outputs, batch["labels"])
+        logits = materialize(outputs[0] if isinstance(outputs, tuple) else outputs)
         loss.backward()
-        return _report(original, stages, out, logits, loss, hf, pipe)
+        report = _report(original, stages, out, logits, loss, hf, pipe)
+        if cfg.train.fused_loss:
+            for module in pipe.modules():
+                module.zero_grad(set_to_none=True)
+            fused = pipe.loss_fn(pipe.forward(inputs), batch["labels"])
+            fused.backward()
+            report.fused_loss = fused.item()
+            report.fused_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
+        return report
 
 
 def _checkpoint_folder(cfg: RunConfig, tmp: Path) -> str:
@@ -116,17 +138,30 @@ def _checkpoint_folder(cfg: RunConfig, tmp: Path) -> str:
     return str(tmp)
 
 
-def _report(name, stages, out, logits, loss, hf, pipe) -> ParityReport:
-    hf_grads = {n: p.grad for n, p in hf.named_parameters() if p.grad is not None}
+def _max_grad_diff(hf, pipe, floor: float = 0.0) -> tuple[float, str]:
+    """max over parameters of max|g_pipe - g_hf| / max|g_hf|, and the worst parameter's name.
+
+    ``floor``: the scale is at least this fraction of the largest gradient of the model. A gradient that is zero
+    in exact arithmetic (BERT's key biases: softmax ignores a constant) is rounding noise, ~1e-11, on both sides,
+    and two different summations give two different noises; only bit-for-bit comparisons can do without it.
+    """
     grads = pipe.named_gradients()
+    hf_grads = [p.grad for p in hf.parameters() if p.grad is not None]
+    least = floor * max(g.abs().max().item() for g in hf_grads) if floor and hf_grads else 1e-12
     worst, worst_name = 0.0, "-"
-    for key, hf_grad in hf_grads.items():
-        if key in grads:
-            diff = ((grads[key] - hf_grad).abs().max() / hf_grad.abs().max().clamp_min(1e-12)).item()
+    for key, param in hf.named_parameters():
+        if param.grad is not None and key in grads:
+            diff = ((grads[key] - param.grad).abs().max() / param.grad.abs().max().clamp_min(least)).item()
             if not diff <= worst:  # a NaN on either side is the worst difference, never "no difference"
                 worst, worst_name = diff, key
                 if math.isnan(diff):
                     break
-    unmatched = sorted(set(hf_grads) ^ set(grads))
+    return worst, worst_name
+
+
+def _report(name, stages, out, logits, loss, hf, pipe) -> ParityReport:
+    hf_grads = {n for n, p in hf.named_parameters() if p.grad is not None}
+    worst, worst_name = _max_grad_diff(hf, pipe)
+    unmatched = sorted(hf_grads ^ set(pipe.named_gradients()))
     return ParityReport(name, stages, out.loss.item(), loss.item(), (logits - out.logits).abs().max().item(),
                         worst, worst_name, unmatched)

@@ -88,7 +88,7 @@ def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any
     specs, units = layer_specs(builder)
     module = HybridPipelineModule(
         layers=specs, parts=spec_boundaries(plan.boundaries, units), num_stages=plan.layout.stages,
-        loss_fn=loss_function(builder.family, _vocab(builder)),
+        loss_fn=loss_function(builder.family, _vocab(builder), cfg.train.fused_loss),
         partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
         # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
         activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
@@ -131,7 +131,9 @@ class SequentialStages:
             self.builders.append(builder)
         if plan.config.train.compile:
             compile_blocks(self.modules())
-        self.loss_fn = loss_function(plan.resolved.family, _vocab(self.builders[0]))
+        family, vocab = plan.resolved.family, _vocab(self.builders[0])
+        self.loss_fn = loss_function(family, vocab, plan.config.train.fused_loss)  # as the run computes it
+        self.hf_loss_fn = loss_function(family, vocab, fused=False)  # Hugging Face's, on the full logits
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for layers in self.layers_per_stage for _, m in layers]

@@ -35,6 +35,7 @@ def cuda_env(**extra: str) -> dict[str, str]:
 def bf16_parity(name: str, stages: int, folder: Path, device: str) -> dict[str, float]:
     """The pipeline's stages and the HF model, both bf16 on ``device``, on one padded batch; relative diffs."""
     from hybrid_ds.config import ModelConfig, load_config_dict
+    from hybrid_ds.models.head_loss import materialize
     from hybrid_ds.models.resolve import auto_class, resolve_model
     from hybrid_ds.parity import sample_batch
     from hybrid_ds.pipeline import SequentialStages
@@ -61,8 +62,9 @@ def bf16_parity(name: str, stages: int, folder: Path, device: str) -> dict[str, 
     pipe = SequentialStages(build_plan(cfg, world_size=stages))
     for module in pipe.modules():
         module.to(device).eval()
-    logits = pipe.forward(inputs)
-    loss = pipe.loss_fn(logits, batch["labels"])
+    outputs = pipe.forward(inputs)  # HeadLogits: the fused loss (train.fused_loss) computes them by blocks
+    loss = pipe.loss_fn(outputs, batch["labels"])
+    logits = materialize(outputs).detach()
     loss.backward()
     hf = auto.from_pretrained(folder, dtype=torch.bfloat16).to(device).eval()
     labels = batch.pop("labels")

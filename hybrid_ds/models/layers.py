@@ -3,7 +3,9 @@
 Between layers (and so between stages) travels a tuple of tensors:
 ``(input_ids, attention_mask[, token_type_ids])`` into the first layer, then
 ``(hidden_states, attention_mask[, router_stats])``, and logits out of the last (``(logits, router_aux_loss)``
-for a Mixture-of-Experts model whose loss includes its routers': hybrid_ds.models.router_loss). The
+for a Mixture-of-Experts model whose loss includes its routers': hybrid_ds.models.router_loss), as
+:class:`~hybrid_ds.models.head_loss.HeadLogits` not yet computed, so that the loss can compute them a block of
+rows at a time (``train.fused_loss``); they never cross a stage boundary. The
 attention mask is an int64 padding mask (1 = real token), or with ``data.document_mask`` each token's document
 index (0 = padding; hybrid_ds.models.masks): no bools (DeepSpeed cannot send them) and nothing that needs grad.
 Position ids, rotary cos/sin and the 4-D attention mask are recomputed on each stage with the same
@@ -16,11 +18,11 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from hybrid_ds.families import Family, apply_ops
 from hybrid_ds.models.build import StageBuilder
+from hybrid_ds.models.head_loss import HeadLogits, fused_lm_loss, materialize
 from hybrid_ds.models.masks import attention_mask_4d, padding_mask, position_ids
 from hybrid_ds.models.router_loss import add_router_stats, router_aux_loss
 
@@ -39,7 +41,7 @@ class TokenEmbedding(nn.Module):
 
 def project_with_embedding(module: TokenEmbedding, hidden: Any) -> Any:
     """A tied output projection: the embedding's own weight, unscaled (Gemma scales only the lookup)."""
-    return on_logits(lambda x: F.linear(x, module.embed.weight), hidden)
+    return on_logits(lambda x: HeadLogits(x, module.embed.weight), hidden)
 
 
 def on_logits(fn: Any, outputs: Any) -> Any:
@@ -165,7 +167,9 @@ class OutputProjection(nn.Module):
         self.proj = builder.module(builder.family.output)
 
     def forward(self, hidden: Any) -> Any:
-        return on_logits(self.proj, hidden)
+        if type(self.proj) is nn.Linear:
+            return on_logits(lambda x: HeadLogits(x, self.proj.weight, self.proj.bias), hidden)
+        return on_logits(self.proj, hidden)  # a projection of its own kind: real logits
 
 
 class LogitsBias(nn.Module):
@@ -177,7 +181,7 @@ class LogitsBias(nn.Module):
         self.bias = builder.parameter(path)
 
     def forward(self, logits: Any) -> Any:
-        return on_logits(lambda x: x + self.bias, logits)
+        return on_logits(lambda x: x.add_bias(self.bias) if isinstance(x, HeadLogits) else x + self.bias, logits)
 
 
 class LogitsOps(nn.Module):
@@ -188,19 +192,27 @@ class LogitsOps(nn.Module):
         self.ops = builder.family.logit_ops
 
     def forward(self, logits: Any) -> Any:
-        return on_logits(lambda x: apply_ops(x, self.ops), logits)
+        return on_logits(lambda x: x.then(self.ops) if isinstance(x, HeadLogits) else apply_ops(x, self.ops), logits)
 
 
-def loss_function(family: Family, vocab_size: int):
-    """The Hugging Face model's own loss: shifted causal-LM or plain masked-LM cross-entropy, in fp32."""
+def loss_function(family: Family, vocab_size: int, fused: bool = True):
+    """The Hugging Face model's own loss: shifted causal-LM or plain masked-LM cross-entropy, in fp32.
+
+    ``fused``: computed from the head's hidden states a block of rows at a time (hybrid_ds.models.head_loss),
+    never holding the [tokens, vocab] logits; otherwise Hugging Face's loss of the materialized logits.
+    """
     from transformers.loss import loss_utils
 
     hf_loss = getattr(loss_utils, family.task_info.loss)
+    shift = family.task_info.loss == "ForCausalLMLoss"
 
     def lm_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """The LM loss of the logits, plus ``router_aux_loss_coef`` times the router loss where it came along."""
         logits, *aux = outputs if isinstance(outputs, tuple) else (outputs,)
-        loss = hf_loss(logits, labels, vocab_size)
+        if fused and isinstance(logits, HeadLogits):
+            loss = fused_lm_loss(logits, labels, shift)
+        else:
+            loss = hf_loss(materialize(logits), labels, vocab_size)
         return loss + family.router_aux.coef * aux[0] if aux else loss
 
     return lm_loss

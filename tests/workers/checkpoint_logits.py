@@ -13,6 +13,7 @@ import torch
 from hybrid_ds import checkpoint
 from hybrid_ds.config import load_config
 from hybrid_ds.engine import build_pipeline_engine, build_plain_engine, device, init_distributed
+from hybrid_ds.models.head_loss import materialize
 from hybrid_ds.train import prepare
 
 
@@ -23,6 +24,8 @@ def pipeline_logits(plan, ids):
     micro = [((ids, torch.ones_like(ids)), ids)]
     _, logits = engine.eval_batch(iter(micro), return_logits=True, num_micro_batches=1)
     logits = logits[0] if isinstance(logits, tuple) else logits  # (logits, router loss) of a MoE model
+    with torch.no_grad():
+        logits = materialize(logits)  # the head returns HeadLogits, computed here
     return logits if engine.is_last_stage() and engine.grid.get_data_parallel_rank() == 0 else None
 
 
