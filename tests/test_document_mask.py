@@ -15,6 +15,7 @@ from hybrid_ds.config import load_config_dict
 from hybrid_ds.data.feed import IGNORE, MicroBatches, document_ids, document_labels
 from hybrid_ds.engine import PlainEngine
 from hybrid_ds.errors import UserError
+from hybrid_ds.models.head_loss import materialize
 from hybrid_ds.models.masks import document_positions
 from hybrid_ds.models.resolve import auto_class, resolve_model
 from hybrid_ds.pipeline import SequentialStages
@@ -47,6 +48,7 @@ def documents(seed: int = 0) -> list[torch.Tensor]:
 
 def per_token_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     """The causal-LM loss of each position (what it predicts: the next label), NaN where that label is ignored."""
+    logits = materialize(logits)  # the pipeline's head hands the fused loss HeadLogits
     losses = F.cross_entropy(logits[0, :-1].float(), labels[0, 1:], ignore_index=IGNORE, reduction="none")
     return losses.masked_fill(labels[0, 1:] == IGNORE, float("nan"))
 

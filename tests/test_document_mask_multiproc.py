@@ -28,6 +28,7 @@ def first_step_alone(config: Path) -> float:
     with every document of each block run alone through one stage without any document mask."""
     from hybrid_ds.config import load_config
     from hybrid_ds.data import load_data, load_tokenizer
+    from hybrid_ds.models.head_loss import materialize
     from hybrid_ds.models.resolve import tokenizer_source
     from hybrid_ds.pipeline import SequentialStages
     from hybrid_ds.plan import build_plan
@@ -48,7 +49,7 @@ def first_step_alone(config: Path) -> float:
             for row, docs in zip(ids, documents):
                 for doc in docs.unique():
                     alone = row[docs == doc][None]
-                    logits = model.forward((alone, torch.ones_like(alone)))
+                    logits = materialize(model.forward((alone, torch.ones_like(alone))))
                     losses.append(F.cross_entropy(logits[0, :-1].float(), alone[0, 1:], reduction="none"))
             means.append(torch.cat(losses).mean())
     return torch.stack(means).mean().item()
