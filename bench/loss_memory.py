@@ -34,7 +34,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-RESULTS = ROOT / "bench" / "results" / "loss_memory.json"
+RESULTS = Path(os.environ.get("HYBRID_DS_BENCH_RESULTS", ROOT / "bench" / "results")) / "loss_memory.json"
 TARGET = 0.35
 MIB = 2**20
 
@@ -103,6 +103,7 @@ def main() -> None:
     parser.add_argument("--hidden", type=int, default=2048)    # Llama 3.2 1B
     parser.add_argument("--seq", type=int, default=1024)
     parser.add_argument("--worker", choices=["hf", "fused"])
+    parser.add_argument("--out", default="loss_memory", help="result name: bench/results/OUT.json")
     args = parser.parse_args()
     if args.worker:
         print(json.dumps(worker(args.worker, args.vocab, args.hidden, args.seq)))
@@ -123,8 +124,9 @@ def main() -> None:
         "target": TARGET,
         "load_average": [load_before, os.getloadavg()[0]],  # other processes' load: step times are noisy beyond ~1
     }
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps(result, indent=2))
+    results = RESULTS.with_name(f"{args.out}.json")
+    results.parent.mkdir(parents=True, exist_ok=True)
+    results.write_text(json.dumps(result, indent=2))
     print(f"head stage, vocab {args.vocab}, hidden {args.hidden}, {args.seq} tokens, fp32, CPU "
           f"(weight {grad / MIB:.0f} MiB, its gradient {grad / MIB:.0f} MiB, one fp32 logits "
           f"{result['logits_bytes'] / MIB:.0f} MiB)")
@@ -135,7 +137,7 @@ def main() -> None:
     print(f"peak memory fused / hf: {result['ratio']:.3f} (target <= {TARGET}); beyond the weight's gradient: "
           f"{result['ratio_beyond_weight_grad']:.3f}; step time fused / hf: {result['step_time_ratio']:.2f} "
           f"(load average {load_before:.1f} -> {os.getloadavg()[0]:.1f})")
-    print(f"wrote {RESULTS}")
+    print(f"wrote {results}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""Run the performance benchmarks of issue #7 and print one table (also bench/results/performance.{json,md}).
+"""Run the performance benchmarks (issues 7 and 15) and print one table (also bench/results/performance.{json,md}).
 
     python bench/run_all.py --quick     # under 10 minutes on a 2-core CPU machine
     python bench/run_all.py             # more steps and rounds, and the real training command's start-up
@@ -34,6 +34,7 @@ QUICK = {
     "scaling": ("scaling", ["--rounds", "2", "--warmup", "1"]),
     "default_config": ("default_config", ["--steps", "2", "--warmup", "0", "--budget-s", "40"]),
     "compile_speed": ("compile_speed", ["--steps", "2", "--budget-s", "45", "--quiet-wait", "5"]),
+    "loss_memory": ("loss_memory", []),
 }
 FULL = {
     "overhead": ("overhead", ["--models", "gpt2,llama-100m", "--grad-accum", "4", "--steps", "6", "--warmup", "1"]),
@@ -41,6 +42,7 @@ FULL = {
     "scaling": ("scaling", ["--rounds", "4", "--warmup", "1"]),
     "default_config": ("default_config", ["--steps", "3", "--warmup", "1", "--cli"]),
     "compile_speed": ("compile_speed", ["--steps", "4"]),
+    "loss_memory": ("loss_memory", []),
 }
 
 
@@ -108,6 +110,15 @@ def table(results: dict[str, Any]) -> list[str]:
                     f"{r['grad_accum']}, seq {r['seq_len']}; {r['clean_pairs']} clean pairs; compile {r['compile_s']:.0f} s "
                     f"for {r['blocks']} blocks in {r['graphs']} graph(s), paid in the first step) "
                     f"| {r['compiled_median_s']:.2f} s | {r['eager_median_s']:.2f} s | {r['ratio']:.3f} | - | - |")
+    memory = results.get("loss_memory")
+    if memory:
+        shape, runs, mib = memory["shape"], memory["runs"], 2 ** 20
+        rows.append(f"| head stage peak memory, fused loss vs Hugging Face's loss on full logits (vocab {shape['vocab']:,}, "
+                    f"hidden {shape['hidden']}, {shape['tokens']} tokens, fp32; both allocate the weight's "
+                    f"{memory['weight_grad_bytes'] / mib:.0f} MiB gradient; beyond it: "
+                    f"{memory['ratio_beyond_weight_grad']:.3f}x; step time {memory['step_time_ratio']:.2f}x) "
+                    f"| {runs['fused']['peak_delta'] / mib:.0f} MiB | {runs['hf']['peak_delta'] / mib:.0f} MiB "
+                    f"| {memory['ratio']:.3f} | <= {memory['target']} | {_met(memory['ratio'] <= memory['target'])} |")
     for name, error in results.get("errors", {}).items():
         rows.append(f"| {name} | failed: {error} | | | | |")
     return rows
