@@ -69,7 +69,8 @@ def predict_activations(name: str, precision: str, attn: str, seq: int = ACT_SEQ
     arch = arch_from_preset(name)
     return {"block": sum(block_activation_terms(arch, seq, micro, precision, attn, runtime="cpu").values()),
             "embedding": embedding_activation_bytes(arch, seq, micro, precision, runtime="cpu"),
-            "head": head_activation_bytes(arch, seq, micro, precision, runtime="cpu")}
+            # measure_activations runs the config's defaults: the fused loss (train.fused_loss)
+            "head": head_activation_bytes(arch, seq, micro, precision, runtime="cpu", fused_loss=True)}
 
 
 def _state_config(zero: int, stages: int, precision: str, bucket: int | None = None) -> dict:

@@ -30,7 +30,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from hybrid_ds.activations import (DTYPE_BYTES, block_activation_terms, embedding_activation_bytes,
-                                   head_activation_bytes, korthikanti_layer_bytes)
+                                   fused_loss_bytes, head_activation_bytes, korthikanti_layer_bytes)
 from hybrid_ds.architecture import Arch, arch_from_config_dict, arch_from_model, arch_from_preset, stage_boundaries
 from hybrid_ds.errors import UserError
 from hybrid_ds.model_state import DEEPSPEED_REDUCE_BUCKET, ModelState, model_state, reduce_bucket_elements
@@ -106,6 +106,7 @@ class Run:
     checkpoint_interval: int = 0
     partition: str | list[int] = "flops"
     attn: str = "sdpa"
+    fused_loss: bool = False               # train.fused_loss on the pipeline engine (the plain engine: HF's loss)
     reduce_bucket: int = 0                 # zero_optimization.reduce_bucket_size; 0 = sized to the model, as run
     contiguous_gradients: bool = True
     overlap_comm: bool = False             # zero_optimization.overlap_comm (DeepSpeed: on at ZeRO-3 only)
@@ -142,7 +143,7 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
     return Run(arch, world_size, layout.stages, layout.dp, layout.micro_batch, layout.grad_accum, cfg.data.seq_len,
                cfg.zero_stage_at(layout.dp), cfg.precision, _DTYPE_NAMES[accum] if accum else None,
                cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation,
-               int(zero.get("reduce_bucket_size", 0)), bool(zero.get("contiguous_gradients", True)),
+               cfg.train.fused_loss and cfg.pipeline_engine, int(zero.get("reduce_bucket_size", 0)), bool(zero.get("contiguous_gradients", True)),
                bool(zero.get("overlap_comm", cfg.zero_stage == 3)),
                int(zero.get("stage3_param_persistence_threshold", 1e5)),
                int(zero.get("stage3_prefetch_bucket_size", 5e7)), cfg.source, cfg.description)
@@ -201,7 +202,7 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     saved = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
     per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if lo == 0 else 0.0
     if hi == arch.layers + 2:
-        per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime)
+        per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime, run.fused_loss)
     interval, working = run.checkpoint_interval, 0.0
     if interval and blocks:  # each chunk of `interval` blocks keeps its input; backward recomputes one chunk at a time
         per_micro_batch += math.ceil(blocks / interval) * w * tokens * arch.hidden + 8 * tokens
@@ -212,7 +213,9 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     in_flight = min(p - stage, run.grad_accum)
     activation = w * tokens * arch.hidden
     buffers = in_flight * activation * ((stage > 0) + (stage < p - 1)) + activation * ((stage > 0) + (stage < p - 1))
-    logits = (w + 4 + w) * tokens * arch.vocab if hi == arch.layers + 2 else 0.0  # held, then fp32 and 16-bit grads
+    logits = 0.0
+    if hi == arch.layers + 2:  # held, then fp32 and 16-bit grads; the fused loss: its gradients and one block
+        logits = fused_loss_bytes(arch, tokens, run.precision) if run.fused_loss else (w + 4 + w) * tokens * arch.vocab
     return in_flight * per_micro_batch + working, in_flight, logits, buffers
 
 

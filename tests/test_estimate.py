@@ -145,7 +145,7 @@ def test_korthikanti_layer_activations():
     with_ckpt, without = stage_estimates(recompute)[0], stage_estimates(plain)[0]
     block = sum(block_activation_terms(recompute.arch, 2048, 1, "bf16").values())
     ends = (embedding_activation_bytes(recompute.arch, 2048, 1, "bf16")
-            + head_activation_bytes(recompute.arch, 2048, 1, "bf16"))
+            + head_activation_bytes(recompute.arch, 2048, 1, "bf16", fused_loss=recompute.fused_loss))
     # full recompute: 2sbh per layer (the 16-bit block input) plus one block being recomputed
     saved = with_ckpt.activations - block - ends
     assert saved == pytest.approx(96 * 2 * 2048 * 12288, rel=1e-4)
@@ -439,6 +439,20 @@ def test_estimator_aliases_are_transformers_attribute_maps():
 
     for model_type, family in FAMILIES.items():
         assert dict(family.aliases) == dict(transformers.CONFIG_MAPPING[model_type].attribute_map), model_type
+
+
+def test_estimate_follows_the_fused_loss():
+    """With train.fused_loss (the default) the last stage holds the loss's gradients and one block of logits, not
+    [tokens, vocab] logits, their fp32 gradient and the log-softmax: less at a large vocabulary, the same elsewhere."""
+    fused = _run("gpt2", 1, data={"seq_len": 1024}, train_micro_batch_size_per_gpu=4)
+    plain = _run("gpt2", 1, data={"seq_len": 1024}, train_micro_batch_size_per_gpu=4, train={"fused_loss": False})
+    assert fused.fused_loss and not plain.fused_loss
+    one, other = stage_estimates(fused)[0], stage_estimates(plain)[0]
+    tokens, vocab, hidden = 4096, 50257, 768
+    assert other.logits == 12 * tokens * vocab
+    assert one.logits == 4 * vocab * hidden + 4 * tokens * hidden + 4 * (2 ** 25 // vocab) * vocab
+    assert other.activations - one.activations == 4 * tokens * vocab + 4 * tokens * hidden
+    assert one.state.total == other.state.total
 
 
 def test_estimate_follows_the_zero_stage_and_buckets_the_engine_runs():
