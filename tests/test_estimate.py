@@ -284,7 +284,8 @@ def test_model_states_match_real_engines():
                                               "DeepSpeedZeroOptimizer_Stage3"}
     for r in rows:
         assert abs(r["error"]) <= 0.05, r
-        if r["zero"] >= 1:  # ZeRO's reduce bucket: reduce_bucket_size elements of the training dtype
+        if r["optimizer"] == "DeepSpeedZeroOptimizer":  # its reduce bucket: reduce_bucket_size elements of the
+            # training dtype (bf16 ZeRO-1 sums in fp32 by default: BF16_Optimizer, which has none)
             assert r["reduce_bucket"] == r["predicted_bucket"], r
 
 
