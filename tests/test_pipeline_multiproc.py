@@ -182,7 +182,9 @@ def test_zero1_at_dp1_runs_as_zero0_with_the_same_maths(folders, tmp_path):
                                                                               "_exec_reduce_grads")}
     assert min(zero1["ranks"][0]["norms"]) > 1.0, "clipping must be active for this test to mean anything"
     assert fast["losses"][-1] < fast["losses"][0] - 0.1
-    assert_runs_match(zero1, fast, loss_atol=1e-6, param_atol=1e-6)
+    # Parameters to 1e-5, as the other engine comparisons: GPT-2's key biases get gradients that are zero in exact
+    # arithmetic (softmax ignores a constant), and Adam turns the two optimizers' rounding noise there into steps.
+    assert_runs_match(zero1, fast, loss_atol=1e-6, param_atol=1e-5)
 
 
 def test_activation_checkpointing_keeps_parity(folders, tmp_path):
