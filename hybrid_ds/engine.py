@@ -96,6 +96,7 @@ def parameter_groups(module: torch.nn.Module, no_weight_decay: list[str] | tuple
     """``module``'s trainable parameters as the optimizer's groups: those of the kinds in ``no_weight_decay``
     ("bias", "norm": any other 1-D parameter, "embedding": a table of an ``nn.Embedding``) in a group with
     ``weight_decay`` 0, the rest in a group that takes the optimizer's own; a flat list when nothing is exempt.
+    Always two groups otherwise, on every stage (a stage without one kind splits the other: see below).
 
     Works on a PipelineModule and on the Hugging Face model alike (ZeRO-3's partitioned parameters keep their
     shape in ``ds_shape``). A parameter shared by two modules (a tied embedding) is listed once.
@@ -110,12 +111,20 @@ def parameter_groups(module: torch.nn.Module, no_weight_decay: list[str] | tuple
         return "matrix"
 
     params = [(n, p) for n, p in module.named_parameters() if p.requires_grad]
-    exempt = [p for n, p in params if kind(n, p) in no_weight_decay]
-    if not exempt:
+    if not no_weight_decay or len(params) < 2:
         return [p for _, p in params]
+    exempt = [p for n, p in params if kind(n, p) in no_weight_decay]
     decay = [p for n, p in params if kind(n, p) not in no_weight_decay]
     # Named: DeepSpeed's MoE support (AutoEP) splits each group by its name into expert and shared parameters.
-    return [{"name": "decay", "params": decay}, {"name": "no_decay", "params": exempt, "weight_decay": 0.0}]
+    groups = [{"name": "decay", "params": decay}, {"name": "no_decay", "params": exempt, "weight_decay": 0.0}]
+    # Two groups on every stage: DeepSpeed drops an empty group, and its ZeRO optimizers reduce the gradient norm
+    # once per group over all stages, so a stage with one group fewer (only norms and a tied embedding) hangs the
+    # others. The kind a stage lacks is stood in for by the last parameter of the other kind, in its own group.
+    full, empty = (groups[0], groups[1]) if decay else (groups[1], groups[0])
+    if not empty["params"]:
+        groups[groups.index(empty)] = {**full, "name": f"{full['name']}:last", "params": full["params"][-1:]}
+        full["params"] = full["params"][:-1]
+    return groups
 
 
 def build_pipeline_engine(plan: Plan) -> Any:

@@ -93,3 +93,18 @@ def test_bf16_accumulation_over_many_micro_batches_warns():
     default = build_plan(load_config_dict({**base, "zero_optimization": {"stage": 1},
                                            "gradient_accumulation_steps": 8}), 1)
     assert not any("grad_accum_dtype" in w for w in default.warnings)
+
+
+def test_every_stage_has_two_groups():
+    """A last stage of only a final norm and a tied embedding has nothing to decay: its exempt parameters are split
+    over two groups, both without decay, since DeepSpeed's ZeRO optimizers reduce the gradient norm once per group
+    over all stages and a stage with fewer groups hangs the others (test_train_multiproc's ZeRO-2 run at pp=2)."""
+    head = torch.nn.ModuleDict({"norm": torch.nn.LayerNorm(8), "embed": torch.nn.Embedding(16, 8)})
+    groups = parameter_groups(head, DEFAULT)
+    assert [g["name"] for g in groups] == ["no_decay:last", "no_decay"]
+    assert all(g["weight_decay"] == 0.0 and g["params"] for g in groups)
+    assert sum(len(g["params"]) for g in groups) == 3
+    matrices = torch.nn.Sequential(torch.nn.Linear(8, 8, bias=False), torch.nn.Linear(8, 8, bias=False))
+    groups = parameter_groups(matrices, DEFAULT)
+    assert [g["name"] for g in groups] == ["decay", "decay:last"] and all(g["params"] for g in groups)
+    assert not any("weight_decay" in g for g in groups)   # both take the optimizer's
