@@ -809,7 +809,7 @@ def zero0_to_universal(folder: Path, out: Path, weights: dict[str, torch.Tensor]
                     torch.save(moments.pop("step"), param_dir / "step.pt")
                 for key, value in {"fp32": weights[names.get(name, name)], **moments}.items():
                     torch.save({"param": value.float(), "cat_dim": 0}, param_dir / f"{key}.pt")
-        for group in group_settings(optimizer["param_groups"]):  # each stage's groups: a stage may lack one
+        for group in group_settings(optimizer["param_groups"]):  # every stage's groups, by name (stages differ)
             groups.setdefault(group.get("name"), group)
         version = state["ds_version"]
         state["optimizer"] = None  # the moments are under zero/ now
