@@ -50,6 +50,27 @@ class _Section(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
+class LoraConfig(_Section):
+    """LoRA adapters (peft's ``LoraConfig``, same names): the base model frozen, only the adapters trained."""
+
+    r: int = Field(16, ge=1, description="rank of each adapter")
+    alpha: float = Field(32, gt=0, description="scaling numerator: updates are scaled by alpha / r "
+                                               "(alpha / sqrt(r) with use_rslora)")
+    dropout: float = Field(0.0, ge=0, lt=1, description="dropout on each adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field(
+        "all-linear", description="modules that get adapters, as peft matches them: a name matches a module whose "
+                                  "path ends in it (\"q_proj\"); \"all-linear\" = every linear layer of the "
+                                  "transformer blocks; adapters go inside the blocks only")
+    use_rslora: bool = Field(False, description="rank-stabilized scaling alpha / sqrt(r)")
+
+    @field_validator("target_modules")
+    @classmethod
+    def _some_targets(cls, value: list[str] | str) -> list[str] | str:
+        if isinstance(value, list) and not value:
+            raise ValueError("name at least one module, or \"all-linear\"")
+        return value
+
+
 class ModelConfig(_Section):
     name: str = Field(min_length=1, description="architecture preset (`hybrid-ds presets`), hub name ORG/NAME, or local folder")
     pretrained: bool = Field(False, description="load the checkpoint's weights; false = the model's own random init")
@@ -60,6 +81,8 @@ class ModelConfig(_Section):
                                       description="HF config fields to change, e.g. {\"n_layer\": 6}")
     vocab_from_tokenizer: bool = Field(False, description="size the vocabulary from the tokenizer, padded to a "
                                                           "multiple of 64 (for models trained from scratch)")
+    lora: LoraConfig | None = Field(None, description="train LoRA adapters on the frozen model (fine-tuning); "
+                                                       "null = train every weight")
 
 
 class DataConfig(_Section):
@@ -495,6 +518,11 @@ def _check_cross_section(cfg: RunConfig) -> None:
                                          "trains the plain Hugging Face model, which hybrid_ds does not compile; use "
                                          "zero_optimization.stage 0-2 with stages > 1 (0/1 at one stage), or "
                                          "train.compile false")
+    if cfg.model.lora and not cfg.pipeline_engine:
+        raise UserError("model.lora", f"needs the pipeline engine; zero_optimization.stage {cfg.zero_stage}"
+                                      f"{' with expert_parallel' if cfg.expert_parallel else ''} at pipeline.stages 1 "
+                                      "trains the plain Hugging Face model; use zero_optimization.stage 0-2 with "
+                                      "stages > 1 (0/1 at one stage): adapters leave little optimizer state to partition")
     if cfg.train.export_hf and not cfg.train.save_dir:
         raise UserError("train.export_hf", f"{cfg.train.export_hf!r} needs train.save_dir: the export is written "
                                            "from the run's last checkpoint")
