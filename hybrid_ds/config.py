@@ -146,7 +146,8 @@ class TrainConfig(_Section):
     eval_interval: int = Field(0, ge=0, description="evaluate every N steps; 0 = never")
     eval_batches: int = Field(8, ge=1, description="batches per evaluation")
     resume: bool | Literal["auto"] = Field(False, description="true/\"auto\": continue from the latest checkpoint")
-    export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run")
+    export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run (with "
+                                                     "model.lora: peft's adapter folder)")
     fused_loss: bool = Field(True, description="compute the LM loss from the last hidden states a block of rows at "
                                                "a time (hybrid_ds.models.head_loss): no [tokens, vocab] fp32 logits, "
                                                "their log-softmax or gradient; loss and gradients within 1e-5 of "
