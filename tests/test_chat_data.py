@@ -115,6 +115,13 @@ def test_packing_keeps_masks_aligned_across_blocks(smollm2, tmp_path, seq_len):
     assert torch.equal(batch_ids, torch.from_numpy(cut(ids)[kept]))
     assert torch.equal(labels, torch.from_numpy(np.where(cut(labelled)[kept] == 1, cut(ids)[kept], IGNORE)))
     assert predicted_tokens(MicroBatches(data.train, 1, shuffle=False)) == int(cut(labelled)[kept][:, 1:].sum())
+    # data.document_mask: a conversation is one document although its template's EOS (<|im_end|>) ends every turn
+    (_, documents), document_labels = next(MicroBatches(data.train, len(data.train), shuffle=False,
+                                                        separator=tokenizer.eos_token_id))
+    row_ends = torch.from_numpy(cut(ends)[kept]).long()
+    assert torch.equal(documents, 1 + row_ends.cumsum(1) - row_ends)
+    assert bool(((batch_ids == tokenizer.eos_token_id) & (row_ends == 0)).any())
+    assert torch.equal(document_labels, labels)  # a conversation's first token is never an answer's
 
 
 def test_blocks_without_a_predicted_token_are_dropped_and_counted(tmp_path, capsys):
