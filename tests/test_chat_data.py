@@ -259,8 +259,8 @@ def test_a_bad_row_names_its_own_file_of_several(smollm2, tmp_path):
 
 @pytest.mark.parametrize("fields, rows, line", [
     ({"format": "chat"}, [GOOD] * 4,
-     "data.tokenizer: 'the tokenizer' has no chat_template to render data.format \"chat\"; use a tokenizer that has "
-     "one (an instruct model's) or data.format \"prompt_completion\""),
+     "data.tokenizer: the offline default tokenizer has no chat_template to render data.format \"chat\"; use a "
+     "tokenizer that has one (an instruct model's) or data.format \"prompt_completion\""),
     ({"format": "chat", "messages_column": "conversation"}, [GOOD] * 4,
      "data.messages_column: 'conversation' is not a column of '{file}'; columns: ['messages']"),
     ({"format": "prompt_completion"}, [{"prompt": "a", "answer": "b"}] * 4,

@@ -37,9 +37,10 @@ def columns(data_format: str) -> tuple[str, ...]:
 
 def check_template(tokenizer: Any) -> None:
     if not getattr(tokenizer, "chat_template", None):
-        raise UserError("data.tokenizer", f"{tokenizer.name_or_path or 'the tokenizer'!r} has no chat_template to "
-                                          "render data.format \"chat\"; use a tokenizer that has one (an instruct "
-                                          "model's) or data.format \"prompt_completion\"")
+        name = repr(tokenizer.name_or_path) if tokenizer.name_or_path else "the offline default tokenizer"
+        raise UserError("data.tokenizer", f"{name} has no chat_template to render data.format \"chat\"; use a "
+                                          "tokenizer that has one (an instruct model's) or data.format "
+                                          "\"prompt_completion\"")
 
 
 def encoder(data_format: str, tokenizer: Any):
