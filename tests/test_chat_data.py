@@ -130,7 +130,7 @@ def test_blocks_without_a_predicted_token_are_dropped_and_counted(tmp_path, caps
     data = load_data(DataConfig(source=write_jsonl(tmp_path / "pc.jsonl", rows), format="prompt_completion",
                                 seq_len=16, eval_fraction=0.2, cache_dir=str(tmp_path / "cache")), "causal_lm")
     out = capsys.readouterr().out
-    assert "data: dropped " in out and "blocks of 16 tokens: nothing in them is predicted" in out
+    assert "data: dropped " in out and "training blocks: none of their tokens is predicted" in out
     assert all(np.asarray(block)[1:].any() for block in data.train["labelled"])
 
 
@@ -151,13 +151,13 @@ def test_the_builtin_chat_set(smollm2, tmp_path):
     first = tokenizer.decode(np.asarray(data.train[0]["input_ids"]))
     assert first.startswith("<|im_start|>system\nYou are a helpful AI assistant named SmolLM")  # the template's
     assert "<|im_start|>user\nWhich book of the Bible is this verse from?\n\n\"" in first
-    assert "\"<|im_end|>\n<|im_start|>assistant\nGenesis<|im_end|>\n<|im_start|>user\nQuote the verse that follows " \
-           "it.<|im_end|>\n<|im_start|>assistant\n" in first
+    assert "\"<|im_end|>\n<|im_start|>assistant\nGenesis<|im_end|>\n<|im_start|>user\nQuote its first five " \
+           "words.<|im_end|>\n<|im_start|>assistant\n" in first
     held_out = tokenizer.decode(np.asarray(data.eval[0]["input_ids"]))  # Genesis 1 is the first held-out chapter
     assert "Which book of the Bible is this verse from?\n\n\"In the beginning God created the heavens and the " \
-           "earth.\"<|im_end|>\n<|im_start|>assistant\nGenesis<|im_end|>\n" in held_out
-    assert "Quote the verse that follows it.<|im_end|>\n<|im_start|>assistant\nNow the earth was formless" in held_out
-    assert len(data.train) > 800 and len(data.eval) > 10
+           "earth.\"<|im_end|>\n<|im_start|>assistant\nGenesis<|im_end|>\n<|im_start|>user\nQuote its first five " \
+           "words.<|im_end|>\n<|im_start|>assistant\nIn the beginning God created<|im_end|>\n" in held_out
+    assert len(data.train) > 700 and len(data.eval) > 10
     train_text = " ".join(tokenizer.decode(np.asarray(ids)) for ids in data.train["input_ids"])
     assert "In the beginning God created" not in train_text
 

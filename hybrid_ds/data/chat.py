@@ -19,7 +19,7 @@ from typing import Any
 from hybrid_ds.errors import UserError, suggest
 
 ROLES = ("system", "developer", "user", "assistant", "tool")
-_VERSE_EVERY = 16  # builtin set: one conversation per 16th verse (1,800 train, 40 eval: seconds to render)
+_VERSE_EVERY = 16  # builtin set: one conversation per 16th verse (1,900 train, 40 eval: seconds to render)
 
 
 class BadRow(Exception):
@@ -153,23 +153,24 @@ def builtin_rows(data_format: str, verses: list[tuple[str, str, str, str]],
                  held_out: Callable[[int], bool]) -> tuple[dict, dict]:
     """(train, eval) rows made from the built-in corpus's ``(book, chapter, verse, text)``, deterministic.
 
-    Every 16th verse that has a next one in its chapter gives one conversation: the user quotes it and asks its
-    book, the assistant names it; the user asks for the verse that follows, the assistant quotes it. The chapters
-    (counted from 0) that ``held_out`` names give the eval rows, as in the text corpus. ``prompt_completion``: the first exchange as
-    plain text. A small instruct model learns the answers' form (a bare book name) in a few dozen steps.
+    Every 16th verse gives one conversation: the user quotes it and asks which book it is from, the assistant
+    names the book; the user asks for its first five words, the assistant quotes them. The chapters (counted
+    from 0) that ``held_out`` names give the eval rows, as in the text corpus. ``prompt_completion``: the first
+    exchange as plain text. Learnable in a few dozen steps: the answers' form (a bare name, an exact quote)
+    at once, the books from the verses' names and words more slowly.
     """
     splits: tuple[dict, dict] = ({}, {})
     chapter, previous = -1, None
-    for n, ((book, number, _, text), following) in enumerate(zip(verses, verses[1:])):
+    for n, (book, number, _, text) in enumerate(verses):
         if (book, number) != previous:
             chapter, previous = chapter + 1, (book, number)
-        if n % _VERSE_EVERY or following[:2] != previous:
+        if n % _VERSE_EVERY:
             continue
         question = f"Which book of the Bible is this verse from?\n\n\"{text}\""
         if data_format == "chat":
             row = {"messages": [{"role": "user", "content": question}, {"role": "assistant", "content": book},
-                                {"role": "user", "content": "Quote the verse that follows it."},
-                                {"role": "assistant", "content": following[3]}]}
+                                {"role": "user", "content": "Quote its first five words."},
+                                {"role": "assistant", "content": " ".join(text.split()[:5])}]}
         else:
             row = {"prompt": f"{question}\nAnswer:", "completion": f" {book}"}
         for key, value in row.items():

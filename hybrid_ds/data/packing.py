@@ -87,8 +87,8 @@ def pack(documents: Any, tokenizer: Any, seq_len: int, task: str, num_proc: int 
     """A dataset of ``input_ids`` blocks of exactly ``seq_len`` tokens (see the module docstring).
 
     Chat and prompt/completion rows (``data_format``) add two columns of as many 0/1 flags: ``labelled`` (the
-    loss predicts this token) and ``ends`` (the last token of a row: where its document ends). Blocks with
-    no labelled token to predict are dropped, and their count printed. ``row_name(row)`` names a bad row.
+    loss predicts this token) and ``ends`` (the last token of a row: where its document ends).
+    ``row_name(row)`` names a bad row.
     """
     import datasets
     import pyarrow as pa
@@ -101,12 +101,9 @@ def pack(documents: Any, tokenizer: Any, seq_len: int, task: str, num_proc: int 
     def tokenize(batch: dict[str, list]) -> Any:
         # One row per batch holding the batch's whole token stream, handed to Arrow without copying
         # (a list per document costs more than the tokenizer). Order is kept: packing stays lossless.
-        offsets = None
-        columns = {}
-        for name, flat in encode(batch).items():
-            offsets = pa.array([0, len(flat)], pa.int32())
-            columns[name] = pa.ListArray.from_arrays(offsets, flat)
-        return pa.table(columns)
+        streams = encode(batch)
+        offsets = pa.array([0, len(streams["input_ids"])], pa.int32())
+        return pa.table({name: pa.ListArray.from_arrays(offsets, flat) for name, flat in streams.items()})
 
     streams = documents.map(tokenize, batched=True, batch_size=_CHUNK, remove_columns=documents.column_names,
                             num_proc=num_proc if num_proc > 1 else None, keep_in_memory=True,
@@ -118,15 +115,21 @@ def pack(documents: Any, tokenizer: Any, seq_len: int, task: str, num_proc: int 
         n = len(packed["input_ids"])
         packed["input_ids"] = np.concatenate([np.full((n, 1), tokenizer.cls_token_id, np.int32), packed["input_ids"],
                                               np.full((n, 1), separator_id(tokenizer, task), np.int32)], axis=1)
-    if "labelled" in packed:
-        keep = packed["labelled"][:, 1:].any(axis=1)  # the first token is predicted from nothing in its block
-        if not keep.all():
-            print(f"data: dropped {int((~keep).sum()):,} of {len(keep):,} blocks of {seq_len} tokens: nothing in them "
-                  f"is predicted (prompt or system text only)", flush=True)
-        packed = {name: blocks[keep] for name, blocks in packed.items()}
-    return datasets.Dataset(pa.table({name: pa.FixedSizeListArray.from_arrays(np.ascontiguousarray(blocks).reshape(-1),
-                                                                                seq_len)
-                                      for name, blocks in packed.items()}))
+    return datasets.Dataset(pa.table({name: pa.FixedSizeListArray.from_arrays(
+        np.ascontiguousarray(blocks, np.int32 if name == "input_ids" else np.int8).reshape(-1), seq_len)
+        for name, blocks in packed.items()}))
+
+
+def drop_unpredicted(blocks: Any, split: str) -> Any:
+    """``blocks`` less those whose ``labelled`` flags predict nothing (a loss over none is NaN), with a count."""
+    if "labelled" not in blocks.column_names:
+        return blocks
+    keep = np.asarray(blocks.with_format("numpy")["labelled"])[:, 1:].any(axis=1)  # the first: predicted from nothing
+    if keep.all():
+        return blocks
+    print(f"data: dropped {int((~keep).sum()):,} of {len(keep):,} {split} blocks: none of their tokens is predicted "
+          "(prompt or system text only)", flush=True)
+    return blocks.select(np.flatnonzero(keep))
 
 
 def _text_encoder(tokenizer: Any, task: str) -> Callable[[dict], dict[str, np.ndarray]]:
@@ -192,6 +195,7 @@ def packed_splits(data: DataConfig, tokenizer: Any, task: str) -> tuple[Any, Any
     train, evals = (pack(docs, tokenizer, data.seq_len, task, data.num_proc, data.format,
                          functools.partial(row_name, data, split=split))
                     for docs, split in zip((train_docs, eval_docs), splits))
+    train, evals = drop_unpredicted(train, "training"), drop_unpredicted(evals, "evaluation")
     for name, split, docs in (("training", train, train_docs), ("evaluation", evals, eval_docs)):
         if len(split) == 0 and data.format != "text":
             raise UserError("data.source", f"{data.source!r} gives the {name} split {len(docs)} row(s), not one block "
