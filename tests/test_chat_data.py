@@ -42,10 +42,12 @@ def conversations(n: int) -> list[dict]:
     """``n`` rows of one or two exchanges, of varied lengths."""
     rows = []
     for i in range(n):
+        answer = f"{2 * i}, " + "since adding a number to itself doubles it. " * (i % 3)
         messages = [{"role": "user", "content": f"What is {i} plus {i}? " + "Think. " * (i % 5)},
-                    {"role": "assistant", "content": f"{2 * i}, " + "since adding a number to itself doubles it. " * (i % 3)}]
+                    {"role": "assistant", "content": answer}]
         if i % 2:
-            messages += [{"role": "user", "content": "And times two?"}, {"role": "assistant", "content": f"Also {2 * i}."}]
+            messages += [{"role": "user", "content": "And times two?"},
+                         {"role": "assistant", "content": f"Also {2 * i}."}]
         rows.append({"messages": messages})
     return rows
 

@@ -37,9 +37,8 @@ class MicroBatches:
                  task: str = "causal_lm", mlm: "MaskingRule | None" = None, shuffle: bool = True,
                  separator: int | None = None):
         self.tokens = np.asarray(blocks.with_format("numpy")["input_ids"], dtype=np.int64)
-        flags = [np.asarray(blocks.with_format("numpy")[name], dtype=bool) if name in blocks.column_names else None
-                 for name in ("labelled", "ends")]
-        self.labelled, self.ends = flags
+        self.labelled, self.ends = (np.asarray(blocks.with_format("numpy")[name], dtype=bool)
+                                    if name in blocks.column_names else None for name in ("labelled", "ends"))
         self.micro, self.dp_rank, self.dp, self.seed = micro_batch, dp_rank, dp, seed
         self.task, self.mlm, self.shuffle, self.separator = task, mlm, shuffle, separator
         self.per_epoch = len(self.tokens) // (micro_batch * dp)
