@@ -6,6 +6,7 @@ The chat tokenizer is SmolLM2-135M-Instruct's (ChatML template; the offline asse
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 import json
 import pickle
@@ -301,3 +302,28 @@ def test_masked_lms_refuse_chat_formats():
     with pytest.raises(UserError, match="masked LM") as err:
         build_plan(cfg, world_size=1)
     assert err.value.key == "data.format"
+
+
+@needs_smollm2
+@pytest.mark.parametrize("template, line", [
+    # marks the last turn: each rendering rewrites the turn before, so an answer's tokens are not known
+    ("{% for m in messages %}<|im_start|>{{ m.role }}{% if loop.last %} (last){% endif %}\n{{ m.content }}"
+     "<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}",
+     "data.tokenizer: row 2 of {file}: messages[2] cannot be masked: the tokenizer's chat_template renders the "
+     "conversation up to this turn as tokens that do not begin with its rendering of the turns before (it rewrites "
+     "earlier turns), so the answer's tokens are not known; use a template without that rewriting"),
+    ("{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system role') }}{% endif %}"
+     "{{ m.content }}{% endfor %}",
+     "data.source: row 2 of {file}: messages is refused by the tokenizer's chat_template: no system role"),
+], ids=["rewrites-earlier-turns", "raises"])
+def test_templates_that_cannot_be_masked_are_one_line(smollm2, tmp_path, template, line):
+    _, tokenizer = smollm2
+    tokenizer = copy.deepcopy(tokenizer)
+    tokenizer.chat_template = template
+    tokenizer.save_pretrained(tmp_path / "tokenizer")
+    system = {"messages": [{"role": "system", "content": "Be brief."}, *GOOD["messages"]]}
+    source = write_jsonl(tmp_path / "chat.jsonl", [GOOD, system, GOOD, GOOD])
+    with pytest.raises(UserError) as err:
+        load_data(DataConfig(source=source, format="chat", tokenizer=str(tmp_path / "tokenizer"), seq_len=8,
+                             eval_fraction=0.5, cache_dir=str(tmp_path / "cache")), "causal_lm")
+    assert str(err.value) == line.replace("{file}", source)
