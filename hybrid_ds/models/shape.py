@@ -19,11 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 from hybrid_ds import presets
-from hybrid_ds.architecture import Arch, Experts, arch_from_model, has_shape, local_model_type
+from hybrid_ds.architecture import Arch, Experts, adapter_params, arch_from_model, has_shape, local_model_type
 from hybrid_ds.config import ModelConfig
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family
-from hybrid_ds.shapes import Tensor
+from hybrid_ds.shapes import Linear, Tensor
 
 
 def model_arch(model: ModelConfig, family: Family | None = None, skeleton: Any = None) -> Arch:
@@ -62,6 +62,7 @@ def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
                                                 if family.rotary else 0)
     layer_types = getattr(c, "layer_types", None) or []
     sliding = getattr(c, "sliding_window", None) or 0
+    linears = tuple(block_linears(b) for b in blocks)
     return Arch(
         name=name, family=c.model_type, task=family.task, layers=len(blocks), hidden=h, heads=heads,
         kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
@@ -74,7 +75,28 @@ def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
         norm="rmsnorm" if any("RMSNorm" in m for m in block_modules) else "layernorm", rotary_dim=rotary,
         attn_dropout=getattr(c, "attention_dropout", 0.0) or 0.0,
         sliding_window=sliding if ("sliding_attention" in layer_types or not layer_types) else 0,
-        block_class=per_block[0][0], per_block=() if uniform else per_block, experts=experts)
+        block_class=per_block[0][0], per_block=() if uniform else per_block, experts=experts,
+        linears=linears[first], per_block_linears=() if len(set(linears)) == 1 else linears)
+
+
+def layer_adapter_params(skeleton: Any, family: Family, lora: Any) -> list[int]:
+    """Elements of the LoRA adapters (``lora``: a LoraConfig) of each pipeline layer [embedding, blocks..., head]."""
+    blocks = skeleton.get_submodule(family.blocks)
+    return [0, *(adapter_params(block_linears(b), lora.r, lora.target_modules) for b in blocks), 0]
+
+
+def block_linears(block: Any) -> tuple[Linear, ...]:
+    """The linear layers of one block (``nn.Linear`` and GPT-2's ``Conv1D``: peft's "all-linear" classes)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    found = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            found.append(Linear(name, module.in_features, module.out_features, module.bias is not None))
+        elif isinstance(module, Conv1D):  # its weight is (in, out)
+            found.append(Linear(name, *module.weight.shape, module.bias is not None))
+    return tuple(found)
 
 
 def model_experts(skeleton: Any, blocks: list[Any]) -> Experts | None:

@@ -1,0 +1,108 @@
+"""The estimator's view of a LoRA run (model.lora): a frozen base plus trainable adapters, per stage.
+
+Adapter counts are held against peft's own (``get_peft_model(...).get_nb_trainable_parameters()``) on tiny
+models of a Conv1D family (GPT-2), Llama and two families of the generic adapter (qwen3; jetmoe, with experts);
+the linear layers the shape builders list, against the meta-device
+model of every preset. Bytes against a real engine: bench/lora_memory.py and the multiproc test below.
+"""
+
+from __future__ import annotations
+
+import pytest
+import transformers
+
+from hybrid_ds import presets
+from hybrid_ds.config import ModelConfig, load_config_dict
+from hybrid_ds.estimate import estimate_for_config, run_from_config, stage_estimates
+from hybrid_ds.models.resolve import meta_model, resolve_model
+from hybrid_ds.models.shape import block_linears, model_arch
+from hybrid_ds.plan import build_plan
+from hybrid_ds.report import format_estimate, format_plan
+from tests.test_generic_adapter import saved, tiny_config
+
+
+@pytest.mark.parametrize("name", list(presets.PRESETS))
+def test_block_linears_match_the_meta_model(name):
+    """The linear layers (path, in, out, bias) each shape builder lists are those the model builds in every block."""
+    resolved = resolve_model(ModelConfig(name=name))
+    blocks = list(meta_model(resolved).get_submodule(resolved.family.blocks))
+    arch = model_arch(ModelConfig(name=name))
+    assert [sorted(arch.block_linears(b)) for b in range(arch.layers)] == [sorted(block_linears(b)) for b in blocks]
+
+
+@pytest.fixture(scope="module")
+def generic_folders(tmp_path_factory) -> dict[str, str]:
+    """Tiny saved models of two generic-adapter types: qwen3, and jetmoe (experts in attention and MLP)."""
+    return {t: saved(tmp_path_factory.mktemp(t), tiny_config(t, num_hidden_layers=4)) for t in ("qwen3", "jetmoe")}
+
+
+def _peft_trainable(hf_config, r: int, targets) -> int:
+    from peft import LoraConfig as PeftLoraConfig, get_peft_model
+
+    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    return get_peft_model(model, PeftLoraConfig(r=r, target_modules=targets)).get_nb_trainable_parameters()[0]
+
+
+@pytest.mark.parametrize("name, targets", [
+    ("gpt2-tiny", "all-linear"), ("gpt2-tiny", ["c_proj"]), ("gpt2-tiny", ["mlp.c_proj", "c_attn"]),
+    ("llama-tiny", "all-linear"), ("llama-tiny", ["q_proj", "v_proj"]),
+    ("qwen3", "all-linear"), ("qwen3", ["k_proj", "down_proj"]), ("jetmoe", "all-linear"), ("jetmoe", ["kv_proj"])])
+def test_adapter_parameters_match_peft(name, targets, generic_folders):
+    """Adapter parameters of the whole model, from the family table's shapes (or the generic adapter's structure)
+    and from the plan's meta skeleton, equal what peft makes trainable on the Hugging Face model.
+
+    Not qwen3-moe or mixtral: for them peft 0.21 rewrites the targets to what transformers 4 had (the fused experts
+    and the router as parameters, ``target_parameters``), which is not peft's all-linear rule."""
+    folder = generic_folders.get(name)
+    model = ModelConfig(name=folder, pretrained=True) if folder else ModelConfig(name=name)
+    r = 4
+    expected = _peft_trainable(resolve_model(model).hf_config, r, targets)
+    assert sum(model_arch(model).layer_adapter_params(r, targets)) == expected
+    cfg = load_config_dict({"model": {**model.model_dump(), "lora": {"r": r, "target_modules": targets}},
+                            "pipeline": {"stages": 2}, "data": {"seq_len": 16}, "train_micro_batch_size_per_gpu": 1})
+    plan = build_plan(cfg, 2)
+    assert sum(s.trainable for s in plan.stage_plans) == expected
+    run = run_from_config(cfg, 2, model_arch(cfg.model))
+    assert [s.trainable for s in stage_estimates(run)] == [s.trainable for s in plan.stage_plans]
+
+
+def test_frozen_base_has_weights_only_and_adapters_are_partitioned():
+    """ZeRO-1 at pp=2 x dp=2 (gpt2-tiny: a tied embedding): the base costs its weights alone; the adapters also
+    their whole gradients and the fp32 master and Adam partitions, halved over the two data-parallel ranks;
+    nothing of the tied weight is summed across stages."""
+    raw = {"model": {"name": "gpt2-tiny"}, "pipeline": {"stages": 2}, "data": {"seq_len": 16},
+           "zero_optimization": {"stage": 1}, "train_micro_batch_size_per_gpu": 1, "gradient_accumulation_steps": 4}
+    full = stage_estimates(run_from_config(load_config_dict(raw), 4))
+    assert all("tied gradients" in s.comm for s in full)
+    raw["model"]["lora"] = {"r": 8}
+    lora = stage_estimates(run_from_config(load_config_dict(raw), 4))
+    for f, s in zip(full, lora):
+        adapters = s.params - f.params
+        assert s.frozen == f.params and s.trainable == adapters > 0
+        assert s.state.optimizer_path == "DeepSpeedZeroOptimizer" and s.state.params == 4 * s.params
+        assert (s.state.grads, s.state.master, s.state.optimizer) == (4 * adapters, 4 * adapters / 2, 8 * adapters / 2)
+        assert s.state.comm_buffer == 4 * max(e.trainable for e in lora)   # the bucket sized to the adapters
+        assert "tied gradients" not in s.comm and s.comm["gradient all-reduce"] == 4 * adapters  # 2 x 1/2 x 4 B
+
+
+def test_adapter_activations_follow_dropout_and_targets():
+    """Dropout > 0 keeps a copy of each adapted layer's input (and its mask); r-wide intermediates always."""
+    raw = {"model": {"name": "gpt2-tiny", "lora": {"r": 4, "dropout": 0.0, "target_modules": ["c_fc"]}},
+           "data": {"seq_len": 16}, "train_micro_batch_size_per_gpu": 2}
+    base = {**raw, "model": {"name": "gpt2-tiny"}}
+    plain, no_dropout = (stage_estimates(run_from_config(load_config_dict(c), 1))[0].activations for c in (base, raw))
+    raw["model"]["lora"]["dropout"] = 0.1
+    dropout = stage_estimates(run_from_config(load_config_dict(raw), 1))[0].activations
+    tokens, blocks, hidden = 32, 2, 64
+    assert no_dropout - plain == blocks * tokens * 4 * 4               # fp32 r-wide intermediate of c_fc
+    assert dropout - no_dropout == blocks * tokens * (4 + 1) * hidden  # c_fc's input, fp32, and a bool mask
+
+
+def test_dry_run_shows_trainable_and_frozen_per_stage():
+    cfg = load_config_dict({"model": {"name": "llama-tiny", "lora": {"r": 8, "target_modules": ["q_proj"]}},
+                            "pipeline": {"stages": 2}, "data": {"seq_len": 16}, "train_micro_batch_size_per_gpu": 1})
+    plan = build_plan(cfg, 2)
+    est = estimate_for_config(cfg, 2, runtime="cpu")
+    text = format_plan(plan) + format_estimate(est)
+    assert text.count("lora       r=8 on q_proj:") == 2 and "trainable" in text and "frozen" in text
+    assert [s.trainable for s in est.stages] == [s.trainable for s in plan.stage_plans]
