@@ -95,18 +95,25 @@ class Arch:
     experts: Experts | None = None  # the routed experts of a Mixture-of-Experts model; None: dense
     linears: tuple[Linear, ...] = ()  # the linear layers of ``block`` (what LoRA adapters wrap)
     per_block_linears: tuple[tuple[Linear, ...], ...] = ()  # those of each block, where blocks differ
+    head_linears: tuple[Linear, ...] = ()  # the head's, but the output projection (BERT's transform.dense)
+    # LoRA adapter elements of each pipeline layer as peft gives them for the run's model.lora, counted on the meta
+    # skeleton (a model without a shape builder: peft adapts the fused experts of some MoE types); () = from linears
+    counted_adapters: tuple[int, ...] = ()
 
     def block_linears(self, block: int) -> tuple[Linear, ...]:
         return self.per_block_linears[block] if self.per_block_linears else self.linears
 
     def layer_adapter_params(self, r: int, targets: list[str] | str) -> list[int]:
-        """Elements of the LoRA adapters of rank ``r`` on the ``targets`` of [embedding, block 0 .. n-1, head]:
-        adapters go inside the blocks only.
+        """Elements of the LoRA adapters of rank ``r`` on the ``targets`` of [embedding, block 0 .. n-1, head]
+        (none on the embedding and the output projection, which the pipeline multiplies by directly).
 
         >>> arch_from_preset("gpt2-tiny").layer_adapter_params(4, ["c_attn"])   # 4 x (64 + 192) per block
         [0, 1024, 1024, 0]
         """
-        return [0, *(adapter_params(self.block_linears(b), r, targets) for b in range(self.layers)), 0]
+        if self.counted_adapters:
+            return list(self.counted_adapters)
+        return [0, *(adapter_params(self.block_linears(b), r, targets) for b in range(self.layers)),
+                adapter_params(self.head_linears, r, targets)]
 
     def stage_adapter_params(self, parts: list[int], r: int, targets: list[str] | str) -> list[int]:
         per_layer = self.layer_adapter_params(r, targets)
@@ -178,9 +185,9 @@ class Arch:
 
 
 def adapted(linears: tuple[Linear, ...], targets: list[str] | str) -> list[Linear]:
-    """The linear layers of a block that LoRA adapts: all of them for "all-linear" (peft's rule less the output
-    layer, which is outside the blocks), else those whose path is a target or ends in "." + a target (peft's
-    ``check_target_module_exists`` for a list of names).
+    """The linear layers (of a block, or a head's but the output projection) that LoRA adapts: all of them for
+    "all-linear" (peft's rule: every Linear and Conv1D but the output projection), else those whose path is a
+    target or ends in "." + a target (peft's ``check_target_module_exists`` for a list of names).
 
     >>> layers = (Linear("self_attn.q_proj", 8, 8), Linear("self_attn.o_proj", 8, 8), Linear("mlp.up_proj", 8, 32))
     >>> [layer.module for layer in adapted(layers, ["q_proj", "mlp.up_proj", "proj"])]

@@ -167,10 +167,11 @@ def bert(c: dict[str, Any]) -> dict[str, Any]:
     block = _norm("attention.output.LayerNorm", h) + _norm("output.LayerNorm", h) + _weights(linears)
     embedding = [("word_embeddings", vocab * h), ("position_embeddings", n_pos * h),
                  ("token_type_embeddings", types * h)] + _norm("embeddings.LayerNorm", h)
-    head = _linear("transform.dense", h, h) + _norm("transform.LayerNorm", h) + _linear("decoder", h, vocab)
+    transform = [Linear("cls.predictions.transform.dense", h, h)]
+    head = _weights(transform) + _norm("transform.LayerNorm", h) + _linear("decoder", h, vocab)
     return dict(layers=c["num_hidden_layers"], hidden=h, heads=c["num_attention_heads"], kv_heads=c["num_attention_heads"],
                 head_dim=h // c["num_attention_heads"], ffn=ffn, vocab=vocab, max_positions=n_pos, embedding=embedding,
-                block=block, linears=linears, head=head, tied=vocab * h, act=c.get("hidden_act", "gelu"), learned_positions=True,
+                block=block, linears=linears, head_linears=transform, head=head, tied=vocab * h, act=c.get("hidden_act", "gelu"), learned_positions=True,
                 attn_dropout=c.get("attention_probs_dropout_prob", 0.1), resid_dropout=c.get("hidden_dropout_prob", 0.1),
                 embd_dropout=c.get("hidden_dropout_prob", 0.1), softmax_fp32=False, token_types=True,
                 head_transform=True)

@@ -14,6 +14,7 @@ import transformers
 from hybrid_ds import presets
 from hybrid_ds.config import ModelConfig, load_config_dict
 from hybrid_ds.estimate import estimate_for_config, run_from_config, stage_estimates
+from hybrid_ds.families import TASKS
 from hybrid_ds.models.resolve import meta_model, resolve_model
 from hybrid_ds.models.shape import block_linears, model_arch
 from hybrid_ds.plan import build_plan
@@ -36,30 +37,33 @@ def generic_folders(tmp_path_factory) -> dict[str, str]:
     return {t: saved(tmp_path_factory.mktemp(t), tiny_config(t, num_hidden_layers=4)) for t in ("qwen3", "jetmoe")}
 
 
-def _peft_trainable(hf_config, r: int, targets) -> int:
+def _peft_trainable(hf_config, task: str, r: int, targets) -> int:
     from peft import LoraConfig as PeftLoraConfig, get_peft_model
 
-    model = transformers.AutoModelForCausalLM.from_config(hf_config)
+    model = getattr(transformers, TASKS[task].auto_class).from_config(hf_config)
     return get_peft_model(model, PeftLoraConfig(r=r, target_modules=targets)).get_nb_trainable_parameters()[0]
 
 
+TINY = [name for name in presets.PRESETS if name.endswith("-tiny")]
+
+
 @pytest.mark.parametrize("name, targets", [
-    ("gpt2-tiny", "all-linear"), ("gpt2-tiny", ["c_proj"]), ("gpt2-tiny", ["mlp.c_proj", "c_attn"]),
-    ("llama-tiny", "all-linear"), ("llama-tiny", ["q_proj", "v_proj"]),
+    *((name, "all-linear") for name in TINY), ("gpt2-tiny", ["c_proj"]), ("gpt2-tiny", ["mlp.c_proj", "c_attn"]),
+    ("llama-tiny", ["q_proj", "v_proj"]), ("bert-tiny", ["dense"]), ("mixtral-tiny", ["q_proj", "w2"]),
     ("qwen3", "all-linear"), ("qwen3", ["k_proj", "down_proj"]), ("jetmoe", "all-linear"), ("jetmoe", ["kv_proj"])])
 def test_adapter_parameters_match_peft(name, targets, generic_folders):
-    """Adapter parameters of the whole model, from the family table's shapes (or the generic adapter's structure)
-    and from the plan's meta skeleton, equal what peft makes trainable on the Hugging Face model.
-
-    Not qwen3-moe or mixtral: for them peft 0.21 rewrites the targets to what transformers 4 had (the fused experts
-    and the router as parameters, ``target_parameters``), which is not peft's all-linear rule."""
+    """Adapter parameters of the whole model, from the family table's shapes (pure) or counted by peft on the meta
+    skeleton (a model without a shape builder: the generic adapter's; mixtral and qwen3-moe, whose fused experts
+    peft adapts as parameters), and per stage in the plan, equal what peft makes trainable on the Hugging Face
+    model."""
     folder = generic_folders.get(name)
     model = ModelConfig(name=folder, pretrained=True) if folder else ModelConfig(name=name)
     r = 4
-    expected = _peft_trainable(resolve_model(model).hf_config, r, targets)
-    assert sum(model_arch(model).layer_adapter_params(r, targets)) == expected
+    resolved = resolve_model(model)
+    expected = _peft_trainable(resolved.hf_config, resolved.family.task, r, targets)
     cfg = load_config_dict({"model": {**model.model_dump(), "lora": {"r": r, "target_modules": targets}},
                             "pipeline": {"stages": 2}, "data": {"seq_len": 16}, "train_micro_batch_size_per_gpu": 1})
+    assert sum(model_arch(cfg.model).layer_adapter_params(r, targets)) == expected
     plan = build_plan(cfg, 2)
     assert sum(s.trainable for s in plan.stage_plans) == expected
     run = run_from_config(cfg, 2, model_arch(cfg.model))

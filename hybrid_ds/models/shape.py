@@ -16,10 +16,11 @@ shared experts and their gate) is passed by every token.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hybrid_ds import presets
-from hybrid_ds.architecture import Arch, Experts, adapter_params, arch_from_model, has_shape, local_model_type
+from hybrid_ds.architecture import Arch, Experts, arch_from_model, has_shape, local_model_type
 from hybrid_ds.config import ModelConfig
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family
@@ -37,7 +38,10 @@ def model_arch(model: ModelConfig, family: Family | None = None, skeleton: Any =
 
         resolved = resolve_model(model)
         family, skeleton = resolved.family, meta_model(resolved)
-    return arch_from_skeleton(model.name, family, skeleton)
+    arch = arch_from_skeleton(model.name, family, skeleton)
+    if model.lora:
+        return replace(arch, counted_adapters=tuple(layer_adapter_params(skeleton, family, model.lora)))
+    return arch
 
 
 def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
@@ -80,9 +84,29 @@ def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
 
 
 def layer_adapter_params(skeleton: Any, family: Family, lora: Any) -> list[int]:
-    """Elements of the LoRA adapters (``lora``: a LoraConfig) of each pipeline layer [embedding, blocks..., head]."""
-    blocks = skeleton.get_submodule(family.blocks)
-    return [0, *(adapter_params(block_linears(b), lora.r, lora.target_modules) for b in blocks), 0]
+    """Elements of the LoRA adapters (``lora``: a LoraConfig) of each pipeline layer [embedding, blocks..., head],
+    as ``get_peft_model`` makes them on a copy of the meta skeleton: peft's own rules, which for some
+    Mixture-of-Experts types (mixtral, qwen3_moe) adapt the fused experts and the router as parameters."""
+    import copy
+
+    import peft
+
+    config = peft.LoraConfig(r=lora.r, target_modules=lora.target_modules)
+    tuned = peft.get_peft_model(copy.deepcopy(skeleton), config, low_cpu_mem_usage=True).base_model.model
+    n_blocks = len(skeleton.get_submodule(family.blocks))
+    per_layer = [0] * (n_blocks + 2)
+    for name, param in tuned.named_parameters():
+        if param.requires_grad:
+            per_layer[_pipeline_layer(name, family, n_blocks)] += param.numel()
+    return per_layer
+
+
+def _pipeline_layer(name: str, family: Family, n_blocks: int) -> int:
+    """The index in [embedding, blocks..., head] of the layer holding the Hugging Face model's parameter ``name``."""
+    blocks = family.blocks + "."
+    if name.startswith(blocks):
+        return 1 + int(name[len(blocks):].partition(".")[0])
+    return 0 if any(name.startswith(path + ".") for path in family.embedding_modules) else n_blocks + 1
 
 
 def block_linears(block: Any) -> tuple[Linear, ...]:
