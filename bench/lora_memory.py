@@ -25,7 +25,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from common import RESULTS, free_port  # noqa: E402
+from common import RESULTS, free_port, single_process_env  # noqa: E402
 
 LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
 SEQ, MICRO, ACCUM, STEPS = 32, 1, 2, 2
@@ -83,6 +83,15 @@ def measure(raw: dict, world: int) -> dict:
     return {"rank": torch.distributed.get_rank(), "stage": engine.stage_id, "weights": weights,
             "states": probe.peak - weights, "where": probe.where, "bucket": probe.bucket,
             "trainable": sum(p.numel() for p in engine.module.parameters() if p.requires_grad)}
+
+
+def measure_here(raw: dict) -> dict:
+    """:func:`measure` on a process group of one, in this process."""
+    from hybrid_ds.engine import init_distributed
+
+    single_process_env()
+    init_distributed()
+    return measure(raw, 1)
 
 
 def compare(raw: dict, measured: list[dict], world: int) -> list[dict]:
