@@ -213,6 +213,11 @@ class HybridPipelineModule(PipelineModule):
         stage = self._topo.get_coord(self.global_rank).pipe
         self._set_bounds(start=self.parts[stage], stop=self.parts[stage + 1])
 
+    def get_tied_weights_and_groups(self) -> list[tuple[Any, Any]]:
+        """DeepSpeed's, with trainable tied weights only: the engine sums each one's gradient over the stages that
+        hold it, and a frozen one (LoRA's embedding) has none (bf16's optimizer would look for ``_hp_grad``)."""
+        return [(weight, group) for weight, group in super().get_tied_weights_and_groups() if weight.requires_grad]
+
 
 # ---------------------------------------------------------------- 3. no shared-memory comm op on CPU
 
@@ -545,8 +550,8 @@ class PartitionedGradientsPipelineEngine(OneBackwardPipelineEngine):
             group = torch.distributed.new_group(ranks=ranks)
             if len(stages) > 1 and key in module.tied_comms:
                 comm = module.tied_comms[key]
-                tied += [(module._recursive_getattr(module.tied_modules[key], attr), group)
-                         for attr in comm["weight_attr"]]
+                weights = [module._recursive_getattr(module.tied_modules[key], attr) for attr in comm["weight_attr"]]
+                tied += [(weight, group) for weight in weights if weight.requires_grad]  # LoRA freezes the embedding
         return tied
 
     def zero_optimization_stage(self) -> int:  # noqa: D102

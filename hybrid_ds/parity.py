@@ -22,6 +22,7 @@ import torch
 from hybrid_ds.config import RunConfig
 from hybrid_ds.models.build import checkpoint_folder
 from hybrid_ds.models.head_loss import materialize
+from hybrid_ds.models.lora import PEFT_PREFIX, is_adapter, peft_config
 from hybrid_ds.models.resolve import auto_class, resolve_model
 from hybrid_ds.pipeline import SequentialStages
 from hybrid_ds.plan import build_plan
@@ -99,15 +100,17 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
         cfg = cfg.replace(model={"name": folder, "pretrained": True})
         plan = build_plan(cfg, world_size=stages)
         family = plan.resolved.family
+        pipe = SequentialStages(plan)
         hf = auto_class(family).from_pretrained(folder, config=copy.deepcopy(plan.resolved.hf_config),  # overrides
                                                 attn_implementation=cfg.model.attn_implementation,
                                                 dtype=torch.float32).eval()
+        if cfg.model.lora:
+            hf = with_adapters_of(pipe, hf)
         batch = sample_batch(hf.config.vocab_size, seq_len, family.task)
         hf_kwargs = {k: v for k, v in batch.items() if k != "token_type_ids" or family.task_info.token_types}
         out = hf(**hf_kwargs, use_cache=False)  # as in training (hybrid models' caches cannot start empty)
         out.loss.backward()
 
-        pipe = SequentialStages(plan)
         for module in pipe.modules():
             module.eval()
         inputs = (batch["input_ids"], batch["attention_mask"])
@@ -126,6 +129,29 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
             report.fused_loss = fused.item()
             report.fused_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
         return report
+
+
+def with_adapters_of(pipe: SequentialStages, hf: torch.nn.Module) -> torch.nn.Module:
+    """``hf`` made a peft model by ``get_peft_model``, with the pipeline's adapters, whose B matrices are first set
+    to random values: peft starts them at zero, which leaves the A matrices without gradient to compare."""
+    from peft import get_peft_model
+
+    lora = pipe.plan.config.model.lora
+    peft_model = get_peft_model(hf, peft_config(lora, lora.target_modules, pipe.plan.resolved.family.task))
+    values = dict(peft_model.named_parameters())
+    generator = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for name, param in pipe.named_parameters().items():
+            if is_adapter(name):
+                if ".lora_B." in name:
+                    param.normal_(0, 0.1, generator=generator)
+                values[PEFT_PREFIX + name].copy_(param)
+    return peft_model.eval()
+
+
+def hf_named_parameters(hf: torch.nn.Module) -> list[tuple[str, torch.nn.Parameter]]:
+    """The model's parameters by the names the pipeline gives them (a peft model's without its prefix)."""
+    return [(name.removeprefix(PEFT_PREFIX), p) for name, p in hf.named_parameters()]
 
 
 def _checkpoint_folder(cfg: RunConfig, tmp: Path) -> str:
@@ -149,7 +175,7 @@ def _max_grad_diff(hf, pipe, floor: float = 0.0) -> tuple[float, str]:
     hf_grads = [p.grad for p in hf.parameters() if p.grad is not None]
     least = floor * max(g.abs().max().item() for g in hf_grads) if floor and hf_grads else 1e-12
     worst, worst_name = 0.0, "-"
-    for key, param in hf.named_parameters():
+    for key, param in hf_named_parameters(hf):
         if param.grad is not None and key in grads:
             diff = ((grads[key] - param.grad).abs().max() / param.grad.abs().max().clamp_min(least)).item()
             if not diff <= worst:  # a NaN on either side is the worst difference, never "no difference"
@@ -160,7 +186,7 @@ def _max_grad_diff(hf, pipe, floor: float = 0.0) -> tuple[float, str]:
 
 
 def _report(name, stages, out, logits, loss, hf, pipe) -> ParityReport:
-    hf_grads = {n for n, p in hf.named_parameters() if p.grad is not None}
+    hf_grads = {n for n, p in hf_named_parameters(hf) if p.grad is not None}
     worst, worst_name = _max_grad_diff(hf, pipe)
     unmatched = sorted(hf_grads ^ set(pipe.named_gradients()))
     return ParityReport(name, stages, out.loss.item(), loss.item(), (logits - out.logits).abs().max().item(),

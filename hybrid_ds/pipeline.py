@@ -74,7 +74,7 @@ def spec_boundaries(unit_boundaries: list[int], units: list[int]) -> list[int]:
 def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilder:
     cfg = plan.config
     return StageBuilder(plan.resolved, cfg.model.pretrained, cfg.train.seed, DTYPES[cfg.precision], device,
-                        cfg.model.revision, skeleton=plan.skeleton, documents=plan.document_mask)
+                        cfg.model.revision, skeleton=plan.skeleton, documents=plan.document_mask, lora=cfg.model.lora)
 
 
 def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any:
@@ -148,16 +148,24 @@ class SequentialStages:
     def named_gradients(self) -> dict[str, torch.Tensor]:
         """Gradients by Hugging Face parameter name; a tied weight's two copies summed, as DeepSpeed reduces them."""
         grads: dict[str, torch.Tensor] = {}
+        for key, param in self._named():
+            if param.grad is not None:
+                grads[key] = grads[key] + param.grad if key in grads else param.grad.clone()
+        return grads
+
+    def named_parameters(self) -> dict[str, torch.nn.Parameter]:
+        """Parameters by Hugging Face name (with a LoRA stage's peft names); of a tied weight, the first stage's."""
+        params: dict[str, torch.nn.Parameter] = {}
+        for key, param in self._named():
+            params.setdefault(key, param)
+        return params
+
+    def _named(self) -> Any:
         for builder in self.builders:
             for path, module in builder.built_modules().items():
                 for name, param in module.named_parameters():
-                    if param.grad is not None:
-                        key = f"{path}.{name}"
-                        grads[key] = grads[key] + param.grad if key in grads else param.grad.clone()
-            for path, param in builder.built_parameters().items():
-                if param.grad is not None:
-                    grads[path] = param.grad.clone()
-        return grads
+                    yield f"{path}.{name}", param
+            yield from builder.built_parameters().items()
 
 
 def _fresh(plan: Plan) -> Plan:

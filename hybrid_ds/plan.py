@@ -13,6 +13,7 @@ from hybrid_ds.activations import DTYPE_BYTES
 from hybrid_ds.config import RunConfig
 from hybrid_ds.errors import UserError
 from hybrid_ds.model_state import reduce_bucket_elements
+from hybrid_ds.models.lora import find_targets
 from hybrid_ds.models.masks import document_mask_obstacle
 from hybrid_ds.models.shape import layer_active_params, layer_adapter_params, model_experts
 from hybrid_ds.models.resolve import (PipelineLayer, ResolvedModel, count_params, meta_model, pipeline_layers,
@@ -43,6 +44,7 @@ class Plan:
     skeleton: Any = None          # the whole model on the meta device (what the counts came from)
     document_mask: bool = False   # data.document_mask resolved (its null default decided): see document_mask()
     warnings: list[str] = field(default_factory=list)
+    adapter_targets: list[str] = field(default_factory=list)  # model.lora: paths of the modules given adapters
 
     @property
     def n_blocks(self) -> int:
@@ -97,6 +99,8 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
                                   layer_active_params(model, resolved.family, per_layer))
     bytes_per_param = DTYPE_BYTES[cfg.precision]
     per_stage = stage_params(model, resolved.family, boundaries)
+    targets = find_targets(model, resolved.family, cfg.model.lora).paths() if cfg.model.lora else []
+    _check_adapters_per_stage(targets, resolved.family, layers, boundaries)
     trainable = per_stage
     if cfg.model.lora:  # the base model frozen; the adapters come on top of it
         adapters = layer_adapter_params(model, resolved.family, cfg.model.lora)
@@ -105,7 +109,40 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param, t)
                    for s, (lo, hi, n, t) in enumerate(zip(boundaries, boundaries[1:], per_stage, trainable))]
     return Plan(cfg, resolved, layout, layers, boundaries, stage_plans, count_params(model), model,
-                document_mask(cfg, resolved), layout.warnings() + accumulation_warnings(cfg, layout.grad_accum))
+                document_mask(cfg, resolved), layout.warnings() + accumulation_warnings(cfg, layout.grad_accum),
+                targets)
+
+
+def adapter_layers(targets: list[str], family: Any, n_layers: int) -> set[int]:
+    """Indices into [embedding, blocks..., head] of the layers holding a LoRA target.
+
+    >>> from hybrid_ds.families import FAMILIES
+    >>> sorted(adapter_layers(["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"], FAMILIES["llama"], 6))
+    [2]
+    """
+    blocks = family.blocks + "."
+    held = set()
+    for target in targets:
+        if target.startswith(blocks):
+            held.add(1 + int(target[len(blocks):].partition(".")[0]))
+        else:
+            held.add(0 if any(target.startswith(p + ".") for p in family.embedding_modules) else n_layers - 1)
+    return held
+
+
+def _check_adapters_per_stage(targets: list[str], family: Any, layers: list[PipelineLayer],
+                              boundaries: list[int]) -> None:
+    """Every stage must train something: DeepSpeed's optimizer refuses a stage without a trainable parameter."""
+    if not targets:
+        return
+    held = adapter_layers(targets, family, len(layers))
+    for stage, (lo, hi) in enumerate(zip(boundaries, boundaries[1:])):
+        if not held & set(range(lo, hi)):
+            names = ", ".join(layer.name for layer in layers[lo:hi]) or "no layer"
+            raise UserError("pipeline.partition", f"stage {stage} holds {names} and no LoRA adapter "
+                                                  "(model.lora.target_modules); a stage needs something to train: "
+                                                  "give each stage a block with a target, e.g. a list of blocks "
+                                                  "per stage, or use fewer stages")
 
 
 # Up to 4 micro-batches summed in bf16 lose at most a few of its 8 significant bits; beyond, small gradients vanish.

@@ -20,7 +20,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from hybrid_ds.config import LoraConfig
 from hybrid_ds.errors import UserError
+from hybrid_ds.models.lora import add_adapters, find_targets
 from hybrid_ds.models.resolve import ResolvedModel, meta_model
 
 _INDEX = "model.safetensors.index.json"
@@ -152,7 +154,8 @@ class StageBuilder:
 
     def __init__(self, resolved: ResolvedModel, pretrained: bool, seed: int = 1234,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
-                 revision: str | None = None, skeleton: nn.Module | None = None, documents: bool = False):
+                 revision: str | None = None, skeleton: nn.Module | None = None, documents: bool = False,
+                 lora: LoraConfig | None = None):
         self.resolved = resolved
         self.documents = documents  # the travelling mask holds document indices (data.document_mask)
         self.config = resolved.hf_config
@@ -167,6 +170,8 @@ class StageBuilder:
             self.checkpoint = SafetensorsCheckpoint(folder, self.skeleton)
         out, inp = self.skeleton.get_output_embeddings(), self.skeleton.get_input_embeddings()
         self.tied = out is not None and out.weight is inp.weight
+        self.lora = lora  # model.lora: every built tensor frozen, adapters on the targets (hybrid_ds.models.lora)
+        self.lora_targets = find_targets(self.skeleton, self.family, lora) if lora else None
         self._built: dict[str, nn.Module] = {}
         self._params: dict[str, nn.Parameter] = {}
         self.shared: dict[str, Any] = {}   # objects the stage's layers share (layers.Derived)
@@ -198,6 +203,8 @@ class StageBuilder:
         self._initialize(module, path)
         if self.checkpoint is not None:
             self._load(module, path)
+        if self.lora:
+            add_adapters(module, path, self.lora_targets, self.lora, self.seed)
         module.to(self.dtype)
         self._built[path] = module
         return module
@@ -214,7 +221,7 @@ class StageBuilder:
             if key is None:
                 raise UserError("model.name", f"checkpoint {self.checkpoint.folder} lacks {path}")
             value.copy_(self.checkpoint.tensor(key))
-        self._params[path] = nn.Parameter(value)
+        self._params[path] = nn.Parameter(value, requires_grad=self.lora is None)
         return self._params[path]
 
     def rotary(self) -> nn.Module | None:

@@ -88,11 +88,16 @@ def layer_adapter_params(skeleton: Any, family: Family, lora: Any) -> list[int]:
     as ``get_peft_model`` makes them on a copy of the meta skeleton: peft's own rules, which for some
     Mixture-of-Experts types (mixtral, qwen3_moe) adapt the fused experts and the router as parameters."""
     import copy
+    import warnings
 
     import peft
 
-    config = peft.LoraConfig(r=lora.r, target_modules=lora.target_modules)
-    tuned = peft.get_peft_model(copy.deepcopy(skeleton), config, low_cpu_mem_usage=True).base_model.model
+    from hybrid_ds.models.lora import peft_config
+
+    with warnings.catch_warnings():  # peft's notes on GPT-2's Conv1D and on MoE patterns are for the run to give
+        warnings.simplefilter("ignore")
+        tuned = peft.get_peft_model(copy.deepcopy(skeleton), peft_config(lora, lora.target_modules, family.task),
+                                    low_cpu_mem_usage=True).base_model.model
     n_blocks = len(skeleton.get_submodule(family.blocks))
     per_layer = [0] * (n_blocks + 2)
     for name, param in tuned.named_parameters():
