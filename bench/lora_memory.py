@@ -7,7 +7,8 @@ engine hybrid_ds trains with, runs two optimizer steps, and around every gradien
 optimizer's step sums the bytes of every distinct storage reachable from its parameters and its optimizer
 (``estimator_accuracy.StateProbe``), split into the weights and the rest: gradients and optimizer states (master
 copies, Adam's moments, fp32 gradient partitions). The peak is compared with ``hybrid_ds.estimate``'s model states
-of the rank's stage (``state.params`` and ``grads + master + optimizer``); the reduce bucket is kept apart.
+of the rank's stage (``state.params`` and ``grads + master + optimizer``); ZeRO's reduce bucket (sized to the
+stage's trainable parameters) is kept apart.
 
 Usage: ``python bench/lora_memory.py [--dp 1 2]``; prints the table and writes bench/results/lora_memory.json.
 ``--worker`` is the launcher's entry point.
@@ -135,13 +136,14 @@ def print_rows(rows: list[dict]) -> None:
           "copies + Adam)")
     print(f"{'run':<5} {'dp':>2} {'rank':>4} {'stage':>5} {'trainable':>10}  {'optimizer':<22} {'weights':>8} "
           f"{'states meas.':>12} {'states est.':>11} {'error':>7}  {'total meas.':>11} {'total est.':>10} "
-          f"{'error':>7}")
+          f"{'error':>7}  {'bucket meas./est.':>17}")
     for r in rows:
         p = r["predicted"]
         print(f"{'lora' if r['lora'] else 'full':<5} {r['dp']:>2} {r['rank']:>4} {r['stage']:>5} "
               f"{r['trainable']:>10,}  {p['optimizer']:<22} {r['weights'] / mib:>8.1f} {r['states'] / mib:>12.2f} "
               f"{p['states'] / mib:>11.2f} {r['error_states']:>+7.1%}  {(r['states'] + r['weights']) / mib:>11.1f} "
-              f"{(p['states'] + p['weights']) / mib:>10.1f} {r['error_total']:>+7.1%}")
+              f"{(p['states'] + p['weights']) / mib:>10.1f} {r['error_total']:>+7.1%}  "
+              f"{r['bucket'] / mib:>8.1f}/{p['bucket'] / mib:<8.1f}")
 
 
 def main() -> None:
