@@ -207,9 +207,9 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     for b in held:
         kind = (arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0
         if kind not in kinds:
-            kinds[kind] = sum(block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b).values())
-    saved = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0]
-             + adapter_activation_bytes(run, b) for b in held]
+            kinds[kind] = block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b)
+    terms = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
+    saved = [sum(t.values()) + lora_activation_change(run, b, t, runtime) for b, t in zip(held, terms)]
     per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if lo == 0 else 0.0
     if hi == arch.layers + 2:
         per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime, run.fused_loss)
@@ -229,24 +229,35 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     return in_flight * per_micro_batch + working, in_flight, logits, buffers
 
 
-def adapter_activation_bytes(run: Run, block: int) -> float:
-    """Bytes block ``block``'s LoRA adapters save for backward per micro-batch: each adapter's r-wide intermediate
-    (lora_B's input) and, with dropout, lora_A's input (the dropped-out copy of the layer's input) and the dropout
-    mask (one byte an element). Without dropout lora_A's input is the layer's own, which the block holds already.
+def lora_activation_change(run: Run, block: int, terms: dict[str, float], runtime: str = "cuda") -> float:
+    """What LoRA changes in the bytes block ``block`` saves for backward per micro-batch (``terms``: the full
+    fine-tune's, :func:`block_activation_terms`); 0 without LoRA.
+
+    A frozen weight needs no saved input for its gradient: RMSNorm's normalized tensor goes, and the inputs of the
+    linear layers ("linear inputs", "output projection input", the down projection's inside "mlp") stay only where
+    an adapter without dropout reads them (the share of the block's linear inputs adapted: all or none but for a
+    target list without dropout). Each adapter saves its r-wide intermediate (lora_B's input) and, with dropout,
+    the dropped copy of its layer's input (lora_A's) and the dropout mask.
 
     >>> from hybrid_ds.config import LoraConfig
     >>> run = Run(arch_from_preset("gpt2-tiny"), world_size=1, stages=1, dp=1, micro_batch=1, grad_accum=1,
     ...           seq_len=10, precision="fp32", lora=LoraConfig(r=4, dropout=0.1, target_modules=["c_attn"]))
-    >>> adapter_activation_bytes(run, 0)   # 10 tokens x (4 B x r + 5 B x 64 inputs)
-    3360.0
+    >>> terms = {"linear inputs": 5120.0, "output projection input": 2560.0, "mlp": 20480.0}
+    >>> lora_activation_change(run, 0, terms)  # all inputs gone (-17,920); 10 tokens x (4 B x r + 5 B x 64 inputs)
+    -14560.0
     """
-    lora = run.lora
+    lora, arch = run.lora, run.arch
     if lora is None:
         return 0.0
     w, tokens = DTYPE_BYTES[run.precision], run.seq_len * run.micro_batch
-    layers = adapted(run.arch.block_linears(block), lora.target_modules)
-    dropped = (w + 1) * sum(layer.n_in for layer in layers) if lora.dropout else 0
-    return float(tokens * (w * lora.r * len(layers) + dropped))
+    layers = arch.block_linears(block)
+    targets = adapted(layers, lora.target_modules)
+    inputs = (terms.get("linear inputs", 0.0) + terms.get("output projection input", 0.0)
+              + (w * tokens * arch.ffn if "mlp" in terms else 0.0))
+    kept = 0.0 if lora.dropout else sum(t.n_in for t in targets) / max(1, sum(t.n_in for t in layers))
+    mask = 1 if runtime == "cuda" else w   # as block_activation_terms: CPU dropout keeps a mask of the dtype
+    dropped = (w + mask) * sum(t.n_in for t in targets) if lora.dropout else 0
+    return -terms.get("normalized", 0.0) - (1 - kept) * inputs + tokens * (w * lora.r * len(targets) + dropped)
 
 
 def stage_flops(run: Run, lo: int, hi: int) -> float:
