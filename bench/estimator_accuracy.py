@@ -98,7 +98,8 @@ def measure_activations(name: str, precision: str, attn: str, seq: int = ACT_SEQ
     from hybrid_ds.pipeline import SequentialStages
     from hybrid_ds.plan import build_plan
 
-    raw = {"model": {"name": name, "attn_implementation": attn, **({"lora": lora} if lora else {})}, "data": {"seq_len": seq},
+    raw = {"model": {"name": name, "attn_implementation": attn, **({"lora": lora} if lora else {})},
+           "data": {"seq_len": seq},
            "train_micro_batch_size_per_gpu": micro}
     if precision != "fp32":
         raw[precision] = {"enabled": True}

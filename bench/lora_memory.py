@@ -1,4 +1,4 @@
-"""Model-state bytes per rank of a LoRA run (``model.lora``) and of a full fine-tune: real engines against the estimator.
+"""Model-state bytes per rank of a LoRA run (``model.lora``) and a full fine-tune: real engines against the estimate.
 
 SmolLM2-135M (the offline asset, pretrained weights) at pp=2 on 2 gloo processes (fp32 ZeRO-1 at dp=1 runs as
 ZeRO-0: torch's AdamW) and at pp=2 x dp=2 on 4 (ZeRO-1: DeepSpeed's ZeRO optimizer partitions the fp32 master

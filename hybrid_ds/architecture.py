@@ -273,5 +273,6 @@ def _partition(method: str | tuple[int, ...], per_layer: tuple[int, ...], classe
     return tuple(partition_layers(method, list(per_layer), list(classes), stages, seq_len, hidden, list(active)))
 
 
-__all__ = ["Arch", "Experts", "Linear", "Tensor", "adapted", "adapter_params", "arch_from_config_dict", "arch_from_model", "arch_from_preset", "has_shape", "local_model_type",
+__all__ = ["Arch", "Experts", "Linear", "Tensor", "adapted", "adapter_params", "arch_from_config_dict", "arch_from_model",
+           "arch_from_preset", "has_shape", "local_model_type",
            "stage_boundaries"]

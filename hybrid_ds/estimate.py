@@ -14,7 +14,10 @@ allocates, and the tests and ``bench/estimator_accuracy.py`` hold them against a
   (Korthikanti et al. 2022's catalogue, with the kernels these models really call), times the
   micro-batches DeepSpeed's 1F1B TrainSchedule keeps in flight on each stage, plus the logits on the
   last stage;
-* FLOPs, bubble, bytes sent per rank, step time and MFU from :mod:`hybrid_ds.gpus`.
+* FLOPs, bubble, bytes sent per rank, step time and MFU from :mod:`hybrid_ds.gpus`;
+* LoRA (``model.lora``): the base frozen (its weights only, no gradient, no optimizer state) and the adapters
+  trained like any parameter (r x (in + out) per adapted linear layer, as peft makes them), what both save for
+  backward; ``bench/lora_memory.py`` holds the model states against the real engine.
 
 >>> arch = arch_from_preset("gpt3-175b")
 >>> round(arch.params / 1e9, 1)          # Narayanan et al. 2021, Table 1: 174.6B

@@ -22,7 +22,7 @@ Tensor = tuple[str, int]       # (module path, elements)
 class Linear(NamedTuple):
     """A linear layer of a block (``nn.Linear``, GPT-2's ``Conv1D``): what a LoRA adapter wraps."""
 
-    module: str        # path inside the block ("self_attn.q_proj")
+    module: str        # path inside its block ("self_attn.q_proj"); a head layer's from the model's root
     n_in: int
     n_out: int
     bias: bool = True
@@ -85,7 +85,8 @@ def llama_like(c: dict[str, Any], d: DecoderDefaults) -> dict[str, Any]:
                Linear("self_attn.o_proj", heads * hd, h, c.get("attention_bias", False)),
                Linear("mlp.gate_proj", h, ffn, mlp_bias), Linear("mlp.up_proj", h, ffn, mlp_bias),
                Linear("mlp.down_proj", ffn, h, mlp_bias)]
-    block = _norm("input_layernorm", h, bias=False) + _norm("post_attention_layernorm", h, bias=False) + _weights(linears)
+    block = (_norm("input_layernorm", h, bias=False) + _norm("post_attention_layernorm", h, bias=False)
+             + _weights(linears))
     out = ("lm_head", vocab * h)
     return dict(layers=c["num_hidden_layers"], hidden=h, heads=heads, kv_heads=kv, head_dim=hd, ffn=ffn, vocab=vocab,
                 max_positions=c.get("max_position_embeddings", 2048), embedding=[("embed_tokens", vocab * h)],
@@ -111,7 +112,8 @@ def phi(c: dict[str, Any]) -> dict[str, Any]:
                                             if c.get("qk_layernorm") else []) + _weights(linears))
     return dict(layers=c["num_hidden_layers"], hidden=h, heads=heads, kv_heads=kv, head_dim=hd, ffn=ffn, vocab=vocab,
                 max_positions=c.get("max_position_embeddings", 2048), embedding=[("embed_tokens", vocab * h)],
-                block=block, linears=linears, head=_norm("final_layernorm", h) + _linear("lm_head", h, vocab), parallel="one_norm",
+                block=block, linears=linears, head=_norm("final_layernorm", h) + _linear("lm_head", h, vocab),
+                parallel="one_norm",
                 tied=vocab * h if c.get("tie_word_embeddings", False) else 0,
                 act=c.get("hidden_act", "gelu_new"), rotary_dim=int(hd * c.get("partial_rotary_factor", 0.5)),
                 attn_dropout=c.get("attention_dropout", 0.0), resid_dropout=c.get("resid_pdrop", 0.0),
@@ -153,7 +155,8 @@ def opt(c: dict[str, Any]) -> dict[str, Any]:
     head.append(("lm_head", vocab * proj))
     return dict(layers=c["num_hidden_layers"], hidden=h, heads=c["num_attention_heads"], kv_heads=c["num_attention_heads"],
                 head_dim=h // c["num_attention_heads"], ffn=ffn, vocab=vocab, max_positions=n_pos, embedding=embedding,
-                block=block, linears=linears, head=head, tied=vocab * proj if tied else 0, act=c.get("activation_function", "relu"),
+                block=block, linears=linears, head=head, tied=vocab * proj if tied else 0,
+                act=c.get("activation_function", "relu"),
                 learned_positions=True, position_ids_per_token=True, attn_dropout=c.get("attention_dropout", 0.0),
                 resid_dropout=c.get("dropout", 0.1))
 
@@ -171,7 +174,8 @@ def bert(c: dict[str, Any]) -> dict[str, Any]:
     head = _weights(transform) + _norm("transform.LayerNorm", h) + _linear("decoder", h, vocab)
     return dict(layers=c["num_hidden_layers"], hidden=h, heads=c["num_attention_heads"], kv_heads=c["num_attention_heads"],
                 head_dim=h // c["num_attention_heads"], ffn=ffn, vocab=vocab, max_positions=n_pos, embedding=embedding,
-                block=block, linears=linears, head_linears=transform, head=head, tied=vocab * h, act=c.get("hidden_act", "gelu"), learned_positions=True,
+                block=block, linears=linears, head_linears=transform, head=head, tied=vocab * h,
+                act=c.get("hidden_act", "gelu"), learned_positions=True,
                 attn_dropout=c.get("attention_probs_dropout_prob", 0.1), resid_dropout=c.get("hidden_dropout_prob", 0.1),
                 embd_dropout=c.get("hidden_dropout_prob", 0.1), softmax_fp32=False, token_types=True,
                 head_transform=True)
