@@ -8,6 +8,8 @@ model of every preset. Bytes against a real engine: bench/lora_memory.py and the
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import transformers
 
@@ -18,7 +20,8 @@ from hybrid_ds.families import TASKS
 from hybrid_ds.models.resolve import meta_model, resolve_model
 from hybrid_ds.models.shape import block_linears, model_arch
 from hybrid_ds.plan import build_plan
-from hybrid_ds.report import format_estimate, format_plan
+from hybrid_ds.report import format_estimate, format_plan, human_count
+from tests.test_estimate import cli
 from tests.test_generic_adapter import saved, tiny_config
 
 
@@ -112,14 +115,19 @@ def test_lora_block_activations_match_saved_tensors(name, lora):
     assert sum(terms.values()) + lora_activation_change(run, 0, terms, "cpu") == pytest.approx(measured, rel=0.05)
 
 
-def test_dry_run_shows_trainable_and_frozen_per_stage():
-    cfg = load_config_dict({"model": {"name": "llama-tiny", "lora": {"r": 8, "target_modules": ["q_proj"]}},
-                            "pipeline": {"stages": 2}, "data": {"seq_len": 16}, "train_micro_batch_size_per_gpu": 1})
+def test_dry_run_and_compare_show_trainable_and_frozen_per_stage(tmp_path, capsys):
+    raw = {"model": {"name": "llama-tiny", "lora": {"r": 8, "target_modules": ["q_proj"]}},
+           "pipeline": {"stages": 2}, "data": {"seq_len": 16}, "train_micro_batch_size_per_gpu": 1}
+    cfg = load_config_dict(raw)
     plan = build_plan(cfg, 2)
     est = estimate_for_config(cfg, 2, runtime="cpu")
     text = format_plan(plan) + format_estimate(est)
     assert text.count("lora       r=8 on q_proj:") == 2 and "trainable" in text and "frozen" in text
     assert [s.trainable for s in est.stages] == [s.trainable for s in plan.stage_plans]
+    config = tmp_path / "lora.json"
+    config.write_text(json.dumps(raw))
+    assert cli("compare", str(config), "--gpus", "2") == 0
+    assert f"LoRA r=8: {human_count(est.stages[0].trainable)} of" in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- against real engines
