@@ -35,6 +35,16 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "hybrid_ds"
 
 
+def model_folder(name: str) -> str:
+    """``model.name`` as the run reads it: the offline asset's folder for its name (``smollm2-135m``, exported on
+    first use), any other name as it is.
+
+    >>> model_folder("gpt2-tiny")
+    'gpt2-tiny'
+    """
+    return str(smollm2_folder()) if name == SMOLLM2_NAME else name
+
+
 def smollm2_folder() -> Path:
     """The SmolLM2-135M-Instruct folder (config.json, model.safetensors, tokenizer), exported on first use.
 

@@ -38,6 +38,7 @@ from hybrid_ds.deepspeed_seam import layer_checkpoint_file
 from hybrid_ds.engine import raise_shared
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.build import StageBuilder
+from hybrid_ds.models.lora import PEFT_PREFIX, with_peft
 from hybrid_ds.models.resolve import auto_class, meta_model
 from hybrid_ds.pipeline import layer_specs
 from hybrid_ds.plan import build_plan
@@ -296,7 +297,8 @@ def universal_names(plan: Any) -> dict[str, str]:
 def pipeline_names(plan: Any) -> dict[str, str]:
     """A PipelineModule's parameter names -> Hugging Face names, for ``plan``'s model on any engine."""
     skeleton = meta_model(plan.resolved)  # its own: building layers on it would change the run's skeleton
-    builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton)
+    builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton,
+                           lora=plan.config.model.lora)
     specs, _ = layer_specs(builder)
     modules: dict[str, Any] = {}
     for index, spec in enumerate(specs):
@@ -307,7 +309,7 @@ def pipeline_names(plan: Any) -> dict[str, str]:
     hf_names = _hf_names(builder)
     canonical = {id(p): name for name, p in skeleton.named_parameters()}
     alias = {name: canonical[id(p)] for name, p in skeleton.named_parameters(remove_duplicate=False)}
-    return {prefix + local: alias[hf_names[id(p)]] for prefix, module in modules.items()
+    return {prefix + local: alias.get(hf_names[id(p)], hf_names[id(p)]) for prefix, module in modules.items()
             for local, p in module.named_parameters()}
 
 
@@ -342,19 +344,30 @@ def resolve_checkpoint(path: str | Path) -> Path:
                                   "nor a checkpoint folder inside one")
 
 
-def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
-    """Write a Hugging Face folder (config, safetensors, tokenizer) from a pipeline checkpoint of any layout."""
+def export(checkpoint: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
+    """Write a Hugging Face folder (config, safetensors, tokenizer) from a pipeline checkpoint of any layout.
+
+    A LoRA run (``model.lora``) writes peft's adapter folder (``adapter_config.json``, ``adapter_model.safetensors``),
+    which ``PeftModel.from_pretrained(base, folder)`` loads; with ``merge`` the model with its adapters merged, a plain
+    Hugging Face folder. Both are written by peft itself, from ``get_peft_model`` of the model with the run's weights.
+    """
     folder = resolve_checkpoint(checkpoint)
     export_folder("OUT_DIR", Path(out_dir))
     cfg = load_config_dict(json.loads((folder.parent / RUN_CONFIG).read_text()))
+    if merge and not cfg.model.lora:
+        raise UserError("--merge", f"{folder} is not of a LoRA run (model.lora): its export is the whole model already")
     plan = build_plan(cfg, world_size=cfg.pipeline.stages)
     if not cfg.pipeline_engine:  # the plain HF model: DeepSpeed's own consolidation of ZeRO partitions
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:  # a PipelineModule: per-layer files, named back through the layer specs on the meta device
-        builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=plan.skeleton)
+        builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=plan.skeleton,
+                               lora=cfg.model.lora)
         specs, _ = layer_specs(builder)
         state = _gather_layers(folder, specs, builder)
     model = auto_class(plan.resolved.family).from_config(plan.resolved.hf_config)
+    if cfg.model.lora:
+        model = with_peft(model, cfg.model.lora, plan.resolved.family.task, cfg.model.name)
+        state = {PEFT_PREFIX + name: value for name, value in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - \
         {name for name, _ in model.named_parameters()}
@@ -363,6 +376,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
         raise UserError("CHECKPOINT", f"{folder} does not cover the model: missing {missing[:3]}, "
                                       f"unexpected {unexpected[:3]}")
     out = Path(out_dir)
+    if merge:
+        model = model.merge_and_unload()
     model.to(next(iter(state.values())).dtype).save_pretrained(out)
     tokenizer = folder.parent / "tokenizer"
     if tokenizer.is_dir():
@@ -373,7 +388,8 @@ def export(checkpoint: str | Path, out_dir: str | Path) -> Path:
 def _saved_weights(folder: Path, plan: Any) -> dict[str, torch.Tensor]:
     """Hugging Face name -> weight of a pipeline checkpoint, a tied weight under the name its model reports."""
     skeleton = meta_model(plan.resolved)  # its own: building layers on it would change the run's skeleton
-    builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton)
+    builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton,
+                           lora=plan.config.model.lora)
     specs, _ = layer_specs(builder)
     state = _gather_layers(folder, specs, builder)
     canonical = {id(p): name for name, p in skeleton.named_parameters()}

@@ -121,7 +121,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_export(args: argparse.Namespace) -> int:
     from hybrid_ds.checkpoint import export
 
-    print(f"wrote {export(args.checkpoint, args.out_dir)}")
+    print(f"wrote {export(args.checkpoint, args.out_dir, args.merge)}")
     return 0
 
 
@@ -167,7 +167,10 @@ def _parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write a Hugging Face folder from a training checkpoint")
     p.add_argument("checkpoint", help="a train.save_dir (its latest checkpoint) or one step folder in it")
-    p.add_argument("out_dir", help="folder to write (config, safetensors, tokenizer)")
+    p.add_argument("out_dir", help="folder to write (config, safetensors, tokenizer; a LoRA run's: peft's adapter "
+                                   "folder, which PeftModel.from_pretrained(base, OUT_DIR) loads)")
+    p.add_argument("--merge", action="store_true", help="LoRA run: the model with its adapters merged, a plain "
+                                                        "Hugging Face folder")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("convert-checkpoint",

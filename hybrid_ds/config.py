@@ -58,9 +58,10 @@ class LoraConfig(_Section):
                                                "(alpha / sqrt(r) with use_rslora)")
     dropout: float = Field(0.0, ge=0, lt=1, description="dropout on each adapter's input")
     target_modules: list[str] | Literal["all-linear"] = Field(
-        "all-linear", description="modules that get adapters, as peft matches them: a name matches a module whose "
-                                  "path ends in it (\"q_proj\"); \"all-linear\" = every linear layer of the "
-                                  "transformer blocks; adapters go inside the blocks only")
+        "all-linear", description="modules that get adapters, chosen by peft's get_peft_model on the whole model: "
+                                  "a name matches a module whose path ends in it (\"q_proj\"); \"all-linear\" = "
+                                  "every linear layer but the output projection (and, as peft does, a Mixture-of-"
+                                  "Experts layer's stacked experts); not the embeddings or the output projection")
     use_rslora: bool = Field(False, description="rank-stabilized scaling alpha / sqrt(r)")
 
     @field_validator("target_modules")
@@ -72,7 +73,9 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
-    name: str = Field(min_length=1, description="architecture preset (`hybrid-ds presets`), hub name ORG/NAME, or local folder")
+    name: str = Field(min_length=1, description="architecture preset (`hybrid-ds presets`), hub name ORG/NAME, local "
+                                                "folder, or \"smollm2-135m\": the offline SmolLM2-135M-Instruct "
+                                                "(requirements-assets.txt), exported to a folder on first use")
     pretrained: bool = Field(False, description="load the checkpoint's weights; false = the model's own random init")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name is a hub name")
     trust_remote_code: bool = Field(False, description="allow a hub model's own Python code; off by default")
@@ -83,6 +86,13 @@ class ModelConfig(_Section):
                                                           "multiple of 64 (for models trained from scratch)")
     lora: LoraConfig | None = Field(None, description="train LoRA adapters on the frozen model (fine-tuning); "
                                                        "null = train every weight")
+
+    @field_validator("name")
+    @classmethod
+    def _offline_asset(cls, value: str) -> str:
+        from hybrid_ds.assets import model_folder  # stdlib only until the asset is exported
+
+        return model_folder(value)
 
 
 class DataConfig(_Section):
@@ -146,7 +156,8 @@ class TrainConfig(_Section):
     eval_interval: int = Field(0, ge=0, description="evaluate every N steps; 0 = never")
     eval_batches: int = Field(8, ge=1, description="batches per evaluation")
     resume: bool | Literal["auto"] = Field(False, description="true/\"auto\": continue from the latest checkpoint")
-    export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run")
+    export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run (with "
+                                                     "model.lora: peft's adapter folder)")
     fused_loss: bool = Field(True, description="compute the LM loss from the last hidden states a block of rows at "
                                                "a time (hybrid_ds.models.head_loss): no [tokens, vocab] fp32 logits, "
                                                "their log-softmax or gradient; loss and gradients within 1e-5 of "

@@ -22,7 +22,7 @@ import torch
 from hybrid_ds.config import RunConfig
 from hybrid_ds.models.build import checkpoint_folder
 from hybrid_ds.models.head_loss import materialize
-from hybrid_ds.models.lora import PEFT_PREFIX, is_adapter, peft_config
+from hybrid_ds.models.lora import PEFT_PREFIX, is_adapter, with_peft
 from hybrid_ds.models.resolve import auto_class, resolve_model
 from hybrid_ds.pipeline import SequentialStages
 from hybrid_ds.plan import build_plan
@@ -134,10 +134,7 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
 def with_adapters_of(pipe: SequentialStages, hf: torch.nn.Module) -> torch.nn.Module:
     """``hf`` made a peft model by ``get_peft_model``, with the pipeline's adapters, whose B matrices are first set
     to random values: peft starts them at zero, which leaves the A matrices without gradient to compare."""
-    from peft import get_peft_model
-
-    lora = pipe.plan.config.model.lora
-    peft_model = get_peft_model(hf, peft_config(lora, lora.target_modules, pipe.plan.resolved.family.task))
+    peft_model = with_peft(hf, pipe.plan.config.model.lora, pipe.plan.resolved.family.task)
     values = dict(peft_model.named_parameters())
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():

@@ -53,6 +53,24 @@ def test_fused_loss_and_gradients_match_hugging_face(causal, ops, bias):
         _assert_within(g, w, 1e-5)
 
 
+def test_a_frozen_head_gets_no_weight_gradient_computed(monkeypatch):
+    """LoRA freezes the head: only the hidden states' gradient is made, equal to Hugging Face's; no weight-sized
+    fp32 sum is kept."""
+    import hybrid_ds.models.head_loss as head_loss
+
+    made = []
+    monkeypatch.setattr(head_loss._Grads, "scaled", lambda self, g, real=head_loss._Grads.scaled:
+                        made.append(self) or real(self, g))
+    head, (hidden, weight, bias) = _head("added", SOFT_CAP)
+    weight.requires_grad_(False), bias.requires_grad_(False)
+    labels = _labels()
+    want = _loss_and_grads(ForCausalLMLoss(materialize(head), labels, VOCAB), [hidden])
+    got = _loss_and_grads(fused_lm_loss(head, labels, shift=True, block_rows=3), [hidden])
+    for g, w in zip(got, want):
+        _assert_within(g, w, 1e-5)
+    assert made and made[0].weight is None and made[0].bias is None
+
+
 def test_without_grad_it_computes_the_loss_only():
     head, _ = _head("linear", SOFT_CAP)
     with torch.no_grad():

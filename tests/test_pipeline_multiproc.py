@@ -93,13 +93,13 @@ def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps
     return {"losses": json.loads((run / "losses.json").read_text()), "ranks": ranks}
 
 
-def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0) -> dict:
-    """Plain torch: the HF model, AdamW (hybrid_ds's default parameter groups), loss / grad_accum per micro-batch,
-    optional clip_grad_norm_."""
+def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0, model=None) -> dict:
+    """Plain torch: the HF model (or ``model``: a peft model of it), AdamW (hybrid_ds's default parameter groups),
+    loss / grad_accum per micro-batch, optional clip_grad_norm_."""
     import transformers
 
     auto = transformers.AutoModelForMaskedLM if name == "bert-tiny" else transformers.AutoModelForCausalLM
-    model = auto.from_pretrained(folder, dtype=torch.float32)
+    model = model or auto.from_pretrained(folder, dtype=torch.float32)
     groups = parameter_groups(model, TrainConfig.model_fields["no_weight_decay"].default)  # no decay on 1-D, tables
     optimizer = torch.optim.AdamW(groups, lr=ADAMW["lr"], betas=tuple(ADAMW["betas"]),
                                   eps=ADAMW["eps"], weight_decay=ADAMW["weight_decay"])

@@ -100,7 +100,8 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         inv_count = 1.0 / valid.sum().float()  # inf without a predicted token: the loss is then NaN, as HF's
         row_scale = torch.where(valid, inv_count, 0.0)  # the mean's gradient; 0 on ignored rows
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
-        grads = _Grads(hidden, weight, bias is not None or added_bias is not None) if need_grad else None
+        trained_bias = any(b is not None and b.requires_grad for b in (bias, added_bias))
+        grads = _Grads(hidden, weight, weight.requires_grad, trained_bias) if need_grad else None
         for start in range(0, hidden.shape[0], block_rows):
             rows = slice(start, start + block_rows)
             pre = F.linear(hidden[rows], weight, bias)  # autograd is off inside forward
@@ -134,28 +135,30 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
 
 
 class _Grads:
-    """The gradients of the hidden states, the weight and the (one) bias, filled block by block.
+    """The gradients of the hidden states, the weight and the (one) bias, filled block by block; a frozen weight's
+    (LoRA's) and bias's are not computed.
 
     The weight's and bias's sums over blocks are kept in fp32 whatever the weight's dtype, so that a bf16 model
     gets the gradient of one full matmul rounded once, as in the ordinary path, not one rounding per block.
     """
 
-    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, has_bias: bool):
+    def __init__(self, hidden: torch.Tensor, weight: torch.Tensor, trained_weight: bool, trained_bias: bool):
         self.dtype, self.weight_value = weight.dtype, weight
         self.hidden = torch.empty_like(hidden)
         self.weight: torch.Tensor | None = None   # the first block's share, then the sum (fp32)
         self.bias: torch.Tensor | None = None
-        self.has_bias = has_bias
+        self.trained_weight, self.has_bias = trained_weight, trained_bias
 
     def add(self, rows: slice, hidden: torch.Tensor, d_logits: torch.Tensor) -> None:
         """Add one block's share, given d loss / d (its logits before the scalar ops)."""
         self.hidden[rows] = d_logits @ self.weight_value
-        if self.weight is None:
-            self.weight = (d_logits.t() @ hidden).float()
-        elif self.dtype == torch.float32:
-            self.weight.addmm_(d_logits.t(), hidden)
-        else:
-            self.weight += d_logits.t() @ hidden
+        if self.trained_weight:
+            if self.weight is None:
+                self.weight = (d_logits.t() @ hidden).float()
+            elif self.dtype == torch.float32:
+                self.weight.addmm_(d_logits.t(), hidden)
+            else:
+                self.weight += d_logits.t() @ hidden
         if self.has_bias:
             bias = d_logits.sum(0, dtype=torch.float32)
             self.bias = bias if self.bias is None else self.bias.add_(bias)
@@ -163,9 +166,10 @@ class _Grads:
     def scaled(self, grad_loss: torch.Tensor) -> tuple[Any, ...]:
         """The gradients times the loss's incoming gradient, in the inputs' dtypes (in place where they are)."""
         scale = grad_loss.float()
-        if self.weight is None:  # no rows at all
+        if self.weight is None and self.trained_weight:  # no rows at all
             self.weight = torch.zeros_like(self.weight_value, dtype=torch.float32)
-            self.bias = torch.zeros(self.weight.shape[0], device=self.weight.device) if self.has_bias else None
-        weight = self.weight.mul_(scale).to(self.dtype)
+        if self.bias is None and self.has_bias:
+            self.bias = torch.zeros(self.weight_value.shape[0], device=self.weight_value.device)
+        weight = self.weight.mul_(scale).to(self.dtype) if self.weight is not None else None
         bias = self.bias.mul_(scale).to(self.dtype) if self.bias is not None else None
         return self.hidden.mul_(scale.to(self.hidden.dtype)), weight, bias

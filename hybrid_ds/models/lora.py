@@ -99,6 +99,15 @@ def peft_config(lora: LoraConfig, targets: list[str] | str, task: str = "causal_
                            task_type=None if task == "masked_lm" else "CAUSAL_LM")
 
 
+def with_peft(model: nn.Module, lora: LoraConfig, task: str, base: str | None = None) -> Any:
+    """``get_peft_model`` of a whole Hugging Face model for ``model.lora`` (``base``: the adapter's base model)."""
+    import peft
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(fan_in_fan_out|did not match any targeted).*")
+        return peft.get_peft_model(model, peft_config(lora, lora.target_modules, task, base))
+
+
 def add_adapters(module: nn.Module, path: str, targets: Targets, lora: LoraConfig, seed: int) -> nn.Module:
     """Freeze ``module`` (built at ``path``) and wrap the targets inside it with adapters, initialized from a seed
     of their own path, as peft initializes them (A: Kaiming-uniform, B: zero): the same whatever the layout."""
