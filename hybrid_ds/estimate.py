@@ -213,9 +213,11 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
             kinds[kind] = block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b)
     terms = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
     saved = [sum(t.values()) + lora_activation_change(run, b, t, runtime) for b, t in zip(held, terms)]
-    per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if lo == 0 else 0.0
+    frozen = run.lora is not None   # LoRA: the embedding is outside autograd's graph, it saves nothing
+    embedding = lo == 0 and not frozen
+    per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if embedding else 0.0
     if hi == arch.layers + 2:
-        per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime, run.fused_loss)
+        per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime, run.fused_loss, frozen)
     interval, working = run.checkpoint_interval, 0.0
     if interval and blocks:  # each chunk of `interval` blocks keeps its input; backward recomputes one chunk at a time
         per_micro_batch += math.ceil(blocks / interval) * w * tokens * arch.hidden + 8 * tokens
@@ -228,7 +230,8 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     buffers = in_flight * activation * ((stage > 0) + (stage < p - 1)) + activation * ((stage > 0) + (stage < p - 1))
     logits = 0.0
     if hi == arch.layers + 2:  # held, then fp32 and 16-bit grads; the fused loss: its gradients and one block
-        logits = fused_loss_bytes(arch, tokens, run.precision) if run.fused_loss else (w + 4 + w) * tokens * arch.vocab
+        logits = (fused_loss_bytes(arch, tokens, run.precision, frozen) if run.fused_loss
+                  else (w + 4 + w) * tokens * arch.vocab)
     return in_flight * per_micro_batch + working, in_flight, logits, buffers
 
 

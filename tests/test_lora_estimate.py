@@ -98,21 +98,27 @@ def test_frozen_base_has_weights_only_and_adapters_are_partitioned():
     ("llama-tiny", {"dropout": 0.0, "target_modules": ["q_proj", "v_proj"]}),
     ("gpt2-tiny", {"dropout": 0.0}), ("gpt2-tiny", {"dropout": 0.1}),
     ("gpt2-tiny", {"dropout": 0.1, "target_modules": ["c_attn"]})], ids=str)
-def test_lora_block_activations_match_saved_tensors(name, lora):
-    """Bytes autograd saves per block of a LoRA run (saved-tensor hooks on the stages hybrid_ds builds) within 5%:
-    less for the frozen base, plus the adapters' own tensors (full fine-tunes: tests/test_estimate.py)."""
-    from hybrid_ds.activations import block_activation_terms
-    from hybrid_ds.estimate import lora_activation_change
+def test_lora_activations_match_saved_tensors(name, lora):
+    """Bytes autograd saves per block, embedding and head of a LoRA run (saved-tensor hooks on the stages hybrid_ds
+    builds) within 5%: less for the frozen base, plus the adapters' own tensors (full fine-tunes:
+    tests/test_estimate.py)."""
+    from hybrid_ds.activations import block_activation_terms, head_activation_bytes
+    from hybrid_ds.estimate import lora_activation_change, stage_activations
 
     _bench()
     import estimator_accuracy
 
     lora = {"r": 8, **lora}
-    measured = estimator_accuracy.measure_activations(name, "fp32", "sdpa", seq=64, micro=2, lora=lora)["block"]
+    measured = estimator_accuracy.measure_activations(name, "fp32", "sdpa", seq=64, micro=2, lora=lora)
     raw = {"model": {"name": name, "lora": lora}, "data": {"seq_len": 64}, "train_micro_batch_size_per_gpu": 2}
     run = run_from_config(load_config_dict(raw), 1)
     terms = block_activation_terms(run.arch, 64, 2, "fp32", "sdpa", runtime="cpu")
-    assert sum(terms.values()) + lora_activation_change(run, 0, terms, "cpu") == pytest.approx(measured, rel=0.05)
+    block = sum(terms.values()) + lora_activation_change(run, 0, terms, "cpu")
+    assert block == pytest.approx(measured["block"], rel=0.05)
+    head = head_activation_bytes(run.arch, 64, 2, "fp32", "cpu", fused_loss=True, frozen=True)
+    assert head == pytest.approx(measured["head"], rel=0.05)
+    embedding = stage_activations(run, 0, 0, 1, "cpu")[0]   # the embedding alone
+    assert measured["embedding"] == embedding == 0
 
 
 def test_dry_run_and_compare_show_trainable_and_frozen_per_stage(tmp_path, capsys):
