@@ -335,17 +335,17 @@ def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = No
     # engine.zero_for_layout sizes ZeRO-1/2's buckets to the model; ZeRO-3 keeps DeepSpeed's
     bucket = run.reduce_bucket or (reduce_bucket_elements(trainable) if run.zero in (1, 2)
                                    else DEEPSPEED_REDUCE_BUCKET)
-    for s, (lo, hi, params) in enumerate(zip(parts, parts[1:], trainable)):
+    for s, (lo, hi, n_trainable) in enumerate(zip(parts, parts[1:], trainable)):
         shares_tie = run.stages > 1 and s in (0, run.stages - 1) and not run.lora  # the tied weight's sum
-        state = model_state(params, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
+        state = model_state(n_trainable, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
                             largest if largest > run.persistence_threshold else 0, bucket,
                             run.contiguous_gradients, run.prefetch_bucket, stage_largest_param(arch, lo, hi, run.lora),
                             arch.tied if shares_tie else 0, run.overlap_comm, frozen[s])
         activations, in_flight, logits, buffers = stage_activations(run, s, lo, hi, runtime)
         blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
-        out.append(StageEstimate(s, lo, hi - 1, blocks, params + frozen[s], state, activations, in_flight, logits,
+        out.append(StageEstimate(s, lo, hi - 1, blocks, n_trainable + frozen[s], state, activations, in_flight, logits,
                                  buffers, RUNTIME_OVERHEAD if overhead is None else overhead, stage_flops(run, lo, hi),
-                                 stage_comm(run, s, params, persistent), experts[s], frozen[s]))
+                                 stage_comm(run, s, n_trainable, persistent), experts[s], frozen[s]))
     return out
 
 
