@@ -103,6 +103,19 @@ class DataConfig(_Section):
     eval_split: str | None = Field(None, description="split to evaluate on; null = hold out eval_fraction")
     eval_fraction: float = Field(0.02, gt=0, lt=1, description="documents held out for evaluation")
     text_column: str = Field("text", description="column holding the documents")
+    format: Literal["text", "chat", "prompt_completion"] = Field(
+        "text", description="\"text\": documents, every token predicted; \"chat\": rows of messages_column, a "
+                            "list of {role, content} (system/user/assistant/tool), rendered with the tokenizer's "
+                            "chat_template, only the assistant turns predicted (their content and the template's "
+                            "end of turn); \"prompt_completion\": plain text prompt_column + completion_column, "
+                            "only the completion and an EOS predicted (TRL's non-conversational convention, no "
+                            "template). Causal LMs only. With source \"builtin\": a chat (or prompt/completion) "
+                            "set made from the World English Bible: the user quotes a verse and asks its book, "
+                            "then the next verse (hybrid_ds.data.chat.builtin_rows)")
+    messages_column: str = Field("messages", description="format chat: column holding each row's messages")
+    prompt_column: str = Field("prompt", description="format prompt_completion: column holding the prompts")
+    completion_column: str = Field("completion", description="format prompt_completion: column holding the "
+                                                             "completions")
     tokenizer: str | None = Field(None, description="HF tokenizer name or folder; null = the family's offline "
                                                     "default (GPT-2 BPE, or BERT's WordPiece for masked LMs)")
     seq_len: int = Field(1024, ge=8, description="tokens per training sequence")

@@ -24,6 +24,9 @@ class UserError(Exception):
         self.message = message
         super().__init__(f"{key}: {message}" if key else message)
 
+    def __reduce__(self) -> tuple:  # raised in datasets' map workers (data.num_proc), re-raised in the main process
+        return UserError, (self.key, self.message)
+
 
 def suggest(value: Any, choices: Iterable[str]) -> str:
     """A ``did you mean`` tail for an unknown name, or a list of valid names when none is close.

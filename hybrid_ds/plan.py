@@ -91,6 +91,7 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     layout = resolve_layout(world_size or default_world_size(cfg), cfg.pipeline.stages, n_blocks,
                             cfg.micro_batch, cfg.grad_accum, cfg.train_batch)
     _check_seq_len(cfg, resolved)
+    _check_format(cfg, resolved)
     if cfg.expert_parallel:
         _check_expert_parallel(cfg, layout.world_size, model_experts(model, list(submodule(model, resolved.family.blocks))))
     per_layer = [layer.params for layer in layers]
@@ -187,6 +188,12 @@ def document_mask(cfg: RunConfig, resolved: ResolvedModel) -> bool:
     if cfg.data.document_mask is None:
         return cfg.model.pretrained and obstacle is None
     return cfg.data.document_mask
+
+
+def _check_format(cfg: RunConfig, resolved: ResolvedModel) -> None:
+    if cfg.data.format != "text" and resolved.family.task == "masked_lm":
+        raise UserError("data.format", f"{cfg.data.format!r} labels answers for a causal LM; "
+                                       f"{resolved.hf_config.model_type} is a masked LM: use \"text\"")
 
 
 def _check_seq_len(cfg: RunConfig, resolved: ResolvedModel) -> None:

@@ -204,7 +204,9 @@ def documents_text(plan: Any) -> str:
             else "see each other inside a packed block")
     if plan.config.data.document_mask is None:
         text += " (data.document_mask null: on when fine-tuning a pretrained causal LM that allows it)"
-    return text
+    answers = {"chat": "chat rows, loss on the assistant turns only", "prompt_completion":
+               "prompt/completion rows, loss on the completions only"}.get(plan.config.data.format)
+    return f"{answers}; {text}" if answers else text
 
 
 def plan_dict(plan: Any) -> dict:

@@ -218,6 +218,18 @@ ROWS = [
      E + "data.source: '{tmp}/one.txt' gives the training split 11 tokens in 1 document(s), fewer than one block of "
          "data.seq_len=32; training and evaluation (data.eval_fraction=0.02 of the documents, at least one) need 32 "
          "tokens each: add text or lower data.seq_len"),
+    ("data-chat-without-template", ("data", {"source": "{tmp}/chat.jsonl", "format": "chat"}),
+     E + "data.tokenizer: the offline default tokenizer has no chat_template to render data.format \"chat\"; use a "
+         "tokenizer that has one (an instruct model's) or data.format \"prompt_completion\""),
+    ("data-chat-no-messages-column", ("data", {"source": "{tmp}/chat.jsonl", "format": "chat",
+                                               "messages_column": "conversations"}),
+     E + "data.messages_column: 'conversations' is not a column of '{tmp}/chat.jsonl'; columns: ['messages']"),
+    ("data-completion-missing", ("data", {"source": "{tmp}/pairs.jsonl", "format": "prompt_completion"}),
+     E + "data.source: row 3 of {tmp}/pairs.jsonl: completion is missing"),
+    ("data-chat-bad-row", ("see", "test_chat_data.py::test_bad_chat_rows_are_one_line_naming_row_and_key"),
+     E + "data.source: row 3 of {tmp}/chat.jsonl: messages[0].role 'usr' is not a role; did you mean 'user'?"),
+    ("data-format-masked-lm", ("config", {"model": {"name": "bert-tiny"}, "data": {"seq_len": 64, "format": "chat"}}),
+     E + "data.format: 'chat' labels answers for a causal LM; bert is a masked LM: use \"text\""),
     # ---- checkpoints and output folders
     ("export-not-a-run", ("cli", "export", "{tmp}/docs", "{tmp}/out"),
      E + "CHECKPOINT: {tmp}/docs is neither a train.save_dir with a 'latest' checkpoint nor a checkpoint folder "
@@ -269,6 +281,9 @@ def make_files(tmp: Path) -> None:
     (tmp / "binary.txt").write_bytes(b"\xff\xfe\x00\x81 not utf-8\n" * 20)
     (tmp / "broken.jsonl").write_text("not json\n")
     (tmp / "numbers.jsonl").write_text('{"text": 5}\n{"text": 7}\n')
+    (tmp / "chat.jsonl").write_text('{"messages": [{"role": "user", "content": "Hi"}, '
+                                    '{"role": "assistant", "content": "Hello"}]}\n' * 4)
+    (tmp / "pairs.jsonl").write_text('{"prompt": "2+2=", "completion": " 4"}\n' * 2 + '{"prompt": "3+3="}\n')
     (tmp / "docs").mkdir()
     (tmp / "docs" / "readme.md").write_text("# a folder of other files\n")
     (tmp / "mixed").mkdir()

@@ -127,11 +127,11 @@ def test_without_the_document_mask_later_documents_see_earlier_ones():
 def test_documents_positions_and_labels():
     ids = torch.tensor([[7, 8, 0, 9, 0, 0, 5, 6],
                         [0, 1, 2, 3, 4, 5, 6, 7]])
-    docs = document_ids(ids, separator=0)
+    docs = document_ids(ids == 0)
     assert docs.tolist() == [[1, 1, 1, 2, 2, 3, 4, 4], [1, 2, 2, 2, 2, 2, 2, 2]]
     assert document_positions(docs).tolist() == [[0, 1, 2, 0, 1, 0, 0, 1], [0, 0, 1, 2, 3, 4, 5, 6]]
     # the token after each separator starts a document: nothing of its own precedes it
-    assert document_labels(ids, separator=0).tolist() == [[7, 8, 0, -100, 0, -100, -100, 6],
+    assert document_labels(ids, ids == 0).tolist() == [[7, 8, 0, -100, 0, -100, -100, 6],
                                                          [0, -100, 2, 3, 4, 5, 6, 7]]
     assert document_positions(torch.tensor([[1, 1, 2, 2, 0, 0]])).tolist() == [[0, 1, 0, 1, 0, 1]]  # padding: its own
 

@@ -29,12 +29,16 @@ class MicroBatches:
 
     With ``separator`` (the EOS id that ends each packed document; ``data.document_mask``) the attention mask
     holds document indices (:func:`document_ids`) and no document's first token is predicted from the one before.
+    Blocks of chat or prompt/completion rows (``data.format``) carry their own flags: labels are -100 where
+    ``labelled`` is 0, and documents end where ``ends`` says (a chat template's EOS also ends each turn).
     """
 
     def __init__(self, blocks: Any, micro_batch: int, dp_rank: int = 0, dp: int = 1, seed: int = 1234,
                  task: str = "causal_lm", mlm: "MaskingRule | None" = None, shuffle: bool = True,
                  separator: int | None = None):
         self.tokens = np.asarray(blocks.with_format("numpy")["input_ids"], dtype=np.int64)
+        self.labelled, self.ends = (np.asarray(blocks.with_format("numpy")[name], dtype=bool)
+                                    if name in blocks.column_names else None for name in ("labelled", "ends"))
         self.micro, self.dp_rank, self.dp, self.seed = micro_batch, dp_rank, dp, seed
         self.task, self.mlm, self.shuffle, self.separator = task, mlm, shuffle, separator
         self.per_epoch = len(self.tokens) // (micro_batch * dp)
@@ -96,33 +100,39 @@ class MicroBatches:
             assert self.mlm is not None
             inputs, labels = self.mlm.apply(ids, [self.seed, int(indices[0]), first])
             return (inputs, mask, torch.zeros_like(ids)), labels
-        if self.separator is not None:
-            return (ids, document_ids(ids, self.separator)), document_labels(ids, self.separator)
-        return (ids, mask), ids.clone()
+        labels = ids.clone()
+        if self.labelled is not None:
+            labels.masked_fill_(torch.from_numpy(~self.labelled[indices]), IGNORE)
+        if self.separator is None:
+            return (ids, mask), labels
+        ends = torch.from_numpy(self.ends[indices]) if self.ends is not None else ids == self.separator
+        return (ids, document_ids(ends)), document_labels(labels, ends)
 
 
-def document_ids(ids: torch.Tensor, separator: int) -> torch.Tensor:
-    """Each token's document in its row, counted from 1; a separator belongs to the document it ends.
+def document_ids(ends: torch.Tensor) -> torch.Tensor:
+    """Each token's document in its row, counted from 1, from where documents end (a separator belongs to the
+    document it ends).
 
-    The boundaries are read from the separator, as Megatron reads them from its EOD token: no packed-data
-    cache changes, and the block is all it takes. (A block's first document may be the tail of one begun
-    in an earlier block: it starts at position 0 here, as in Megatron.)
+    The boundaries of text are read from the separator, as Megatron reads them from its EOD token: no
+    packed-data cache changes, and the block is all it takes. (A block's first document may be the tail of
+    one begun in an earlier block: it starts at position 0 here, as in Megatron.)
 
-    >>> document_ids(torch.tensor([[5, 6, 0, 7, 0, 0, 8]]), separator=0).tolist()
+    >>> document_ids(torch.tensor([[5, 6, 0, 7, 0, 0, 8]]) == 0).tolist()
     [[1, 1, 1, 2, 2, 3, 4]]
     """
-    ends = (ids == separator).long()
+    ends = ends.long()
     return 1 + ends.cumsum(dim=1) - ends
 
 
-def document_labels(ids: torch.Tensor, separator: int) -> torch.Tensor:
+def document_labels(labels: torch.Tensor, ends: torch.Tensor) -> torch.Tensor:
     """Causal-LM labels with each document's first token ignored: nothing in its own document precedes it.
 
-    >>> document_labels(torch.tensor([[5, 6, 0, 7, 0, 8]]), separator=0).tolist()
+    >>> ids = torch.tensor([[5, 6, 0, 7, 0, 8]])
+    >>> document_labels(ids, ids == 0).tolist()
     [[5, 6, 0, -100, 0, -100]]
     """
-    labels = ids.clone()
-    labels[:, 1:].masked_fill_(ids[:, :-1] == separator, IGNORE)
+    labels = labels.clone()
+    labels[:, 1:].masked_fill_(ends[:, :-1], IGNORE)
     return labels
 
 
@@ -180,7 +190,8 @@ def eval_batches(blocks: Any, micro_batch: int, n_batches: int, dp_rank: int = 0
 
 def predicted_tokens(batches: MicroBatches) -> int:
     """Tokens a loss over one pass of ``batches`` averages: the labels it predicts (causal LM: all but each
-    block's first, which nothing precedes; masked LM: the masked ones). Leaves ``batches`` unread."""
+    block's first, which nothing precedes, and those -100 marks: prompts, a document's first token; masked LM:
+    the masked ones). Leaves ``batches`` unread."""
     shift = 1 if batches.task == "causal_lm" else 0
     probe = copy.copy(batches)
     return sum(int((labels[:, shift:] != IGNORE).sum()) for _, labels in itertools.islice(probe, batches.per_epoch))

@@ -2,25 +2,30 @@
 
 Causal LM: documents are tokenized, each followed by EOS, concatenated, and cut into blocks of
 ``seq_len`` (only the final partial block is dropped: packing is otherwise lossless). Masked LM: the
-same with [SEP] between documents and blocks of ``seq_len - 2`` wrapped as [CLS] ... [SEP]. The packed
-blocks are saved with ``save_to_disk`` under a key of source, tokenizer and seq_len, so a second run
-skips tokenizing.
+same with [SEP] between documents and blocks of ``seq_len - 2`` wrapped as [CLS] ... [SEP]. Chat and
+prompt/completion rows (``data.format``, hybrid_ds.data.chat) are packed the same way, each row one document
+(no EOS added: the template or the completion's EOS ends it), with per-token ``labelled`` and ``ends`` flags
+cut at the same places. The packed blocks are saved with ``save_to_disk`` under a key of source (format and
+columns included), tokenizer and seq_len, so a second run skips tokenizing.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
 import os
 import shutil
 import tempfile
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 
 from hybrid_ds.config import DataConfig
-from hybrid_ds.data.sources import fingerprint, held_out_rule, package_file
+from hybrid_ds.data import chat
+from hybrid_ds.data.sources import BUILTIN, fingerprint, held_out_rule, package_file, row_name
 from hybrid_ds.errors import UserError
 
 _FORMAT = 1  # bump when the packed layout changes, so old caches are not reused
@@ -77,41 +82,99 @@ def separator_id(tokenizer: Any, task: str) -> int:
     return token
 
 
-def pack(documents: Any, tokenizer: Any, seq_len: int, task: str, num_proc: int = 1) -> Any:
-    """A dataset of ``input_ids`` blocks of exactly ``seq_len`` tokens (see the module docstring)."""
+def pack(documents: Any, tokenizer: Any, seq_len: int, task: str, num_proc: int = 1, data_format: str = "text",
+         row_name: Callable[[int], str] = str) -> Any:
+    """A dataset of ``input_ids`` blocks of exactly ``seq_len`` tokens (see the module docstring).
+
+    Chat and prompt/completion rows (``data_format``) add two columns of as many 0/1 flags: ``labelled`` (the
+    loss predicts this token) and ``ends`` (the last token of a row: where its document ends).
+    ``row_name(row)`` names a bad row.
+    """
     import datasets
     import pyarrow as pa
 
-    sep = separator_id(tokenizer, task)
     body = seq_len - 2 if task == "masked_lm" else seq_len
     # Whole documents are longer than the model's window on purpose: they are cut into blocks below.
     tokenizer.deprecation_warnings["sequence-length-is-longer-than-the-specified-maximum"] = True
+    encode = _text_encoder(tokenizer, task) if data_format == "text" else _row_encoder(tokenizer, data_format, row_name)
 
-    def tokenize(batch: dict[str, list[str]]) -> Any:
+    def tokenize(batch: dict[str, list]) -> Any:
         # One row per batch holding the batch's whole token stream, handed to Arrow without copying
         # (a list per document costs more than the tokenizer). Order is kept: packing stays lossless.
-        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
-        flat = np.array(list(itertools.chain.from_iterable(doc + [sep] for doc in ids)), dtype=np.int32)
-        return pa.table({"stream": pa.ListArray.from_arrays(pa.array([0, len(flat)], pa.int32()), flat)})
+        streams = encode(batch)
+        offsets = pa.array([0, len(streams["input_ids"])], pa.int32())
+        return pa.table({name: pa.ListArray.from_arrays(offsets, flat) for name, flat in streams.items()})
 
     streams = documents.map(tokenize, batched=True, batch_size=_CHUNK, remove_columns=documents.column_names,
                             num_proc=num_proc if num_proc > 1 else None, keep_in_memory=True,
-                            new_fingerprint=f"tokenize-{tokenizer_id(tokenizer)}-{documents._fingerprint}",
+                            new_fingerprint=hashlib.sha256(f"{tokenizer_id(tokenizer)}-{data_format}-"
+                                                           f"{documents._fingerprint}".encode()).hexdigest()[:32],
                             desc="tokenize")
-    blocks = []
-    carry = np.zeros(0, dtype=np.int32)
-    for row in streams.with_format("numpy"):
-        stream = np.concatenate([carry, row["stream"]])
-        whole = len(stream) // body * body
-        blocks.append(stream[:whole].reshape(-1, body))
-        carry = stream[whole:]
-    packed = np.concatenate(blocks) if blocks else np.zeros((0, body), dtype=np.int32)
+    packed = _cut(streams, body)
     if task == "masked_lm":
-        n = len(packed)
-        packed = np.concatenate([np.full((n, 1), tokenizer.cls_token_id, np.int32), packed,
-                                 np.full((n, 1), sep, np.int32)], axis=1)
-    column = pa.FixedSizeListArray.from_arrays(np.ascontiguousarray(packed, dtype=np.int32).reshape(-1), seq_len)
-    return datasets.Dataset(pa.table({"input_ids": column}))
+        n = len(packed["input_ids"])
+        packed["input_ids"] = np.concatenate([np.full((n, 1), tokenizer.cls_token_id, np.int32), packed["input_ids"],
+                                              np.full((n, 1), separator_id(tokenizer, task), np.int32)], axis=1)
+    return datasets.Dataset(pa.table({name: pa.FixedSizeListArray.from_arrays(
+        np.ascontiguousarray(blocks, np.int32 if name == "input_ids" else np.int8).reshape(-1), seq_len)
+        for name, blocks in packed.items()}))
+
+
+def drop_unpredicted(blocks: Any, split: str) -> Any:
+    """``blocks`` less those whose ``labelled`` flags predict nothing (a loss over none is NaN), with a count."""
+    if "labelled" not in blocks.column_names:
+        return blocks
+    keep = np.asarray(blocks.with_format("numpy")["labelled"])[:, 1:].any(axis=1)  # the first: predicted from nothing
+    if keep.all():
+        return blocks
+    print(f"data: dropped {int((~keep).sum()):,} of {len(keep):,} {split} blocks: none of their tokens is predicted "
+          "(prompt or system text only)", flush=True)
+    return blocks.select(np.flatnonzero(keep))
+
+
+def _text_encoder(tokenizer: Any, task: str) -> Callable[[dict], dict[str, np.ndarray]]:
+    sep = separator_id(tokenizer, task)
+
+    def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
+        ids = tokenizer(batch["text"], add_special_tokens=False)["input_ids"]
+        return {"input_ids": np.array(list(itertools.chain.from_iterable(doc + [sep] for doc in ids)), dtype=np.int32)}
+
+    return encode
+
+
+def _row_encoder(tokenizer: Any, data_format: str, row_name: Callable[[int], str]) -> Callable[[dict], dict]:
+    """Chat or prompt/completion rows -> streams of ids, ``labelled`` and ``ends`` (hybrid_ds.data.chat)."""
+    render = chat.encoder(data_format, tokenizer)
+
+    def encode(batch: dict[str, list]) -> dict[str, np.ndarray]:
+        ids: list[int] = []
+        labelled: list[int] = []
+        ends: list[int] = []
+        for row, *values in zip(batch["row"], *(batch[name] for name in chat.columns(data_format))):
+            try:
+                row_ids, row_labelled = render(*values)
+            except chat.BadRow as bad:
+                raise UserError(bad.key, f"{row_name(row)}: {bad}") from None
+            ids += row_ids
+            labelled += row_labelled
+            ends += [0] * (len(row_ids) - 1) + [1]
+        return {"input_ids": np.array(ids, np.int32), "labelled": np.array(labelled, np.int8),
+                "ends": np.array(ends, np.int8)}
+
+    return encode
+
+
+def _cut(streams: Any, body: int) -> dict[str, np.ndarray]:
+    """Each column's stream cut into rows of ``body`` (the same cuts for every column), the last partial dropped."""
+    blocks: dict[str, list[np.ndarray]] = {name: [] for name in streams.column_names}
+    carry = {name: np.zeros(0, np.int32) for name in streams.column_names}
+    for row in streams.with_format("numpy"):
+        for name in blocks:
+            stream = np.concatenate([carry[name], row[name]])
+            whole = len(stream) // body * body
+            blocks[name].append(stream[:whole].reshape(-1, body))
+            carry[name] = stream[whole:]
+    return {name: np.concatenate(parts) if parts else np.zeros((0, body), np.int32) for name, parts in blocks.items()}
 
 
 def packed_splits(data: DataConfig, tokenizer: Any, task: str) -> tuple[Any, Any]:
@@ -128,9 +191,17 @@ def packed_splits(data: DataConfig, tokenizer: Any, task: str) -> tuple[Any, Any
     from hybrid_ds.data.sources import load_documents
 
     train_docs, eval_docs = load_documents(data)
-    train = pack(train_docs, tokenizer, data.seq_len, task, data.num_proc)
-    evals = pack(eval_docs, tokenizer, data.seq_len, task, data.num_proc)
+    splits = ("train", "eval") if data.source == BUILTIN else (data.split, data.eval_split or data.split)
+    train, evals = (pack(docs, tokenizer, data.seq_len, task, data.num_proc, data.format,
+                         functools.partial(row_name, data, split=split))
+                    for docs, split in zip((train_docs, eval_docs), splits))
+    train, evals = drop_unpredicted(train, "training"), drop_unpredicted(evals, "evaluation")
     for name, split, docs in (("training", train, train_docs), ("evaluation", evals, eval_docs)):
+        if len(split) == 0 and data.format != "text":
+            raise UserError("data.source", f"{data.source!r} gives the {name} split {len(docs)} row(s), not one block "
+                                           f"of data.seq_len={data.seq_len} with a token to predict; training and "
+                                           f"evaluation ({held_out_rule(data)}) need one each: add rows or lower "
+                                           "data.seq_len")
         if len(split) == 0:
             texts = list(docs["text"])
             tokens = sum(map(len, tokenizer(texts, add_special_tokens=False)["input_ids"])) if texts else 0

