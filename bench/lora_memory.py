@@ -32,12 +32,8 @@ LORA = {"r": 16, "alpha": 32, "target_modules": "all-linear"}
 SEQ, MICRO, ACCUM, STEPS = 32, 1, 2, 2
 
 
-def run_config(lora: bool, stages: int = 2, model: str | None = None) -> dict:
-    """The measured run: SmolLM2-135M pretrained (or ``model``), fp32, ZeRO-1, torch's AdamW."""
-    if model is None:
-        from hybrid_ds.assets import smollm2_folder
-
-        model = str(smollm2_folder())
+def run_config(lora: bool, stages: int = 2, model: str = "smollm2-135m") -> dict:
+    """The measured run: SmolLM2-135M pretrained (the offline asset; or ``model``), fp32, ZeRO-1, torch's AdamW."""
     return {"model": {"name": model, "pretrained": True, **({"lora": LORA} if lora else {})},
             "data": {"seq_len": SEQ}, "pipeline": {"stages": stages},
             "train_micro_batch_size_per_gpu": MICRO, "gradient_accumulation_steps": ACCUM,
