@@ -87,8 +87,10 @@ def _state_config(zero: int, stages: int, precision: str, bucket: int | None = N
 # ---------------------------------------------------------------- measurement: activations (one process)
 
 
-def measure_activations(name: str, precision: str, attn: str, seq: int = ACT_SEQ, micro: int = ACT_MICRO) -> dict:
-    """Bytes saved for backward by the blocks (mean), the embedding layers and the head (+ loss) of ``name``."""
+def measure_activations(name: str, precision: str, attn: str, seq: int = ACT_SEQ, micro: int = ACT_MICRO,
+                        lora: dict | None = None) -> dict:
+    """Bytes saved for backward by the blocks (mean), the embedding layers and the head (+ loss) of ``name``
+    (with ``lora``: model.lora's adapters on the frozen model)."""
     import torch
 
     from hybrid_ds.config import load_config_dict
@@ -96,7 +98,8 @@ def measure_activations(name: str, precision: str, attn: str, seq: int = ACT_SEQ
     from hybrid_ds.pipeline import SequentialStages
     from hybrid_ds.plan import build_plan
 
-    raw = {"model": {"name": name, "attn_implementation": attn}, "data": {"seq_len": seq},
+    raw = {"model": {"name": name, "attn_implementation": attn, **({"lora": lora} if lora else {})},
+           "data": {"seq_len": seq},
            "train_micro_batch_size_per_gpu": micro}
     if precision != "fp32":
         raw[precision] = {"enabled": True}

@@ -129,15 +129,16 @@ def embedding_activation_bytes(arch: Arch, seq: int, batch: int, precision: str,
 
 
 def head_activation_bytes(arch: Arch, seq: int, batch: int, precision: str, runtime: str = "cuda",
-                          fused_loss: bool = False) -> float:
+                          fused_loss: bool = False, frozen: bool = False) -> float:
     """Saved by the final norm, output projection and loss (fp32 log-softmax over the vocabulary). The fused
     loss (``train.fused_loss``) saves neither the projection's input nor the log-softmax: it makes the gradients
-    in its forward pass (``fused_loss_bytes``)."""
+    in its forward pass (``fused_loss_bytes``). A ``frozen`` RMSNorm (LoRA) keeps no normalized tensor for its
+    weight's gradient."""
     w, tokens, h = DTYPE_BYTES[precision], seq * batch, arch.hidden
     if arch.norm == "layernorm":
         norm = w * tokens * h + 2 * (4 if runtime == "cuda" else w) * tokens
     else:
-        norm = 4 * tokens * h + 4 * tokens + (4 if arch.norm == "rmsnorm_fp32" else w) * tokens * h
+        norm = 4 * tokens * h + 4 * tokens + (0 if frozen else (4 if arch.norm == "rmsnorm_fp32" else w) * tokens * h)
     if fused_loss:
         return norm + (2 if arch.head_transform else 0) * w * tokens * h + 8 * tokens
     return norm + (3 if arch.head_transform else 1) * w * tokens * h + 4 * tokens * arch.vocab + 8 * tokens
@@ -146,10 +147,10 @@ def head_activation_bytes(arch: Arch, seq: int, batch: int, precision: str, runt
 FUSED_LOSS_BLOCK = 1 << 25  # logits per block of hybrid_ds.models.head_loss (BLOCK_ELEMENTS)
 
 
-def fused_loss_bytes(arch: Arch, tokens: int, precision: str) -> float:
+def fused_loss_bytes(arch: Arch, tokens: int, precision: str, frozen: bool = False) -> float:
     """What the fused loss holds from its forward pass to its backward: the gradients of the hidden states (model
-    dtype) and of the output weight (fp32 sum, until autograd adds it into ``.grad``), plus one block of logits
-    (fp32, and the model dtype's copy in bf16/fp16) while it runs.
+    dtype) and of the output weight (fp32 sum, until autograd adds it into ``.grad``; none for a ``frozen``
+    weight, LoRA's), plus one block of logits (fp32, and the model dtype's copy in bf16/fp16) while it runs.
 
     >>> from hybrid_ds.architecture import arch_from_preset
     >>> arch = arch_from_preset("gpt2")
@@ -159,7 +160,7 @@ def fused_loss_bytes(arch: Arch, tokens: int, precision: str) -> float:
     w, h, vocab = DTYPE_BYTES[precision], arch.hidden, arch.vocab
     rows = min(tokens, max(1, FUSED_LOSS_BLOCK // vocab))
     block = rows * vocab * (4 if w == 4 else 4 + 2 * w)
-    return 4 * vocab * h + w * tokens * h + block
+    return (0 if frozen else 4 * vocab * h) + w * tokens * h + block
 
 
 __all__ = ["DTYPE_BYTES", "block_activation_terms", "embedding_activation_bytes", "fused_loss_bytes", "head_activation_bytes",

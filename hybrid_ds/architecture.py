@@ -30,7 +30,7 @@ from typing import Any
 from hybrid_ds import presets
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import FAMILIES
-from hybrid_ds.shapes import Tensor
+from hybrid_ds.shapes import Linear, Tensor
 from hybrid_ds.topology import partition_layers
 
 
@@ -93,6 +93,31 @@ class Arch:
     # of each; empty when every block is ``block``
     per_block: tuple[tuple[str, int], ...] = ()
     experts: Experts | None = None  # the routed experts of a Mixture-of-Experts model; None: dense
+    linears: tuple[Linear, ...] = ()  # the linear layers of ``block`` (what LoRA adapters wrap)
+    per_block_linears: tuple[tuple[Linear, ...], ...] = ()  # those of each block, where blocks differ
+    head_linears: tuple[Linear, ...] = ()  # the head's, but the output projection (BERT's transform.dense)
+    # LoRA adapter elements of each pipeline layer as peft gives them for the run's model.lora, counted on the meta
+    # skeleton (a model without a shape builder: peft adapts the fused experts of some MoE types); () = from linears
+    counted_adapters: tuple[int, ...] = ()
+
+    def block_linears(self, block: int) -> tuple[Linear, ...]:
+        return self.per_block_linears[block] if self.per_block_linears else self.linears
+
+    def layer_adapter_params(self, r: int, targets: list[str] | str) -> list[int]:
+        """Elements of the LoRA adapters of rank ``r`` on the ``targets`` of [embedding, block 0 .. n-1, head]
+        (none on the embedding and the output projection, which the pipeline multiplies by directly).
+
+        >>> arch_from_preset("gpt2-tiny").layer_adapter_params(4, ["c_attn"])   # 4 x (64 + 192) per block
+        [0, 1024, 1024, 0]
+        """
+        if self.counted_adapters:
+            return list(self.counted_adapters)
+        return [0, *(adapter_params(self.block_linears(b), r, targets) for b in range(self.layers)),
+                adapter_params(self.head_linears, r, targets)]
+
+    def stage_adapter_params(self, parts: list[int], r: int, targets: list[str] | str) -> list[int]:
+        per_layer = self.layer_adapter_params(r, targets)
+        return [sum(per_layer[lo:hi]) for lo, hi in zip(parts, parts[1:])]
 
     def layer_params(self) -> list[int]:
         """Elements of [embedding, block 0 .. n-1, head], a tied weight in both embedding and head."""
@@ -157,6 +182,26 @@ class Arch:
                 sizes[module] = sizes.get(module, 0) + n
             largest = max(largest, *sizes.values())
         return largest
+
+
+def adapted(linears: tuple[Linear, ...], targets: list[str] | str) -> list[Linear]:
+    """The linear layers (of a block, or a head's but the output projection) that LoRA adapts: all of them for
+    "all-linear" (peft's rule: every Linear and Conv1D but the output projection), else those whose path is a
+    target or ends in "." + a target (peft's ``check_target_module_exists`` for a list of names).
+
+    >>> layers = (Linear("self_attn.q_proj", 8, 8), Linear("self_attn.o_proj", 8, 8), Linear("mlp.up_proj", 8, 32))
+    >>> [layer.module for layer in adapted(layers, ["q_proj", "mlp.up_proj", "proj"])]
+    ['self_attn.q_proj', 'mlp.up_proj']
+    """
+    if targets == "all-linear":
+        return list(linears)
+    return [layer for layer in linears if any(layer.module == t or layer.module.endswith("." + t) for t in targets)]
+
+
+def adapter_params(linears: tuple[Linear, ...], r: int, targets: list[str] | str) -> int:
+    """Elements of the LoRA adapters on a block's ``linears``: r x (in + out) for each adapted layer (lora_A is
+    r x in, lora_B out x r; no biases)."""
+    return sum(r * (layer.n_in + layer.n_out) for layer in adapted(linears, targets))
 
 
 def has_shape(model_type: str) -> bool:
@@ -228,5 +273,6 @@ def _partition(method: str | tuple[int, ...], per_layer: tuple[int, ...], classe
     return tuple(partition_layers(method, list(per_layer), list(classes), stages, seq_len, hidden, list(active)))
 
 
-__all__ = ["Arch", "Experts", "Tensor", "arch_from_config_dict", "arch_from_model", "arch_from_preset", "has_shape", "local_model_type",
+__all__ = ["Arch", "Experts", "Linear", "Tensor", "adapted", "adapter_params", "arch_from_config_dict", "arch_from_model",
+           "arch_from_preset", "has_shape", "local_model_type",
            "stage_boundaries"]

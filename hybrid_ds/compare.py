@@ -141,6 +141,8 @@ def _rows(est: Estimate) -> list[tuple[str, str]]:
         ("peak memory", f"{human_bytes(b.total)} (stage {b.stage})"),
         ("of device", f"{b.total / est.cluster.memory:.0%} of {human_bytes(est.cluster.memory)}"),
         ("fits", "yes" if est.fits else "NO"),
+        ("trainable", f"LoRA r={run.lora.r}: {human_count(b.trainable)} of {human_count(b.params)} (stage {b.stage})"
+                      if run.lora else "all"),
         ("model states", human_bytes(b.state.total)),
         ("of it experts", expert_text(est, b)),
         ("activations", f"{human_bytes(acts)} ({b.in_flight} mb)"),

@@ -14,7 +14,10 @@ allocates, and the tests and ``bench/estimator_accuracy.py`` hold them against a
   (Korthikanti et al. 2022's catalogue, with the kernels these models really call), times the
   micro-batches DeepSpeed's 1F1B TrainSchedule keeps in flight on each stage, plus the logits on the
   last stage;
-* FLOPs, bubble, bytes sent per rank, step time and MFU from :mod:`hybrid_ds.gpus`.
+* FLOPs, bubble, bytes sent per rank, step time and MFU from :mod:`hybrid_ds.gpus`;
+* LoRA (``model.lora``): the base frozen (its weights only, no gradient, no optimizer state) and the adapters
+  trained like any parameter (r x (in + out) per adapted linear layer, as peft makes them), what both save for
+  backward; ``bench/lora_memory.py`` holds the model states against the real engine.
 
 >>> arch = arch_from_preset("gpt3-175b")
 >>> round(arch.params / 1e9, 1)          # Narayanan et al. 2021, Table 1: 174.6B
@@ -31,7 +34,8 @@ from typing import Any
 
 from hybrid_ds.activations import (DTYPE_BYTES, block_activation_terms, embedding_activation_bytes,
                                    fused_loss_bytes, head_activation_bytes, korthikanti_layer_bytes)
-from hybrid_ds.architecture import Arch, arch_from_config_dict, arch_from_model, arch_from_preset, stage_boundaries
+from hybrid_ds.architecture import (Arch, adapted, arch_from_config_dict, arch_from_model, arch_from_preset,
+                                    stage_boundaries)
 from hybrid_ds.errors import UserError
 from hybrid_ds.model_state import DEEPSPEED_REDUCE_BUCKET, ModelState, model_state, reduce_bucket_elements
 from hybrid_ds.topology import bubble_fraction, resolve_layout
@@ -112,6 +116,7 @@ class Run:
     overlap_comm: bool = False             # zero_optimization.overlap_comm (DeepSpeed: on at ZeRO-3 only)
     persistence_threshold: int = 100_000   # zero_optimization.stage3_param_persistence_threshold
     prefetch_bucket: int = 50_000_000      # zero_optimization.stage3_prefetch_bucket_size
+    lora: Any = None                       # model.lora (hybrid_ds.config.LoraConfig): base frozen, adapters trained
     source: str = ""
     description: str = ""
 
@@ -146,7 +151,7 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
                cfg.train.fused_loss and cfg.pipeline_engine, int(zero.get("reduce_bucket_size", 0)), bool(zero.get("contiguous_gradients", True)),
                bool(zero.get("overlap_comm", cfg.zero_stage == 3)),
                int(zero.get("stage3_param_persistence_threshold", 1e5)),
-               int(zero.get("stage3_prefetch_bucket_size", 5e7)), cfg.source, cfg.description)
+               int(zero.get("stage3_prefetch_bucket_size", 5e7)), cfg.model.lora, cfg.source, cfg.description)
 
 
 def partition(run: Run) -> list[int]:
@@ -173,12 +178,19 @@ class StageEstimate:
     flops_per_micro_batch: float   # hardware FLOPs (forward, backward, recompute)
     comm: dict[str, float]         # bytes this rank sends per step, by kind
     expert_params: int = 0         # of ``params``: the routed experts of Mixture-of-Experts blocks
+    frozen: int = 0                # of ``params``: a LoRA run's base weights (no gradient, no optimizer state)
+
+    @property
+    def trainable(self) -> int:
+        return self.params - self.frozen
 
     @property
     def expert_states(self) -> float:
         """Bytes of this stage's model states (weights, gradients, master copy, Adam) that are routed experts:
-        their share of the stage's parameters, since every model state is a per-parameter buffer."""
-        return self.state.total * self.expert_params / self.params if self.params else 0.0
+        their share of the stage's parameters, since every model state is a per-parameter buffer (of the weights
+        alone in a LoRA run, where the experts are frozen)."""
+        per_params = self.state.params if self.frozen else self.state.total
+        return per_params * self.expert_params / self.params if self.params else 0.0
 
     @property
     def total(self) -> float:
@@ -198,11 +210,14 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     for b in held:
         kind = (arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0
         if kind not in kinds:
-            kinds[kind] = sum(block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b).values())
-    saved = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
-    per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if lo == 0 else 0.0
+            kinds[kind] = block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b)
+    terms = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
+    saved = [sum(t.values()) + lora_activation_change(run, b, t, runtime) for b, t in zip(held, terms)]
+    frozen = run.lora is not None   # LoRA: the embedding is outside autograd's graph, it saves nothing
+    embedding = lo == 0 and not frozen
+    per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if embedding else 0.0
     if hi == arch.layers + 2:
-        per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime, run.fused_loss)
+        per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime, run.fused_loss, frozen)
     interval, working = run.checkpoint_interval, 0.0
     if interval and blocks:  # each chunk of `interval` blocks keeps its input; backward recomputes one chunk at a time
         per_micro_batch += math.ceil(blocks / interval) * w * tokens * arch.hidden + 8 * tokens
@@ -215,8 +230,40 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     buffers = in_flight * activation * ((stage > 0) + (stage < p - 1)) + activation * ((stage > 0) + (stage < p - 1))
     logits = 0.0
     if hi == arch.layers + 2:  # held, then fp32 and 16-bit grads; the fused loss: its gradients and one block
-        logits = fused_loss_bytes(arch, tokens, run.precision) if run.fused_loss else (w + 4 + w) * tokens * arch.vocab
+        logits = (fused_loss_bytes(arch, tokens, run.precision, frozen) if run.fused_loss
+                  else (w + 4 + w) * tokens * arch.vocab)
     return in_flight * per_micro_batch + working, in_flight, logits, buffers
+
+
+def lora_activation_change(run: Run, block: int, terms: dict[str, float], runtime: str = "cuda") -> float:
+    """What LoRA changes in the bytes block ``block`` saves for backward per micro-batch (``terms``: the full
+    fine-tune's, :func:`block_activation_terms`); 0 without LoRA.
+
+    A frozen weight needs no saved input for its gradient: RMSNorm's normalized tensor goes, and the inputs of the
+    linear layers ("linear inputs", "output projection input", the down projection's inside "mlp") stay only where
+    an adapter without dropout reads them (the share of the block's linear inputs adapted: all or none but for a
+    target list without dropout). Each adapter saves its r-wide intermediate (lora_B's input) and, with dropout,
+    the dropped copy of its layer's input (lora_A's) and the dropout mask.
+
+    >>> from hybrid_ds.config import LoraConfig
+    >>> run = Run(arch_from_preset("gpt2-tiny"), world_size=1, stages=1, dp=1, micro_batch=1, grad_accum=1,
+    ...           seq_len=10, precision="fp32", lora=LoraConfig(r=4, dropout=0.1, target_modules=["c_attn"]))
+    >>> terms = {"linear inputs": 5120.0, "output projection input": 2560.0, "mlp": 20480.0}
+    >>> lora_activation_change(run, 0, terms)  # all inputs gone (-17,920); 10 tokens x (4 B x r + 5 B x 64 inputs)
+    -14560.0
+    """
+    lora, arch = run.lora, run.arch
+    if lora is None:
+        return 0.0
+    w, tokens = DTYPE_BYTES[run.precision], run.seq_len * run.micro_batch
+    layers = arch.block_linears(block)
+    targets = adapted(layers, lora.target_modules)
+    inputs = (terms.get("linear inputs", 0.0) + terms.get("output projection input", 0.0)
+              + (w * tokens * arch.ffn if "mlp" in terms else 0.0))
+    kept = 0.0 if lora.dropout else sum(t.n_in for t in targets) / max(1, sum(t.n_in for t in layers))
+    mask = 1 if runtime == "cuda" else w   # as block_activation_terms: CPU dropout keeps a mask of the dtype
+    dropped = (w + mask) * sum(t.n_in for t in targets) if lora.dropout else 0
+    return -terms.get("normalized", 0.0) - (1 - kept) * inputs + tokens * (w * lora.r * len(targets) + dropped)
 
 
 def stage_flops(run: Run, lo: int, hi: int) -> float:
@@ -258,14 +305,19 @@ def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, 
     sends = (stage < p - 1) + (stage > 0)   # activations forward, their gradients backward
     if sends:
         comm["pipeline p2p"] = m * sends * activation
-    if p > 1 and run.arch.tied and stage in (0, p - 1):
+    if p > 1 and run.arch.tied and stage in (0, p - 1) and not run.lora:  # LoRA leaves the tied weight frozen
         ranks = 2 * d if run.zero == 2 else 2
         comm["tied gradients"] = 2 * (ranks - 1) / ranks * run.arch.tied * (4 if run.zero == 2 else w)
     return comm
 
 
-def stage_largest_param(arch: Arch, lo: int, hi: int) -> int:
-    """Elements of the largest parameter tensor of the stage holding layers [lo, hi)."""
+def stage_largest_param(arch: Arch, lo: int, hi: int, lora: Any = None) -> int:
+    """Elements of the largest trainable parameter tensor of the stage holding layers [lo, hi): with ``lora``, an
+    adapter matrix (r x in_features or out_features x r)."""
+    if lora:
+        held = [b - 1 for b in range(lo, hi) if 1 <= b <= arch.layers]
+        return max((lora.r * max(layer.n_in, layer.n_out) for b in held
+                    for layer in adapted(arch.block_linears(b), lora.target_modules)), default=0)
     parts = ([arch.embedding] if lo == 0 else []) + ([arch.head] if hi == arch.layers + 2 else [])
     if any(1 <= layer <= arch.layers for layer in range(lo, hi)):
         parts.append(arch.block)
@@ -279,21 +331,30 @@ def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = No
     largest = arch.largest_module() if run.zero == 3 else 0
     out = []
     experts = arch.stage_expert_params(parts)
+    trainable, frozen = stage_trainable_frozen(run, parts)
     # engine.zero_for_layout sizes ZeRO-1/2's buckets to the model; ZeRO-3 keeps DeepSpeed's
-    bucket = run.reduce_bucket or (reduce_bucket_elements(arch.stage_params(parts)) if run.zero in (1, 2)
+    bucket = run.reduce_bucket or (reduce_bucket_elements(trainable) if run.zero in (1, 2)
                                    else DEEPSPEED_REDUCE_BUCKET)
-    for s, (lo, hi, params) in enumerate(zip(parts, parts[1:], arch.stage_params(parts))):
-        shares_tie = run.stages > 1 and s in (0, run.stages - 1)   # the tied weight is summed across stages
-        state = model_state(params, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
+    for s, (lo, hi, n_trainable) in enumerate(zip(parts, parts[1:], trainable)):
+        shares_tie = run.stages > 1 and s in (0, run.stages - 1) and not run.lora  # the tied weight's sum
+        state = model_state(n_trainable, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
                             largest if largest > run.persistence_threshold else 0, bucket,
-                            run.contiguous_gradients, run.prefetch_bucket, stage_largest_param(arch, lo, hi),
-                            arch.tied if shares_tie else 0, run.overlap_comm)
+                            run.contiguous_gradients, run.prefetch_bucket, stage_largest_param(arch, lo, hi, run.lora),
+                            arch.tied if shares_tie else 0, run.overlap_comm, frozen[s])
         activations, in_flight, logits, buffers = stage_activations(run, s, lo, hi, runtime)
         blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
-        out.append(StageEstimate(s, lo, hi - 1, blocks, params, state, activations, in_flight, logits, buffers,
-                                 RUNTIME_OVERHEAD if overhead is None else overhead, stage_flops(run, lo, hi),
-                                 stage_comm(run, s, params, persistent), experts[s]))
+        out.append(StageEstimate(s, lo, hi - 1, blocks, n_trainable + frozen[s], state, activations, in_flight, logits,
+                                 buffers, RUNTIME_OVERHEAD if overhead is None else overhead, stage_flops(run, lo, hi),
+                                 stage_comm(run, s, n_trainable, persistent), experts[s], frozen[s]))
     return out
+
+
+def stage_trainable_frozen(run: Run, parts: list[int]) -> tuple[list[int], list[int]]:
+    """(trainable, frozen) parameters of each stage: with LoRA, the adapters and the whole base model."""
+    held = run.arch.stage_params(parts)
+    if run.lora is None:
+        return held, [0] * len(held)
+    return run.arch.stage_adapter_params(parts, run.lora.r, run.lora.target_modules), held
 
 
 # ---------------------------------------------------------------- the whole step

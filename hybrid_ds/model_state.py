@@ -7,7 +7,7 @@ and step phases; ``bench/estimator_accuracy.py`` holds the totals against real e
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from hybrid_ds.activations import DTYPE_BYTES
 from hybrid_ds.errors import UserError
@@ -68,8 +68,10 @@ def optimizer_path(zero: int, precision: str, grad_accum_dtype: str | None = Non
 def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtype: str | None = None,
                 persistent: int = 0, largest_module: int = 0, reduce_bucket: int = 500_000_000,
                 contiguous_gradients: bool = True, prefetch_bucket: int = 50_000_000, largest_param: int = 0,
-                tied: int = 0, overlap_comm: bool = False) -> ModelState:
-    """Model-state bytes per rank for ``params`` parameters on this rank's stage, ``dp`` data-parallel ranks.
+                tied: int = 0, overlap_comm: bool = False, frozen: int = 0) -> ModelState:
+    """Model-state bytes per rank for ``params`` trainable parameters on this rank's stage, ``dp`` data-parallel
+    ranks, and ``frozen`` ones (a LoRA run's base weights: in the model dtype, no gradient, no optimizer state;
+    DeepSpeed's optimizers take only parameters that require a gradient).
 
     Phases are the peak of what each optimizer keeps, read from DeepSpeed 0.19.8 and measured by
     bench/estimator_accuracy.py. ZeRO-1 keeps the full gradient until the reduction at the accumulation
@@ -90,7 +92,13 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
     >>> ms = model_state(1_000_000, dp=4, zero=2, precision="bf16", largest_param=200_000, tied=300_000)
     >>> ms.backward_transient, ms.transient             # 2 x 200,000 in backward; 4 x 300,000 at ReduceTiedGrads
     (400000.0, 1200000.0)
+    >>> model_state(10_000, dp=4, zero=1, precision="bf16", frozen=1_000_000).params   # 2 x (10,000 + 1,000,000)
+    2020000.0
     """
+    if frozen:
+        state = model_state(params, dp, zero, precision, grad_accum_dtype, persistent, largest_module, reduce_bucket,
+                            contiguous_gradients, prefetch_bucket, largest_param, tied, overlap_comm)
+        return replace(state, params=state.params + DTYPE_BYTES[precision] * frozen)
     path = optimizer_path(zero, precision, grad_accum_dtype)
     n, w = float(params), DTYPE_BYTES[precision]
     accum = DTYPE_BYTES[grad_accum_dtype or precision]

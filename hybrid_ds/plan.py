@@ -15,7 +15,7 @@ from hybrid_ds.errors import UserError
 from hybrid_ds.model_state import reduce_bucket_elements
 from hybrid_ds.models.lora import find_targets
 from hybrid_ds.models.masks import document_mask_obstacle
-from hybrid_ds.models.shape import layer_active_params, model_experts
+from hybrid_ds.models.shape import layer_active_params, layer_adapter_params, model_experts
 from hybrid_ds.models.resolve import (PipelineLayer, ResolvedModel, count_params, meta_model, pipeline_layers,
                                       resolve_model, stage_params, submodule)
 from hybrid_ds.topology import Layout, partition_layers, resolve_layout
@@ -29,6 +29,7 @@ class StagePlan:
     layer_names: list[str]
     params: int
     param_bytes: int     # parameters in the training dtype (no gradients, no optimizer state)
+    trainable: int       # of ``params``: those with gradients and optimizer state (all but a LoRA run's base)
 
 
 @dataclass
@@ -65,7 +66,7 @@ class Plan:
     @property
     def reduce_bucket(self) -> int:
         """Elements of a ZeRO-1/2 reduce bucket when the config sets none (:func:`reduce_bucket_elements`)."""
-        return reduce_bucket_elements([s.params for s in self.stage_plans])
+        return reduce_bucket_elements([s.trainable for s in self.stage_plans])
 
 
 def default_world_size(cfg: RunConfig) -> int:
@@ -99,10 +100,15 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
                                   layer_active_params(model, resolved.family, per_layer))
     bytes_per_param = DTYPE_BYTES[cfg.precision]
     per_stage = stage_params(model, resolved.family, boundaries)
-    stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param)
-                   for s, (lo, hi, n) in enumerate(zip(boundaries, boundaries[1:], per_stage))]
     targets = find_targets(model, resolved.family, cfg.model.lora).paths() if cfg.model.lora else []
     _check_adapters_per_stage(targets, resolved.family, layers, boundaries)
+    trainable = per_stage
+    if cfg.model.lora:  # the base model frozen; the adapters come on top of it
+        adapters = layer_adapter_params(model, resolved.family, cfg.model.lora)
+        trainable = [sum(adapters[lo:hi]) for lo, hi in zip(boundaries, boundaries[1:])]
+        per_stage = [n + t for n, t in zip(per_stage, trainable)]
+    stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param, t)
+                   for s, (lo, hi, n, t) in enumerate(zip(boundaries, boundaries[1:], per_stage, trainable))]
     return Plan(cfg, resolved, layout, layers, boundaries, stage_plans, count_params(model), model,
                 document_mask(cfg, resolved), layout.warnings() + accumulation_warnings(cfg, layout.grad_accum),
                 targets)

@@ -75,14 +75,18 @@ def format_estimate(est: Estimate) -> str:
     where = est.cluster.describe() if est.cluster else f"{run.world_size} ranks ({est.runtime}, no device memory given)"
     lines = [f"estimate   {arch.name}: {params_text(arch)} parameters on {where}",
              f"layout     {layout_text(run)}; optimizer {est.stages[0].state.optimizer_path}",
+             *([lora_text(run.lora, sum(s.trainable for s in est.stages), arch.params)]
+               if run.lora else []),
              "",
-             f"{'stage':>5}  {'holds':<26} {'params':>8}  {'model states':>12}  {'activations (in flight)':>23}  "
+             f"{'stage':>5}  {'holds':<26} {'params':>8}  " + (f"{'trainable':>9}  " if run.lora else "")
+             + f"{'model states':>12}  {'activations (in flight)':>23}  "
              f"{'buffers':>10}  {'total':>10}" + (f"  {'routed experts (states)':>24}" if arch.experts else "")]
     for s in est.stages:
         acts = f"{human_bytes(s.activations + s.logits)} ({s.in_flight} mb)"
         buffers = s.state.comm_buffer + s.pipe_buffers + s.overhead
         lines.append(f"{s.stage:>5}  {layer_span(s.first_layer, s.last_layer, arch.layers):<26} {human_count(s.params):>8}  "
-                     f"{human_bytes(s.state.total):>12}  {acts:>23}  {human_bytes(buffers):>10}  "
+                     + (f"{human_count(s.trainable):>9}  " if run.lora else "")
+                     + f"{human_bytes(s.state.total):>12}  {acts:>23}  {human_bytes(buffers):>10}  "
                      f"{human_bytes(s.total):>10}" + (f"  {expert_text(est, s):>24}" if arch.experts else ""))
     b = est.binding
     busiest = max((s.comm for s in est.stages), key=lambda comm: sum(comm.values()))
@@ -110,6 +114,19 @@ def format_estimate(est: Estimate) -> str:
     return "\n".join(lines)
 
 
+def lora_text(lora: Any, trainable: int, frozen: int) -> str:
+    """The LoRA line of ``validate`` / ``--dry-run``: the adapters and what is trained (``frozen``: the model's
+    parameters, each once).
+
+    >>> from hybrid_ds.config import LoraConfig
+    >>> lora_text(LoraConfig(r=8, target_modules=["q_proj", "v_proj"]), 40_000, 8_000_000)
+    'lora       r=8 on q_proj, v_proj: 40.0K trainable adapter parameters (0.50%), 8.0M frozen'
+    """
+    targets = lora.target_modules if isinstance(lora.target_modules, str) else ", ".join(lora.target_modules)
+    return (f"lora       r={lora.r} on {targets}: {human_count(trainable)} trainable adapter parameters "
+            f"({trainable / (trainable + frozen):.2%}), {human_count(frozen)} frozen")
+
+
 def _transients(s: Any) -> str:
     """The model states' transients of a stage, as format_estimate appends them (hybrid_ds.model_state)."""
     parts = [f"in backward {human_bytes(s.state.backward_transient)} (ZeRO-2: a whole gradient before its reduction)"
@@ -122,6 +139,7 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
     """The estimate as JSON data."""
     run = est.run
     stages = [{"stage": s.stage, "holds": layer_span(s.first_layer, s.last_layer, run.arch.layers), "params": s.params,
+               "trainable_params": s.trainable, "frozen_params": s.frozen,
                "optimizer": s.state.optimizer_path, "peak_phase": s.state.phase,
                "bytes": {"params": s.state.params, "grads": s.state.grads, "master": s.state.master,
                          "optimizer_states": s.state.optimizer, "reduce_bucket": s.state.comm_buffer,
@@ -149,7 +167,8 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
 def format_plan(plan: Any) -> str:
     """A run's plan (hybrid_ds.plan.Plan) as ``validate`` and ``train --dry-run`` print it."""
     cfg, layout = plan.config, plan.layout
-    hf = plan.resolved.hf_config
+    hf, lora = plan.resolved.hf_config, plan.config.model.lora
+    trainable = sum(s.trainable for s in plan.stage_plans)
     lines = [
         f"config     {cfg.source}" + (f"  ({cfg.description})" if cfg.description else ""),
         f"model      {cfg.model.name}: {hf.model_type} {plan.resolved.family.task}, {plan.n_blocks} layers, "
@@ -165,13 +184,16 @@ def format_plan(plan: Any) -> str:
         f"documents  {documents_text(plan)}",
         f"bubble     (p-1)/(m+p-1) = {layout.bubble:.1%}",
         f"partition  {cfg.pipeline.partition} -> boundaries {plan.boundaries}",
+        *([lora_text(lora, trainable, plan.total_params)] if lora else []),
         "",
-        f"{'stage':>5}  {'layers':<8}  {'holds':<32}  {'params':>9}  {'param bytes':>11}",
+        f"{'stage':>5}  {'layers':<8}  {'holds':<32}  {'params':>9}  {'param bytes':>11}"
+        + (f"  {'trainable':>9}  {'frozen':>9}" if lora else ""),
     ]
     for s in plan.stage_plans:
         span = f"{s.first_layer}-{s.last_layer}"
         lines.append(f"{s.stage:>5}  {span:<8}  {layer_span(s.first_layer, s.last_layer, plan.n_blocks):<32}  "
-                     f"{human_count(s.params):>9}  {human_bytes(s.param_bytes):>11}")
+                     f"{human_count(s.params):>9}  {human_bytes(s.param_bytes):>11}"
+                     + (f"  {human_count(s.trainable):>9}  {human_count(s.params - s.trainable):>9}" if lora else ""))
     lines += [f"warning: {w}" for w in plan.warnings]
     return "\n".join(lines)
 
@@ -199,6 +221,6 @@ def plan_dict(plan: Any) -> dict:
         "zero_stage": plan.config.zero_stage, "precision": plan.config.precision, "bubble": layout.bubble,
         "boundaries": plan.boundaries, "document_mask": plan.document_mask,
         "stage_plan": [{"stage": s.stage, "layers": s.layer_names, "params": s.params,
-                        "param_bytes": s.param_bytes} for s in plan.stage_plans],
+                        "param_bytes": s.param_bytes, "trainable_params": s.trainable} for s in plan.stage_plans],
         "warnings": plan.warnings,
     }

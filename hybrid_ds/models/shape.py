@@ -16,6 +16,7 @@ shared experts and their gate) is passed by every token.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from hybrid_ds import presets
@@ -23,7 +24,7 @@ from hybrid_ds.architecture import Arch, Experts, arch_from_model, has_shape, lo
 from hybrid_ds.config import ModelConfig
 from hybrid_ds.errors import UserError
 from hybrid_ds.families import Family
-from hybrid_ds.shapes import Tensor
+from hybrid_ds.shapes import Linear, Tensor
 
 
 def model_arch(model: ModelConfig, family: Family | None = None, skeleton: Any = None) -> Arch:
@@ -37,7 +38,10 @@ def model_arch(model: ModelConfig, family: Family | None = None, skeleton: Any =
 
         resolved = resolve_model(model)
         family, skeleton = resolved.family, meta_model(resolved)
-    return arch_from_skeleton(model.name, family, skeleton)
+    arch = arch_from_skeleton(model.name, family, skeleton)
+    if model.lora:
+        return replace(arch, counted_adapters=tuple(layer_adapter_params(skeleton, family, model.lora)))
+    return arch
 
 
 def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
@@ -62,6 +66,7 @@ def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
                                                 if family.rotary else 0)
     layer_types = getattr(c, "layer_types", None) or []
     sliding = getattr(c, "sliding_window", None) or 0
+    linears = tuple(block_linears(b) for b in blocks)
     return Arch(
         name=name, family=c.model_type, task=family.task, layers=len(blocks), hidden=h, heads=heads,
         kv_heads=getattr(c, "num_key_value_heads", None) or heads, head_dim=head_dim,
@@ -74,7 +79,53 @@ def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
         norm="rmsnorm" if any("RMSNorm" in m for m in block_modules) else "layernorm", rotary_dim=rotary,
         attn_dropout=getattr(c, "attention_dropout", 0.0) or 0.0,
         sliding_window=sliding if ("sliding_attention" in layer_types or not layer_types) else 0,
-        block_class=per_block[0][0], per_block=() if uniform else per_block, experts=experts)
+        block_class=per_block[0][0], per_block=() if uniform else per_block, experts=experts,
+        linears=linears[first], per_block_linears=() if len(set(linears)) == 1 else linears)
+
+
+def layer_adapter_params(skeleton: Any, family: Family, lora: Any) -> list[int]:
+    """Elements of the LoRA adapters (``lora``: a LoraConfig) of each pipeline layer [embedding, blocks..., head],
+    as ``get_peft_model`` makes them on a copy of the meta skeleton: peft's own rules, which for some
+    Mixture-of-Experts types (mixtral, qwen3_moe) adapt the fused experts and the router as parameters."""
+    import copy
+    import warnings
+
+    import peft
+
+    from hybrid_ds.models.lora import peft_config
+
+    with warnings.catch_warnings():  # peft's notes on GPT-2's Conv1D and on MoE patterns are for the run to give
+        warnings.simplefilter("ignore")
+        tuned = peft.get_peft_model(copy.deepcopy(skeleton), peft_config(lora, lora.target_modules, family.task),
+                                    low_cpu_mem_usage=True).base_model.model
+    n_blocks = len(skeleton.get_submodule(family.blocks))
+    per_layer = [0] * (n_blocks + 2)
+    for name, param in tuned.named_parameters():
+        if param.requires_grad:
+            per_layer[_pipeline_layer(name, family, n_blocks)] += param.numel()
+    return per_layer
+
+
+def _pipeline_layer(name: str, family: Family, n_blocks: int) -> int:
+    """The index in [embedding, blocks..., head] of the layer holding the Hugging Face model's parameter ``name``."""
+    blocks = family.blocks + "."
+    if name.startswith(blocks):
+        return 1 + int(name[len(blocks):].partition(".")[0])
+    return 0 if any(name.startswith(path + ".") for path in family.embedding_modules) else n_blocks + 1
+
+
+def block_linears(block: Any) -> tuple[Linear, ...]:
+    """The linear layers of one block (``nn.Linear`` and GPT-2's ``Conv1D``: peft's "all-linear" classes)."""
+    from torch import nn
+    from transformers.pytorch_utils import Conv1D
+
+    found = []
+    for name, module in block.named_modules():
+        if isinstance(module, nn.Linear):
+            found.append(Linear(name, module.in_features, module.out_features, module.bias is not None))
+        elif isinstance(module, Conv1D):  # its weight is (in, out)
+            found.append(Linear(name, *module.weight.shape, module.bias is not None))
+    return tuple(found)
 
 
 def model_experts(skeleton: Any, blocks: list[Any]) -> Experts | None:
