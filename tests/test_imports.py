@@ -9,7 +9,7 @@ from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hybrid_ds"
 PURE = ["config", "families", "shapes", "presets", "topology", "architecture", "activations", "model_state",
-        "estimate", "report", "gpus", "errors"]
+        "estimate", "report", "gpus", "errors", "assets"]  # assets: torch only inside the one-time asset export
 
 
 def module_name(path: Path) -> str:
