@@ -27,14 +27,18 @@ from test_train_multiproc import summary, tiny_config, train
 
 pytestmark = pytest.mark.multiproc
 
+LORA = {"r": 4, "alpha": 64}  # scaled by 16: a random base learns visibly in 8 steps
 NO_DROPOUT = {"gpt2-tiny": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0},
               "llama-tiny": {}}
 
 
-def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partition=None, **train) -> Path:
+def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partition=None, lora=None,
+                  **train) -> Path:
     config = tiny_config(tmp_path, name, stages, zero=zero, save_interval=4, eval_interval=0, **train)
     raw = json.loads(config.read_text())
     raw["model"]["overrides"] = NO_DROPOUT[name]
+    if lora:
+        raw["model"]["lora"] = lora
     raw["gradient_accumulation_steps"] = 2 * stages  # 2 processes: a global batch of 8 at every layout
     if partition is not None:
         raw["pipeline"]["partition"] = partition
@@ -45,13 +49,13 @@ def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partiti
 _STRAIGHT: dict[tuple, Path] = {}
 
 
-def straight_run(tmp_path_factory, name: str, stages: int, zero: int = 1, partition=None) -> Path:
+def straight_run(tmp_path_factory, name: str, stages: int, zero: int = 1, partition=None, lora=None) -> Path:
     """The config of run A: 8 uninterrupted steps at this layout, saved after 4 and 8 and exported (one run
     per layout, shared by the tests that start from it)."""
-    key = (name, stages, zero, str(partition))
+    key = (name, stages, zero, str(partition), str(lora))
     if key not in _STRAIGHT:
         folder = tmp_path_factory.mktemp("straight")
-        config = layout_config(folder, name, stages, zero, partition, export_hf=str(folder / "hf"))
+        config = layout_config(folder, name, stages, zero, partition, lora, export_hf=str(folder / "hf"))
         train(config, 2)
         _STRAIGHT[key] = config
     return _STRAIGHT[key]
@@ -76,6 +80,8 @@ TRANSITIONS = {
     "zero1-pipeline->zero2-plain": ("gpt2-tiny", dict(stages=2, zero=1), dict(stages=1, zero=2)),
     "zero2-plain->zero1-pipeline": ("gpt2-tiny", dict(stages=1, zero=2), dict(stages=2, zero=1)),
     "partition[1,3]->[3,1]": ("llama-tiny", dict(stages=2, partition=[1, 3]), dict(stages=2, partition=[3, 1])),
+    # the adapters and their optimizer state move; the frozen base is read from the checkpoint as it was
+    "lora pp2xdp1->pp1xdp2": ("llama-tiny", dict(stages=2, partition=[2, 2], lora=LORA), dict(stages=1, lora=LORA)),
 }
 
 
