@@ -73,9 +73,9 @@ class LoraConfig(_Section):
 
 
 class ModelConfig(_Section):
+    # "smollm2-135m": SmolLM2-135M-Instruct of requirements-assets.txt, exported to a folder on first use
     name: str = Field(min_length=1, description="architecture preset (`hybrid-ds presets`), hub name ORG/NAME, local "
-                                                "folder, or \"smollm2-135m\": the offline SmolLM2-135M-Instruct "
-                                                "(requirements-assets.txt), exported to a folder on first use")
+                                                "folder, or \"smollm2-135m\" (the offline asset)")
     pretrained: bool = Field(False, description="load the checkpoint's weights; false = the model's own random init")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name is a hub name")
     trust_remote_code: bool = Field(False, description="allow a hub model's own Python code; off by default")

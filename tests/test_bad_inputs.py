@@ -39,7 +39,8 @@ ROWS = [
     ("unknown-model-key", ("config", {"model": {"nmae": "gpt2-tiny"}}),
      E + "model.nmae: unknown key; did you mean 'name'?"),
     ("missing-model-name", ("config", {"model": {"pretrained": False}}),
-     E + "model.name: required; architecture preset (`hybrid-ds presets`), hub name ORG/NAME, or local folder"),
+     E + "model.name: required; architecture preset (`hybrid-ds presets`), hub name ORG/NAME, local folder, "
+         "or \"smollm2-135m\" (the offline asset)"),
     ("stages-not-int", ("config", {"pipeline": {"stages": "two"}}),
      E + "pipeline.stages: Input should be a valid integer, unable to parse string as an integer, got 'two'"),
     ("stages-zero", ("config", {"pipeline": {"stages": 0}}),
