@@ -132,8 +132,9 @@ def first_line(err: BaseException) -> str:
     return f"{type(err).__name__}: {(str(err).strip().splitlines() or [''])[0][:200]}"
 
 
-def sweep_one(model_type: str) -> dict[str, Any]:
-    """The outcome of ``model_type``: build and save a tiny model, then parity at 2 stages and 1."""
+def sweep_one(model_type: str, lora: bool = False) -> dict[str, Any]:
+    """The outcome of ``model_type``: build and save a tiny model, then parity at 2 stages and 1 (``lora``: of LoRA
+    adapters on every linear layer, against peft's ``get_peft_model``)."""
     import torch
     import transformers
 
@@ -147,24 +148,25 @@ def sweep_one(model_type: str) -> dict[str, Any]:
         except Exception as err:  # noqa: BLE001 - whatever stops a tiny model, said in one line
             return {"outcome": "no tiny model", "reason": first_line(err)}
         for attn in ("sdpa", "eager"):  # eager where the model has no sdpa, as a user would set it
-            result = _parity(folder, attn)
+            result = _parity(folder, attn, lora)
             if result["outcome"] != "refused" or not any(text in result["reason"] for text in NO_SDPA):
                 return {**result, "attn": attn}
     return {**result, "attn": attn}
 
 
+LORA = {"r": 4, "alpha": 8, "target_modules": "all-linear"}
 NO_SDPA = ("does not support SDPA attention; set it to 'eager'",  # hybrid_ds's line (model.attn_implementation)
            "does not support an attention implementation through torch.nn.functional.scaled")  # transformers'
 
 
-def _parity(folder: str, attn: str) -> dict[str, Any]:
-    """``check_parity`` of the saved model at 2 stages, then 1, with attention ``attn``."""
+def _parity(folder: str, attn: str, lora: bool = False) -> dict[str, Any]:
+    """``check_parity`` of the saved model at 2 stages, then 1, with attention ``attn`` (and LoRA adapters)."""
     from hybrid_ds.config import load_config_dict
     from hybrid_ds.errors import UserError
     from hybrid_ds.parity import check_parity
 
-    cfg = load_config_dict({"model": {"name": folder, "pretrained": True, "attn_implementation": attn},
-                            "train_micro_batch_size_per_gpu": 1})
+    cfg = load_config_dict({"model": {"name": folder, "pretrained": True, "attn_implementation": attn,
+                                      **({"lora": LORA} if lora else {})}, "train_micro_batch_size_per_gpu": 1})
     reports = []
     for stages in (2, 1):
         print(f"phase: parity {stages}", file=sys.stderr, flush=True)
@@ -210,14 +212,14 @@ def _judge(reports: list[Any]) -> dict[str, Any]:
 
 # --- the sweep ---------------------------------------------------------------------------------------------------
 
-def run_one(model_type: str, timeout: float) -> dict[str, Any]:
+def run_one(model_type: str, timeout: float, lora: bool = False) -> dict[str, Any]:
     """``sweep_one`` in a fresh process, with a time limit."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "TOKENIZERS_PARALLELISM": "false",
            "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     start = time.time()
     try:
-        proc = subprocess.run([sys.executable, __file__, "--one", model_type], env=env, capture_output=True,
-                              text=True, timeout=timeout)
+        proc = subprocess.run([sys.executable, __file__, "--one", model_type, *(["--lora"] if lora else [])],
+                              env=env, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as err:
         stderr = err.stderr.decode() if isinstance(err.stderr, bytes) else (err.stderr or "")
         phases = re.findall(r"phase: (.*)", stderr)
@@ -238,10 +240,10 @@ def run_one(model_type: str, timeout: float) -> dict[str, Any]:
     return {"type": model_type, **result, "seconds": round(time.time() - start, 1)}
 
 
-def sweep(types: list[str], jobs: int, timeout: float) -> list[dict[str, Any]]:
+def sweep(types: list[str], jobs: int, timeout: float, lora: bool = False) -> list[dict[str, Any]]:
     results = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        for result in pool.map(lambda t: run_one(t, timeout), types):
+        for result in pool.map(lambda t: run_one(t, timeout, lora), types):
             print(f"{result['type']:28s} {result['outcome']:14s} {result['reason'][:110]}", flush=True)
             results.append(result)
     return sorted(results, key=lambda r: r["type"])
@@ -353,11 +355,17 @@ def main(argv: list[str] | None = None) -> int:
                         help="sweep nothing: write the table (and README) again from the last results JSON")
     parser.add_argument("--update", action="store_true",
                         help="with --types: replace those types' rows in the last results JSON, keep the others")
+    parser.add_argument("--lora", action="store_true", help="parity of LoRA adapters (r 4, all-linear) against "
+                                                            "peft's get_peft_model; results to --out adapter_sweep_lora")
     parser.add_argument("--one", help=argparse.SUPPRESS)  # the worker: one type, its result as JSON on stdout
     args = parser.parse_args(argv)
     if args.one:
-        print(json.dumps(sweep_one(args.one)))
+        print(json.dumps(sweep_one(args.one, args.lora)))
         return 0
+    if args.lora and args.write_readme:
+        parser.error("--write-readme lists the plain sweep's types; the LoRA sweep writes its own table only")
+    if args.lora and args.out == "adapter_sweep":
+        args.out = "adapter_sweep_lora"
     if args.write_readme and args.types and not (args.from_json or args.update):
         parser.error("--write-readme lists what a full sweep found: drop --types or add --update")
     from hybrid_ds.families import FAMILIES
@@ -366,7 +374,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.from_json:
         results = json.loads(saved.read_text())["results"]
     else:
-        results = sweep(args.types.split(",") if args.types else all_types(), args.jobs, args.timeout)
+        results = sweep(args.types.split(",") if args.types else all_types(), args.jobs, args.timeout, args.lora)
         if args.update and args.types:  # the other types' rows from the last run, in its order
             fresh = {r["type"]: r for r in results}
             last = json.loads(saved.read_text())["results"]
