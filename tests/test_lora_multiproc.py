@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from hybrid_ds.config import load_config
-from hybrid_ds.models.lora import PEFT_PREFIX, is_adapter, with_peft
+from hybrid_ds.models.lora import PEFT_PREFIX, base_name, is_adapter, with_peft
 from hybrid_ds.pipeline import SequentialStages
 from hybrid_ds.plan import build_plan
 from test_pipeline_multiproc import GAS, assert_params_match, folders, launch, make_batches, reference  # noqa: F401
@@ -66,7 +66,7 @@ def test_lora_training_matches_peft(name, nproc, zero, folders, tmp_path):
     for rank in run["ranks"]:
         for key, value in rank["params"].items():
             if not is_adapter(key):
-                assert torch.equal(value, loaded[key.replace(".base_layer.", ".")]), key
+                assert torch.equal(value, loaded[base_name(key)]), key
 
 
 def test_lora_run_exports_an_adapter_peft_loads_and_a_merged_model(tmp_path):

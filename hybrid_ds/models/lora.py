@@ -1,15 +1,16 @@
 """LoRA adapters (``model.lora``) made by peft, on each stage's own modules, chosen as peft chooses them on the model.
 
-The targets are found once on the meta skeleton of the whole model, by peft's rules for ``target_modules``: a
-module whose path is a listed name or ends in ``.`` + name, or with ``"all-linear"`` every ``nn.Linear`` and
-``Conv1D`` but the output projection. Each stage then asks peft (``inject_adapter_in_model``) to wrap exactly the
-targets inside the modules it builds, so a module's names are the ones ``get_peft_model`` gives it
+The targets are found once by running ``get_peft_model`` on a copy of the meta skeleton of the whole model, so
+peft's own rules choose them (a module whose path is a listed name or ends in ``.`` + name; ``"all-linear"``: every
+``nn.Linear`` and ``Conv1D`` but the output projection; its conversions for Mixture-of-Experts models). Each stage
+then asks peft (``inject_adapter_in_model``) to wrap exactly the targets inside the modules it builds, so a module's names are the ones ``get_peft_model`` gives it
 (``q_proj.base_layer.weight``, ``q_proj.lora_A.default.weight``) and the whole model's adapters are the union of
 the stages'. The base model is frozen: only adapters have gradients and optimizer state.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import re
 import warnings
@@ -67,8 +68,7 @@ def find_targets(skeleton: nn.Module, family: Any, lora: LoraConfig) -> Targets:
 
     config = peft_config(lora, lora.target_modules, family.task)
     try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=".*(fan_in_fan_out|did not match any targeted).*")
+        with _quiet():
             tuned = peft.get_peft_model(copy.deepcopy(skeleton), config, low_cpu_mem_usage=True).base_model
     except ValueError as err:
         raise UserError("model.lora.target_modules", f"{lora.target_modules}: peft: {_first_line(err)}") from None
@@ -83,6 +83,15 @@ def find_targets(skeleton: nn.Module, family: Any, lora: LoraConfig) -> Targets:
                                                      "multiplies embeddings and the output projection by their "
                                                      "weights directly: adapt the blocks' layers")
     return targets
+
+
+@contextlib.contextmanager
+def _quiet() -> Any:
+    """Without peft's notes on what it does by design: GPT-2's Conv1D gets ``fan_in_fan_out``, and the rank pattern
+    of its Mixture-of-Experts conversion names parameters, which its module check then reports as unmatched."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*(fan_in_fan_out|did not match any targeted).*")
+        yield
 
 
 def _first_line(err: Exception) -> str:
@@ -103,8 +112,7 @@ def with_peft(model: nn.Module, lora: LoraConfig, task: str, base: str | None = 
     """``get_peft_model`` of a whole Hugging Face model for ``model.lora`` (``base``: the adapter's base model)."""
     import peft
 
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message=".*(fan_in_fan_out|did not match any targeted).*")
+    with _quiet():
         return peft.get_peft_model(model, peft_config(lora, lora.target_modules, task, base))
 
 
@@ -117,9 +125,8 @@ def add_adapters(module: nn.Module, path: str, targets: Targets, lora: LoraConfi
     config = targets.inside(path, lora)
     if config is None:
         return module
-    with torch.random.fork_rng(devices=[]), warnings.catch_warnings():
+    with torch.random.fork_rng(devices=[]), _quiet():
         torch.manual_seed(seed * 1_000_003 + zlib.crc32(f"lora:{path}".encode()))
-        warnings.filterwarnings("ignore", message=".*(fan_in_fan_out|did not match any targeted).*")
         peft.inject_adapter_in_model(config, module, adapter_name=ADAPTER)
     return module
 
