@@ -37,8 +37,8 @@ from hybrid_ds import deepspeed_seam
 from hybrid_ds.deepspeed_seam import layer_checkpoint_file
 from hybrid_ds.engine import raise_shared
 from hybrid_ds.errors import UserError
-from hybrid_ds.models.build import StageBuilder
-from hybrid_ds.models.lora import PEFT_PREFIX, with_peft
+from hybrid_ds.models.build import StageBuilder, checkpoint_folder
+from hybrid_ds.models.lora import PEFT_PREFIX, is_adapter, with_peft
 from hybrid_ds.models.resolve import auto_class, meta_model
 from hybrid_ds.pipeline import layer_specs
 from hybrid_ds.plan import build_plan
@@ -113,17 +113,26 @@ def describe_layout(layout: dict[str, Any]) -> str:
     return f"{stages} x dp {layout['dp']}, ZeRO-{layout['zero']}"
 
 
-def save(engine: Any, save_dir: Path, step: int, data_state: dict, layout: dict | None = None) -> Path:
-    """All ranks call this. Returns the checkpoint folder."""
+def base_is_reread(cfg: Any) -> bool:
+    """Whether checkpoints leave out the frozen base: a LoRA run of a pretrained model, whose base every resume and
+    export reads from ``model.name`` again."""
+    return cfg.model.lora is not None and cfg.model.pretrained
+
+
+def save(engine: Any, save_dir: Path, step: int, data_state: dict, layout: dict | None = None,
+         without_frozen: bool = False) -> Path:
+    """All ranks call this. Returns the checkpoint folder. ``without_frozen``: leave frozen tensors out
+    (:func:`base_is_reread`)."""
     tag = f"step_{step}"
-    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False,
+    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False, exclude_frozen_parameters=without_frozen,
                            client_state=deepspeed_seam.optimizer_param_names(engine))
     folder = save_dir / tag
     rank = torch.distributed.get_rank()
     torch.save(_rng_state(), folder / f"rng-rank{rank}.pt")
     torch.distributed.barrier()
     if rank == 0:
-        _atomic_write(folder / STATE, json.dumps({"step": step, "data": data_state, "layout": layout}))
+        _atomic_write(folder / STATE, json.dumps({"step": step, "data": data_state, "layout": layout,
+                                                   "without_frozen": without_frozen}))
         _atomic_write(folder / COMPLETE, "")
         _atomic_write(save_dir / LATEST, tag)
     torch.distributed.barrier()
@@ -197,7 +206,8 @@ def resume(engine: Any, folder: Path, plan: Any = None) -> dict:
         _resume_on_new_layout(engine, folder, plan, saved)
         return state
     try:
-        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name)
+        load_path, _ = engine.load_checkpoint(str(folder.parent), tag=folder.name,
+                                              load_module_strict=not state.get("without_frozen", False))
     except Exception as err:  # torch.load and DeepSpeed raise many types for a damaged file
         raise UserError("train.resume", f"checkpoint {folder} cannot be loaded: {_first_line(err)}") from None
     if load_path is None:
@@ -364,14 +374,19 @@ def export(checkpoint: str | Path, out_dir: str | Path, merge: bool = False) -> 
                                lora=cfg.model.lora)
         specs, _ = layer_specs(builder)
         state = _gather_layers(folder, specs, builder)
-    model = auto_class(plan.resolved.family).from_config(plan.resolved.hf_config)
+    reread = json.loads((folder / STATE).read_text()).get("without_frozen", False)
+    if reread:  # the base as the run read it
+        model = auto_class(plan.resolved.family).from_pretrained(
+            checkpoint_folder(cfg.model.name, cfg.model.revision), config=plan.resolved.hf_config, dtype=torch.float32)
+    else:
+        model = auto_class(plan.resolved.family).from_config(plan.resolved.hf_config)
     if cfg.model.lora:
         model = with_peft(model, cfg.model.lora, plan.resolved.family.task, cfg.model.name)
         state = {PEFT_PREFIX + name: value for name, value in state.items()}
     missing, unexpected = model.load_state_dict(state, strict=False)
     tied = {name for name, p in model.named_parameters(remove_duplicate=False)} - \
         {name for name, _ in model.named_parameters()}
-    missing = [k for k in missing if k not in tied]
+    missing = [k for k in missing if k not in tied and (not reread or is_adapter(k))]
     if missing or unexpected:
         raise UserError("CHECKPOINT", f"{folder} does not cover the model: missing {missing[:3]}, "
                                       f"unexpected {unexpected[:3]}")

@@ -210,7 +210,7 @@ class Trainer:
     def save(self) -> None:
         """A checkpoint of every rank at this step (all ranks call it)."""
         checkpoint.save(self.engine, self.save_dir, self.step_count, self.batches.state_dict(),
-                        checkpoint.layout_of(self.plan))
+                        checkpoint.layout_of(self.plan), checkpoint.base_is_reread(self.cfg))
 
     def fit(self) -> Summary:
         """Train to ``train.max_steps``, evaluating and saving at their intervals and at the end."""

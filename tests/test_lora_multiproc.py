@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 import torch
 
-from hybrid_ds.config import load_config
+import transformers
+
+from hybrid_ds.config import ModelConfig, load_config
 from hybrid_ds.models.lora import PEFT_PREFIX, base_name, is_adapter, with_peft
 from hybrid_ds.pipeline import SequentialStages
+from hybrid_ds.models.resolve import resolve_model
 from hybrid_ds.plan import build_plan
 from test_pipeline_multiproc import GAS, assert_params_match, folders, launch, make_batches, reference  # noqa: F401
 from test_train_multiproc import checkpoint_logits, summary, tiny_config, train
@@ -26,8 +29,6 @@ LORA = {"r": 4, "alpha": 8}
 
 def peft_reference(name: str, folder: Path, config: Path, batches, steps: int) -> dict:
     """peft's model of the folder with the run's initial adapters (each stage seeds its own), trained in one process."""
-    import transformers
-
     plan = build_plan(load_config(config), world_size=plan_stages(config))
     initial = {n: p for n, p in SequentialStages(plan).named_parameters().items() if is_adapter(n)}
     model = with_peft(transformers.AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32),
@@ -60,8 +61,6 @@ def test_lora_training_matches_peft(name, nproc, zero, folders, tmp_path):
     ref = peft_reference(name, folders[name], config, batches, steps)
     assert_params_match(run["ranks"], ref["params"])
     assert run["losses"][-1] < run["losses"][1], run["losses"]
-    import transformers
-
     loaded = dict(transformers.AutoModelForCausalLM.from_pretrained(folders[name]).named_parameters())
     for rank in run["ranks"]:
         for key, value in rank["params"].items():
@@ -74,16 +73,11 @@ def test_lora_run_exports_an_adapter_peft_loads_and_a_merged_model(tmp_path):
     PeftModel.from_pretrained(base, folder) and the `export --merge` folder both compute the trained pipeline's
     logits within 1e-5, away from the base model's."""
     import peft
-    import transformers
-
-    from hybrid_ds.config import ModelConfig
-    from hybrid_ds.models.resolve import resolve_model
 
     base = tmp_path / "base"
     torch.manual_seed(0)
     tiny = resolve_model(ModelConfig(name="gpt2-tiny", overrides={"vocab_size": 50304})).hf_config  # GPT-2 BPE
-    transformers.AutoModelForCausalLM.from_config(tiny) \
-        .save_pretrained(base)
+    transformers.AutoModelForCausalLM.from_config(tiny).save_pretrained(base)
     config = tiny_config(tmp_path, str(base), 2, max_steps=6, export_hf=str(tmp_path / "adapter"))
     raw = json.loads(config.read_text())
     raw["model"] = {"name": str(base), "pretrained": True, "lora": {**LORA, "target_modules": ["c_attn", "c_fc"]}}
@@ -116,18 +110,28 @@ def test_lora_run_exports_an_adapter_peft_loads_and_a_merged_model(tmp_path):
     assert (logits - trained).abs().max().item() <= 1e-5
 
 
-def test_lora_run_resumes_exactly(tmp_path):
+@pytest.mark.parametrize("pretrained", [True, False], ids=["pretrained", "random-base"])
+def test_lora_run_resumes_exactly(tmp_path, pretrained):
     """Stopped after step 4 and resumed, a LoRA run (pp=2, adapter dropout on) gives the uninterrupted run's losses
-    exactly: adapters, their optimizer state and the frozen base all come back."""
+    exactly: adapters, their optimizer state and the frozen base all come back. A pretrained base is left out of the
+    checkpoints (read from model.name again), a random one is saved."""
+    base = tmp_path / "base"
+    tiny = resolve_model(ModelConfig(name="gpt2-tiny", overrides={"vocab_size": 50304})).hf_config  # GPT-2 BPE
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(tiny).save_pretrained(base)
     runs = {}
     for name, steps in (("straight", 8), ("stopped", 4), ("resumed", 8)):
         folder = tmp_path / ("straight" if name == "straight" else "b")
         folder.mkdir(exist_ok=True)
         config = tiny_config(folder, "gpt2-tiny", 2, save_interval=4, max_steps=steps)
         raw = json.loads(config.read_text())
+        if pretrained:
+            raw["model"] = {"name": str(base), "pretrained": True}
         raw["model"]["lora"] = {**LORA, "dropout": 0.1}
         raw["pipeline"]["partition"] = [1, 1]
         config.write_text(json.dumps(raw))
         train(config, 2, *(["--resume"] if name == "resumed" else []))
         runs[name] = summary(config)["losses"]
     assert len(runs["resumed"]) == 4 and runs["resumed"] == runs["straight"][4:], runs
+    block = torch.load(tmp_path / "b" / "run" / "step_4" / "layer_02-model_states.pt", weights_only=True)
+    assert all(is_adapter(key) for key in block) == pretrained, sorted(block)
