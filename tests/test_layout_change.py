@@ -37,13 +37,27 @@ def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partiti
     config = tiny_config(tmp_path, name, stages, zero=zero, save_interval=4, eval_interval=0, **train)
     raw = json.loads(config.read_text())
     raw["model"]["overrides"] = NO_DROPOUT[name]
-    if lora:
-        raw["model"]["lora"] = lora
+    if lora:  # a pretrained base, one folder for the session's runs, which LoRA checkpoints leave out
+        raw["model"] = {"name": str(saved_base(tmp_path.parent / f"base-{name}", name)), "pretrained": True,
+                        "lora": lora}
     raw["gradient_accumulation_steps"] = 2 * stages  # 2 processes: a global batch of 8 at every layout
     if partition is not None:
         raw["pipeline"]["partition"] = partition
     config.write_text(json.dumps(raw))
     return config
+
+
+def saved_base(folder: Path, name: str) -> Path:
+    import transformers
+
+    from hybrid_ds.config import ModelConfig
+    from hybrid_ds.models.resolve import resolve_model
+
+    if not folder.is_dir():
+        config = resolve_model(ModelConfig(name=name, overrides={**NO_DROPOUT[name], "vocab_size": 50304})).hf_config
+        torch.manual_seed(0)
+        transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    return folder
 
 
 _STRAIGHT: dict[tuple, Path] = {}
