@@ -97,6 +97,16 @@ def test_bad_targets_are_named(targets, message):
     assert err.value.key == "model.lora.target_modules"
 
 
+def test_a_linear_layer_with_its_own_forward_is_refused(tmp_path):
+    """Phi-MoE's router is an nn.Linear whose forward returns a tuple: peft's adapter (in get_peft_model's model too)
+    crashes on it, so all-linear is refused with the module named; naming the targets without it works."""
+    folder = saved(tmp_path, tiny_config("phimoe", num_hidden_layers=2, num_local_experts=4))
+    cfg = run_config(folder)
+    with pytest.raises(UserError, match="adapts 'model.layers.0.mlp.router', a PhimoeTopKRouter"):
+        build_plan(cfg.replace(model={"lora": LORA}, data={"seq_len": 16}), world_size=1)
+    assert_parity(cfg.replace(model={"lora": {**LORA, "target_modules": ["q_proj", "v_proj"]}}))
+
+
 def test_a_stage_with_nothing_to_train_is_refused():
     """A last stage of only the head (what "flops" gives a tiny model whose 50k-row head outweighs its blocks)."""
     with pytest.raises(UserError, match="stage 1 holds head and no LoRA adapter") as err:

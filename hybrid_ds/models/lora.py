@@ -75,6 +75,7 @@ def find_targets(skeleton: nn.Module, family: Any, lora: LoraConfig) -> Targets:
     final = tuned.peft_config[ADAPTER]
     targets = Targets(tuple(tuned.targeted_module_names), tuple(tuned.targeted_parameter_names),
                       dict(final.rank_pattern or {}), dict(final.alpha_pattern or {}))
+    _check_plain_layers(skeleton, targets.modules, lora)
     outside = [p for p in targets.paths() if not p.startswith(family.blocks + ".")
                and not any(p.startswith(h + ".") for h in family.head_modules if h != family.output)]
     if outside:
@@ -83,6 +84,21 @@ def find_targets(skeleton: nn.Module, family: Any, lora: LoraConfig) -> Targets:
                                                      "multiplies embeddings and the output projection by their "
                                                      "weights directly: adapt the blocks' layers")
     return targets
+
+
+def _check_plain_layers(skeleton: nn.Module, paths: tuple[str, ...], lora: LoraConfig) -> None:
+    """peft's adapter replaces a linear layer's forward by ``base_layer(x) + B(A(x))``: a subclass whose own forward
+    returns something else (Phi-MoE's router, an ``nn.Linear`` returning ``(logits, weights, experts)``) breaks it, in
+    ``get_peft_model``'s model too. Refused here, before any process trains with it."""
+    from transformers.pytorch_utils import Conv1D
+
+    for path in paths:
+        module = skeleton.get_submodule(path)
+        if type(module).forward not in (nn.Linear.forward, Conv1D.forward):
+            raise UserError("model.lora.target_modules", f"{lora.target_modules} adapts {path!r}, a "
+                                                         f"{type(module).__name__}: a linear layer with a forward of "
+                                                         "its own, which peft's adapter cannot wrap; name the "
+                                                         "targets without it")
 
 
 @contextlib.contextmanager
