@@ -275,13 +275,15 @@ def cause(reason: str) -> str:
     return re.sub(r"\b\d+\b", "N", reason)
 
 
-def table(results: list[dict[str, Any]], named: dict[str, str]) -> str:
+def table(results: list[dict[str, Any]], named: dict[str, str], lora: bool = False) -> str:
     """The markdown table; ``named`` maps each named family to its task (what parity checks it as)."""
     counts = Counter(r["outcome"] for r in results)
     wrong = [r for r in results if r["outcome"] == "WRONG"]
-    out = ["# Generic adapter sweep", "",
+    what = (f"with LoRA adapters ({LORA}) against peft {_version('peft')}'s `get_peft_model`" if lora else "")
+    out = [f"# Generic adapter sweep{', LoRA' if lora else ''}", "",
            f"{len(results)} causal-LM model types of transformers {_version()}, each a tiny random model saved "
-           "with `save_pretrained`, then `check_parity` at 2 stages and 1 (`python bench/adapter_sweep.py`).", "",
+           f"with `save_pretrained`, then `check_parity` at 2 stages and 1 {what}".rstrip() +
+           f" (`python bench/adapter_sweep.py{' --lora' if lora else ''}`).", "",
            " | ".join(f"{o}: {counts.get(o, 0)}" for o in OUTCOMES), ""]
     if wrong:
         out += ["**WRONG (accepted, parity fails): " + ", ".join(r["type"] for r in wrong) + "**", ""]
@@ -338,10 +340,10 @@ def replace_between_markers(text: str, section: str) -> str:
     return text[:start] + section + text[end:]
 
 
-def _version() -> str:
-    import transformers
+def _version(package: str = "transformers") -> str:
+    import importlib.metadata
 
-    return transformers.__version__
+    return importlib.metadata.version(package)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -381,7 +383,7 @@ def main(argv: list[str] | None = None) -> int:
             results = [fresh.pop(r["type"], r) for r in last] + list(fresh.values())
         RESULTS.mkdir(parents=True, exist_ok=True)
         saved.write_text(json.dumps({"transformers": _version(), "results": results}, indent=1))
-    (RESULTS / f"{args.out}.md").write_text(table(results, named))
+    (RESULTS / f"{args.out}.md").write_text(table(results, named, args.lora))
     if args.write_readme:
         readme = REPO / "README.md"
         readme.write_text(replace_between_markers(readme.read_text(), readme_section(results, named)))
