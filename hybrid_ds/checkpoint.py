@@ -308,7 +308,7 @@ def pipeline_names(plan: Any) -> dict[str, str]:
     """A PipelineModule's parameter names -> Hugging Face names, for ``plan``'s model on any engine."""
     skeleton = meta_model(plan.resolved)  # its own: building layers on it would change the run's skeleton
     builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton,
-                           lora=plan.config.model.lora)
+                           lora=plan.config.model.lora, lora_targets=plan.lora_targets)
     specs, _ = layer_specs(builder)
     modules: dict[str, Any] = {}
     for index, spec in enumerate(specs):
@@ -371,7 +371,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, merge: bool = False) -> 
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:  # a PipelineModule: per-layer files, named back through the layer specs on the meta device
         builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=plan.skeleton,
-                               lora=cfg.model.lora)
+                               lora=cfg.model.lora, lora_targets=plan.lora_targets)
         specs, _ = layer_specs(builder)
         state = _gather_layers(folder, specs, builder)
     reread = json.loads((folder / STATE).read_text()).get("without_frozen", False)
@@ -404,7 +404,7 @@ def _saved_weights(folder: Path, plan: Any) -> dict[str, torch.Tensor]:
     """Hugging Face name -> weight of a pipeline checkpoint, a tied weight under the name its model reports."""
     skeleton = meta_model(plan.resolved)  # its own: building layers on it would change the run's skeleton
     builder = StageBuilder(plan.resolved, pretrained=False, device="meta", skeleton=skeleton,
-                           lora=plan.config.model.lora)
+                           lora=plan.config.model.lora, lora_targets=plan.lora_targets)
     specs, _ = layer_specs(builder)
     state = _gather_layers(folder, specs, builder)
     canonical = {id(p): name for name, p in skeleton.named_parameters()}

@@ -74,7 +74,8 @@ def spec_boundaries(unit_boundaries: list[int], units: list[int]) -> list[int]:
 def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilder:
     cfg = plan.config
     return StageBuilder(plan.resolved, cfg.model.pretrained, cfg.train.seed, DTYPES[cfg.precision], device,
-                        cfg.model.revision, skeleton=plan.skeleton, documents=plan.document_mask, lora=cfg.model.lora)
+                        cfg.model.revision, skeleton=plan.skeleton, documents=plan.document_mask, lora=cfg.model.lora,
+                        lora_targets=plan.lora_targets)
 
 
 def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any:

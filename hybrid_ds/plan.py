@@ -15,7 +15,7 @@ from hybrid_ds.errors import UserError
 from hybrid_ds.model_state import reduce_bucket_elements
 from hybrid_ds.models.lora import find_targets
 from hybrid_ds.models.masks import document_mask_obstacle
-from hybrid_ds.models.shape import layer_active_params, layer_adapter_params, model_experts
+from hybrid_ds.models.shape import layer_active_params, model_experts
 from hybrid_ds.models.resolve import (PipelineLayer, ResolvedModel, count_params, meta_model, pipeline_layers,
                                       resolve_model, stage_params, submodule)
 from hybrid_ds.topology import Layout, partition_layers, resolve_layout
@@ -44,7 +44,7 @@ class Plan:
     skeleton: Any = None          # the whole model on the meta device (what the counts came from)
     document_mask: bool = False   # data.document_mask resolved (its null default decided): see document_mask()
     warnings: list[str] = field(default_factory=list)
-    adapter_targets: list[str] = field(default_factory=list)  # model.lora: paths of the modules given adapters
+    lora_targets: Any = None      # model.lora: where peft puts the adapters (hybrid_ds.models.lora.Targets)
 
     @property
     def n_blocks(self) -> int:
@@ -100,13 +100,13 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
                                   layer_active_params(model, resolved.family, per_layer))
     bytes_per_param = DTYPE_BYTES[cfg.precision]
     per_stage = stage_params(model, resolved.family, boundaries)
-    targets = find_targets(model, resolved.family, cfg.model.lora).paths() if cfg.model.lora else []
-    _check_adapters_per_stage(targets, resolved.family, layers, boundaries)
+    targets = find_targets(model, resolved.family, cfg.model.lora) if cfg.model.lora else None
     trainable = per_stage
-    if cfg.model.lora:  # the base model frozen; the adapters come on top of it
-        adapters = layer_adapter_params(model, resolved.family, cfg.model.lora)
+    if targets is not None:  # the base model frozen; the adapters come on top of it
+        adapters = targets.per_layer(resolved.family, n_blocks)
         trainable = [sum(adapters[lo:hi]) for lo, hi in zip(boundaries, boundaries[1:])]
         per_stage = [n + t for n, t in zip(per_stage, trainable)]
+        _check_adapters_per_stage(trainable, layers, boundaries)
     stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param, t)
                    for s, (lo, hi, n, t) in enumerate(zip(boundaries, boundaries[1:], per_stage, trainable))]
     return Plan(cfg, resolved, layout, layers, boundaries, stage_plans, count_params(model), model,
@@ -114,31 +114,10 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
                 targets)
 
 
-def adapter_layers(targets: list[str], family: Any, n_layers: int) -> set[int]:
-    """Indices into [embedding, blocks..., head] of the layers holding a LoRA target.
-
-    >>> from hybrid_ds.families import FAMILIES
-    >>> sorted(adapter_layers(["model.layers.1.mlp.up_proj", "model.layers.1.mlp.down_proj"], FAMILIES["llama"], 6))
-    [2]
-    """
-    blocks = family.blocks + "."
-    held = set()
-    for target in targets:
-        if target.startswith(blocks):
-            held.add(1 + int(target[len(blocks):].partition(".")[0]))
-        else:
-            held.add(0 if any(target.startswith(p + ".") for p in family.embedding_modules) else n_layers - 1)
-    return held
-
-
-def _check_adapters_per_stage(targets: list[str], family: Any, layers: list[PipelineLayer],
-                              boundaries: list[int]) -> None:
+def _check_adapters_per_stage(adapters: list[int], layers: list[PipelineLayer], boundaries: list[int]) -> None:
     """Every stage must train something: DeepSpeed's optimizer refuses a stage without a trainable parameter."""
-    if not targets:
-        return
-    held = adapter_layers(targets, family, len(layers))
-    for stage, (lo, hi) in enumerate(zip(boundaries, boundaries[1:])):
-        if not held & set(range(lo, hi)):
+    for stage, (lo, hi, n) in enumerate(zip(boundaries, boundaries[1:], adapters)):
+        if not n:
             names = ", ".join(layer.name for layer in layers[lo:hi]) or "no layer"
             raise UserError("pipeline.partition", f"stage {stage} holds {names} and no LoRA adapter "
                                                   "(model.lora.target_modules); a stage needs something to train: "

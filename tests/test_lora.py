@@ -74,7 +74,7 @@ def test_base_is_frozen_and_only_adapters_train():
     pipe = SequentialStages(plan)
     trainable = {n for n, p in pipe.named_parameters().items() if p.requires_grad}
     assert trainable and all(lora.is_adapter(n) for n in trainable)
-    assert {n.rpartition(".lora_")[0] for n in trainable} == set(plan.adapter_targets)
+    assert {n.rpartition(".lora_")[0] for n in trainable} == set(plan.lora_targets.paths())
     embedding = pipe.builders[0].built_modules()["transformer.wte"].weight
     assert not embedding.requires_grad  # the tied embedding, on both stages
 

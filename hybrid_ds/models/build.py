@@ -22,7 +22,7 @@ from torch import nn
 
 from hybrid_ds.config import LoraConfig
 from hybrid_ds.errors import UserError
-from hybrid_ds.models.lora import add_adapters, find_targets
+from hybrid_ds.models.lora import Targets, add_adapters, find_targets
 from hybrid_ds.models.resolve import ResolvedModel, meta_model
 
 _INDEX = "model.safetensors.index.json"
@@ -155,7 +155,7 @@ class StageBuilder:
     def __init__(self, resolved: ResolvedModel, pretrained: bool, seed: int = 1234,
                  dtype: torch.dtype = torch.float32, device: str | torch.device = "cpu",
                  revision: str | None = None, skeleton: nn.Module | None = None, documents: bool = False,
-                 lora: LoraConfig | None = None):
+                 lora: LoraConfig | None = None, lora_targets: Targets | None = None):
         self.resolved = resolved
         self.documents = documents  # the travelling mask holds document indices (data.document_mask)
         self.config = resolved.hf_config
@@ -171,7 +171,8 @@ class StageBuilder:
         out, inp = self.skeleton.get_output_embeddings(), self.skeleton.get_input_embeddings()
         self.tied = out is not None and out.weight is inp.weight
         self.lora = lora  # model.lora: every built tensor frozen, adapters on the targets (hybrid_ds.models.lora)
-        self.lora_targets = find_targets(self.skeleton, self.family, lora) if lora else None
+        # where peft puts the adapters: the plan's (Plan.lora_targets), else found here
+        self.lora_targets = lora_targets or (find_targets(self.skeleton, self.family, lora) if lora else None)
         self._built: dict[str, nn.Module] = {}
         self._params: dict[str, nn.Parameter] = {}
         self.shared: dict[str, Any] = {}   # objects the stage's layers share (layers.Derived)

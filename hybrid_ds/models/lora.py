@@ -3,9 +3,9 @@
 The targets are found once by running ``get_peft_model`` on a copy of the meta skeleton of the whole model, so
 peft's own rules choose them (a module whose path is a listed name or ends in ``.`` + name; ``"all-linear"``: every
 ``nn.Linear`` and ``Conv1D`` but the output projection; its conversions for Mixture-of-Experts models). Each stage
-then asks peft (``inject_adapter_in_model``) to wrap exactly the targets inside the modules it builds, so a module's names are the ones ``get_peft_model`` gives it
-(``q_proj.base_layer.weight``, ``q_proj.lora_A.default.weight``) and the whole model's adapters are the union of
-the stages'. The base model is frozen: only adapters have gradients and optimizer state.
+then asks peft (``inject_adapter_in_model``) to wrap exactly the targets inside the modules it builds, so a
+module's names are the ones ``get_peft_model`` gives it (``q_proj.base_layer.weight``,
+``q_proj.lora_A.default.weight``) and the whole model's adapters are the union of the stages'. The base model is frozen: only adapters have gradients and optimizer state.
 """
 
 from __future__ import annotations
@@ -38,6 +38,16 @@ class Targets:
     parameters: tuple[str, ...]
     rank_pattern: dict[str, int]
     alpha_pattern: dict[str, float]
+    sizes: dict[str, int]  # each adapter parameter's name in the whole model -> its elements
+
+    def per_layer(self, family: Any, n_blocks: int) -> list[int]:
+        """Adapter elements of each pipeline layer [embedding, blocks..., head]."""
+        from hybrid_ds.models.resolve import pipeline_layer
+
+        counts = [0] * (n_blocks + 2)
+        for name, size in self.sizes.items():
+            counts[pipeline_layer(name, family, n_blocks)] += size
+        return counts
 
     def paths(self) -> list[str]:
         """Every adapted module's path (a wrapped parameter's module)."""
@@ -73,8 +83,9 @@ def find_targets(skeleton: nn.Module, family: Any, lora: LoraConfig) -> Targets:
     except ValueError as err:
         raise UserError("model.lora.target_modules", f"{lora.target_modules}: peft: {_first_line(err)}") from None
     final = tuned.peft_config[ADAPTER]
+    sizes = {name: p.numel() for name, p in tuned.model.named_parameters() if p.requires_grad}
     targets = Targets(tuple(tuned.targeted_module_names), tuple(tuned.targeted_parameter_names),
-                      dict(final.rank_pattern or {}), dict(final.alpha_pattern or {}))
+                      dict(final.rank_pattern or {}), dict(final.alpha_pattern or {}), sizes)
     _check_plain_layers(skeleton, targets.modules, lora)
     outside = [p for p in targets.paths() if not p.startswith(family.blocks + ".")
                and not any(p.startswith(h + ".") for h in family.head_modules if h != family.output)]

@@ -176,6 +176,19 @@ def _unique_params(modules: list[Any]) -> int:
     return sum(seen.values())
 
 
+def pipeline_layer(path: str, family: Family, n_blocks: int) -> int:
+    """The index in [embedding, blocks..., head] of the layer holding the module or parameter at ``path``.
+
+    >>> llama = FAMILIES["llama"]
+    >>> pipeline_layer("model.layers.1.mlp.up_proj", llama, 4), pipeline_layer("lm_head", llama, 4)
+    (2, 5)
+    """
+    blocks = family.blocks + "."
+    if path.startswith(blocks):
+        return 1 + int(path[len(blocks):].partition(".")[0])
+    return 0 if any(path.startswith(p + ".") for p in family.embedding_modules) else n_blocks + 1
+
+
 def pipeline_layers(model: Any, family: Family) -> list[PipelineLayer]:
     """[embedding, block 0 .. block n-1, head] with the parameters each holds."""
     embedding = [submodule(model, p) for p in family.embedding_modules]

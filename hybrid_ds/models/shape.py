@@ -85,33 +85,12 @@ def arch_from_skeleton(name: str, family: Family, skeleton: Any) -> Arch:
 
 def layer_adapter_params(skeleton: Any, family: Family, lora: Any) -> list[int]:
     """Elements of the LoRA adapters (``lora``: a LoraConfig) of each pipeline layer [embedding, blocks..., head],
-    as ``get_peft_model`` makes them on a copy of the meta skeleton: peft's own rules, which for some
-    Mixture-of-Experts types (mixtral, qwen3_moe) adapt the fused experts and the router as parameters."""
-    import copy
-    import warnings
+    as ``get_peft_model`` makes them on a copy of the meta skeleton (:func:`hybrid_ds.models.lora.find_targets`):
+    peft's own rules, which for some Mixture-of-Experts types (mixtral, qwen3_moe) adapt the fused experts and the
+    router as parameters."""
+    from hybrid_ds.models.lora import find_targets
 
-    import peft
-
-    from hybrid_ds.models.lora import peft_config
-
-    with warnings.catch_warnings():  # peft's notes on GPT-2's Conv1D and on MoE patterns are for the run to give
-        warnings.simplefilter("ignore")
-        tuned = peft.get_peft_model(copy.deepcopy(skeleton), peft_config(lora, lora.target_modules, family.task),
-                                    low_cpu_mem_usage=True).base_model.model
-    n_blocks = len(skeleton.get_submodule(family.blocks))
-    per_layer = [0] * (n_blocks + 2)
-    for name, param in tuned.named_parameters():
-        if param.requires_grad:
-            per_layer[_pipeline_layer(name, family, n_blocks)] += param.numel()
-    return per_layer
-
-
-def _pipeline_layer(name: str, family: Family, n_blocks: int) -> int:
-    """The index in [embedding, blocks..., head] of the layer holding the Hugging Face model's parameter ``name``."""
-    blocks = family.blocks + "."
-    if name.startswith(blocks):
-        return 1 + int(name[len(blocks):].partition(".")[0])
-    return 0 if any(name.startswith(path + ".") for path in family.embedding_modules) else n_blocks + 1
+    return find_targets(skeleton, family, lora).per_layer(family, len(skeleton.get_submodule(family.blocks)))
 
 
 def block_linears(block: Any) -> tuple[Linear, ...]:
