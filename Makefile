@@ -10,15 +10,19 @@ endif
 CONFIG ?= configs/gpt.json
 ARGS ?=
 
-.PHONY: setup train test clean
+# --durations: where the suite's time goes, printed by every run (CI's too), so that growth shows.
+PYTEST_ARGS ?= --durations=25
+
+.PHONY: setup train test clean sweep-newer
 
 setup: $(VENV)/.installed
 
-$(VENV)/.installed: pyproject.toml requirements-assets.txt
+# requirements-lock.txt pins every package to the versions the suite and the sweeps were proven with.
+$(VENV)/.installed: pyproject.toml requirements-assets.txt requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
-	$(BIN)/pip install -e '.[test]'
-	$(BIN)/pip install --no-deps -r requirements-assets.txt
+	$(BIN)/pip install -c requirements-lock.txt -e '.[test]'
+	$(BIN)/pip install --no-deps -c requirements-lock.txt -r requirements-assets.txt
 	touch $@
 
 train: setup
@@ -30,4 +34,13 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV)
+	rm -rf $(VENV) .venv-newer
+
+# A newer transformers, tried on purpose: the newest release pyproject.toml's range admits, in a venv of its own,
+# through the parity sweep of every model type (bench/results/adapter_sweep_newer.md beside the locked one).
+sweep-newer:
+	$(PYTHON) -m venv .venv-newer
+	.venv-newer/bin/pip install -c requirements-lock.txt -e '.[test]'
+	.venv-newer/bin/pip install --no-deps -c requirements-lock.txt -r requirements-assets.txt
+	.venv-newer/bin/pip install --upgrade 'transformers>=5.24,<6'
+	.venv-newer/bin/python bench/adapter_sweep.py --out adapter_sweep_newer

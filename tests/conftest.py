@@ -5,8 +5,17 @@ selects only them (tests/test_gpu.py starts its own processes on the GPU).
 """
 
 import os
+import platform
+import re
+from importlib.metadata import PackageNotFoundError, version
+from pathlib import Path
 
 import pytest
+
+LOCK = Path(__file__).resolve().parents[1] / "requirements-lock.txt"
+# The versions `make test` prints at its start: the ones the results depend on most.
+SHOWN = ("torch", "deepspeed", "transformers", "peft", "datasets", "tokenizers", "huggingface_hub", "safetensors",
+         "numpy", "pydantic")
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
@@ -25,3 +34,21 @@ def pytest_collection_modifyitems(config, items):
                                    "on a GPU machine run `pytest -m gpu`")
     for item in gpu_tests:
         item.add_marker(skip)
+
+
+def locked_versions() -> dict[str, str]:
+    """requirements-lock.txt as {package: version}: the environment the suite and the sweeps were proven in."""
+    pins = (re.match(r"([A-Za-z0-9_.-]+)==(\S+)", line) for line in LOCK.read_text().splitlines())
+    return {match[1]: match[2] for match in pins if match}
+
+
+def installed_version(name: str) -> str | None:
+    try:
+        return version(name)
+    except PackageNotFoundError:
+        return None
+
+
+def pytest_report_header(config):
+    shown = ", ".join(f"{name} {installed_version(name)}" for name in SHOWN)
+    return [f"versions: python {platform.python_version()}, {shown}"]

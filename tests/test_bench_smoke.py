@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import locked_versions
+
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
@@ -47,14 +49,17 @@ def test_gpu_bench_runs_on_cpu(tmp_path):
 
 
 def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
-    """bench/adapter_sweep.py on two types: qwen3 through the generic adapter bit for bit, falcon refused with
-    its cause (ALiBi) and none of the boilerplate every refusal carries."""
+    """bench/adapter_sweep.py on two types with the locked transformers (5.24.0, requirements-lock.txt): qwen3
+    through the generic adapter bit for bit, falcon refused with its cause (ALiBi, as 5.24.0's FalconDecoderLayer
+    takes it) and none of the boilerplate every refusal carries."""
     env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
     args = ["--types", "qwen3,falcon", "--out", "smoke"]
     proc = subprocess.run([sys.executable, str(BENCH / "adapter_sweep.py"), *args], env=env, capture_output=True,
                           text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    rows = {r["type"]: r for r in json.loads((tmp_path / "smoke.json").read_text())["results"]}
+    result = json.loads((tmp_path / "smoke.json").read_text())
+    assert result["transformers"] == locked_versions()["transformers"], "the sweep ran another transformers"
+    rows = {r["type"]: r for r in result["results"]}
     assert rows["qwen3"]["outcome"] == "exact", rows["qwen3"]
     assert rows["falcon"]["outcome"] == "refused"
     assert rows["falcon"]["reason"].startswith("transformer.h.0 (FalconDecoderLayer) requires alibi")

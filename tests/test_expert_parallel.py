@@ -12,7 +12,7 @@ import pytest
 
 from hybrid_ds.config import load_config_dict
 from hybrid_ds.errors import UserError
-from tests.test_train_multiproc import summary, tiny_config, train
+from test_train_multiproc import summary, tiny_config, train
 
 EP = {"enabled": True, "autoep_size": 2, "preset_model": "mixtral"}
 

@@ -26,7 +26,7 @@ transformers = pytest.importorskip("transformers")
 
 from hybrid_ds.models.resolve import count_params, meta_model, pipeline_layers, resolve_model, stage_params  # noqa: E402
 from hybrid_ds.models.shape import model_arch  # noqa: E402
-from tests.test_generic_adapter import ACCEPTED, ATTENTION, saved, tiny_config  # noqa: E402
+from test_generic_adapter import ACCEPTED, ATTENTION, saved, tiny_config  # noqa: E402
 
 
 def assert_counts_match(model: ModelConfig) -> None:
@@ -113,7 +113,7 @@ def test_type_partitions_use_the_real_class_names(qwen3_folder):
 
 
 def test_every_named_family_has_a_tiny_preset_and_a_parity_test():
-    from tests.test_parity import FAMILIES as PARITY_TESTED
+    from test_parity import FAMILIES as PARITY_TESTED
 
     tiny = {presets.PRESETS[name].model_type for name in PARITY_TESTED}
     assert tiny == set(FAMILIES) and all(presets.PRESETS[name].published_params is None for name in PARITY_TESTED)

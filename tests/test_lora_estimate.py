@@ -21,8 +21,8 @@ from hybrid_ds.models.resolve import meta_model, resolve_model
 from hybrid_ds.models.shape import block_linears, model_arch
 from hybrid_ds.plan import build_plan
 from hybrid_ds.report import format_estimate, format_plan, human_count
-from tests.test_estimate import cli
-from tests.test_generic_adapter import saved, tiny_config
+from test_estimate import cli
+from test_generic_adapter import saved, tiny_config
 
 
 @pytest.mark.parametrize("name", list(presets.PRESETS))

@@ -19,8 +19,8 @@ transformers = pytest.importorskip("transformers")
 
 from hybrid_ds.models.resolve import count_params, meta_model, resolve_model  # noqa: E402
 from hybrid_ds.models.shape import model_arch  # noqa: E402
-from tests.test_families import assert_counts_match  # noqa: E402
-from tests.test_generic_adapter import saved, tiny_config  # noqa: E402
+from test_families import assert_counts_match  # noqa: E402
+from test_generic_adapter import saved, tiny_config  # noqa: E402
 
 MOE_PRESETS = ["mixtral-8x7b", "qwen3-30b-a3b"]
 

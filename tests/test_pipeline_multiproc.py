@@ -1,4 +1,4 @@
-"""Real DeepSpeed pipelines on CPU (gloo, 2 processes through the deepspeed launcher) against references.
+"""Real DeepSpeed pipelines on CPU (gloo, 2 or 4 ranks forked by tests/warm_ranks.py) against references.
 
 The reference is the original Hugging Face model trained in one process with torch's AdamW on the
 same micro-batches (the loss of a step is the mean of its micro-batch losses, as DeepSpeed's).
@@ -7,13 +7,10 @@ same micro-batches (the loss of a step is the mean of its micro-batch losses, as
 from __future__ import annotations
 
 import json
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_ranks
 import torch
 
 from hybrid_ds.config import TrainConfig
@@ -30,12 +27,6 @@ NO_DROPOUT = {
 }
 ADAMW = {"lr": 2e-3, "betas": [0.9, 0.999], "eps": 1e-8, "weight_decay": 0.01}
 MICRO, GAS, SEQ = 2, 4, 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -82,12 +73,8 @@ def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps
               "steps_per_print": 1000, **ds}
     (run / "config.json").write_text(json.dumps(config))
     torch.save(batches, run / "batches.pt")
-    launcher = Path(sys.executable).with_name("deepspeed")
-    cmd = [str(launcher), "--num_gpus", str(nproc), "--master_port", str(_free_port()), str(WORKER),
-           "--config", str(run / "config.json"), "--batches", str(run / "batches.pt"),
-           "--steps", str(steps), "--out", str(run), *extra]
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    argv = ["--config", run / "config.json", "--batches", run / "batches.pt", "--steps", steps, "--out", run, *extra]
+    proc = warm_ranks.run(WORKER, argv, nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(run / f"params-rank{r}.pt") for r in range(nproc)]
     return {"losses": json.loads((run / "losses.json").read_text()), "ranks": ranks}

@@ -14,6 +14,7 @@ from pathlib import Path
 import psutil
 import pytest
 import torch
+import warm_ranks
 
 from test_train_multiproc import ROOT, command, summary, tiny_config, train
 
@@ -132,9 +133,10 @@ def checkpoint_tensors(folder: Path) -> dict[str, torch.Tensor]:
     return found
 
 
-def nan_steps_run(tmp_path: Path, stages: int, zero: int, flag: str, steps: str) -> subprocess.CompletedProcess:
+def nan_steps_run(tmp_path: Path, stages: int, zero: int, flag: str, steps: str, launcher: bool):
     """tests/workers/nan_steps.py on 2 processes, a checkpoint after every step; dropout off, so a step left out
-    consumes no random numbers; the learning rate changes at every step, so a scheduler step shows."""
+    consumes no random numbers; the learning rate changes at every step, so a scheduler step shows. Through the
+    deepspeed launcher (``launcher``: the run whose exit code and per-rank lines are checked) or forked ranks."""
     tmp_path.mkdir()
     config = tiny_config(tmp_path, "gpt2-tiny", stages, zero=zero, max_steps=6, save_interval=1, eval_interval=0,
                          max_bad_steps=2)
@@ -142,8 +144,11 @@ def nan_steps_run(tmp_path: Path, stages: int, zero: int, flag: str, steps: str)
     raw["model"]["overrides"] = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}
     raw["scheduler"]["params"].update(warmup_min_lr=1e-3, warmup_num_steps=10)
     config.write_text(json.dumps(raw))
-    return subprocess.run(command(ROOT / "tests" / "workers" / "nan_steps.py", config, 2, flag, steps),
-                          capture_output=True, text=True, timeout=600, env=ENV, cwd=ROOT)
+    worker = ROOT / "tests" / "workers" / "nan_steps.py"
+    if not launcher:
+        return warm_ranks.run(worker, ["--config", config, flag, steps], 2)
+    return subprocess.run(command(worker, config, 2, flag, steps), capture_output=True, text=True, timeout=600,
+                          env=ENV, cwd=ROOT)
 
 
 ENGINES = {"zero1-pipeline": (2, 1), "zero0-pipeline": (2, 0), "zero2-pipeline": (2, 2), "zero2-plain": (1, 2),
@@ -156,8 +161,8 @@ def test_non_finite_steps_are_skipped_exactly_and_enough_in_a_row_stop_the_run(t
     stop the run (exit 2, one line) with the state after step 4 saved as latest. Every checkpoint equals that of a run
     that left steps 3, 5 and 6 out (no parameter, optimizer-state or learning-rate change from a skipped step)."""
     stages, zero = ENGINES[engine]
-    bad = nan_steps_run(tmp_path / "nan", stages, zero, "--nan-steps", "3,5,6")
-    reference = nan_steps_run(tmp_path / "dropped", stages, zero, "--drop-steps", "3,5,6")
+    bad = nan_steps_run(tmp_path / "nan", stages, zero, "--nan-steps", "3,5,6", launcher=True)
+    reference = nan_steps_run(tmp_path / "dropped", stages, zero, "--drop-steps", "3,5,6", launcher=False)
     assert reference.returncode == 0, reference.stderr[-3000:]
     output = bad.stdout + bad.stderr
     # The same line from every rank that prints one (cli.report_error: another rank prints when it outlives the first

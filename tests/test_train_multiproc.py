@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import warm_ranks
 import torch
 
 pytestmark = pytest.mark.multiproc
@@ -51,10 +52,16 @@ def command(script: Path, config: Path, nproc: int, *extra: str) -> list[str]:
             "--config", str(config), *extra]
 
 
-def train(config: Path, nproc: int = 2, *extra: str, expect: int = 0) -> subprocess.CompletedProcess:
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.run(command(ROOT / "launch" / "train.py", config, nproc, *extra), capture_output=True,
-                          text=True, timeout=600, env=env, cwd=ROOT)
+def train(config: Path, nproc: int = 2, *extra: str, expect: int = 0, launcher: bool | None = None):
+    """launch/train.py on ``nproc`` gloo ranks, forked from the session's warm process (tests/warm_ranks.py), or through
+    the real ``deepspeed`` launcher where the launcher, its exit code or its per-rank lines are the subject: by
+    default, a run expected to fail."""
+    if launcher if launcher is not None else expect != 0:
+        env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+        proc = subprocess.run(command(ROOT / "launch" / "train.py", config, nproc, *extra), capture_output=True,
+                              text=True, timeout=600, env=env, cwd=ROOT)
+    else:
+        proc = warm_ranks.run(ROOT / "launch" / "train.py", ["--config", config, *extra], nproc)
     assert proc.returncode == expect, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
@@ -86,10 +93,9 @@ def checkpoint_logits(config: Path, batch: torch.Tensor, tmp_path: Path, nproc: 
     """tests/workers/checkpoint_logits.py on ``nproc`` processes: the run's latest checkpoint in its engine, logits
     of ``batch``."""
     torch.save(batch, tmp_path / "batch.pt")
-    env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     worker = ROOT / "tests" / "workers" / "checkpoint_logits.py"
-    proc = subprocess.run(command(worker, config, nproc, "--batch", str(tmp_path / "batch.pt"), "--out",
-                                  str(tmp_path / "logits.pt")), capture_output=True, text=True, timeout=600, env=env)
+    proc = warm_ranks.run(worker, ["--config", config, "--batch", tmp_path / "batch.pt", "--out", tmp_path / "logits.pt"],
+                     nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt")
 
@@ -213,7 +219,7 @@ def test_killing_a_rank_ends_the_run(tmp_path):
 
 def test_missing_and_corrupt_checkpoints_are_one_clear_line(tmp_path):
     config = tiny_config(tmp_path, "gpt2-tiny", 2, max_steps=2, resume=True)
-    proc = train(config, expect=2)
+    proc = train(config, expect=2)  # (a run expected to fail goes through the deepspeed launcher)
     errors = [line for line in proc.stderr.splitlines() if "hybrid-ds: error" in line]
     assert len(errors) == 1 and "train.resume" in errors[0] and "no checkpoint" in errors[0], proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
