@@ -6,7 +6,8 @@ One row per input: a short id, how the input is given, and the line. How it is g
 - ``("cli", *argv)``: ``hybrid-ds`` in this process; ``{tmp}`` is the test's folder (files from ``make_files``);
 - ``("data", {DataConfig fields})``: loading and packing the data, as the first rank of a run does;
 - ``("run", {changes}, *argv)``: ``python -m hybrid_ds.cli ARGV`` on a trained tiny run's config (``{run}``),
-  one process, no launcher; ``changes`` are ``--set`` pairs;
+  one process of its own (forked from tests/warm_ranks.py's warm process), no launcher; ``changes`` are ``--set``
+  pairs;
 - ``("launch", {changes}, *flags)``: launch/train.py through the deepspeed launcher, 2 processes (multiproc);
 - ``("see", "file::test")``: checked by that test (a sequence of runs); the row keeps its line in this table.
 """
@@ -14,12 +15,10 @@ One row per input: a short id, how the input is given, and the line. How it is g
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_ranks
 
 from hybrid_ds.cli import main
 from hybrid_ds.config import DataConfig
@@ -359,12 +358,9 @@ RUN = {
 }
 
 
-def cli_process(*argv: str) -> subprocess.CompletedProcess:
-    from test_train_multiproc import _port
-
-    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "MASTER_PORT": str(_port())}
-    return subprocess.run([sys.executable, "-m", "hybrid_ds.cli", *argv], capture_output=True, text=True, env=env,
-                          cwd=ROOT, timeout=600)
+def cli_process(*argv: str) -> warm_ranks.Done:
+    """``python -m hybrid_ds.cli ARGV`` in a process of its own (forked warm: tests/warm_ranks.py)."""
+    return warm_ranks.cli(*argv, env={"MASTER_PORT": warm_ranks.free_port()})
 
 
 @pytest.fixture(scope="module")

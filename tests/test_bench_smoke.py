@@ -2,12 +2,10 @@
 
 import doctest
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import warm_ranks
 
 from conftest import locked_versions
 
@@ -24,11 +22,10 @@ def test_bench_arithmetic(module, monkeypatch):
 def test_overhead_bench_compares_the_same_computation(tmp_path):
     """A tiny run of bench/overhead.py: our engine and DeepSpeed's engine on the HF model, from the same
     weights on the same micro-batches, report the same losses and the same FLOPs per step."""
-    env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+    env = {"HYBRID_DS_BENCH_RESULTS": str(tmp_path), "DS_ACCELERATOR": "cpu"}
     args = ["--models", "gpt2-tiny", "--grad-accum", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
             "--quiet-wait", "0", "--max-pairs", "1", "--out", "smoke"]
-    proc = subprocess.run([sys.executable, str(BENCH / "overhead.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = warm_ranks.script(BENCH / "overhead.py", *args, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (result,) = json.loads((tmp_path / "smoke.json").read_text())["results"]
     assert result["max_loss_diff"] < 1e-5
@@ -38,11 +35,10 @@ def test_overhead_bench_compares_the_same_computation(tmp_path):
 
 def test_gpu_bench_runs_on_cpu(tmp_path):
     """bench/gpu.py (run on a lent GPU) checked here on the CPU: both engines, the same losses."""
-    env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
+    env = {"HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
     args = ["--models", "gpt2-tiny", "--seq-len", "32", "--grad-accum", "2", "--pairs", "1", "--warmup", "0",
             "--out", "gpu-smoke"]
-    proc = subprocess.run([sys.executable, str(BENCH / "gpu.py"), *args], env=env, capture_output=True, text=True,
-                          timeout=300)
+    proc = warm_ranks.script(BENCH / "gpu.py", *args, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (result,) = json.loads((tmp_path / "gpu-smoke.json").read_text())["results"]
     assert result["max_loss_diff"] < 1e-5 and result["tokens_per_s_ours"] > 0
@@ -52,10 +48,9 @@ def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
     """bench/adapter_sweep.py on two types with the locked transformers (5.24.0, requirements-lock.txt): qwen3
     through the generic adapter bit for bit, falcon refused with its cause (ALiBi, as 5.24.0's FalconDecoderLayer
     takes it) and none of the boilerplate every refusal carries."""
-    env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
+    env = {"HYBRID_DS_BENCH_RESULTS": str(tmp_path)}
     args = ["--types", "qwen3,falcon", "--out", "smoke"]
-    proc = subprocess.run([sys.executable, str(BENCH / "adapter_sweep.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = warm_ranks.script(BENCH / "adapter_sweep.py", *args, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "smoke.json").read_text())
     assert result["transformers"] == locked_versions()["transformers"], "the sweep ran another transformers"
@@ -72,9 +67,8 @@ def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
 def test_dp1_zero_bench_compares_the_same_computation(tmp_path):
     """A tiny run of bench/dp1_zero.py: fp32 ZeRO-1 at dp=1 as hybrid_ds runs it (torch's AdamW, ZeRO-0) and as
     DeepSpeed's ZeRO-1, on the same weights and micro-batches, report the same losses."""
-    env = {**os.environ, "HYBRID_DS_BENCH_RESULTS": str(tmp_path), "DS_ACCELERATOR": "cpu"}
-    proc = subprocess.run([sys.executable, str(BENCH / "dp1_zero.py"), "--model", "gpt2-tiny", "--steps", "2"],
-                          env=env, capture_output=True, text=True, timeout=300)
+    env = {"HYBRID_DS_BENCH_RESULTS": str(tmp_path), "DS_ACCELERATOR": "cpu"}
+    proc = warm_ranks.script(BENCH / "dp1_zero.py", "--model", "gpt2-tiny", "--steps", "2", env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     result = json.loads((tmp_path / "dp1_zero.json").read_text())
     assert result["optimizers"] == {"zero0": "AdamW", "zero1": "DeepSpeedZeroOptimizer"}

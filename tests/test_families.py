@@ -8,12 +8,11 @@ held to the same in tests/test_estimate.py). ``compare``, ``plan`` and ``train -
 
 from __future__ import annotations
 
-import os
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import warm_ranks
 
 from hybrid_ds import presets
 from hybrid_ds.config import ModelConfig, load_config_dict
@@ -70,9 +69,9 @@ def test_table_entries_are_what_transformers_builds():
             assert hasattr(config, key), (model_type, key)
 
 
-def hybrid_ds(*argv: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "hybrid_ds.cli", *argv], capture_output=True, text=True, cwd=ROOT,
-                          env={**os.environ, **env}, timeout=300)
+def hybrid_ds(*argv: str, **env: str) -> warm_ranks.Done:
+    """``python -m hybrid_ds.cli ARGV`` in a process of its own (forked warm: tests/warm_ranks.py)."""
+    return warm_ranks.cli(*argv, env=env)
 
 
 @pytest.fixture(scope="module")
