@@ -1,5 +1,5 @@
-"""``data.format`` chat and prompt_completion: which tokens the loss predicts, through packing, the data feed and
-the pipeline's loss, and the one line each bad row gets.
+"""``data.format`` chat and prompt_completion: the loss predicts exactly the answer tokens, through packing, the data
+feed and the pipeline's loss, and each bad row gets one line.
 
 The chat tokenizer is SmolLM2-135M-Instruct's (ChatML template; the offline asset, see tests/test_smollm2.py).
 """

@@ -1,4 +1,5 @@
-"""``train.compile`` in real training: 2 pipeline stages, activation checkpointing around every block, ZeRO-1."""
+"""``train.compile`` in real training (2 pipeline stages, activation checkpointing around every block, ZeRO-1) trains as
+eager training does."""
 
 from __future__ import annotations
 

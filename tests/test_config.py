@@ -1,4 +1,4 @@
-"""Config files: loading, extends, --set, strict validation, and one clear line for every mistake."""
+"""Config files load, extend, take --set and validate strictly, and every mistake is one clear line."""
 
 from __future__ import annotations
 

@@ -1,4 +1,5 @@
-"""Data: sources, tokenizers, lossless packing, MLM masking, sharded and resumable micro-batches, the cache."""
+"""Data loads from every source and tokenizer, packs losslessly, masks for MLM, and feeds sharded, resumable
+micro-batches from its cache."""
 
 from __future__ import annotations
 

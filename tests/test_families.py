@@ -1,4 +1,5 @@
-"""The family table, and the estimator on every model the adapter accepts.
+"""The family table describes every named family, and the estimator counts every model the adapter accepts as
+the meta model does.
 
 The structure read for every model the generic adapter accepts in tests/test_generic_adapter.py gives
 exactly the parameters the pipeline's plan counts on the meta device: per layer, per stage, in total, with

@@ -1,6 +1,6 @@
 """The shipped fine-tune, end to end: configs/smollm2-lora.json (SmolLM2-135M-Instruct, LoRA, the built-in chat set,
-2 pipeline stages) through the deepspeed launcher as the README runs it, on_cpu: the loss falls, eval loss is reported,
-and the adapter it exports loads in peft and changes what the model says."""
+2 pipeline stages) as the README runs it, on_cpu, its 2 ranks forked by tests/warm_ranks.py: the loss falls, eval
+loss is reported, and the adapter it exports loads in peft and changes what the model says."""
 
 from __future__ import annotations
 

@@ -1,5 +1,6 @@
-"""Resume on another layout: a checkpoint saved at one (engine, stages, dp, ZeRO stage, boundaries) continues
-at another through DeepSpeed's universal checkpoints, weights, optimizer moments, schedule and data position.
+"""A checkpoint saved at one layout (engine, stages, dp, ZeRO stage, boundaries) continues at another with the
+uninterrupted run's losses, through DeepSpeed's universal checkpoints: weights, optimizer moments, schedule and data
+position.
 
 Each transition: run A straight for 8 steps at the first layout, saving after 4; run B is A's save dir
 with step 4 as its latest checkpoint, resumed at the second layout. B's steps 5-8 must give A's losses (fp32, dropout off: the layouts compute the same sums in another

@@ -1,4 +1,5 @@
-"""The estimator's view of a LoRA run (model.lora): a frozen base plus trainable adapters, per stage.
+"""The estimator counts a LoRA run (model.lora) as a frozen base plus trainable adapters per stage, as peft and a
+real engine do.
 
 Adapter counts are held against peft's own (``get_peft_model(...).get_nb_trainable_parameters()``) on tiny
 models of a Conv1D family (GPT-2), Llama and two families of the generic adapter (qwen3; jetmoe, with experts);

@@ -1,4 +1,4 @@
-"""LoRA runs on real DeepSpeed pipelines (gloo, through the deepspeed launcher): training equals peft's model trained
+"""LoRA runs on real DeepSpeed pipelines (gloo ranks forked by tests/warm_ranks.py): training equals peft's model trained
 with torch's AdamW, the base stays as loaded, and the exported adapter (and merged model) computes the run's logits."""
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Mixture-of-Experts through the pipeline: mixtral and qwen3_moe.
+"""Mixture-of-Experts models (mixtral, qwen3_moe) load per stage and compute what Hugging Face computes through the
+pipeline, and train at two stages.
 
 Loading: a stage builds its MoE blocks from checkpoints that store each expert separately (as published
 checkpoints and ``save_pretrained`` in transformers 5.24 do), merged per stage by transformers' own weight

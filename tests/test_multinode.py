@@ -1,4 +1,7 @@
-"""Two "nodes" of one process each on this machine, started as a user starts them on two hosts without ssh:
+"""Two nodes train, resume exactly and export, and refuse a save_dir they do not share, on every rank.
+
+The nodes are two launchers of one process each on this machine, started as a user starts them on two hosts
+without ssh:
 
     deepspeed --hostfile HOSTFILE --no_ssh --node_rank R --master_addr 127.0.0.1 --master_port P \\
         launch/train.py --config CONFIG

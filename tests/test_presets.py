@@ -1,4 +1,4 @@
-"""Presets against their sources: published parameter counts, real forwards for the tiny ones."""
+"""Presets match their sources (published parameter counts), and the tiny ones run real forwards."""
 
 from __future__ import annotations
 

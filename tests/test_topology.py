@@ -1,4 +1,4 @@
-"""Layout, batch arithmetic and layer -> stage maps (pure functions), checked against DeepSpeed's own."""
+"""Layout, batch arithmetic and layer -> stage maps (pure functions) agree with DeepSpeed's own."""
 
 from __future__ import annotations
 

@@ -1,4 +1,8 @@
-"""launch/train.py end to end through the deepspeed launcher: 2 gloo processes on CPU, built-in data."""
+"""launch/train.py end to end on 2 gloo ranks with built-in data: the loss falls, runs resume exactly, exports compute
+the trained pipeline's logits, and a killed rank or a bad checkpoint ends the run with one line.
+
+Ranks are forked from the session's warm process (tests/warm_ranks.py); a run expected to fail, and a run whose
+launcher is the subject, go through the real ``deepspeed`` launcher (``train(..., launcher=True)``)."""
 
 from __future__ import annotations
 
