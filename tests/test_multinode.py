@@ -19,10 +19,11 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_ranks
 
 from hybrid_ds.config import DataConfig
 from hybrid_ds.data import load_data, sources
-from test_train_multiproc import LAUNCHER, ROOT, _port, checkpoint_logits, summary, tiny_config, train
+from test_train_multiproc import LAUNCHER, ROOT, checkpoint_logits, summary, tiny_config, train
 
 multiproc = pytest.mark.multiproc
 
@@ -38,7 +39,7 @@ def two_nodes(config: Path, *extra: str, node1: tuple[str, ...] = (), expect: in
     hostfile = config.parent / "hostfile"
     hostfile.write_text("node-a slots=1\nnode-b slots=1\n")
     env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-    port, logs, procs = _port(), [config.parent / f"node{r}.log" for r in (0, 1)], []
+    port, logs, procs = warm_ranks.free_port(), [config.parent / f"node{r}.log" for r in (0, 1)], []
     try:
         for rank, log in enumerate(logs):
             with log.open("w") as out:  # files, not pipes: a full pipe would stall a node

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -45,14 +44,8 @@ def tiny_config(tmp_path: Path, name: str, stages: int, zero: int = 1, **train) 
     return path
 
 
-def _port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def command(script: Path, config: Path, nproc: int, *extra: str) -> list[str]:
-    return [str(LAUNCHER), "--num_gpus", str(nproc), "--master_port", str(_port()), str(script),
+    return [str(LAUNCHER), "--num_gpus", str(nproc), "--master_port", str(warm_ranks.free_port()), str(script),
             "--config", str(config), *extra]
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -82,7 +83,9 @@ def _start(nproc: int, distributed: bool, env: dict | None, timeout: float, **ta
 
     def read(stream: str) -> str:
         return "".join(Path(f"{log}.{rank}.{stream}").read_text(errors="replace") for rank in range(nproc))
-    return Done(code, read("out"), read("err"))
+    done = Done(code, read("out"), read("err"))
+    shutil.rmtree(log.parent)
+    return done
 
 
 def run(script: Path, argv: list, nproc: int = 2, env: dict | None = None, timeout: float = 600) -> Done:
