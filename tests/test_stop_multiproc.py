@@ -16,7 +16,7 @@ import pytest
 import torch
 import warm_ranks
 
-from test_train_multiproc import ROOT, command, summary, tiny_config, train
+from test_train_multiproc import ROOT, command, summary, through_launcher, tiny_config, train
 
 pytestmark = pytest.mark.multiproc
 
@@ -145,10 +145,9 @@ def nan_steps_run(tmp_path: Path, stages: int, zero: int, flag: str, steps: str,
     raw["scheduler"]["params"].update(warmup_min_lr=1e-3, warmup_num_steps=10)
     config.write_text(json.dumps(raw))
     worker = ROOT / "tests" / "workers" / "nan_steps.py"
-    if not launcher:
-        return warm_ranks.run(worker, ["--config", config, flag, steps], 2)
-    return subprocess.run(command(worker, config, 2, flag, steps), capture_output=True, text=True, timeout=600,
-                          env=ENV, cwd=ROOT)
+    if launcher:
+        return through_launcher(worker, config, 2, flag, steps)
+    return warm_ranks.run(worker, ["--config", config, flag, steps], 2)
 
 
 ENGINES = {"zero1-pipeline": (2, 1), "zero0-pipeline": (2, 0), "zero2-pipeline": (2, 2), "zero2-plain": (1, 2),

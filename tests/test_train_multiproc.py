@@ -49,16 +49,24 @@ def command(script: Path, config: Path, nproc: int, *extra: str) -> list[str]:
             "--config", str(config), *extra]
 
 
+def through_launcher(script: Path, config: Path, nproc: int, *extra: str) -> subprocess.CompletedProcess:
+    """``deepspeed --num_gpus NPROC script --config CONFIG extra``, as a user starts it."""
+    env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
+    return subprocess.run(command(script, config, nproc, *extra), capture_output=True, text=True, timeout=600,
+                          env=env, cwd=ROOT)
+
+
 def train(config: Path, nproc: int = 2, *extra: str, expect: int = 0, launcher: bool | None = None):
     """launch/train.py on ``nproc`` gloo ranks, forked from the session's warm process (tests/warm_ranks.py), or through
     the real ``deepspeed`` launcher where the launcher, its exit code or its per-rank lines are the subject: by
     default, a run expected to fail."""
-    if launcher if launcher is not None else expect != 0:
-        env = {**os.environ, "DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1"}
-        proc = subprocess.run(command(ROOT / "launch" / "train.py", config, nproc, *extra), capture_output=True,
-                              text=True, timeout=600, env=env, cwd=ROOT)
+    if launcher is None:
+        launcher = expect != 0
+    script = ROOT / "launch" / "train.py"
+    if launcher:
+        proc = through_launcher(script, config, nproc, *extra)
     else:
-        proc = warm_ranks.run(ROOT / "launch" / "train.py", ["--config", config, *extra], nproc)
+        proc = warm_ranks.run(script, ["--config", config, *extra], nproc)
     assert proc.returncode == expect, proc.stdout[-4000:] + proc.stderr[-4000:]
     return proc
 
