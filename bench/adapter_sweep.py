@@ -2,7 +2,7 @@
 
 For each type in ``MODEL_FOR_CAUSAL_LM_MAPPING_NAMES``: a tiny config (the TINY sizes its config class
 knows, then the type's own OVERRIDES), the causal LM built with random weights and saved with
-``save_pretrained``, then ``hybrid_ds.parity.check_parity`` at 2 stages and, when accepted, 1 stage (what
+``save_pretrained``, then ``hybrid_ds.runtime.parity.check_parity`` at 2 stages and, when accepted, 1 stage (what
 ``hybrid-ds parity FOLDER --stages N`` does). Each type runs in its own process with a timeout, since
 some models hang or allocate far more than their tiny sizes suggest. Outcomes:
 
@@ -119,7 +119,7 @@ def short_reason(message: str) -> str:
 
     >>> short_reason("model.name: model_type 'x' is not supported: it has no named family and the generic "
     ...              "decoder-only adapter cannot map it: it applies mul to the logits; named families: gpt2; "
-    ...              "to add one, add a Family entry in hybrid_ds/families.py and a parity test")
+    ...              "to add one, add a Family entry in hybrid_ds/config/families.py and a parity test")
     'it applies mul to the logits'
     >>> short_reason("model.name: /tmp/tmpab12: model.layers.1.mlp.experts.w must be merged")
     'model.layers.1.mlp.experts.w must be merged'
@@ -163,7 +163,7 @@ def _parity(folder: str, attn: str, lora: bool = False) -> dict[str, Any]:
     """``check_parity`` of the saved model at 2 stages, then 1, with attention ``attn`` (and LoRA adapters)."""
     from hybrid_ds.config import load_config_dict
     from hybrid_ds.errors import UserError
-    from hybrid_ds.parity import check_parity
+    from hybrid_ds.runtime.parity import check_parity
 
     cfg = load_config_dict({"model": {"name": folder, "pretrained": True, "attn_implementation": attn,
                                       **({"lora": LORA} if lora else {})}, "train_micro_batch_size_per_gpu": 1})
@@ -190,7 +190,7 @@ def _runs_in_transformers(folder: str) -> None:
     """
     import transformers
 
-    from hybrid_ds.parity import sample_batch
+    from hybrid_ds.runtime.parity import sample_batch
 
     model = transformers.AutoModelForCausalLM.from_pretrained(folder).eval()
     batch = sample_batch(model.config.get_text_config().vocab_size, 16, "causal_lm")
@@ -370,7 +370,7 @@ def main(argv: list[str] | None = None) -> int:
         args.out = "adapter_sweep_lora"
     if args.write_readme and args.types and not (args.from_json or args.update):
         parser.error("--write-readme lists what a full sweep found: drop --types or add --update")
-    from hybrid_ds.families import FAMILIES
+    from hybrid_ds.config.families import FAMILIES
 
     named, saved = {name: family.task for name, family in FAMILIES.items()}, RESULTS / f"{args.out}.json"
     if args.from_json:

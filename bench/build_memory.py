@@ -86,8 +86,8 @@ def build_stage(folder: Path, mode: str, stages: int) -> tuple[list, dict]:
     import torch
 
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.pipeline import layer_specs, spec_boundaries, stage_builder
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.pipeline import layer_specs, spec_boundaries, stage_builder
+    from hybrid_ds.runtime.plan import build_plan
 
     cfg = load_config_dict({"model": {"name": str(folder), "pretrained": mode == "load"},
                             "pipeline": {"stages": stages}, "data": {"seq_len": 8},
@@ -114,7 +114,7 @@ def measure(what: str, mode: str, folder: Path, stages: int) -> dict:
     if what == "stage":
         import deepspeed.pipe  # noqa: F401  (what a stage needs, imported before the baseline is read)
 
-        import hybrid_ds.pipeline  # noqa: F401
+        import hybrid_ds.runtime.pipeline  # noqa: F401
     else:
         import transformers  # noqa: F401
     after_imports = peak_rss_mib()

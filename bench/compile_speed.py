@@ -2,7 +2,7 @@
 
 One process, one thread, two pipeline engines at ``stages=1`` built from the same config and seed (so the
 same weights), one with ``train.compile: true``; each engine's first step is timed on its own, and the
-compiled one's compile seconds (``hybrid_ds.compile_blocks.clock``) are reported apart from it. Then
+compiled one's compile seconds (``hybrid_ds.runtime.compile_blocks.clock``) are reported apart from it. Then
 steps alternate (A B, B A, ...) on the same micro-batches, as bench/overhead.py takes them (dropout off,
 so that both must give the same losses), and the medians of the steps no other process disturbed give the ratio compiled / eager (below 1: compile helps).
 Inductor's on-disk cache starts empty (a temporary ``TORCHINDUCTOR_CACHE_DIR``) unless ``--warm-cache``,
@@ -32,7 +32,7 @@ NO_DROPOUT = {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop": 0.0}  # GPT-2
 def measure_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     import torch
 
-    from hybrid_ds.compile_blocks import clock
+    from hybrid_ds.runtime.compile_blocks import clock
     from hybrid_ds.config import load_config_dict
     from hybrid_ds.data import load_data
 
@@ -99,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     single_process_env()
     import torch
 
-    from hybrid_ds.engine import init_distributed
+    from hybrid_ds.runtime.engine import init_distributed
 
     init_distributed()
     torch.set_num_threads(args.threads)

@@ -3,7 +3,7 @@ and its hardware efficiency.
 
 One launch of ``deepspeed --num_gpus 2 bench/train_worker.py --config configs/gpt.json`` (CPU accelerator,
 its ``on_cpu`` section: GPT-2 small, 2 stages, micro-batch 2 x 4, seq_len 128, ZeRO-1, fp32, one thread
-per rank as ``init_distributed`` sets it). The worker follows ``hybrid_ds.train.run`` (no checkpoints or
+per rank as ``init_distributed`` sets it). The worker follows ``hybrid_ds.runtime.train.run`` (no checkpoints or
 evaluation) and stamps each start-up phase; then it takes steady-state steps, and at the end every rank
 measures a 1-thread fp32 GEMM at the same time.
 

@@ -29,19 +29,19 @@ def build(cfg: Any, as_configured: bool) -> tuple[Any, dict[str, list[float]]]:
     """A pipeline engine for ``cfg`` at world size 1 and the per-step seconds of its ReduceGrads and OptimizerStep."""
     import torch
 
-    import hybrid_ds.model_state
-    import hybrid_ds.plan
-    from hybrid_ds import deepspeed_seam
-    from hybrid_ds.engine import build_pipeline_engine
+    import hybrid_ds.config.deepspeed
+    import hybrid_ds.runtime.plan
+    from hybrid_ds.seam.instruments import wrap_pipeline_instructions
+    from hybrid_ds.runtime.engine import build_pipeline_engine
 
-    choose = hybrid_ds.model_state.zero_stage_to_run
+    choose = hybrid_ds.config.deepspeed.zero_stage_to_run
     if as_configured:  # DeepSpeed's ZeRO-1 as the config asks, and as hybrid_ds ran it before
-        hybrid_ds.model_state.zero_stage_to_run = lambda requested, *_: requested
+        hybrid_ds.config.deepspeed.zero_stage_to_run = lambda requested, *_: requested
     try:
         torch.manual_seed(0)
-        engine = build_pipeline_engine(hybrid_ds.plan.build_plan(cfg, 1))
+        engine = build_pipeline_engine(hybrid_ds.runtime.plan.build_plan(cfg, 1))
     finally:
-        hybrid_ds.model_state.zero_stage_to_run = choose
+        hybrid_ds.config.deepspeed.zero_stage_to_run = choose
     times: dict[str, list[float]] = defaultdict(list)
 
     def wrap(kind: type, fn: Any) -> Any:
@@ -55,7 +55,7 @@ def build(cfg: Any, as_configured: bool) -> tuple[Any, dict[str, list[float]]]:
             return out
         return timed
 
-    deepspeed_seam.wrap_pipeline_instructions(engine, wrap)
+    wrap_pipeline_instructions(engine, wrap)
     return engine, times
 
 
@@ -72,7 +72,7 @@ def main() -> None:
 
     from hybrid_ds.config import load_config_dict
     from hybrid_ds.data import load_data
-    from hybrid_ds.engine import init_distributed
+    from hybrid_ds.runtime.engine import init_distributed
 
     init_distributed()
     torch.set_num_threads(1)  # one core stands for one device (PITFALLS: benchmarks on CPU)

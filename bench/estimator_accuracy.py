@@ -54,7 +54,8 @@ STATE_TOLERANCE, ACTIVATION_TOLERANCE = 0.05, 0.15
 def predict_state(zero: int, stages: int, precision: str, world: int = 2, bucket: int | None = None) -> list[dict]:
     """Predicted model-state bytes per stage for one case of the measured run."""
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.estimate import run_from_config, stage_estimates
+    from hybrid_ds.estimate.run import run_from_config
+    from hybrid_ds.estimate.stages import stage_estimates
 
     run = run_from_config(load_config_dict(_state_config(zero, stages, precision, bucket)), world)
     return [{"stage": s.stage, "params": s.params, "bytes": s.state.total, "phase": s.state.phase,
@@ -63,8 +64,8 @@ def predict_state(zero: int, stages: int, precision: str, world: int = 2, bucket
 
 
 def predict_activations(name: str, precision: str, attn: str, seq: int = ACT_SEQ, micro: int = ACT_MICRO) -> dict:
-    from hybrid_ds.estimate import (arch_from_preset, block_activation_terms, embedding_activation_bytes,
-                                    head_activation_bytes)
+    from hybrid_ds.estimate.activations import block_activation_terms, embedding_activation_bytes, head_activation_bytes
+    from hybrid_ds.estimate.architecture import arch_from_preset
 
     arch = arch_from_preset(name)
     return {"block": sum(block_activation_terms(arch, seq, micro, precision, attn, runtime="cpu").values()),
@@ -94,9 +95,9 @@ def measure_activations(name: str, precision: str, attn: str, seq: int = ACT_SEQ
     import torch
 
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.parity import sample_batch
-    from hybrid_ds.pipeline import SequentialStages
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.parity import sample_batch
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
 
     raw = {"model": {"name": name, "attn_implementation": attn, **({"lora": lora} if lora else {})},
            "data": {"seq_len": seq},
@@ -183,7 +184,7 @@ class StateProbe:
         self.engine, self.peak, self.where, self.breakdown, self.bucket = engine, 0, "", {}, 0
 
     def sample(self, where: str) -> None:
-        from hybrid_ds.deepspeed_seam import reduce_bucket_tensors
+        from hybrid_ds.seam.instruments import reduce_bucket_tensors
 
         ipg = {t.untyped_storage().data_ptr() for t in reduce_bucket_tensors(self.engine.optimizer)}
         storages = _walk([("param", p) for p in self.engine.module.parameters()]
@@ -198,7 +199,7 @@ class StateProbe:
                 self.breakdown[key] = self.breakdown.get(key, 0) + n
 
     def install(self) -> None:
-        from hybrid_ds.deepspeed_seam import wrap_pipeline_instructions
+        from hybrid_ds.seam.instruments import wrap_pipeline_instructions
 
         engine = self.engine
         for name, module in engine.module.named_modules():
@@ -221,8 +222,8 @@ def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: in
     import torch
 
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.engine import build_pipeline_engine
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.engine import build_pipeline_engine, deepspeed_config
+    from hybrid_ds.runtime.plan import build_plan
 
     cfg = load_config_dict(_state_config(zero, stages, precision, bucket))
     ids = torch.randint(0, 256, (STATE_MICRO, STATE_SEQ), generator=torch.Generator().manual_seed(0))
@@ -237,12 +238,12 @@ def _measure_case(zero: int, stages: int, precision: str, world: int, bucket: in
         import deepspeed
         import transformers
 
-        from hybrid_ds.deepspeed_seam import forget_pipeline_grid
+        from hybrid_ds.seam.instruments import forget_pipeline_grid
         from hybrid_ds.models.resolve import resolve_model
 
         forget_pipeline_grid()  # an earlier PipelineEngine in this process left its grid as DeepSpeed's global mpu
         model = transformers.AutoModelForCausalLM.from_config(resolve_model(cfg.model).hf_config)
-        ds = cfg.deepspeed_config({"train_batch_size": STATE_MICRO * STATE_ACCUM * world})
+        ds = deepspeed_config(build_plan(cfg, world))  # as hybrid_ds.runtime.engine.build_plain_engine gets it
         ds.pop("pipeline")
         engine, *_ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
         probe = StateProbe(engine)
@@ -266,7 +267,7 @@ def _uses_pipeline_engine(case: tuple[int, int, str]) -> bool:
 def worker(cases: list[tuple[int, int, str]], out: Path, bucket: int | None = None) -> None:
     import torch
 
-    from hybrid_ds.engine import init_distributed
+    from hybrid_ds.runtime.engine import init_distributed
 
     world = init_distributed()
     results = []

@@ -7,7 +7,7 @@ on the text). Models: GPT-2 small (124M) and a ~1.1B llama (TinyLlama-1.1B's sha
     python bench/gpu.py [--models gpt2,llama-1b] [--seq-len 1024] [--grad-accum 4] [--pairs 8]
 
 MFU counts 6 x matmul parameters + 12 x layers x hidden x seq_len FLOPs per token (the PaLM count), over
-the H100's dense bf16 peak (989 TFLOP/s, ``hybrid_ds.gpus``' H100 entry) and over a large bf16 GEMM measured in the run.
+the H100's dense bf16 peak (989 TFLOP/s, ``hybrid_ds.estimate.gpus``' H100 entry) and over a large bf16 GEMM measured in the run.
 Runs on the CPU too (``--device cpu``, fp32, for checking the script itself).
 """
 
@@ -116,9 +116,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     import torch
 
     from common import single_process_env
-    from hybrid_ds.engine import device as engine_device, init_distributed
+    from hybrid_ds.runtime.engine import device as engine_device, init_distributed
 
-    from hybrid_ds.gpus import get_gpu
+    from hybrid_ds.estimate.gpus import get_gpu
 
     if not torch.cuda.is_available():
         single_process_env()   # sets DS_ACCELERATOR=cpu (init_distributed fills in a world of one on GPUs)

@@ -44,7 +44,8 @@ def run_config(lora: bool, stages: int = 2, model: str = "smollm2-135m") -> dict
 def predict(raw: dict, world: int) -> list[dict]:
     """Estimated bytes per stage (pure: hybrid_ds.estimate)."""
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.estimate import run_from_config, stage_estimates
+    from hybrid_ds.estimate.run import run_from_config
+    from hybrid_ds.estimate.stages import stage_estimates
 
     run = run_from_config(load_config_dict(raw), world)
     return [{"stage": s.stage, "trainable": s.trainable, "frozen": s.frozen, "optimizer": s.state.optimizer_path,
@@ -58,9 +59,9 @@ def measure(raw: dict, world: int) -> dict:
 
     from estimator_accuracy import StateProbe
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.deepspeed_seam import wrap_pipeline_instructions
-    from hybrid_ds.engine import build_pipeline_engine
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.seam.instruments import wrap_pipeline_instructions
+    from hybrid_ds.runtime.engine import build_pipeline_engine
+    from hybrid_ds.runtime.plan import build_plan
 
     plan = build_plan(load_config_dict(raw), world)
     engine = build_pipeline_engine(plan)
@@ -84,7 +85,7 @@ def measure(raw: dict, world: int) -> dict:
 
 def measure_here(raw: dict) -> dict:
     """:func:`measure` on a process group of one, in this process."""
-    from hybrid_ds.engine import init_distributed
+    from hybrid_ds.runtime.engine import init_distributed
 
     single_process_env()
     init_distributed()
@@ -106,7 +107,7 @@ def compare(raw: dict, measured: list[dict], world: int) -> list[dict]:
 def worker(lora: bool, out: Path) -> None:
     import torch
 
-    from hybrid_ds.engine import init_distributed
+    from hybrid_ds.runtime.engine import init_distributed
 
     world = init_distributed()
     result = measure(run_config(lora), world)

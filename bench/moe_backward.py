@@ -3,7 +3,7 @@
 With ``output_router_logits`` a stage outputs the hidden states and the router sums, both needing grad.
 DeepSpeed 0.19.8's ``PipelineEngine._exec_backward_pass`` runs ``out.backward(grad, retain_graph=...)`` once
 per output; the router sums depend on every router of the stage and so on nearly the whole stage, so
-autograd walks the stage twice. ``deepspeed_seam.OneBackwardPipelineEngine`` flattens the outputs and their
+autograd walks the stage twice. ``seam.engines.OneBackwardPipelineEngine`` flattens the outputs and their
 gradients into one tensor each and runs one ``backward``. This times both on stage 0 of a two-stage split
 (built as its rank builds it), side by side and alternately, and checks they give the same gradients.
 
@@ -26,8 +26,8 @@ def stage_zero(args: argparse.Namespace):
     import torch
 
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.pipeline import SequentialStages
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
 
     overrides = {"hidden_size": args.hidden, "intermediate_size": 2 * args.hidden, "num_hidden_layers": args.layers,
                  "num_attention_heads": 8, "num_key_value_heads": 8, "head_dim": args.hidden // 8,

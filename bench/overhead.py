@@ -38,8 +38,8 @@ def folded(batches: Any, vocab: int) -> Iterator[Any]:
 
 
 def build_ours(cfg: Any) -> tuple[Any, Any]:
-    from hybrid_ds.engine import build_pipeline_engine
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.engine import build_pipeline_engine
+    from hybrid_ds.runtime.plan import build_plan
 
     plan = build_plan(cfg, 1)
     return build_pipeline_engine(plan), plan
@@ -51,7 +51,7 @@ def build_baseline(plan: Any, ours: Any) -> Any:
     import torch
     import transformers
 
-    from hybrid_ds.engine import deepspeed_config, parameter_groups
+    from hybrid_ds.runtime.engine import deepspeed_config, parameter_groups
 
     model = transformers.AutoModelForCausalLM.from_config(plan.resolved.hf_config)
     copied = set()
@@ -249,7 +249,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     single_process_env()
     import torch
 
-    from hybrid_ds.engine import init_distributed
+    from hybrid_ds.runtime.engine import init_distributed
 
     init_distributed()
     torch.set_num_threads(args.threads)  # init_distributed sets cores / local size; pin it to the brief's

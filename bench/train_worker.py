@@ -1,6 +1,6 @@
 """One rank of a timed hybrid_ds run, started by the ``deepspeed`` launcher (bench/scaling.py, bench/default_config.py).
 
-It takes the path of ``hybrid_ds.train.run`` (``init_distributed`` -> ``prepare`` -> ``build_engine`` ->
+It takes the path of ``hybrid_ds.runtime.train.run`` (``init_distributed`` -> ``prepare`` -> ``build_engine`` ->
 ``engine.train_batch``), without checkpoints or evaluation, and records:
 
 * start-up phases, in seconds since the launcher was started (``BENCH_LAUNCH_TIME``, set by the driver):
@@ -94,7 +94,7 @@ class InstructionTimes:
     """
 
     def __init__(self, engine: Any):
-        from hybrid_ds.deepspeed_seam import wrap_pipeline_instructions
+        from hybrid_ds.seam.instruments import wrap_pipeline_instructions
 
         self.seconds: dict[str, float] = {}
         # The plain ZeRO-2/3 engine has no instructions: nothing is timed there.
@@ -221,25 +221,25 @@ def main() -> None:
     import torch
     import transformers  # noqa: F401
 
-    import hybrid_ds.engine
-    import hybrid_ds.train
+    import hybrid_ds.runtime.engine
+    import hybrid_ds.runtime.train
 
     phases.mark("imports")
-    world = hybrid_ds.engine.init_distributed()
+    world = hybrid_ds.runtime.engine.init_distributed()
     if args.threads:
         torch.set_num_threads(args.threads)
     phases.mark("process_group")
     cfg = load_run_config(args)
     torch.manual_seed(cfg.train.seed)
-    phases.wrap(hybrid_ds.train, "build_plan", "plan")
-    plan, data = hybrid_ds.train.prepare(cfg, world)
+    phases.wrap(hybrid_ds.runtime.train, "build_plan", "plan")
+    plan, data = hybrid_ds.runtime.train.prepare(cfg, world)
     cfg = plan.config
     phases.mark("data")
-    phases.wrap(hybrid_ds.engine, "build_pipeline_module", "stage_modules")
+    phases.wrap(hybrid_ds.runtime.engine, "build_pipeline_module", "stage_modules")
     phases.wrap(deepspeed, "initialize", "deepspeed_initialize")
-    engine = hybrid_ds.engine.build_engine(plan)
+    engine = hybrid_ds.runtime.engine.build_engine(plan)
     phases.mark("engine")
-    dp_rank = hybrid_ds.engine.data_parallel(engine)[0]
+    dp_rank = hybrid_ds.runtime.engine.data_parallel(engine)[0]
     batches = data.train_batches(plan.layout.micro_batch, dp_rank, plan.layout.dp, cfg.train.seed)
     steps = run_turns(engine, batches, args) if args.turns else run_until_clean(engine, batches, args)
     phases.at["first_step"] = phases.at["engine"] + steps[0]["s"]

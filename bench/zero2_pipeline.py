@@ -7,7 +7,7 @@ model is GPT-2 shaped at width 256 (4 blocks, vocabulary 8,192, the token embedd
 tied embedding is about a third of the parameters, as in GPT-2 small. fp32, AdamW, clipping 1.0, dropout off,
 gradient accumulation 4, ``reduce_bucket_size`` 500,000 elements on both.
 
-Gradient bytes: the distinct storages that hold gradients on a rank (``deepspeed_seam.gradient_tensors``:
+Gradient bytes: the distinct storages that hold gradients on a rank (``seam.instruments.gradient_tensors``:
 ``param.grad``, ZeRO's partitions and reduce buckets), sampled after every pipeline
 instruction ("between micro-batches": after each BackwardPass), before and after each gradient ZeRO takes from
 autograd, each reduction and each collective; the largest sample is the peak. Communicated bytes: what every
@@ -64,7 +64,7 @@ class GradientProbe:
         self.step_comm: list[dict] = []
 
     def sample(self, where: str) -> int:
-        from hybrid_ds.deepspeed_seam import gradient_tensors, storage_bytes
+        from hybrid_ds.seam.instruments import gradient_tensors, storage_bytes
 
         if not self.sampling:
             return 0
@@ -81,7 +81,7 @@ class GradientProbe:
 
 
     def install(self) -> None:
-        from hybrid_ds.deepspeed_seam import wrap_pipeline_instructions
+        from hybrid_ds.seam.instruments import wrap_pipeline_instructions
 
         def wrap(kind, fn):
             def wrapped(engine, *args, **kwargs):
@@ -132,8 +132,8 @@ def worker(out: Path, steps: int, seq: int, zero2_extra: dict) -> None:
     import torch
 
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.engine import build_pipeline_engine, init_distributed
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.engine import build_pipeline_engine, init_distributed
+    from hybrid_ds.runtime.plan import build_plan
 
     GradientProbe.patch_collectives()   # before DeepSpeed's comm backend takes torch.distributed's functions
     world = init_distributed()
@@ -194,7 +194,8 @@ def predict(zero: int, dp: int, seq: int) -> dict[int, dict[str, float]]:
     gradients) and the in-backward peak of gradient storage (those, the reduce bucket and, for ZeRO-2, the whole
     gradient of the parameter in flight)."""
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.estimate import run_from_config, stage_estimates
+    from hybrid_ds.estimate.run import run_from_config
+    from hybrid_ds.estimate.stages import stage_estimates
 
     out = {}
     for s in stage_estimates(run_from_config(load_config_dict(run_config(zero, seq)), 2 * dp), runtime="cpu", overhead=0.0):

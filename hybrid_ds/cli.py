@@ -36,7 +36,7 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
-    from hybrid_ds import presets
+    from hybrid_ds.config import presets
     from hybrid_ds.config import ModelConfig
     from hybrid_ds.models.resolve import count_params, meta_model, resolve_model
 
@@ -58,8 +58,8 @@ def cmd_presets(args: argparse.Namespace) -> int:
 
 def cmd_validate(args: argparse.Namespace) -> int:
     from hybrid_ds.config import load_config
-    from hybrid_ds.plan import build_plan
-    from hybrid_ds.report import format_plan, plan_dict
+    from hybrid_ds.runtime.plan import build_plan
+    from hybrid_ds.estimate.report import format_plan, plan_dict
 
     cfg = load_config(_config_path(args), args.set)
     plan = build_plan(cfg, args.world_size)
@@ -71,9 +71,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_parity(args: argparse.Namespace) -> int:
-    from hybrid_ds import presets
+    from hybrid_ds.config import presets
     from hybrid_ds.config import load_config, load_config_dict
-    from hybrid_ds.parity import check_parity
+    from hybrid_ds.runtime.parity import check_parity
 
     if args.target.endswith(".json"):
         cfg = load_config(args.target, args.set)
@@ -94,13 +94,13 @@ def machine_profile() -> str:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from hybrid_ds.config import load_config
-    from hybrid_ds.plan import build_plan
-    from hybrid_ds.report import format_estimate, format_plan
+    from hybrid_ds.runtime.plan import build_plan
+    from hybrid_ds.estimate.report import format_estimate, format_plan
 
     profile = machine_profile()
     cfg = load_config(_config_path(args), args.set, profile=profile)
     if args.dry_run:
-        from hybrid_ds.estimate import estimate_for_config
+        from hybrid_ds.estimate.step import estimate_for_config
 
         from hybrid_ds.models.shape import model_arch
 
@@ -112,21 +112,21 @@ def cmd_train(args: argparse.Namespace) -> int:
             arch = model_arch(cfg.model, plan.resolved.family, plan.skeleton)  # the plan's model, not resolved again
             print(format_estimate(estimate_for_config(cfg, plan.layout.world_size, runtime=runtime, arch=arch)))
         return 0
-    from hybrid_ds.train import run
+    from hybrid_ds.runtime.train import run
 
     run(cfg, resume=True if args.resume else None)
     return 0
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from hybrid_ds.checkpoint import export
+    from hybrid_ds.runtime.checkpoint import export
 
     print(f"wrote {export(args.checkpoint, args.out_dir, args.merge)}")
     return 0
 
 
 def cmd_convert_checkpoint(args: argparse.Namespace) -> int:
-    from hybrid_ds.checkpoint import write_universal_of
+    from hybrid_ds.runtime.checkpoint import write_universal_of
 
     print(f"wrote {write_universal_of(args.checkpoint)}")
     return 0

@@ -15,10 +15,12 @@ from typing import Any
 
 from hybrid_ds.config import ModelConfig, RunConfig, load_config, load_config_dict
 from hybrid_ds.errors import UserError, at_least, fraction
-from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, estimate, forward_flops_per_token, run_from_config
-from hybrid_ds.gpus import Cluster, get_gpu, make_cluster, parse_cluster, parse_memory
+from hybrid_ds.estimate.flops import forward_flops_per_token
+from hybrid_ds.estimate.run import run_from_config
+from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate, estimate
+from hybrid_ds.estimate.gpus import Cluster, get_gpu, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
-from hybrid_ds.report import estimate_dict, expert_text, human_bytes, human_count, human_time, params_text
+from hybrid_ds.estimate.report import estimate_dict, expert_text, human_bytes, human_count, human_time, params_text
 
 PRECISION_KEYS = {"fp32": {"bf16": False, "fp16": False}, "bf16": {"bf16": True, "fp16": False},
                    "fp16": {"bf16": False, "fp16": True}}
@@ -104,7 +106,7 @@ def cluster_for(cfg: RunConfig, args: argparse.Namespace) -> Cluster:
     """Flags first, then the "NNx GPU-MEMGB" of the config's description, then the batch arithmetic."""
     described = parse_cluster(cfg.description)
     gpus = args.gpus if args.gpus is not None else (described[0] if described else None)
-    if gpus is None:  # the world size the batch numbers imply (hybrid_ds.plan.default_world_size)
+    if gpus is None:  # the world size the batch numbers imply (hybrid_ds.runtime.plan.default_world_size)
         micro, accum, total = cfg.micro_batch, cfg.grad_accum, cfg.train_batch
         dp = total // (micro * accum) if micro and accum and total and total % (micro * accum) == 0 else 1
         gpus = cfg.pipeline.stages * dp

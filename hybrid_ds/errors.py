@@ -42,8 +42,14 @@ def suggest(value: Any, choices: Iterable[str]) -> str:
     return f"valid: {shown}"
 
 
+def first_line(err: Exception) -> str:
+    """The first line of an exception's message (at most 200 characters), or its type's name: for a one-line error
+    that quotes what a library raised."""
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
 class IncompatibleDeepSpeed(UserError):
-    """The installed DeepSpeed lacks an internal hybrid_ds relies on (see :mod:`hybrid_ds.deepspeed_seam`).
+    """The installed DeepSpeed lacks an internal hybrid_ds relies on (see :mod:`hybrid_ds.seam`).
 
     The fix is on the user's side: install the DeepSpeed version the seam was written for.
     """

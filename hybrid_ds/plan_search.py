@@ -1,6 +1,6 @@
 """``hybrid-ds plan``: every layout that fits a cluster, fastest first, as ready-to-use run configs.
 
-Not to be confused with :mod:`hybrid_ds.plan`, the resolved plan of one run: this searches over layouts
+Not to be confused with :mod:`hybrid_ds.runtime.plan`, the resolved plan of one run: this searches over layouts
 (stages, ZeRO stage, micro-batch, recompute) with the estimator, and prints each as a config whose run
 would then have that plan. Pure Python like ``compare``, whose inputs and cluster flags it shares.
 """
@@ -14,10 +14,11 @@ from typing import Any
 from hybrid_ds.compare import DEFAULT_OPTIMIZER, PRECISION_KEYS, add_cluster_args, is_config_file
 from hybrid_ds.config import ModelConfig, load_config, load_config_dict
 from hybrid_ds.errors import UserError, at_least
-from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, estimate, run_from_config
-from hybrid_ds.gpus import GIGA, Cluster, make_cluster, parse_cluster, parse_memory
+from hybrid_ds.estimate.run import run_from_config
+from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate, estimate
+from hybrid_ds.estimate.gpus import GIGA, Cluster, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
-from hybrid_ds.report import estimate_dict, human_bytes, human_time, params_text
+from hybrid_ds.estimate.report import estimate_dict, human_bytes, human_time, params_text
 
 
 def add_plan_parser(sub: Any) -> None:

@@ -149,7 +149,7 @@ ROWS = [
     ("unsupported-model-type", ("config", {"model": {"name": "{tmp}/t5"}}),
      E + "model.name: model_type 't5' is not supported: it has no named family and the generic decoder-only adapter "
          "cannot map it: it is an encoder-decoder model, not decoder-only; named families: bert, gemma, gpt2, "
-         "gpt_neox, llama, mistral, opt, phi, qwen2; to add one, add a Family entry in hybrid_ds/families.py and a "
+         "gpt_neox, llama, mistral, opt, phi, qwen2; to add one, add a Family entry in hybrid_ds/config/families.py and a "
          "parity test"),
     ("no-command", ("cli",), E + "the following arguments are required: command; see hybrid-ds --help"),
     ("unknown-flag", ("config", {}, "--wrld-size", "2"), E + "unrecognized arguments: --wrld-size 2; see hybrid-ds --help"),

@@ -171,8 +171,8 @@ def test_the_builtin_chat_set(smollm2, tmp_path):
 def tiny_llama_with_smollm2_vocab(tokenizer, document_mask: bool):
     """The Hugging Face model and its 2 pipeline stages, a random tiny Llama on SmolLM2's vocabulary."""
     from hybrid_ds.models.resolve import auto_class, resolve_model
-    from hybrid_ds.pipeline import SequentialStages
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
 
     cfg = load_config_dict({"model": {"name": "llama-tiny", "overrides": {"vocab_size": len(tokenizer)}},
                             "train_micro_batch_size_per_gpu": 2, "pipeline": {"stages": 2},
@@ -194,7 +194,7 @@ def tiny_llama_with_smollm2_vocab(tokenizer, document_mask: bool):
 def test_pipeline_loss_on_a_chat_micro_batch_is_hugging_faces(smollm2, tmp_path, document_mask):
     """The stages' loss on a packed chat micro-batch equals the Hugging Face model's loss with the same labels
     (with data.document_mask: HF given each conversation's own positions, as the plain engine gives them)."""
-    from hybrid_ds.engine import PlainEngine
+    from hybrid_ds.runtime.engine import PlainEngine
 
     folder, tokenizer = smollm2
     data = load_data(DataConfig(source=write_jsonl(tmp_path / "chat.jsonl", conversations(30)), format="chat",
@@ -295,7 +295,7 @@ def test_a_bad_row_found_by_a_tokenizing_worker_is_the_same_line(tmp_path):
 
 
 def test_masked_lms_refuse_chat_formats():
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.plan import build_plan
 
     cfg = load_config_dict({"model": {"name": "bert-tiny"}, "train_micro_batch_size_per_gpu": 1,
                             "data": {"seq_len": 32, "format": "chat"}})

@@ -6,13 +6,13 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_ds import compile_blocks
+from hybrid_ds.runtime import compile_blocks
 from hybrid_ds.config import load_config_dict
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.head_loss import materialize
-from hybrid_ds.parity import check_parity
-from hybrid_ds.pipeline import SequentialStages
-from hybrid_ds.plan import build_plan
+from hybrid_ds.runtime.parity import check_parity
+from hybrid_ds.runtime.pipeline import SequentialStages
+from hybrid_ds.runtime.plan import build_plan
 
 
 def config(name: str, stages: int = 2, **raw) -> object:

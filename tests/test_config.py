@@ -12,6 +12,8 @@ import pytest
 
 from hybrid_ds.cli import main
 from hybrid_ds.config import DEEPSPEED_KEYS, load_config, load_config_dict
+from hybrid_ds.config.deepspeed import effective_deepspeed_config
+from hybrid_ds.config.topology import resolve_layout
 
 ROOT = Path(__file__).resolve().parents[1]
 RUN_CONFIGS = sorted((ROOT / "configs").glob("*.json"))
@@ -35,6 +37,13 @@ def write(tmp_path: Path, data: dict | str, name: str = "run.json") -> str:
     path = tmp_path / name
     path.write_text(data if isinstance(data, str) else json.dumps(data))
     return str(path)
+
+
+def effective(cfg, world: int = 1) -> dict:
+    """The effective DeepSpeed config of ``cfg`` on ``world`` GPUs (a model of 2 layers' layout)."""
+    micro = cfg.micro_batch or (None if cfg.train_batch else 1)
+    layout = resolve_layout(world, cfg.pipeline.stages, 2, micro, cfg.grad_accum, cfg.train_batch)
+    return effective_deepspeed_config(cfg, layout, "gpu")
 
 
 def with_(base: dict, **sections) -> dict:
@@ -67,7 +76,7 @@ def test_deepspeed_accepts_our_deepspeed_section(path, monkeypatch):
     monkeypatch.setenv("DS_ACCELERATOR", "cpu")
     from deepspeed.runtime.config import DeepSpeedConfig
 
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.plan import build_plan
 
     cfg = load_config(path)
     plan = build_plan(cfg)
@@ -75,8 +84,8 @@ def test_deepspeed_accepts_our_deepspeed_section(path, monkeypatch):
     batch = {"train_batch_size": plan.layout.micro_batch * plan.layout.grad_accum,
              "train_micro_batch_size_per_gpu": plan.layout.micro_batch,
              "gradient_accumulation_steps": plan.layout.grad_accum}
-    ds_cfg = DeepSpeedConfig(cfg.deepspeed_config(batch))
-    assert ds_cfg.zero_optimization_stage == cfg.zero_stage
+    ds_cfg = DeepSpeedConfig({**effective_deepspeed_config(cfg, plan.layout, "gpu"), **batch})
+    assert ds_cfg.zero_optimization_stage == plan.zero_stage  # what the engine runs at this layout
     assert ds_cfg.gradient_clipping == cfg.deepspeed.get("gradient_clipping", 0.0)
     assert ds_cfg.bfloat16_config.enabled == (cfg.precision == "bf16")
 
@@ -131,7 +140,7 @@ def test_set_keeps_strings_that_are_not_json():
 def test_deepspeed_section_passes_through_unchanged():
     raw = with_(TINY, optimizer={"type": "AdamW", "params": {"lr": 1e-3, "betas": [0.9, 0.95]}},
                 wall_clock_breakdown=True, csv_monitor={"enabled": True, "output_path": "logs"})
-    ds = load_config_dict(raw).deepspeed_config()
+    ds = effective(load_config_dict(raw))
     for key in ("optimizer", "wall_clock_breakdown", "csv_monitor", "train_micro_batch_size_per_gpu"):
         assert ds[key] == raw[key]
     assert not {"model", "data", "train"} & set(ds)
@@ -140,7 +149,7 @@ def test_deepspeed_section_passes_through_unchanged():
 
 
 def test_config_module_imports_no_torch():
-    code = ("import sys, hybrid_ds.config, hybrid_ds.topology, hybrid_ds.presets; "
+    code = ("import sys, hybrid_ds.config, hybrid_ds.config.topology, hybrid_ds.config.presets; "
             "heavy = {'torch', 'deepspeed', 'transformers'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)
 
@@ -187,8 +196,8 @@ def test_cpu_runs_use_torch_fused_adamw_unless_told_otherwise():
     """On CPU, Adam/AdamW become torch's fused AdamW (no JIT-compiled DeepSpeed op, one pass per step)."""
     import torch
 
-    from hybrid_ds.engine import deepspeed_config
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.engine import deepspeed_config
+    from hybrid_ds.runtime.plan import build_plan
 
     cfg = load_config_dict({**TINY, "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
     params = deepspeed_config(build_plan(cfg, 2))["optimizer"]["params"]
@@ -202,8 +211,8 @@ def test_zero1_at_dp1_runs_as_zero0_and_zero1_buckets_are_sized_to_the_model():
     """fp32 ZeRO-1/2 at dp=1 on the pipeline engine runs as ZeRO-0 (said in one line); at dp=2 ZeRO-1 keeps its
     stage, its buckets the largest stage's parameter count instead of 5e8 unless the config sets them; bf16 and
     the plain engine keep their stage at dp=1."""
-    from hybrid_ds.engine import deepspeed_config
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.engine import deepspeed_config
+    from hybrid_ds.runtime.plan import build_plan
 
     def zero_of(world: int, **changes):
         plan = build_plan(load_config_dict({**TINY, "zero_optimization": {"stage": 1}, **changes}), world)
@@ -228,14 +237,14 @@ def test_cuda_arch_list_is_made_parsable_for_deepspeed(monkeypatch):
     GPU step) crashes on it, so the GPU path rewrites it for the process (seen on an H200 image)."""
     from deepspeed.ops.op_builder.fused_adam import FusedAdamBuilder
 
-    from hybrid_ds.engine import _arch_list_deepspeed_can_parse
+    from hybrid_ds.seam.environment import arch_list_deepspeed_can_parse
 
     builder = FusedAdamBuilder()
     builder.jit_mode = True
     monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "8.0 9.0a;10.0a+PTX")
     with pytest.raises(ValueError, match="invalid literal"):
         builder.compute_capability_args()
-    _arch_list_deepspeed_can_parse()
+    arch_list_deepspeed_can_parse()
     assert os.environ["TORCH_CUDA_ARCH_LIST"] == "8.0 9.0;10.0+PTX"
     builder.compute_capability_args()   # DeepSpeed parses it now
     assert "9.0" in os.environ["TORCH_CUDA_ARCH_LIST"]
@@ -250,3 +259,36 @@ def test_a_mistake_met_by_one_rank_only_is_still_reported(tmp_path):
     assert proc.returncode == 2
     assert [line for line in proc.stderr.splitlines() if line.startswith("hybrid-ds: error:")] == [
         f"hybrid-ds: error: {tmp_path / 'missing.json'}: config file not found"], proc.stderr
+
+
+def test_the_estimators_zero_defaults_are_deepspeeds():
+    """ZeroSettings' defaults (what the estimator assumes where a config sets nothing) are DeepSpeed's own."""
+    from deepspeed.runtime.zero.config import DeepSpeedZeroConfig
+
+    from hybrid_ds.config.deepspeed import DEEPSPEED_REDUCE_BUCKET, ZeroSettings, zero_settings
+
+    ours, theirs = ZeroSettings(), DeepSpeedZeroConfig()
+    assert theirs.reduce_bucket_size == DEEPSPEED_REDUCE_BUCKET
+    assert ours.contiguous_gradients == theirs.contiguous_gradients
+    assert ours.persistence_threshold == theirs.param_persistence_threshold
+    assert ours.prefetch_bucket == theirs.prefetch_bucket_size
+    for stage in (1, 2, 3):
+        assert zero_settings({"zero_optimization": {"stage": stage}}).overlap_comm == \
+            DeepSpeedZeroConfig(stage=stage).overlap_comm
+
+
+def test_the_engine_and_the_estimator_read_one_effective_config():
+    """What the engine hands DeepSpeed and what the estimator assumes come from effective_deepspeed_config: the ZeRO
+    stage a layout runs (ZeRO-1 at dp=1 as ZeRO-0), a bucket the config sets, overlap_comm."""
+    from hybrid_ds.estimate.run import run_from_config
+    from hybrid_ds.runtime.engine import deepspeed_config
+    from hybrid_ds.runtime.plan import build_plan
+
+    for world, zero, expect in ((1, {"stage": 1}, 0), (2, {"stage": 1, "reduce_bucket_size": 1000}, 1),
+                                (2, {"stage": 3, "overlap_comm": False}, 3)):
+        cfg = load_config_dict({**TINY, "pipeline": {"stages": 1}, "zero_optimization": zero})
+        engine = deepspeed_config(build_plan(cfg, world))["zero_optimization"]
+        run = run_from_config(cfg, world)
+        assert engine["stage"] == run.zero == expect
+        assert run.reduce_bucket == zero.get("reduce_bucket_size", 0)
+        assert run.overlap_comm == engine.get("overlap_comm", expect == 3)

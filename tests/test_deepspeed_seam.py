@@ -1,4 +1,4 @@
-"""hybrid_ds/deepspeed_seam.py: each DeepSpeed internal we rely on is checked, and its absence is one clear line.
+"""hybrid_ds/seam/__init__.py: each DeepSpeed internal we rely on is checked, and its absence is one clear line.
 
 Every item is checked twice: with the installed DeepSpeed the check passes, and with the internal taken
 away (monkeypatch: deleted, or its caller no longer calling it) the seam raises ``IncompatibleDeepSpeed``.
@@ -23,7 +23,7 @@ from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
-from hybrid_ds import deepspeed_seam as seam
+from hybrid_ds import seam as seam
 from hybrid_ds.errors import IncompatibleDeepSpeed, UserError
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -126,8 +126,8 @@ BUILD_A_MODULE = textwrap.dedent("""
     import sys
     import torch
     from deepspeed.pipe import LayerSpec, PipelineModule
-    from hybrid_ds.deepspeed_seam import HybridPipelineModule
-    from hybrid_ds.engine import init_distributed
+    from hybrid_ds.seam import HybridPipelineModule
+    from hybrid_ds.runtime.engine import init_distributed
     from hybrid_ds.errors import IncompatibleDeepSpeed
 
     init_distributed()

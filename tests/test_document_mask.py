@@ -13,14 +13,14 @@ import torch.nn.functional as F
 
 from hybrid_ds.config import load_config_dict
 from hybrid_ds.data.feed import IGNORE, MicroBatches, document_ids, document_labels
-from hybrid_ds.engine import PlainEngine
+from hybrid_ds.runtime.engine import PlainEngine
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.head_loss import materialize
 from hybrid_ds.models.masks import document_positions
 from hybrid_ds.models.resolve import auto_class, resolve_model
-from hybrid_ds.pipeline import SequentialStages
-from hybrid_ds.plan import build_plan
-from hybrid_ds.report import format_plan
+from hybrid_ds.runtime.pipeline import SequentialStages
+from hybrid_ds.runtime.plan import build_plan
+from hybrid_ds.estimate.report import format_plan
 
 SEP = 255  # the tiny presets' EOS
 LENGTHS = (20, 1, 25, 18)  # a one-token document (its EOS alone) too; each longer than the sliding windows below

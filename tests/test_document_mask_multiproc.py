@@ -30,9 +30,9 @@ def first_step_alone(config: Path) -> float:
     from hybrid_ds.data import load_data, load_tokenizer
     from hybrid_ds.models.head_loss import materialize
     from hybrid_ds.models.resolve import tokenizer_source
-    from hybrid_ds.pipeline import SequentialStages
-    from hybrid_ds.plan import build_plan
-    from hybrid_ds.train import with_vocab
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
+    from hybrid_ds.runtime.train import with_vocab
 
     cfg = load_config(config).replace(pipeline={"stages": 1}, data={"document_mask": False})
     task, folder = tokenizer_source(cfg.model)

@@ -14,16 +14,20 @@ from pathlib import Path
 
 import pytest
 
-from hybrid_ds import presets
+from hybrid_ds.config import presets
 from hybrid_ds.compare import add_compare_parser
 from hybrid_ds.plan_search import add_plan_parser
 from hybrid_ds.config import ModelConfig, load_config, load_config_dict
 from hybrid_ds.errors import UserError
-from hybrid_ds.estimate import (arch_from_preset, block_activation_terms, embedding_activation_bytes, estimate,
-                                estimate_for_config, head_activation_bytes, korthikanti_layer_bytes, model_state, narayanan_training_days,
-                                partition, run_from_config, stage_estimates, training_days)
-from hybrid_ds.gpus import make_cluster, parse_cluster
-from hybrid_ds.report import format_estimate
+from hybrid_ds.estimate.activations import (block_activation_terms, embedding_activation_bytes, head_activation_bytes, korthikanti_layer_bytes)
+from hybrid_ds.estimate.architecture import arch_from_preset
+from hybrid_ds.estimate.flops import narayanan_training_days
+from hybrid_ds.estimate.model_state import model_state
+from hybrid_ds.estimate.run import partition, run_from_config
+from hybrid_ds.estimate.stages import stage_estimates
+from hybrid_ds.estimate.step import estimate, estimate_for_config, training_days
+from hybrid_ds.estimate.gpus import make_cluster, parse_cluster
+from hybrid_ds.estimate.report import format_estimate
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").glob("*.json"))
@@ -95,7 +99,7 @@ def test_overridden_architectures_count_exactly():
 
 @pytest.mark.parametrize("name, stages", [("gpt2", 2), ("llama2-7b", 4), ("gpt3-175b", 32), ("bert-tiny", 2)])
 def test_partition_matches_the_plan(name, stages):
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.plan import build_plan
 
     raw = {"model": {"name": name}, "pipeline": {"stages": stages}, "train_micro_batch_size_per_gpu": 1,
            "data": {"seq_len": 128}}
@@ -436,7 +440,7 @@ def test_the_pipeline_bubble_bounds_mfu():
 def test_estimator_aliases_are_transformers_attribute_maps():
     import transformers
 
-    from hybrid_ds.families import FAMILIES
+    from hybrid_ds.config.families import FAMILIES
 
     for model_type, family in FAMILIES.items():
         assert dict(family.aliases) == dict(transformers.CONFIG_MAPPING[model_type].attribute_map), model_type

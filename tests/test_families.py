@@ -15,10 +15,10 @@ from pathlib import Path
 import pytest
 import warm_ranks
 
-from hybrid_ds import presets
+from hybrid_ds.config import presets
 from hybrid_ds.config import ModelConfig, load_config_dict
 from hybrid_ds.errors import UserError  # noqa: E402
-from hybrid_ds.families import FAMILIES, TASKS
+from hybrid_ds.config.families import FAMILIES, TASKS
 
 ROOT = Path(__file__).resolve().parents[1]
 torch = pytest.importorskip("torch")
@@ -99,8 +99,8 @@ def test_compare_plan_and_dry_run_work_on_a_generic_model(qwen3_folder, tmp_path
 
 def test_type_partitions_use_the_real_class_names(qwen3_folder):
     """``type:REGEX`` partitions the estimator computes are the plan's (qwen3: 4 Qwen3DecoderLayer blocks)."""
-    from hybrid_ds.estimate import partition, run_from_config
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.estimate.run import partition, run_from_config
+    from hybrid_ds.runtime.plan import build_plan
 
     for method in ("type:DecoderLayer", "type:Qwen3", "flops", "parameters"):
         cfg = load_config_dict({"model": {"name": qwen3_folder, "pretrained": True}, "data": {"seq_len": 64},

@@ -14,7 +14,7 @@ transformers = pytest.importorskip("transformers")
 
 from hybrid_ds.config import load_config_dict  # noqa: E402
 from hybrid_ds.errors import UserError  # noqa: E402
-from hybrid_ds.families import FAMILIES  # noqa: E402
+from hybrid_ds.config.families import FAMILIES  # noqa: E402
 from hybrid_ds.models.resolve import get_family  # noqa: E402
 from hybrid_ds.models.generic import generic_family, meta_causal_lm  # noqa: E402
 
@@ -90,7 +90,7 @@ REFUSED = {
 
 @pytest.mark.parametrize("model_type", sorted(ACCEPTED))
 def test_generic_adapter_matches_hugging_face(model_type, tmp_path):
-    from hybrid_ds.parity import check_parity
+    from hybrid_ds.runtime.parity import check_parity
 
     assert model_type not in FAMILIES
     config = tiny_config(model_type, **ACCEPTED[model_type])
@@ -114,7 +114,7 @@ def test_generic_adapter_refuses_what_it_cannot_map(model_type):
 
 def test_refusal_reaches_the_user_from_the_config(tmp_path):
     """Through the whole path a run takes: config -> plan. A model whose parity would fail is never built."""
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.plan import build_plan
 
     folder = saved(tmp_path, tiny_config("starcoder2", embedding_dropout=0.1))
     with pytest.raises(UserError, match="model_type 'starcoder2'.* applies dropout to the hidden states between the"):
@@ -123,9 +123,9 @@ def test_refusal_reaches_the_user_from_the_config(tmp_path):
 
 def test_parity_would_catch_what_the_adapter_refuses(tmp_path, monkeypatch):
     """Granite mapped as if it were Llama (its embedding and logit multipliers dropped) fails parity."""
-    from hybrid_ds.families import _decoder
-    from hybrid_ds.parity import check_parity
-    from hybrid_ds.shapes import DecoderDefaults
+    from hybrid_ds.config.families import _decoder
+    from hybrid_ds.runtime.parity import check_parity
+    from hybrid_ds.config.shapes import DecoderDefaults
 
     monkeypatch.setitem(FAMILIES, "granite", _decoder("granite", "GraniteDecoderLayer", DecoderDefaults()))
     folder = saved(tmp_path, tiny_config("granite", embedding_multiplier=12.0, logits_scaling=8.0))
@@ -182,7 +182,7 @@ def test_the_trace_leaves_the_model_and_transformers_as_they_were():
 def test_linear_attention_layers_need_the_recurrent_mask(tmp_path, monkeypatch):
     """Qwen3-Next's gated delta-net layers without their padding mask (the pads leak into the state) fail parity."""
     from hybrid_ds.models import layers, masks
-    from hybrid_ds.parity import check_parity
+    from hybrid_ds.runtime.parity import check_parity
 
     def no_padding_mask(family, config, index, *args):
         linear = config.layer_types[index] == "linear_attention"

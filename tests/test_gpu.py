@@ -37,9 +37,9 @@ def bf16_parity(name: str, stages: int, folder: Path, device: str) -> dict[str, 
     from hybrid_ds.config import ModelConfig, load_config_dict
     from hybrid_ds.models.head_loss import materialize
     from hybrid_ds.models.resolve import auto_class, resolve_model
-    from hybrid_ds.parity import sample_batch
-    from hybrid_ds.pipeline import SequentialStages
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.parity import sample_batch
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
 
     resolved = resolve_model(ModelConfig(name=name))
     auto = auto_class(resolved.family)

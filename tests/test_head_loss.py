@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers.loss.loss_utils import ForCausalLMLoss, ForMaskedLMLoss
 
-from hybrid_ds.families import ScalarOp
+from hybrid_ds.config.families import ScalarOp
 from hybrid_ds.models.head_loss import HeadLogits, fused_lm_loss, materialize
 
 SOFT_CAP = (ScalarOp("__truediv__", 30.0), ScalarOp("tanh"), ScalarOp("__mul__", 30.0))  # Gemma 2's final soft-cap

@@ -1,4 +1,5 @@
-"""The package's import graph: one way, no cycle, deferred imports included; the pure layer never loads torch."""
+"""The package's import graph: folders import only the folders below them, no cycle (deferred imports included), and the
+pure layer (config/, estimate/) never loads torch."""
 
 from __future__ import annotations
 
@@ -8,8 +9,20 @@ import sys
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "hybrid_ds"
-PURE = ["config", "families", "shapes", "presets", "topology", "architecture", "activations", "model_state",
-        "estimate", "report", "gpus", "errors", "assets"]  # assets: torch only inside the one-time asset export
+# The pure layer: whole folders, and two modules; assets loads torch only inside the one-time asset export.
+PURE_FOLDERS = ("config", "estimate")
+PURE_MODULES = ("hybrid_ds.errors", "hybrid_ds.assets")
+# Which folders each folder may import (imports point down): launch -> cli -> config -> plan -> models -> data ->
+# runtime -> seam, with config/ and estimate/ pure, and seam/ knowing nothing of hybrid_ds but its errors.
+MAY_IMPORT = {
+    "config": {"config"},
+    "estimate": {"config", "estimate"},
+    "models": {"config", "estimate", "models"},
+    "data": {"config", "data", "models"},
+    "seam": {"seam"},
+    "runtime": {"config", "estimate", "models", "data", "runtime", "seam"},
+}
+SHARED = {"hybrid_ds", "hybrid_ds.errors", "hybrid_ds.assets"}  # any folder may use these
 
 
 def module_name(path: Path) -> str:
@@ -65,14 +78,45 @@ def test_the_cycle_check_finds_a_cycle():
     assert find_cycle({"a": {"b"}, "b": {"c"}, "c": {"a"}}) == ["a", "b", "c", "a"]
 
 
+def folder(module: str) -> str:
+    """The folder of ``hybrid_ds.FOLDER.module`` (or of the package ``hybrid_ds.FOLDER``); "" at the top level."""
+    parts = module.split(".")
+    return parts[1] if len(parts) >= 2 and parts[1] in MAY_IMPORT else ""
+
+
+def pure_modules() -> set[str]:
+    return {m for m in graph() if folder(m) in PURE_FOLDERS or m in PURE_MODULES}
+
+
+def test_each_folder_imports_only_the_folders_below_it():
+    for module, targets in graph().items():
+        allowed = MAY_IMPORT.get(folder(module))
+        if allowed is None:
+            continue  # cli, errors, assets
+        wrong = {t for t in targets - SHARED if folder(t) not in allowed}
+        assert not wrong, f"{module} imports {sorted(wrong)}; {folder(module)}/ may import {sorted(allowed)}"
+
+
+def test_the_layering_check_finds_an_upward_import(tmp_path, monkeypatch):
+    edges = {"hybrid_ds.config.schema": {"hybrid_ds.runtime.engine"}}
+    monkeypatch.setattr(sys.modules[__name__], "graph", lambda: edges)
+    try:
+        test_each_folder_imports_only_the_folders_below_it()
+    except AssertionError as err:
+        assert "hybrid_ds.config.schema imports ['hybrid_ds.runtime.engine']" in str(err)
+    else:
+        raise AssertionError("an upward import passed")
+
+
 def test_the_pure_layer_imports_only_the_pure_layer():
-    edges = graph()
-    pure = {f"hybrid_ds.{name}" for name in PURE}
+    edges, pure = graph(), pure_modules()
+    assert {"hybrid_ds.config.schema", "hybrid_ds.estimate.step", "hybrid_ds.errors"} <= pure
     for module in pure:
         assert edges[module] <= pure | {"hybrid_ds"}, (module, edges[module] - pure)
 
 
 def test_pure_modules_load_no_torch():
-    code = (f"import sys; import {', '.join(f'hybrid_ds.{m}' for m in PURE)}, hybrid_ds.compare, hybrid_ds.plan_search; "
+    modules = sorted(pure_modules() | {"hybrid_ds.compare", "hybrid_ds.plan_search"})  # torch only for other models
+    code = (f"import sys; import {', '.join(modules)}; "
             "heavy = {'torch', 'deepspeed', 'transformers'} & set(sys.modules); assert not heavy, heavy")
     subprocess.run([sys.executable, "-c", code], check=True)

@@ -9,7 +9,7 @@ each move the losses far beyond the 1e-5 allowed.
 
 With two processes, pp=2 x dp=1 under a ZeRO-1 config runs as ZeRO-0 (model_state.zero_stage_to_run) and pp=1 x dp=2 as
 ZeRO-1: the transitions between them carry optimizer moments from ZeRO-0's whole states to ZeRO-1's partitions
-and back (deepspeed_seam.zero0_to_universal, load_universal), and the partition change ZeRO-0 to ZeRO-0.
+and back (runtime.checkpoint.zero0: zero0_to_universal, load_universal_zero0), and the partition change ZeRO-0 to ZeRO-0.
 """
 
 from __future__ import annotations

@@ -10,9 +10,9 @@ import torch
 from hybrid_ds.config import load_config_dict
 from hybrid_ds.errors import UserError
 from hybrid_ds.models import lora
-from hybrid_ds.parity import check_parity
-from hybrid_ds.pipeline import SequentialStages
-from hybrid_ds.plan import build_plan
+from hybrid_ds.runtime.parity import check_parity
+from hybrid_ds.runtime.pipeline import SequentialStages
+from hybrid_ds.runtime.plan import build_plan
 from test_generic_adapter import ACCEPTED, ATTENTION, run_config, saved, tiny_config
 from test_parity import FAMILIES
 

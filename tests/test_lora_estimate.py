@@ -14,14 +14,16 @@ import json
 import pytest
 import transformers
 
-from hybrid_ds import presets
+from hybrid_ds.config import presets
 from hybrid_ds.config import ModelConfig, load_config_dict
-from hybrid_ds.estimate import estimate_for_config, run_from_config, stage_estimates
-from hybrid_ds.families import TASKS
+from hybrid_ds.estimate.run import run_from_config
+from hybrid_ds.estimate.stages import stage_estimates
+from hybrid_ds.estimate.step import estimate_for_config
+from hybrid_ds.config.families import TASKS
 from hybrid_ds.models.resolve import meta_model, resolve_model
 from hybrid_ds.models.shape import block_linears, model_arch
-from hybrid_ds.plan import build_plan
-from hybrid_ds.report import format_estimate, format_plan, human_count
+from hybrid_ds.runtime.plan import build_plan
+from hybrid_ds.estimate.report import format_estimate, format_plan, human_count
 from test_estimate import cli
 from test_generic_adapter import saved, tiny_config
 
@@ -103,8 +105,8 @@ def test_lora_activations_match_saved_tensors(name, lora):
     """Bytes autograd saves per block, embedding and head of a LoRA run (saved-tensor hooks on the stages hybrid_ds
     builds) within 5%: less for the frozen base, plus the adapters' own tensors (full fine-tunes:
     tests/test_estimate.py)."""
-    from hybrid_ds.activations import block_activation_terms, head_activation_bytes
-    from hybrid_ds.estimate import lora_activation_change, stage_activations
+    from hybrid_ds.estimate.activations import block_activation_terms, head_activation_bytes
+    from hybrid_ds.estimate.stages import lora_activation_change, stage_activations
 
     _bench()
     import estimator_accuracy

@@ -16,9 +16,9 @@ import transformers
 
 from hybrid_ds.config import ModelConfig, load_config
 from hybrid_ds.models.lora import PEFT_PREFIX, base_name, is_adapter, with_peft
-from hybrid_ds.pipeline import SequentialStages
+from hybrid_ds.runtime.pipeline import SequentialStages
 from hybrid_ds.models.resolve import resolve_model
-from hybrid_ds.plan import build_plan
+from hybrid_ds.runtime.plan import build_plan
 from test_pipeline_multiproc import GAS, assert_params_match, folders, launch, make_batches, reference  # noqa: F401
 from test_train_multiproc import checkpoint_logits, summary, tiny_config, train
 

@@ -68,7 +68,7 @@ def moe_run_config(folder: str, stages: int = 1):
 @pytest.mark.parametrize("model_type", ["mixtral", "qwen3_moe"])
 def test_moe_checkpoint_loads_per_stage_at_exact_parity(model_type, layout, tmp_path):
     """Loss, logits and every gradient (router and experts included) bit for bit, at 1 and 2 stages."""
-    from hybrid_ds.parity import check_parity
+    from hybrid_ds.runtime.parity import check_parity
 
     folder = saved_moe(tmp_path, model_type, layout)
     for stages in (1, 2):
@@ -102,7 +102,7 @@ def test_checkpoint_gives_each_tensor_as_from_pretrained_loads_it(model_type, tm
 def test_moe_parity_fails_when_experts_are_merged_in_the_wrong_order(tmp_path, monkeypatch):
     """Negative control: experts stacked 3, 2, 1, 0 instead of 0..3 (all else right) fail parity."""
     from hybrid_ds.models import build
-    from hybrid_ds.parity import check_parity
+    from hybrid_ds.runtime.parity import check_parity
 
     sources = build._sources
 
@@ -128,8 +128,8 @@ def test_moe_stage_reads_only_its_own_layers_experts(model_type, tmp_path, monke
     from safetensors import safe_open
 
     from hybrid_ds.models.build import SafetensorsCheckpoint
-    from hybrid_ds.pipeline import SequentialStages
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
 
     folder = saved_moe(tmp_path, model_type)
     plan = build_plan(moe_run_config(folder, stages=2), world_size=2)
@@ -161,8 +161,8 @@ def test_moe_checkpoint_missing_an_expert_is_one_clear_line(tmp_path):
     from safetensors.torch import load_file, save_file
 
     from hybrid_ds.errors import UserError
-    from hybrid_ds.pipeline import SequentialStages
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
 
     folder = saved_moe(tmp_path, "mixtral")
     tensors = load_file(tmp_path / "model.safetensors")

@@ -9,10 +9,11 @@ from dataclasses import replace
 
 import pytest
 
-from hybrid_ds import presets
-from hybrid_ds.architecture import Experts, arch_from_preset
+from hybrid_ds.config import presets
+from hybrid_ds.estimate.architecture import Experts, arch_from_preset
 from hybrid_ds.config import ModelConfig, load_config_dict
-from hybrid_ds.estimate import block_flops, forward_flops_per_token, partition, run_from_config
+from hybrid_ds.estimate.flops import block_flops, forward_flops_per_token
+from hybrid_ds.estimate.run import partition, run_from_config
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
@@ -77,7 +78,7 @@ def test_forward_flops_are_twice_the_active_parameters_plus_attention():
 def test_flops_partition_counts_active_experts_and_the_plan_agrees(tmp_path):
     """4 blocks, the first two with 16 experts (top-2), the last two dense: "parameters" balances memory (the
     expert blocks weigh most), "flops" compute (each token uses 2 of 16 experts); the plan splits as predicted."""
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.plan import build_plan
 
     folder = saved(tmp_path, tiny_config("qwen3_moe", num_hidden_layers=4, num_experts=16, mlp_only_layers=[2, 3],
                                          moe_intermediate_size=128, intermediate_size=128))

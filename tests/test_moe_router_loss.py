@@ -20,7 +20,7 @@ transformers = pytest.importorskip("transformers")
 from test_generic_adapter import run_config  # noqa: E402
 from test_moe import moe_config, saved_moe  # noqa: E402
 
-from hybrid_ds.parity import check_parity  # noqa: E402
+from hybrid_ds.runtime.parity import check_parity  # noqa: E402
 
 ROUTER_LOSS = dict(output_router_logits=True, router_aux_loss_coef=0.5)  # test_moe.MOE: 4 layers, 4 experts, top-2
 FAMILIES = ["mixtral", "qwen3_moe"]
@@ -90,7 +90,7 @@ def test_a_router_loss_the_adapter_does_not_know_is_refused(monkeypatch):
 def test_moe_pipeline_steps_match_hugging_face(tmp_path):
     """pp=2 DeepSpeed steps against the Hugging Face model trained in one process with its router loss: the same
     losses and parameters, so the router loss's gradient reaches the first stage's routers through the stage
-    boundary (in one backward pass per micro-batch: deepspeed_seam.OneBackwardPipelineEngine)."""
+    boundary (in one backward pass per micro-batch: seam.engines.OneBackwardPipelineEngine)."""
     from test_pipeline_multiproc import assert_params_match, launch, make_batches, reference
 
     folder = tmp_path / "model"

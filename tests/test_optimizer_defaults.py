@@ -11,9 +11,10 @@ import torch
 import transformers
 
 from hybrid_ds.config import ModelConfig, TrainConfig, load_config_dict
-from hybrid_ds.engine import parameter_groups
+from test_config import effective
+from hybrid_ds.runtime.engine import parameter_groups
 from hybrid_ds.models.resolve import resolve_model
-from hybrid_ds.plan import build_plan
+from hybrid_ds.runtime.plan import build_plan
 
 DEFAULT = TrainConfig.model_fields["no_weight_decay"].default
 
@@ -72,12 +73,12 @@ def test_bf16_accumulates_in_fp32_by_default(zero, given, expected):
         raw["data_types"] = {"grad_accum_dtype": given}
     cfg = load_config_dict(raw)
     assert cfg.grad_accum_dtype == expected
-    assert cfg.deepspeed_config().get("data_types", {}).get("grad_accum_dtype") == expected
+    assert effective(cfg).get("data_types", {}).get("grad_accum_dtype") == expected
 
 
 def test_fp32_runs_are_left_as_deepspeed_makes_them():
     cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "zero_optimization": {"stage": 1}})
-    assert cfg.grad_accum_dtype is None and "data_types" not in cfg.deepspeed_config()
+    assert cfg.grad_accum_dtype is None and "data_types" not in effective(cfg)
 
 
 def test_bf16_accumulation_over_many_micro_batches_warns():

@@ -14,9 +14,9 @@ import torch
 from hybrid_ds.cli import main
 from hybrid_ds.config import load_config_dict
 from hybrid_ds.models.head_loss import materialize
-from hybrid_ds.parity import check_parity
-from hybrid_ds.pipeline import SequentialStages, layer_specs, spec_boundaries, stage_builder
-from hybrid_ds.plan import build_plan
+from hybrid_ds.runtime.parity import check_parity
+from hybrid_ds.runtime.pipeline import SequentialStages, layer_specs, spec_boundaries, stage_builder
+from hybrid_ds.runtime.plan import build_plan
 
 FAMILIES = ["gpt2-tiny", "llama-tiny", "mistral-tiny", "qwen2-tiny", "gemma-tiny", "phi-tiny", "gpt-neox-tiny",
             "opt-tiny", "bert-tiny"]

@@ -14,8 +14,8 @@ import warm_ranks
 import torch
 
 from hybrid_ds.config import TrainConfig
-from hybrid_ds.engine import parameter_groups
-from hybrid_ds.parity import sample_batch
+from hybrid_ds.runtime.engine import parameter_groups
+from hybrid_ds.runtime.parity import sample_batch
 
 pytestmark = pytest.mark.multiproc
 

@@ -15,7 +15,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoModelForMaskedLM
 
 from hybrid_ds.errors import UserError
-from hybrid_ds.presets import PRESETS, describe, get_preset, is_preset, n_layers
+from hybrid_ds.config.presets import PRESETS, describe, get_preset, is_preset, n_layers
 
 REPO = Path(__file__).resolve().parents[1]
 PUBLISHED = sorted(name for name, p in PRESETS.items() if p.published_params is not None)
@@ -167,7 +167,7 @@ def test_names_are_lowercase_dashes_and_sourced():
 
 
 def test_presets_module_does_not_import_torch():
-    code = "import sys, hybrid_ds.presets; assert 'torch' not in sys.modules, 'torch'; " \
+    code = "import sys, hybrid_ds.config.presets; assert 'torch' not in sys.modules, 'torch'; " \
            "assert 'transformers' not in sys.modules, 'transformers'"
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env,

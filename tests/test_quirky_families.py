@@ -5,7 +5,7 @@ family that has it:
 
 - scalar ops outside the modules on the embeddings (Granite's ``embedding_multiplier``) or on the logits
   (Granite's ``logits_scaling``, Cohere's ``logit_scale``, Gemma 2/3's final soft-cap ``tanh(x / c) * c``),
-  replayed as :class:`hybrid_ds.families.ScalarOp`;
+  replayed as :class:`hybrid_ds.config.families.ScalarOp`;
 - a rotary module called once per layer type (Gemma 3's local and global rotary bases);
 - blocks that take ``position_ids`` through ``**kwargs`` (Cohere 2).
 
@@ -27,9 +27,9 @@ from test_generic_adapter import run_config, saved, tiny_config  # noqa: E402
 
 from hybrid_ds.config import load_config_dict  # noqa: E402
 from hybrid_ds.errors import UserError  # noqa: E402
-from hybrid_ds.families import FAMILIES  # noqa: E402
+from hybrid_ds.config.families import FAMILIES  # noqa: E402
 from hybrid_ds.models import resolve  # noqa: E402
-from hybrid_ds.parity import check_parity  # noqa: E402
+from hybrid_ds.runtime.parity import check_parity  # noqa: E402
 
 ALTERNATING = ["sliding_attention", "full_attention", "sliding_attention", "full_attention"]
 
@@ -125,7 +125,7 @@ def test_gemma3_blocks_need_their_own_layer_types_rotary_base(tmp_path, monkeypa
 
 def test_granite_embedding_multiplier_is_replayed(tmp_path, monkeypatch):
     """Granite's embedding multiplier is an op on the embeddings between the embedding and block 0."""
-    from hybrid_ds.families import apply_in_order
+    from hybrid_ds.config.families import apply_in_order
 
     folder = _folder(tmp_path, "granite")
     found = resolve.get_family
@@ -136,7 +136,7 @@ def test_granite_embedding_multiplier_is_replayed(tmp_path, monkeypatch):
 
 def test_sdpa_on_a_model_without_it_names_the_setting(tmp_path):
     folder = _folder(tmp_path, "gemma2")
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.plan import build_plan
 
     with pytest.raises(UserError) as err:
         build_plan(_config(folder, "sdpa"), world_size=1)

@@ -58,8 +58,8 @@ def pipelined(folder):
     """SmolLM2 as 2 stages, each built as its rank builds it; records the checkpoint keys each stage reads."""
     from hybrid_ds.config import load_config_dict
     from hybrid_ds.models.build import SafetensorsCheckpoint
-    from hybrid_ds.pipeline import SequentialStages
-    from hybrid_ds.plan import build_plan
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
 
     cfg = load_config_dict({"model": {"name": str(folder), "pretrained": True},
                             "pipeline": {"stages": 2, "partition": "parameters"},

@@ -10,7 +10,7 @@ import pytest
 
 from hybrid_ds.cli import main
 from hybrid_ds.errors import UserError
-from hybrid_ds.topology import (bubble_fraction, layer_flops, partition_balanced, partition_layers,
+from hybrid_ds.config.topology import (bubble_fraction, layer_flops, partition_balanced, partition_layers,
                                 partition_uniform, resolve_layout)
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -11,11 +11,11 @@ pytestmark = pytest.mark.multiproc
 
 RANK_SCRIPT = '''
 import os, sys
-import hybrid_ds.engine
+import hybrid_ds.runtime.engine
 print(f"rank {os.environ['RANK']}/{os.environ['LOCAL_RANK']} of {os.environ['WORLD_SIZE']}/{os.environ['LOCAL_SIZE']} "
-      f"argv {sys.argv[1:]} init_distributed was replaced: {hybrid_ds.engine.init_distributed is None}")
+      f"argv {sys.argv[1:]} init_distributed was replaced: {hybrid_ds.runtime.engine.init_distributed is None}")
 print(f"stderr of rank {os.environ['RANK']}", file=sys.stderr)
-hybrid_ds.engine.init_distributed = None  # what a worker's monkeypatch does; the next run must not see it
+hybrid_ds.runtime.engine.init_distributed = None  # what a worker's monkeypatch does; the next run must not see it
 sys.exit(3 * int(os.environ["RANK"]))
 '''
 

@@ -27,7 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hybrid_ds.families import ScalarOp, apply_ops
+from hybrid_ds.config.families import ScalarOp, apply_ops
 
 IGNORE_INDEX = -100
 # Logits per block: 2**25, one 128 MiB fp32 buffer whatever the vocabulary (261 rows at Llama 3's 128,256), enough

@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_ds.families import Family, apply_ops
+from hybrid_ds.config.families import Family, apply_ops
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.head_loss import HeadLogits, fused_lm_loss, materialize
 from hybrid_ds.models.masks import attention_mask_4d, padding_mask, position_ids

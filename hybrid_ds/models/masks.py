@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from transformers import masking_utils
 
-from hybrid_ds.families import Family
+from hybrid_ds.config.families import Family
 
 
 def position_ids(family: Family, attention_mask: torch.Tensor, documents: bool = False) -> torch.Tensor | None:

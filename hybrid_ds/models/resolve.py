@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from hybrid_ds import presets
+from hybrid_ds.config import presets
 from hybrid_ds.config import ModelConfig
 from hybrid_ds.errors import UserError, suggest
-from hybrid_ds.families import FAMILIES, Family
+from hybrid_ds.config.families import FAMILIES, Family
 from hybrid_ds.models.generic import generic_family, meta_causal_lm
 
 
@@ -80,7 +80,7 @@ def get_family(model_type: str, hf_config: Any = None) -> Family:
         raise UserError("model.name",
                         f"model_type {model_type!r} is not supported; supported: {', '.join(sorted(FAMILIES))} "
                         f"({suggest(model_type, FAMILIES)}); to add one, add a Family entry in "
-                        "hybrid_ds/families.py and a parity test")
+                        "hybrid_ds/config/families.py and a parity test")
     return generic_family(model_type, meta_causal_lm(model_type, hf_config))
 
 

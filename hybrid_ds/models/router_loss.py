@@ -13,7 +13,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from hybrid_ds.families import RouterAux
+from hybrid_ds.config.families import RouterAux
 
 
 def add_router_stats(stats: torch.Tensor | None, router_logits: torch.Tensor, attention_mask: torch.Tensor,

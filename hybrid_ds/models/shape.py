@@ -1,4 +1,4 @@
-"""The estimator's view of any model the adapter accepts: an :class:`~hybrid_ds.architecture.Arch`.
+"""The estimator's view of any model the adapter accepts: an :class:`~hybrid_ds.estimate.architecture.Arch`.
 
 A named family with a shape builder is counted from its config dict alone (pure Python, no torch:
 what ``compare`` and ``plan`` do for presets). Any other model the adapter accepts (the generic adapter's
@@ -19,12 +19,12 @@ from __future__ import annotations
 from dataclasses import replace
 from typing import Any
 
-from hybrid_ds import presets
-from hybrid_ds.architecture import Arch, Experts, arch_from_model, has_shape, local_model_type
+from hybrid_ds.config import presets
+from hybrid_ds.estimate.architecture import Arch, Experts, arch_from_model, has_shape, local_model_type
 from hybrid_ds.config import ModelConfig
 from hybrid_ds.errors import UserError
-from hybrid_ds.families import Family
-from hybrid_ds.shapes import Linear, Tensor
+from hybrid_ds.config.families import Family
+from hybrid_ds.config.shapes import Linear, Tensor
 
 
 def model_arch(model: ModelConfig, family: Family | None = None, skeleton: Any = None) -> Arch:

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import torch
 
-from hybrid_ds import checkpoint
+from hybrid_ds.runtime import checkpoint
 from hybrid_ds.config import load_config
-from hybrid_ds.engine import build_pipeline_engine, build_plain_engine, device, init_distributed
+from hybrid_ds.runtime.engine import build_pipeline_engine, build_plain_engine, device, init_distributed
 from hybrid_ds.models.head_loss import materialize
-from hybrid_ds.train import prepare
+from hybrid_ds.runtime.train import prepare
 
 
 def pipeline_logits(plan, ids):

@@ -10,7 +10,7 @@ import argparse
 import math
 import sys
 
-from hybrid_ds import train
+from hybrid_ds.runtime import train
 from hybrid_ds.cli import main
 
 POISONED = [False]

@@ -3,7 +3,7 @@
 Run by tests through the ``deepspeed`` launcher, exactly as a user runs training. Writes
 ``losses.json`` (rank 0: the eval loss of the first batch, then the loss of every step) and
 ``params-rank{R}.pt`` (this rank's parameters by Hugging Face name, the global gradient norm of every step and
-the most gradient bytes the rank held after any micro-batch's backward pass, ``deepspeed_seam.gradient_tensors``).
+the most gradient bytes the rank held after any micro-batch's backward pass, ``seam.instruments.gradient_tensors``).
 """
 
 import argparse
@@ -12,10 +12,10 @@ from pathlib import Path
 
 import torch
 
-from hybrid_ds import deepspeed_seam
+from hybrid_ds.seam.instruments import gradient_tensors, storage_bytes, wrap_pipeline_instructions
 from hybrid_ds.config import load_config
-from hybrid_ds.engine import build_pipeline_engine, init_distributed
-from hybrid_ds.plan import build_plan
+from hybrid_ds.runtime.engine import build_pipeline_engine, init_distributed
+from hybrid_ds.runtime.plan import build_plan
 
 
 def record_gradient_bytes(engine) -> list[int]:
@@ -28,13 +28,13 @@ def record_gradient_bytes(engine) -> list[int]:
 
         def backward_then_measure(engine, *args, **kwargs):
             out = fn(engine, *args, **kwargs)
-            found = deepspeed_seam.gradient_tensors(engine)
-            held.append(deepspeed_seam.storage_bytes([t for kind in ("param.grad", "partition", "buckets")
+            found = gradient_tensors(engine)
+            held.append(storage_bytes([t for kind in ("param.grad", "partition", "buckets")
                                                       for t in found.get(kind, [])]))
             return out
         return backward_then_measure
 
-    deepspeed_seam.wrap_pipeline_instructions(engine, wrap)
+    wrap_pipeline_instructions(engine, wrap)
     return held
 
 
@@ -57,9 +57,9 @@ def main():
                         help="keep the config's ZeRO stage where hybrid_ds would run another (the reference)")
     args = parser.parse_args()
     if args.zero_as_configured:
-        import hybrid_ds.model_state
+        import hybrid_ds.config.deepspeed
 
-        hybrid_ds.model_state.zero_stage_to_run = lambda requested, *_: requested
+        hybrid_ds.config.deepspeed.zero_stage_to_run = lambda requested, *_: requested
 
     world = init_distributed()
     plan = build_plan(load_config(args.config), world)

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from hybrid_ds.errors import UserError
-from hybrid_ds.families import Family
+from hybrid_ds.config.families import Family
 from hybrid_ds.models.generic.router import router_aux
 from hybrid_ds.models.generic.checks import FlowChecker, check_unplaced
 from hybrid_ds.models.generic.structure import find_model_map, first_line, refuse

@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from hybrid_ds.errors import UserError
-from hybrid_ds.families import Family, ScalarOp, apply_in_order
+from hybrid_ds.config.families import Family, ScalarOp, apply_in_order
 from hybrid_ds.models.masks import LAYER_HELPERS
 from hybrid_ds.models.generic.structure import POSITION_OPS, TRACE_SHAPE, WHERE, ModelMap, refuse
 from hybrid_ds.models.generic.trace import MASK_INPUTS, Call, Mask, Trace, Unused, common_mask_extras

@@ -16,7 +16,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from hybrid_ds.families import RouterAux
+from hybrid_ds.config.families import RouterAux
 from hybrid_ds.models.generic.structure import refuse
 from hybrid_ds.models.router_loss import add_router_stats, router_aux_loss
 

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from hybrid_ds.errors import UserError
-from hybrid_ds.families import FAMILIES
+from hybrid_ds.config.families import FAMILIES
 
 TRACE_SHAPE = (2, 8)  # batch, sequence of the meta-device trace
 # Ops a model may run outside its modules: they only make position ids (arange, + cache length 0; Qwen 3.5's
@@ -26,7 +26,7 @@ def refuse(model_type: str, reason: str) -> UserError:
     return UserError("model.name",
                      f"model_type {model_type!r} is not supported: it has no named family and the generic "
                      f"decoder-only adapter cannot map it: {reason}; named families: {', '.join(sorted(FAMILIES))}; "
-                     "to add one, add a Family entry in hybrid_ds/families.py and a parity test")
+                     "to add one, add a Family entry in hybrid_ds/config/families.py and a parity test")
 
 
 def first_line(err: BaseException) -> str:

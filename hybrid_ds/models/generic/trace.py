@@ -13,7 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hybrid_ds.errors import UserError
-from hybrid_ds.families import Family
+from hybrid_ds.config.families import Family
 from hybrid_ds.models.masks import attention_mask_4d
 from hybrid_ds.models.generic.structure import TRACE_SHAPE, ModelMap, first_line, refuse
 

@@ -1,49 +1,20 @@
-"""One config file: a DeepSpeed config plus the sections ``model``, ``data``, ``pipeline`` and ``train``.
+"""The run config's schema: the sections ``model``, ``data``, ``pipeline``, ``train`` and :class:`RunConfig`. Pure Python.
 
-A run config is a JSON object. DeepSpeed's own top-level keys (``train_micro_batch_size_per_gpu``,
-``optimizer``, ``zero_optimization``, ``bf16`` ...) are passed to DeepSpeed unchanged; our sections are
-validated strictly here. ``extends`` inherits from another file (paths relative to the file that names
-it, merged key by key); ``--set a.b=VALUE`` overrides any key, VALUE read as JSON where it parses.
-
-This module is pure Python: it must never import torch, deepspeed or transformers.
-
->>> cfg = load_config_dict({"train_micro_batch_size_per_gpu": 2, "model": {"name": "gpt2-tiny"}})
->>> cfg.pipeline.stages, cfg.micro_batch, cfg.zero_stage
-(1, 2, 0)
+Each setting is documented where it is declared; a bad value is one line naming its JSON path (:func:`section`).
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import re
-from pathlib import Path
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
+from hybrid_ds.config.checks import check_cross_section
+from hybrid_ds.config import deepspeed as deepspeed_keys
+from hybrid_ds.config.deepspeed import check_deepspeed_keys
 from hybrid_ds.errors import UserError, suggest
-
-# Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the config classes it builds).
-# Anything else at the top level is a typo that DeepSpeed would silently ignore, so we reject it.
-DEEPSPEED_KEYS = frozenset({
-    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
-    "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "grad_accum_dtype",
-    "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op",
-    "sparse_gradients", "communication_data_type", "seq_parallel_communication_data_type",
-    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "aio",
-    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "disable_allgather",
-    "disable_python_gc", "log_level", "flops_profiler", "activation_checkpointing", "sparse_attention",
-    "data_efficiency", "curriculum_learning", "progressive_layer_drop", "eigenvalue",
-    "quantize_training", "compression_training", "elasticity", "autotuning", "checkpoint",
-    "data_types", "dataloader_drop_last", "pipeline", "tensorboard", "wandb", "csv_monitor", "comet",
-    "comms_logger", "timers", "nebula", "weight_quantization", "compile", "hybrid_engine",
-    "tensor_parallel", "expert_parallel", "managed_gradient_accumulation",
-    "use_data_before_expert_parallel_", "vocabulary_size", "zero_optimization_stage",
-})
-
-# DeepSpeed's own pipeline keys that we do not interpret; they are handed to DeepSpeed as given.
-_DS_PIPELINE_KEYS = ("pipe_partitioned", "grad_partitioned")
 
 
 class _Section(BaseModel):
@@ -188,7 +159,7 @@ class TrainConfig(_Section):
     max_bad_steps: int = Field(5, ge=1, description="stop (exit 2, with a checkpoint) after this many steps in a row "
                                                     "with a non-finite loss or gradient norm; each is skipped")
     # Off by default: on CPU it does not pay at GPT-2-small size (bench/compile_speed.py), and it costs tens of
-    # seconds of compiling at start. hybrid_ds.compile_blocks says which graphs are made and when.
+    # seconds of compiling at start. hybrid_ds.runtime.compile_blocks says which graphs are made and when.
     compile: bool = Field(False, description="compile each transformer block with torch.compile (regional: identical "
                                              "blocks share one graph; the rotary/mask work stays eager); the compile "
                                              "time is shown in the progress output. Pipeline engine only (not ZeRO-3 "
@@ -209,6 +180,7 @@ _META_KEYS = ("extends", "description", "on_cpu", "on_gpu")
 PROFILES = ("cpu", "gpu")
 
 
+
 class RunConfig:
     """A validated run config: our four sections, plus DeepSpeed's keys kept as given."""
 
@@ -216,14 +188,14 @@ class RunConfig:
         self.source = source
         self.raw = raw
         self.description: str = raw.get("description", "")
-        self.model: ModelConfig = _section(raw, "model")
-        self.data: DataConfig = _section(raw, "data")
-        self.pipeline: PipelineConfig = _section(raw, "pipeline")
-        self.train: TrainConfig = _section(raw, "train")
+        self.model: ModelConfig = section(raw, "model")
+        self.data: DataConfig = section(raw, "data")
+        self.pipeline: PipelineConfig = section(raw, "pipeline")
+        self.train: TrainConfig = section(raw, "train")
         self.deepspeed: dict[str, Any] = {k: v for k, v in raw.items()
                                           if k not in _SECTIONS and k not in _META_KEYS}
-        _check_deepspeed_keys(self.deepspeed)
-        _check_cross_section(self)
+        check_deepspeed_keys(self.deepspeed, (*_SECTIONS, *_META_KEYS))
+        check_cross_section(self)
 
     @property
     def micro_batch(self) -> int | None:
@@ -243,13 +215,11 @@ class RunConfig:
 
     def zero_stage_at(self, dp: int) -> int:
         """The ZeRO stage the engine runs at ``dp`` data-parallel ranks: fp32 ZeRO-1/2 on the pipeline engine
-        without optimizer offload runs as ZeRO-0 at dp=1 (``model_state.zero_stage_to_run``)."""
-        from hybrid_ds.model_state import zero_stage_to_run
-
+        without optimizer offload runs as ZeRO-0 at dp=1 (:func:`hybrid_ds.config.deepspeed.zero_stage_to_run`)."""
         zero = self.deepspeed.get("zero_optimization", {})
         offload = (zero.get("offload_optimizer", {}).get("device", "none") not in (None, "none")
                    or zero.get("cpu_offload", False))
-        return zero_stage_to_run(self.zero_stage, dp, self.precision, self.pipeline_engine and not offload)
+        return deepspeed_keys.zero_stage_to_run(self.zero_stage, dp, self.precision, self.pipeline_engine and not offload)
 
     @property
     def expert_parallel(self) -> bool:
@@ -270,10 +240,11 @@ class RunConfig:
         bits; gpt-neox #963), else None: DeepSpeed's default. ZeRO-3 sums its gradient partitions in fp32 anyway,
         and at ZeRO-0 DeepSpeed accepts only the model dtype.
 
+        >>> from hybrid_ds.config import load_config_dict
         >>> cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "bf16": {"enabled": True},
         ...                         "zero_optimization": {"stage": 1}})
-        >>> cfg.grad_accum_dtype, cfg.deepspeed_config()["data_types"]
-        ('fp32', {'grad_accum_dtype': 'fp32'})
+        >>> cfg.grad_accum_dtype
+        'fp32'
         """
         given = self.deepspeed.get("data_types", {}).get("grad_accum_dtype")
         if given is not None:
@@ -288,17 +259,6 @@ class RunConfig:
                 return name
         return "fp32"
 
-    def deepspeed_config(self, batch: dict[str, int] | None = None) -> dict[str, Any]:
-        """The dict to hand to ``deepspeed.initialize``: DeepSpeed's keys only, with resolved batch sizes."""
-        ds = copy.deepcopy(self.deepspeed)
-        ds.update(batch or {})
-        if self.grad_accum_dtype is not None:
-            ds.setdefault("data_types", {})["grad_accum_dtype"] = self.grad_accum_dtype
-        pipe = {k: getattr(self.pipeline, k) for k in _DS_PIPELINE_KEYS}
-        pipe["activation_checkpoint_interval"] = self.pipeline.activation_checkpoint_interval
-        ds["pipeline"] = pipe
-        return ds
-
     def replace(self, *, model: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
                 pipeline: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
                 **deepspeed: Any) -> RunConfig:
@@ -308,6 +268,7 @@ class RunConfig:
         key by key (``model={"overrides": {"vocab_size": 512}}`` keeps the other overrides). Other keyword
         arguments are DeepSpeed's top-level keys, merged the same way.
 
+        >>> from hybrid_ds.config import load_config_dict
         >>> cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "train_micro_batch_size_per_gpu": 2})
         >>> new = cfg.replace(pipeline={"stages": 2}, bf16={"enabled": True})
         >>> new.pipeline.stages, new.precision, new.micro_batch, cfg.pipeline.stages
@@ -326,61 +287,6 @@ class RunConfig:
         return out
 
 
-# ---------------------------------------------------------------- loading
-
-
-def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), profile: str | None = None) -> RunConfig:
-    """Read ``path`` (following ``extends``), merge the ``on_cpu``/``on_gpu`` section of ``profile``,
-    apply ``--set`` overrides, validate."""
-    return load_config_dict(_read_with_extends(Path(path), chain=()), overrides, profile, source=str(path))
-
-
-def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), profile: str | None = None,
-                     source: str = "<dict>") -> RunConfig:
-    raw = copy.deepcopy(raw)
-    for name in PROFILES:
-        section = raw.pop(f"on_{name}", {})
-        if not isinstance(section, dict):
-            raise UserError(f"on_{name}", f"must be an object of keys to change on a {name} machine, got {section!r}")
-        if name == profile:
-            raw = deep_merge(raw, section)
-    for item in overrides:
-        apply_override(raw, item)
-    return RunConfig(raw, source=source)
-
-
-def _read_json(path: Path) -> dict[str, Any]:
-    if not path.is_file():
-        raise UserError(str(path), "config file not found")
-    try:
-        data = json.loads(path.read_text())
-    except json.JSONDecodeError as err:
-        raise UserError(str(path), f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
-    if not isinstance(data, dict):
-        raise UserError(str(path), f"a config must be a JSON object, got {type(data).__name__}")
-    return data
-
-
-def _read_with_extends(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    resolved = path.resolve()
-    if resolved in chain:
-        cycle = " -> ".join(p.name for p in (*chain, resolved))
-        raise UserError("extends", f"cycle: {cycle}")
-    data = _read_json(path)
-    parents = data.pop("extends", [])
-    if isinstance(parents, str):
-        parents = [parents]
-    if not isinstance(parents, list) or not all(isinstance(p, str) for p in parents):
-        raise UserError("extends", f"must be a file name or a list of them, got {parents!r}")
-    merged: dict[str, Any] = {}
-    for parent in parents:
-        parent_path = path.parent / parent
-        if not parent_path.is_file():
-            raise UserError("extends", f"{parent!r} (named in {path}) not found")
-        merged = deep_merge(merged, _read_with_extends(parent_path, (*chain, resolved)))
-    return deep_merge(merged, data)
-
-
 def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     """``top`` over ``base``: objects merge key by key, anything else replaces.
 
@@ -396,36 +302,10 @@ def deep_merge(base: dict[str, Any], top: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def apply_override(raw: dict[str, Any], item: str) -> None:
-    """Apply one ``a.b.c=VALUE`` in place; VALUE is JSON where it parses, else a string.
-
-    >>> cfg = {"pipeline": {"stages": 2}}
-    >>> apply_override(cfg, "pipeline.stages=4"); apply_override(cfg, "model.name=gpt2")
-    >>> cfg
-    {'pipeline': {'stages': 4}, 'model': {'name': 'gpt2'}}
-    """
-    key, sep, text = item.partition("=")
-    if not sep or not key or any(not part for part in key.split(".")):
-        raise UserError("--set", f"expected KEY.PATH=VALUE, got {item!r}")
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        value = text
-    *parents, leaf = key.split(".")
-    node = raw
-    for i, part in enumerate(parents):
-        child = node.setdefault(part, {})
-        if not isinstance(child, dict):
-            prefix = ".".join(parents[: i + 1])
-            raise UserError("--set", f"{key}: {prefix} is {child!r}, not an object")
-        node = child
-    node[leaf] = value
-
-
 # ---------------------------------------------------------------- validation
 
 
-def _section(raw: dict[str, Any], name: str) -> Any:
+def section(raw: dict[str, Any], name: str) -> Any:
     data = raw.get(name, {})
     if not isinstance(data, dict):
         raise UserError(name, f"must be an object, got {data!r}")
@@ -449,108 +329,3 @@ def _user_error(section: str, model_cls: type[_Section], error: dict[str, Any]) 
         return UserError(key, f"required; {model_cls.model_fields[fields[-1]].description}")
     message = error["msg"].removeprefix("Value error, ")
     return UserError(key, f"{message}, got {error['input']!r}")
-
-
-# The names DeepSpeed 0.19.8 builds (engine._is_supported_optimizer, engine._scheduler_from_config): its own
-# (runtime/config.py DEEPSPEED_OPTIMIZERS, case-insensitive; runtime/lr_schedules.py VALID_LR_SCHEDULES) and
-# torch's classes (torch.optim, torch.optim.lr_scheduler). Another name fails only once the engine is built,
-# as an AssertionError. tests/test_bad_inputs.py checks these lists against the installed packages.
-KNOWN_TYPES = {
-    "optimizer": ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon",
-                  "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam",
-                  "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam"),
-    "scheduler": ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR",
-                  "ChainedScheduler", "ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR",
-                  "ExponentialLR", "LambdaLR", "LinearLR", "MultiStepLR", "MultiplicativeLR", "OneCycleLR",
-                  "PolynomialLR", "ReduceLROnPlateau", "SequentialLR", "StepLR"),
-}
-
-
-def _known_type(key: str, name: str) -> bool:
-    return name in KNOWN_TYPES[key] or (key == "optimizer" and name.lower() in KNOWN_TYPES[key])
-
-
-def _check_deepspeed_keys(ds: dict[str, Any]) -> None:
-    for key in ds:
-        if key not in DEEPSPEED_KEYS:
-            valid = [*DEEPSPEED_KEYS, *_SECTIONS, *_META_KEYS]
-            raise UserError(key, f"unknown top-level key; {suggest(key, valid)}")
-    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
-        value = ds.get(key)
-        if value is not None and (type(value) is not int or value < 1):
-            raise UserError(key, f"must be a positive integer, got {value!r}")
-    for key in ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "expert_parallel"):
-        if not isinstance(ds.get(key, {}), dict):
-            raise UserError(key, f"must be an object, got {ds[key]!r}")
-    for key in ("optimizer", "scheduler"):  # DeepSpeed reads them only when the engine is built, minutes later
-        name = ds.get(key, {}).get("type", "")
-        if key in ds and not (isinstance(name, str) and _known_type(key, name)):
-            raise UserError(f"{key}.type", f"DeepSpeed builds no {key} named {name!r}; {suggest(name, KNOWN_TYPES[key])}")
-        if not isinstance(ds.get(key, {}).get("params", {}), dict):
-            raise UserError(f"{key}.params", f"must be an object, got {ds[key]['params']!r}")
-    lr = ds.get("optimizer", {}).get("params", {}).get("lr", 0)
-    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
-        raise UserError("optimizer.params.lr", f"must be a number >= 0, got {lr!r}")
-    stage = ds.get("zero_optimization", {}).get("stage", 0)
-    if stage not in (0, 1, 2, 3):
-        raise UserError("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
-    for key in ("fp16", "bf16"):
-        enabled = ds.get(key, {}).get("enabled", False)
-        if enabled not in (True, False, "auto"):
-            raise UserError(f"{key}.enabled", f"must be true or false, got {enabled!r}")
-    _check_expert_parallel(ds.get("expert_parallel", {}))
-    clip = ds.get("gradient_clipping", 0.0)
-    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
-        raise UserError("gradient_clipping", f"must be a number >= 0 (0 = off), got {clip!r}")
-
-
-def _check_expert_parallel(ep: dict[str, Any]) -> None:
-    """The keys of DeepSpeed's ``expert_parallel`` section that decide the layout; DeepSpeed checks the rest."""
-    if ep.get("enabled", False) not in (True, False):
-        raise UserError("expert_parallel.enabled", f"must be true or false, got {ep['enabled']!r}")
-    size = ep.get("autoep_size", 1)
-    if type(size) is not int or size < 1:
-        raise UserError("expert_parallel.autoep_size", f"must be a positive integer (ranks sharing one copy of "
-                                                       f"the experts), got {size!r}")
-
-
-def _check_cross_section(cfg: RunConfig) -> None:
-    if cfg.deepspeed.get("fp16", {}).get("enabled") and cfg.deepspeed.get("bf16", {}).get("enabled"):
-        raise UserError("bf16.enabled", "fp16 and bf16 are both enabled; enable one of them")
-    if cfg.zero_stage >= 3 and cfg.pipeline.stages > 1:
-        raise UserError(
-            "zero_optimization.stage",
-            f"ZeRO stage 3 cannot be combined with pipeline.stages={cfg.pipeline.stages} (parameters partitioned "
-            "over data parallel inside a pipeline stage are not supported); use zero_optimization.stage 0, 1 or 2 "
-            "with stages > 1, or pipeline.stages=1 for ZeRO-3")
-    if cfg.zero_stage == 2 and cfg.pipeline.stages > 1 and cfg.precision == "fp16":
-        raise UserError(
-            "fp16.enabled", f"fp16 (dynamic loss scaling) is not supported with ZeRO-2 and pipeline.stages="
-            f"{cfg.pipeline.stages}: hybrid_ds runs that layout in fp32 or bf16; use bf16.enabled, or "
-            "zero_optimization.stage 0 or 1 for fp16")
-    if cfg.expert_parallel and cfg.pipeline.stages > 1:
-        raise UserError(
-            "expert_parallel.enabled", f"true needs pipeline.stages 1, got {cfg.pipeline.stages}: DeepSpeed's AutoEP "
-            "swaps the MoE layers of the whole Hugging Face model inside its plain engine, and a pipeline stage "
-            "is not that model; use pipeline.stages 1 with expert_parallel, or expert_parallel.enabled false")
-    if cfg.expert_parallel and cfg.train.export_hf:
-        raise UserError("train.export_hf", "not available with expert_parallel.enabled: each rank saves only its "
-                                           "own experts under AutoEP's names, which no Hugging Face folder holds")
-    if cfg.train.compile and not cfg.pipeline_engine:
-        raise UserError("train.compile", f"true needs the pipeline engine; zero_optimization.stage {cfg.zero_stage}"
-                                         f"{' with expert_parallel' if cfg.expert_parallel else ''} at pipeline.stages 1 "
-                                         "trains the plain Hugging Face model, which hybrid_ds does not compile; use "
-                                         "zero_optimization.stage 0-2 with stages > 1 (0/1 at one stage), or "
-                                         "train.compile false")
-    if cfg.model.lora and not cfg.pipeline_engine:
-        raise UserError("model.lora", f"needs the pipeline engine; zero_optimization.stage {cfg.zero_stage}"
-                                      f"{' with expert_parallel' if cfg.expert_parallel else ''} at pipeline.stages 1 "
-                                      "trains the plain Hugging Face model; use zero_optimization.stage 0-2 with "
-                                      "stages > 1 (0/1 at one stage): adapters leave little optimizer state to partition")
-    if cfg.train.export_hf and not cfg.train.save_dir:
-        raise UserError("train.export_hf", f"{cfg.train.export_hf!r} needs train.save_dir: the export is written "
-                                           "from the run's last checkpoint")
-    partition = cfg.pipeline.partition
-    if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
-        raise UserError("pipeline.partition",
-                        f"{partition} names {len(partition)} stages but pipeline.stages is {cfg.pipeline.stages}")

@@ -1,6 +1,6 @@
 """What the plan and the estimator print: tables, JSON data, and one formatter per kind of number. Pure Python.
 
-``validate`` and ``train --dry-run`` print :func:`format_plan` (hybrid_ds.plan) and :func:`format_estimate`
+``validate`` and ``train --dry-run`` print :func:`format_plan` (hybrid_ds.runtime.plan) and :func:`format_estimate`
 (hybrid_ds.estimate); ``compare`` and ``plan`` use the same number formatters.
 """
 
@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from typing import Any
 
-from hybrid_ds.architecture import Arch
-from hybrid_ds.estimate import COMPUTE_EFFICIENCY, Estimate, Run, forward_flops_per_token
-from hybrid_ds.topology import layer_span
+from hybrid_ds.estimate.architecture import Arch
+from hybrid_ds.estimate.flops import forward_flops_per_token
+from hybrid_ds.estimate.run import Run
+from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate
+from hybrid_ds.config.topology import layer_span
 
 
 def human_bytes(n: float) -> str:
@@ -49,7 +51,7 @@ def human_time(seconds: float) -> str:
 def params_text(arch: Arch) -> str:
     """Parameters, and for a Mixture-of-Experts model those one token uses.
 
-    >>> from hybrid_ds.architecture import arch_from_preset
+    >>> from hybrid_ds.estimate.architecture import arch_from_preset
     >>> params_text(arch_from_preset("llama2-7b"))
     '6.7B'
     """
@@ -128,7 +130,7 @@ def lora_text(lora: Any, trainable: int, frozen: int) -> str:
 
 
 def _transients(s: Any) -> str:
-    """The model states' transients of a stage, as format_estimate appends them (hybrid_ds.model_state)."""
+    """The model states' transients of a stage, as format_estimate appends them (hybrid_ds.estimate.model_state)."""
     parts = [f"in backward {human_bytes(s.state.backward_transient)} (ZeRO-2: a whole gradient before its reduction)"
              if s.state.backward_transient else "",
              f"outside backward {human_bytes(s.state.transient)}" if s.state.transient else ""]
@@ -165,7 +167,7 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
 
 
 def format_plan(plan: Any) -> str:
-    """A run's plan (hybrid_ds.plan.Plan) as ``validate`` and ``train --dry-run`` print it."""
+    """A run's plan (hybrid_ds.runtime.plan.Plan) as ``validate`` and ``train --dry-run`` print it."""
     cfg, layout = plan.config, plan.layout
     hf, lora = plan.resolved.hf_config, plan.config.model.lora
     trainable = sum(s.trainable for s in plan.stage_plans)

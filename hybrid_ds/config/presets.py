@@ -20,7 +20,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from hybrid_ds.errors import UserError, suggest
-from hybrid_ds.families import FAMILIES, ConfigKeys
+from hybrid_ds.config.families import FAMILIES, ConfigKeys
 
 @dataclass(frozen=True)
 class Preset:
@@ -32,7 +32,7 @@ class Preset:
     """
 
     name: str  # lowercase-with-dashes, e.g. "gpt3-1.3b"
-    model_type: str  # Hugging Face model_type: a key of hybrid_ds.families.FAMILIES, or of GENERIC_TYPES
+    model_type: str  # Hugging Face model_type: a key of hybrid_ds.config.families.FAMILIES, or of GENERIC_TYPES
     config: dict  # kwargs for transformers.CONFIG_MAPPING[model_type]; read-only
     published_params: int | None  # parameter count the source publishes
     source: str  # where the numbers come from, one short line

@@ -9,16 +9,15 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybrid_ds.activations import DTYPE_BYTES
+from hybrid_ds.estimate.activations import DTYPE_BYTES
 from hybrid_ds.config import RunConfig
 from hybrid_ds.errors import UserError
-from hybrid_ds.model_state import reduce_bucket_elements
 from hybrid_ds.models.lora import find_targets
 from hybrid_ds.models.masks import document_mask_obstacle
 from hybrid_ds.models.shape import layer_active_params, model_experts
 from hybrid_ds.models.resolve import (PipelineLayer, ResolvedModel, count_params, meta_model, pipeline_layers,
                                       resolve_model, stage_params, submodule)
-from hybrid_ds.topology import Layout, partition_layers, resolve_layout
+from hybrid_ds.config.topology import Layout, partition_layers, resolve_layout
 
 
 @dataclass(frozen=True)
@@ -63,16 +62,11 @@ class Plan:
         return (f"ZeRO-{self.config.zero_stage} at dp={self.layout.dp} runs as ZeRO-{self.zero_stage}: "
                 "same maths, no gradient copies")
 
-    @property
-    def reduce_bucket(self) -> int:
-        """Elements of a ZeRO-1/2 reduce bucket when the config sets none (:func:`reduce_bucket_elements`)."""
-        return reduce_bucket_elements([s.trainable for s in self.stage_plans])
-
 
 def default_world_size(cfg: RunConfig) -> int:
     """The world size a config implies: from its batch numbers, else the cluster its description names
     ("64x A100-80GB"), else one data-parallel replica (stages)."""
-    from hybrid_ds.gpus import parse_cluster
+    from hybrid_ds.estimate.gpus import parse_cluster
 
     micro, accum, total = cfg.micro_batch, cfg.grad_accum, cfg.train_batch
     if micro and accum and total and total % (micro * accum) == 0:

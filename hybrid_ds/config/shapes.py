@@ -1,8 +1,8 @@
 """Shape builders: a family's config dict -> the tensors Hugging Face builds for it, for the estimator. Pure Python.
 
 Each builder takes the config dict of one model (a preset's kwargs or a ``config.json``, keys already in
-the family's own names) and returns the keyword arguments of :class:`hybrid_ds.architecture.Arch`.
-The family table (:mod:`hybrid_ds.families`) says which builder a model type uses and with which
+the family's own names) and returns the keyword arguments of :class:`hybrid_ds.estimate.architecture.Arch`.
+The family table (:mod:`hybrid_ds.config.families`) says which builder a model type uses and with which
 defaults; nothing here branches on a model type. tests/test_families.py holds every count against the
 model built on the meta device.
 

@@ -3,7 +3,7 @@
 ``run`` builds everything once per run, in this order: the tokenizer (which may size the vocabulary),
 the plan (the model resolved once, its layout and stage boundaries), the packed data, the engine from
 that plan, and a :class:`Trainer` that steps, evaluates, saves and resumes. Engine choice (in
-hybrid_ds.engine): a PipelineModule and DeepSpeed's PipelineEngine for ZeRO 0/1 (any number of
+hybrid_ds.runtime.engine): a PipelineModule and DeepSpeed's PipelineEngine for ZeRO 0/1 (any number of
 stages); the plain Hugging Face model and DeepSpeed's ordinary engine for ZeRO-2/3 (one stage).
 """
 
@@ -20,14 +20,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from hybrid_ds import checkpoint, compile_blocks
+from hybrid_ds.runtime import checkpoint, compile_blocks
 from hybrid_ds.config import RunConfig
 from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size, predicted_tokens
-from hybrid_ds.engine import build_engine, data_parallel, init_distributed, raise_shared
+from hybrid_ds.runtime.engine import build_engine, data_parallel, init_distributed, raise_shared
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.resolve import tokenizer_source
-from hybrid_ds.plan import Plan, build_plan
-from hybrid_ds.preemption import StopRequest, gloo_group
+from hybrid_ds.runtime.plan import Plan, build_plan
+from hybrid_ds.runtime.preemption import StopRequest, gloo_group
 
 
 @dataclass
@@ -161,7 +161,7 @@ class Trainer:
 
     def _count_bad_step(self, loss: float) -> None:
         """A step with a non-finite loss or gradient norm was skipped by the engine (no parameter, optimizer-state
-        or learning-rate change; hybrid_ds.deepspeed_seam.skip_non_finite_steps): count it, say so, and stop with
+        or learning-rate change; hybrid_ds.seam.skip_non_finite_steps): count it, say so, and stop with
         a checkpoint after ``train.max_bad_steps`` in a row. Every rank sees the same loss and the same skip."""
         skipped = not self.engine.was_step_applied()
         if self.cfg.precision == "fp16":  # fp16's loss scaler skips overflowing steps as it searches for its scale

@@ -1,7 +1,7 @@
 """Per-family parameter counts: the shapes of a model and the tensors Hugging Face builds for it. Pure Python.
 
 An :class:`Arch` is read from a preset or a local ``config.json`` by the shape builder the family table
-(:mod:`hybrid_ds.families`) names for its ``model_type``. Its parameters are grouped as the pipeline
+(:mod:`hybrid_ds.config.families`) names for its ``model_type``. Its parameters are grouped as the pipeline
 groups them, [embedding, block 0 .. n-1, head]; a tied weight counts on every stage holding it. No torch,
 no deepspeed, no transformers: tests/test_families.py holds these counts against models built on the meta
 device. A model type without a shape builder (one the generic adapter maps) is read from its structure
@@ -27,11 +27,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from hybrid_ds import presets
+from hybrid_ds.config import presets
 from hybrid_ds.errors import UserError
-from hybrid_ds.families import FAMILIES
-from hybrid_ds.shapes import Linear, Tensor
-from hybrid_ds.topology import partition_layers
+from hybrid_ds.config.families import FAMILIES
+from hybrid_ds.config.shapes import Linear, Tensor
+from hybrid_ds.config.topology import partition_layers
 
 
 @dataclass(frozen=True)
@@ -151,7 +151,7 @@ class Arch:
         return [sum(per_layer[lo:hi]) for lo, hi in zip(parts, parts[1:])]
 
     def layer_classes(self) -> list[str]:
-        """Class names of [embedding, block 0 .. n-1, head], as hybrid_ds.plan names the pipeline's layers."""
+        """Class names of [embedding, block 0 .. n-1, head], as hybrid_ds.runtime.plan names the pipeline's layers."""
         blocks = [name for name, _ in self.per_block] or [self.block_class] * self.layers
         return ["Embedding", *blocks, "Head"]
 
@@ -259,7 +259,7 @@ def _local_config_json(name: str) -> Path | None:
 
 
 def stage_boundaries(arch: Arch, method: str | list[int], stages: int, seq_len: int) -> list[int]:
-    """Stage boundaries over [embedding, blocks..., head], as hybrid_ds.plan computes them."""
+    """Stage boundaries over [embedding, blocks..., head], as hybrid_ds.runtime.plan computes them."""
     key = tuple(method) if isinstance(method, list) else method
     return list(_partition(key, tuple(arch.layer_params()), tuple(arch.layer_classes()), stages, seq_len, arch.hidden,
                            tuple(arch.layer_active_params())))

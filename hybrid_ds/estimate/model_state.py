@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 
-from hybrid_ds.activations import DTYPE_BYTES
+from hybrid_ds.estimate.activations import DTYPE_BYTES
 from hybrid_ds.errors import UserError
 
 ADAM_BYTES = 8                 # exp_avg + exp_avg_sq, fp32, on the partition an optimizer owns
@@ -76,7 +76,7 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
     Phases are the peak of what each optimizer keeps, read from DeepSpeed 0.19.8 and measured by
     bench/estimator_accuracy.py. ZeRO-1 keeps the full gradient until the reduction at the accumulation
     boundary; ZeRO-2 reduces every micro-batch into a partition (on the pipeline engine too:
-    ``deepspeed_seam.PartitionedGradientsPipelineEngine``), holding the whole gradient of the parameter autograd
+    ``seam.engines.PartitionedGradientsPipelineEngine``), holding the whole gradient of the parameter autograd
     just produced (``largest_param`` elements at most) and, with stages, summing the ``tied`` weight it shares
     with another stage in fp32 once per step; both clone an fp32 master partition even in fp32.
     BF16_Optimizer keeps bf16 gradients plus a full accumulation buffer in the accumulation dtype (bf16 by
@@ -138,39 +138,3 @@ def _peak(path: str, phases: dict[str, tuple[float, float, float, float]], trans
     phase = max(phases, key=lambda name: sum(phases[name]))
     return ModelState(path, phase, *phases[phase], transient=transient, comm_buffer=comm_buffer,
                       backward_transient=backward_transient)
-def zero_stage_to_run(requested: int, dp: int, precision: str, eligible: bool) -> int:
-    """The ZeRO stage a run's engine gets: fp32 ZeRO-1/2 on the pipeline engine at one data-parallel rank runs
-    as ZeRO-0.
-
-    With one data-parallel rank there is nothing to partition: fp32 ZeRO-1/2 hold the whole optimizer state as
-    ZeRO-0 does, average the gradients over one rank and step torch's optimizer on an fp32 copy equal to the
-    parameters: the same update, less a copy of every gradient through the reduce buckets (1.0-1.6 s of a 10 s
-    CPU step of GPT-2 small) and a 5e8-element bucket. Checkpoints resume across it (checkpoint.py).
-    bf16 and fp16 keep their stage: with fp32 accumulation bf16 ZeRO-1 already is DeepSpeed's BF16_Optimizer,
-    which DeepSpeed refuses at ZeRO-0; bf16 accumulation and fp16's loss scaling differ between ZeRO-0's
-    optimizers and ZeRO-1's. The plain engine (ZeRO-2/3 at one stage) and ZeRO-Offload (``eligible`` false for
-    them) keep their stage too.
-
-    >>> [zero_stage_to_run(1, dp, precision, True) for dp, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16"))]
-    [0, 1, 1]
-    """
-    return 0 if requested in (1, 2) and dp == 1 and precision == "fp32" and eligible else requested
-
-
-DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed 0.19.8's zero_optimization.reduce_bucket_size
-
-
-def reduce_bucket_elements(per_stage: list[int]) -> int:
-    """A ZeRO-1/2 reduce (and all-gather) bucket sized to the model: DeepSpeed's 5e8 elements, or the largest
-    stage's parameter count when smaller.
-
-    A bucket holds gradients of one stage's parameters and DeepSpeed allocates it whole (5e8 fp32 elements are
-    2 GB, for a model of 124M parameters too); one the size of the largest stage still takes every gradient of a
-    stage in one reduction, as the default did, so the reductions and the sums are the same.
-
-    >>> reduce_bucket_elements([124_000_000]), reduce_bucket_elements([4_000_000_000, 3_000_000_000])
-    (124000000, 500000000)
-    """
-    return min(DEEPSPEED_REDUCE_BUCKET, max(per_stage))
-
-

@@ -9,7 +9,7 @@ on the last stage. One :class:`Family` entry says, for one ``model_type``:
 - the module paths the adapter (hybrid_ds.models) materializes per stage, how the embedding part
   combines them and how position ids are made;
 - the class name of its blocks (what ``pipeline.partition: "type:REGEX"`` matches);
-- the shape builder the estimator counts parameters and activations with (hybrid_ds.shapes).
+- the shape builder the estimator counts parameters and activations with (hybrid_ds.config.shapes).
 
 Adapters, presets, the estimator and export all read this table. Adding a named family is one entry
 here plus its line in tests/test_parity.py; a decoder-only model type without an entry goes to the
@@ -28,8 +28,8 @@ from functools import partial
 from types import MappingProxyType
 from typing import Any, NamedTuple
 
-from hybrid_ds import shapes
-from hybrid_ds.shapes import DecoderDefaults
+from hybrid_ds.config import shapes
+from hybrid_ds.config.shapes import DecoderDefaults
 
 
 @dataclass(frozen=True)
@@ -162,7 +162,7 @@ class Family:
                                                  # linear attention)
     # transformers' attribute_map of the config class: generic key -> the family's own key
     aliases: Mapping[str, str] = field(default_factory=lambda: MappingProxyType({}), hash=False)
-    # the estimator's shape builder (hybrid_ds.shapes); None: the estimator reads the model's structure
+    # the estimator's shape builder (hybrid_ds.config.shapes); None: the estimator reads the model's structure
     shape: Callable[[dict[str, Any]], dict[str, Any]] | None = field(default=None, compare=False)
 
     @property

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -13,13 +12,22 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
 
-from hybrid_ds import deepspeed_seam
+from hybrid_ds.seam.autoep import autoep_layers, autoep_presets, use_autoep_output_recorders
+
+from hybrid_ds.seam.engines import initialize_pipeline, pipeline_engine_class
+
+from hybrid_ds.seam.environment import arch_list_deepspeed_can_parse, disable_shm_comm_op
+
+from hybrid_ds.seam.numerics import reduce_over_one_rank_is_nothing, skip_non_finite_steps, use_global_clip_norm
+
+from hybrid_ds.seam.universal import describe_for_universal
+from hybrid_ds.config.deepspeed import effective_deepspeed_config
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.build import checkpoint_folder
 from hybrid_ds.models.masks import document_positions
 from hybrid_ds.models.resolve import auto_class
-from hybrid_ds.pipeline import build_pipeline_module
-from hybrid_ds.plan import Plan
+from hybrid_ds.runtime.pipeline import build_pipeline_module
+from hybrid_ds.runtime.plan import Plan
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> int:
@@ -34,26 +42,13 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
         # The launcher sets no thread count: without this every rank uses every core and they fight.
         local_size = int(os.environ.get("LOCAL_SIZE", os.environ.get("LOCAL_WORLD_SIZE", "1")))
         torch.set_num_threads(max(1, (os.cpu_count() or 1) // local_size))
-        deepspeed_seam.disable_shm_comm_op()  # else a first CPU run compiles an op training never uses
+        disable_shm_comm_op()  # else a first CPU run compiles an op training never uses
     else:
-        _arch_list_deepspeed_can_parse()
+        arch_list_deepspeed_can_parse()
     # Tied weights make DeepSpeed broadcast inside autograd; torch warns, the gradients are right (PITFALLS 8).
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     return torch.distributed.get_world_size()
-
-
-def _arch_list_deepspeed_can_parse() -> None:
-    """Drop the arch-specific suffixes of ``TORCH_CUDA_ARCH_LIST`` ("9.0a" -> "9.0") for this process.
-
-    PyTorch accepts "9.0a" (Hopper's arch-specific features), and CUDA images set it; DeepSpeed 0.19's JIT
-    builder reads each entry as numbers and dies with "invalid literal for int(): '0a'" when it compiles
-    FusedAdam at the first step. Its fused ops use none of those features.
-    """
-    value = os.environ.get("TORCH_CUDA_ARCH_LIST", "")
-    plain = re.sub(r"(\d+\.\d+)[a-zA-Z]+", r"\1", value)
-    if plain != value:
-        os.environ["TORCH_CUDA_ARCH_LIST"] = plain
 
 
 def device() -> torch.device:
@@ -62,34 +57,10 @@ def device() -> torch.device:
 
 
 def deepspeed_config(plan: Plan) -> dict[str, Any]:
-    """DeepSpeed's dict: batch numbers resolved for the real world size, CPU-friendly optimizer choice."""
-    layout = plan.layout
-    ds = plan.config.deepspeed_config({"train_batch_size": layout.train_batch,
-                                       "train_micro_batch_size_per_gpu": layout.micro_batch,
-                                       "gradient_accumulation_steps": layout.grad_accum})
-    optimizer = ds.get("optimizer", {})
-    if device().type == "cpu" and optimizer.get("type", "").lower() in ("adam", "adamw"):
-        # DeepSpeed's FusedAdam JIT-compiles an extension on CPU (minutes); torch's AdamW is the same update,
-        # and its fused CPU kernel makes one pass over the states where the default makes eight (0.18 s
-        # instead of 0.91 s for GPT-2 small's 124M parameters on one thread).
-        params = optimizer.setdefault("params", {})
-        if params.setdefault("torch_adam", True):
-            params.setdefault("fused", True)
-    ds.setdefault("gradient_clipping", 0.0)  # DeepSpeed's default is 1.0: clip only when the config says so
-    return zero_for_layout(plan, ds)
-
-
-def zero_for_layout(plan: Plan, ds: dict[str, Any]) -> dict[str, Any]:
-    """``ds`` with the ZeRO stage the layout runs (``Plan.zero_stage``: fp32 ZeRO-1/2 at dp=1 runs as ZeRO-0) and,
-    where ZeRO-1/2 stays, reduce and all-gather buckets sized to the model unless the config sets them."""
-    if "zero_optimization" not in ds:
-        return ds
-    zero = ds["zero_optimization"] = dict(ds["zero_optimization"])
-    zero["stage"] = plan.zero_stage
-    if plan.zero_stage in (1, 2):
-        zero.setdefault("reduce_bucket_size", plan.reduce_bucket)
-        zero.setdefault("allgather_bucket_size", plan.reduce_bucket)
-    return ds
+    """The run's effective DeepSpeed config on this machine (:func:`hybrid_ds.config.deepspeed.effective_deepspeed_config`,
+    which the estimator reads too)."""
+    return effective_deepspeed_config(plan.config, plan.layout, device().type,
+                                      [s.trainable for s in plan.stage_plans])
 
 
 def parameter_groups(module: torch.nn.Module, no_weight_decay: list[str] | tuple[str, ...]) -> list[Any]:
@@ -130,21 +101,21 @@ def parameter_groups(module: torch.nn.Module, no_weight_decay: list[str] | tuple
 def build_pipeline_engine(plan: Plan) -> Any:
     """PipelineModule + PipelineEngine for this rank, with a global gradient-clipping norm.
 
-    The engine is ``deepspeed_seam.OneBackwardPipelineEngine`` (one backward pass per micro-batch, whatever a stage
+    The engine is ``seam.engines.OneBackwardPipelineEngine`` (one backward pass per micro-batch, whatever a stage
     outputs); ZeRO-2 gets its subclass that partitions gradients over data parallel between micro-batches
-    (``deepspeed_seam.PartitionedGradientsPipelineEngine``).
+    (``seam.engines.PartitionedGradientsPipelineEngine``).
     """
     module = build_pipeline_module(plan, device())
-    deepspeed_seam.describe_for_universal(module, [r"tied_modules\."])  # saved by each stage that holds them
-    engine_class = deepspeed_seam.pipeline_engine_class(plan.zero_stage)
-    engine = deepspeed_seam.initialize_pipeline(
+    describe_for_universal(module, [r"tied_modules\."])  # saved by each stage that holds them
+    engine_class = pipeline_engine_class(plan.zero_stage)
+    engine = initialize_pipeline(
         engine_class, model=module, model_parameters=parameter_groups(module, plan.config.train.no_weight_decay),
         config=deepspeed_config(plan))
-    deepspeed_seam.use_global_clip_norm(engine)
-    deepspeed_seam.reduce_over_one_rank_is_nothing(engine)
+    use_global_clip_norm(engine)
+    reduce_over_one_rank_is_nothing(engine)
     if plan.zero_note and torch.distributed.get_rank() == 0:
         print(f"hybrid-ds: {plan.zero_note}", flush=True)
-    deepspeed_seam.skip_non_finite_steps(engine)
+    skip_non_finite_steps(engine)
     return engine
 
 
@@ -213,17 +184,17 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
         model = auto.from_pretrained(folder, config=resolved.hf_config, dtype=torch.float32)
     else:
         model = auto.from_config(resolved.hf_config)
-    deepspeed_seam.describe_for_universal(model, [])
+    describe_for_universal(model, [])
     if cfg.expert_parallel:
-        deepspeed_seam.use_autoep_output_recorders()
+        use_autoep_output_recorders()
     engine, _, _, _ = deepspeed.initialize(
         model=model, model_parameters=parameter_groups(model, cfg.train.no_weight_decay), config=ds)
-    if cfg.expert_parallel and not deepspeed_seam.autoep_layers(engine.module):
+    if cfg.expert_parallel and not autoep_layers(engine.module):
         raise UserError("expert_parallel.enabled", f"AutoEP found no MoE layer it knows in {cfg.model.name} "
                                                    f"({resolved.hf_config.model_type}); its presets: "
-                                                   f"{', '.join(deepspeed_seam.autoep_presets())}; or set "
+                                                   f"{', '.join(autoep_presets())}; or set "
                                                    "expert_parallel.moe_layer_pattern and its companions")
-    deepspeed_seam.skip_non_finite_steps(engine)
+    skip_non_finite_steps(engine)
     return PlainEngine(engine, plan.layout.grad_accum, plan.document_mask)
 
 

@@ -24,8 +24,8 @@ from hybrid_ds.models.build import checkpoint_folder
 from hybrid_ds.models.head_loss import materialize
 from hybrid_ds.models.lora import PEFT_PREFIX, is_adapter, with_peft
 from hybrid_ds.models.resolve import auto_class, resolve_model
-from hybrid_ds.pipeline import SequentialStages
-from hybrid_ds.plan import build_plan
+from hybrid_ds.runtime.pipeline import SequentialStages
+from hybrid_ds.runtime.plan import build_plan
 
 TOLERANCE = 1e-5
 

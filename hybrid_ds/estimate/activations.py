@@ -10,7 +10,7 @@ TrainSchedule keeps in flight. bench/estimator_accuracy.py holds them against au
 
 from __future__ import annotations
 
-from hybrid_ds.architecture import Arch
+from hybrid_ds.estimate.architecture import Arch
 
 DTYPE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
 
@@ -39,7 +39,7 @@ def block_activation_terms(arch: Arch, seq: int, batch: int, precision: str, att
     statistics left out) the terms add up to their eq. 1 exactly:
 
     >>> from dataclasses import replace
-    >>> from hybrid_ds.architecture import arch_from_preset
+    >>> from hybrid_ds.estimate.architecture import arch_from_preset
     >>> gpt3 = replace(arch_from_preset("gpt3-175b"), act="gelu")
     >>> terms = block_activation_terms(gpt3, 2048, 1, "bf16", attn="eager")
     >>> sum(terms.values()) - terms["norm statistics"] == korthikanti_layer_bytes(2048, 1, 12288, 96)
@@ -152,7 +152,7 @@ def fused_loss_bytes(arch: Arch, tokens: int, precision: str, frozen: bool = Fal
     dtype) and of the output weight (fp32 sum, until autograd adds it into ``.grad``; none for a ``frozen``
     weight, LoRA's), plus one block of logits (fp32, and the model dtype's copy in bf16/fp16) while it runs.
 
-    >>> from hybrid_ds.architecture import arch_from_preset
+    >>> from hybrid_ds.estimate.architecture import arch_from_preset
     >>> arch = arch_from_preset("gpt2")
     >>> fused_loss_bytes(arch, 1024, "fp32") / 2**20   # 4 x 50257 x 768 + 4 x 1024 x 768 + 4 x 667 x 50257
     278.1...

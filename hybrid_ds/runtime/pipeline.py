@@ -3,7 +3,7 @@
 Layer specs, in order: token embedding (a ``TiedLayerSpec`` where the model ties it to the output
 projection), the rest of the embedding, one ``Block`` per transformer block, the final norm, and the
 output projection (the tied embedding again, or the untied head). Stage boundaries come from
-:func:`hybrid_ds.topology.partition_layers` over ``[embedding, blocks..., head]``, computed on the meta
+:func:`hybrid_ds.config.topology.partition_layers` over ``[embedding, blocks..., head]``, computed on the meta
 device, and are handed to DeepSpeed as they are: DeepSpeed's own ``partition_method="parameters"``
 would build every layer on every rank just to count parameters.
 """
@@ -17,13 +17,13 @@ import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
 from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
-from hybrid_ds.compile_blocks import compile_blocks
-from hybrid_ds.deepspeed_seam import HybridPipelineModule
+from hybrid_ds.runtime.compile_blocks import compile_blocks
+from hybrid_ds.seam.pipeline_module import HybridPipelineModule
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, LogitsOps, OutputProjection,
                                     TokenEmbedding, loss_function, project_with_embedding)
 from hybrid_ds.models.resolve import meta_model
-from hybrid_ds.plan import Plan
+from hybrid_ds.runtime.plan import Plan
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIE_KEY = "token_embedding"

@@ -1,0 +1,51 @@
+"""Checks that span sections of a run config (a layout DeepSpeed or hybrid_ds cannot run). Pure Python."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from hybrid_ds.errors import UserError
+
+
+def check_cross_section(cfg: Any) -> None:
+    """What no single section can check: combinations of ZeRO, stages, precision, expert parallelism, LoRA, compile
+    and export that no engine runs, each one line naming the key to change."""
+    if cfg.deepspeed.get("fp16", {}).get("enabled") and cfg.deepspeed.get("bf16", {}).get("enabled"):
+        raise UserError("bf16.enabled", "fp16 and bf16 are both enabled; enable one of them")
+    if cfg.zero_stage >= 3 and cfg.pipeline.stages > 1:
+        raise UserError(
+            "zero_optimization.stage",
+            f"ZeRO stage 3 cannot be combined with pipeline.stages={cfg.pipeline.stages} (parameters partitioned "
+            "over data parallel inside a pipeline stage are not supported); use zero_optimization.stage 0, 1 or 2 "
+            "with stages > 1, or pipeline.stages=1 for ZeRO-3")
+    if cfg.zero_stage == 2 and cfg.pipeline.stages > 1 and cfg.precision == "fp16":
+        raise UserError(
+            "fp16.enabled", f"fp16 (dynamic loss scaling) is not supported with ZeRO-2 and pipeline.stages="
+            f"{cfg.pipeline.stages}: hybrid_ds runs that layout in fp32 or bf16; use bf16.enabled, or "
+            "zero_optimization.stage 0 or 1 for fp16")
+    if cfg.expert_parallel and cfg.pipeline.stages > 1:
+        raise UserError(
+            "expert_parallel.enabled", f"true needs pipeline.stages 1, got {cfg.pipeline.stages}: DeepSpeed's AutoEP "
+            "swaps the MoE layers of the whole Hugging Face model inside its plain engine, and a pipeline stage "
+            "is not that model; use pipeline.stages 1 with expert_parallel, or expert_parallel.enabled false")
+    if cfg.expert_parallel and cfg.train.export_hf:
+        raise UserError("train.export_hf", "not available with expert_parallel.enabled: each rank saves only its "
+                                           "own experts under AutoEP's names, which no Hugging Face folder holds")
+    if cfg.train.compile and not cfg.pipeline_engine:
+        raise UserError("train.compile", f"true needs the pipeline engine; zero_optimization.stage {cfg.zero_stage}"
+                                         f"{' with expert_parallel' if cfg.expert_parallel else ''} at pipeline.stages 1 "
+                                         "trains the plain Hugging Face model, which hybrid_ds does not compile; use "
+                                         "zero_optimization.stage 0-2 with stages > 1 (0/1 at one stage), or "
+                                         "train.compile false")
+    if cfg.model.lora and not cfg.pipeline_engine:
+        raise UserError("model.lora", f"needs the pipeline engine; zero_optimization.stage {cfg.zero_stage}"
+                                      f"{' with expert_parallel' if cfg.expert_parallel else ''} at pipeline.stages 1 "
+                                      "trains the plain Hugging Face model; use zero_optimization.stage 0-2 with "
+                                      "stages > 1 (0/1 at one stage): adapters leave little optimizer state to partition")
+    if cfg.train.export_hf and not cfg.train.save_dir:
+        raise UserError("train.export_hf", f"{cfg.train.export_hf!r} needs train.save_dir: the export is written "
+                                           "from the run's last checkpoint")
+    partition = cfg.pipeline.partition
+    if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
+        raise UserError("pipeline.partition",
+                        f"{partition} names {len(partition)} stages but pipeline.stages is {cfg.pipeline.stages}")

@@ -1,0 +1,212 @@
+"""DeepSpeed's own keys of a run config, and the effective DeepSpeed config of a run. Pure Python.
+
+A run config's top-level keys other than hybrid_ds's sections are DeepSpeed's, handed to it as given once checked
+here (a misspelt key DeepSpeed would silently ignore). :func:`effective_deepspeed_config` is the one place that
+turns a run config and its layout into the dict ``deepspeed.initialize`` gets: the engine passes it on
+(hybrid_ds.runtime.engine) and the estimator reads it (hybrid_ds.estimate.run), DeepSpeed's defaults included
+(:func:`zero_settings`).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+from typing import Any
+
+from hybrid_ds.errors import UserError, suggest
+
+# Top-level keys DeepSpeed 0.19 reads (deepspeed/runtime/config.py and the config classes it builds).
+# Anything else at the top level is a typo that DeepSpeed would silently ignore, so we reject it.
+DEEPSPEED_KEYS = frozenset({
+    "train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
+    "optimizer", "scheduler", "fp16", "bf16", "amp", "torch_autocast", "grad_accum_dtype",
+    "gradient_clipping", "prescale_gradients", "gradient_predivide_factor", "gradient_allreduce_op",
+    "sparse_gradients", "communication_data_type", "seq_parallel_communication_data_type",
+    "zero_optimization", "zero_allow_untested_optimizer", "zero_force_ds_cpu_optimizer", "aio",
+    "steps_per_print", "wall_clock_breakdown", "memory_breakdown", "dump_state", "disable_allgather",
+    "disable_python_gc", "log_level", "flops_profiler", "activation_checkpointing", "sparse_attention",
+    "data_efficiency", "curriculum_learning", "progressive_layer_drop", "eigenvalue",
+    "quantize_training", "compression_training", "elasticity", "autotuning", "checkpoint",
+    "data_types", "dataloader_drop_last", "pipeline", "tensorboard", "wandb", "csv_monitor", "comet",
+    "comms_logger", "timers", "nebula", "weight_quantization", "compile", "hybrid_engine",
+    "tensor_parallel", "expert_parallel", "managed_gradient_accumulation",
+    "use_data_before_expert_parallel_", "vocabulary_size", "zero_optimization_stage",
+})
+
+# DeepSpeed's own pipeline keys that we do not interpret; they are handed to DeepSpeed as given.
+_DS_PIPELINE_KEYS = ("pipe_partitioned", "grad_partitioned")
+
+
+# The names DeepSpeed 0.19.8 builds (engine._is_supported_optimizer, engine._scheduler_from_config): its own
+# (runtime/config.py DEEPSPEED_OPTIMIZERS, case-insensitive; runtime/lr_schedules.py VALID_LR_SCHEDULES) and
+# torch's classes (torch.optim, torch.optim.lr_scheduler). Another name fails only once the engine is built,
+# as an AssertionError. tests/test_bad_inputs.py checks these lists against the installed packages.
+KNOWN_TYPES = {
+    "optimizer": ("adagrad", "adam", "adamw", "lamb", "muadam", "muadamw", "musgd", "lion", "muon",
+                  "ASGD", "Adadelta", "Adafactor", "Adagrad", "Adam", "AdamW", "Adamax", "LBFGS", "Muon", "NAdam",
+                  "RAdam", "RMSprop", "Rprop", "SGD", "SparseAdam"),
+    "scheduler": ("LRRangeTest", "OneCycle", "WarmupLR", "WarmupDecayLR", "WarmupCosineLR",
+                  "ChainedScheduler", "ConstantLR", "CosineAnnealingLR", "CosineAnnealingWarmRestarts", "CyclicLR",
+                  "ExponentialLR", "LambdaLR", "LinearLR", "MultiStepLR", "MultiplicativeLR", "OneCycleLR",
+                  "PolynomialLR", "ReduceLROnPlateau", "SequentialLR", "StepLR"),
+}
+
+
+def _known_type(key: str, name: str) -> bool:
+    return name in KNOWN_TYPES[key] or (key == "optimizer" and name.lower() in KNOWN_TYPES[key])
+
+
+def check_deepspeed_keys(ds: dict[str, Any], other_keys: tuple[str, ...] = ()) -> None:
+    """DeepSpeed's top-level keys of a run config: known names, and the values hybrid_ds reads before DeepSpeed does
+    (``other_keys``: the config's own top-level keys, offered as suggestions for a misspelt one)."""
+    for key in ds:
+        if key not in DEEPSPEED_KEYS:
+            valid = [*DEEPSPEED_KEYS, *other_keys]
+            raise UserError(key, f"unknown top-level key; {suggest(key, valid)}")
+    for key in ("train_batch_size", "train_micro_batch_size_per_gpu", "gradient_accumulation_steps"):
+        value = ds.get(key)
+        if value is not None and (type(value) is not int or value < 1):
+            raise UserError(key, f"must be a positive integer, got {value!r}")
+    for key in ("zero_optimization", "fp16", "bf16", "optimizer", "scheduler", "expert_parallel"):
+        if not isinstance(ds.get(key, {}), dict):
+            raise UserError(key, f"must be an object, got {ds[key]!r}")
+    for key in ("optimizer", "scheduler"):  # DeepSpeed reads them only when the engine is built, minutes later
+        name = ds.get(key, {}).get("type", "")
+        if key in ds and not (isinstance(name, str) and _known_type(key, name)):
+            raise UserError(f"{key}.type", f"DeepSpeed builds no {key} named {name!r}; {suggest(name, KNOWN_TYPES[key])}")
+        if not isinstance(ds.get(key, {}).get("params", {}), dict):
+            raise UserError(f"{key}.params", f"must be an object, got {ds[key]['params']!r}")
+    lr = ds.get("optimizer", {}).get("params", {}).get("lr", 0)
+    if isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+        raise UserError("optimizer.params.lr", f"must be a number >= 0, got {lr!r}")
+    stage = ds.get("zero_optimization", {}).get("stage", 0)
+    if stage not in (0, 1, 2, 3):
+        raise UserError("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+    for key in ("fp16", "bf16"):
+        enabled = ds.get(key, {}).get("enabled", False)
+        if enabled not in (True, False, "auto"):
+            raise UserError(f"{key}.enabled", f"must be true or false, got {enabled!r}")
+    _check_expert_parallel(ds.get("expert_parallel", {}))
+    clip = ds.get("gradient_clipping", 0.0)
+    if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
+        raise UserError("gradient_clipping", f"must be a number >= 0 (0 = off), got {clip!r}")
+
+
+def _check_expert_parallel(ep: dict[str, Any]) -> None:
+    """The keys of DeepSpeed's ``expert_parallel`` section that decide the layout; DeepSpeed checks the rest."""
+    if ep.get("enabled", False) not in (True, False):
+        raise UserError("expert_parallel.enabled", f"must be true or false, got {ep['enabled']!r}")
+    size = ep.get("autoep_size", 1)
+    if type(size) is not int or size < 1:
+        raise UserError("expert_parallel.autoep_size", f"must be a positive integer (ranks sharing one copy of "
+                                                       f"the experts), got {size!r}")
+
+
+# ---------------------------------------------------------------- the effective config of a run
+
+
+def zero_stage_to_run(requested: int, dp: int, precision: str, eligible: bool) -> int:
+    """The ZeRO stage a run's engine gets: fp32 ZeRO-1/2 on the pipeline engine at one data-parallel rank runs
+    as ZeRO-0.
+
+    With one data-parallel rank there is nothing to partition: fp32 ZeRO-1/2 hold the whole optimizer state as
+    ZeRO-0 does, average the gradients over one rank and step torch's optimizer on an fp32 copy equal to the
+    parameters: the same update, less a copy of every gradient through the reduce buckets (1.0-1.6 s of a 10 s
+    CPU step of GPT-2 small) and a 5e8-element bucket. Checkpoints resume across it (hybrid_ds.runtime.checkpoint).
+    bf16 and fp16 keep their stage: with fp32 accumulation bf16 ZeRO-1 already is DeepSpeed's BF16_Optimizer,
+    which DeepSpeed refuses at ZeRO-0; bf16 accumulation and fp16's loss scaling differ between ZeRO-0's
+    optimizers and ZeRO-1's. The plain engine (ZeRO-2/3 at one stage) and ZeRO-Offload (``eligible`` false for
+    them) keep their stage too.
+
+    >>> [zero_stage_to_run(1, dp, precision, True) for dp, precision in ((1, "fp32"), (2, "fp32"), (1, "bf16"))]
+    [0, 1, 1]
+    """
+    return 0 if requested in (1, 2) and dp == 1 and precision == "fp32" and eligible else requested
+
+
+DEEPSPEED_REDUCE_BUCKET = 500_000_000  # DeepSpeed 0.19.8's zero_optimization.reduce_bucket_size
+
+
+def reduce_bucket_elements(per_stage: list[int]) -> int:
+    """A ZeRO-1/2 reduce (and all-gather) bucket sized to the model: DeepSpeed's 5e8 elements, or the largest
+    stage's parameter count when smaller.
+
+    A bucket holds gradients of one stage's parameters and DeepSpeed allocates it whole (5e8 fp32 elements are
+    2 GB, for a model of 124M parameters too); one the size of the largest stage still takes every gradient of a
+    stage in one reduction, as the default did, so the reductions and the sums are the same.
+
+    >>> reduce_bucket_elements([124_000_000]), reduce_bucket_elements([4_000_000_000, 3_000_000_000])
+    (124000000, 500000000)
+    """
+    return min(DEEPSPEED_REDUCE_BUCKET, max(per_stage))
+
+
+def effective_deepspeed_config(cfg: Any, layout: Any, device_kind: str, stage_trainable: list[int] | None = None
+                               ) -> dict[str, Any]:
+    """The dict ``deepspeed.initialize`` gets for run config ``cfg`` (hybrid_ds.config.RunConfig) at ``layout``
+    (hybrid_ds.config.topology.Layout), on a ``device_kind`` ("cpu" or "gpu") machine.
+
+    - The batch numbers of the layout, DeepSpeed's pipeline keys, and ``data_types.grad_accum_dtype`` where
+      hybrid_ds changes DeepSpeed's default (``RunConfig.grad_accum_dtype``).
+    - ``gradient_clipping`` 0 unless set: DeepSpeed's default is 1.0; hybrid_ds clips only when the config says so.
+    - On CPU, "Adam"/"AdamW" is torch's fused AdamW: DeepSpeed's FusedAdam JIT-compiles an extension there
+      (minutes); torch's is the same update, and its fused CPU kernel makes one pass over the states where the
+      default makes eight (0.18 s instead of 0.91 s for GPT-2 small's 124M parameters on one thread).
+    - The ZeRO stage the layout runs (``RunConfig.zero_stage_at``: fp32 ZeRO-1/2 at dp=1 runs as ZeRO-0) and,
+      where ZeRO-1/2 stays and ``stage_trainable`` (trainable parameters per stage) is given, reduce and
+      all-gather buckets sized to the model (:func:`reduce_bucket_elements`) unless the config sets them.
+
+    >>> from hybrid_ds.config import load_config_dict
+    >>> from hybrid_ds.config.topology import resolve_layout
+    >>> cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "zero_optimization": {"stage": 1},
+    ...                         "optimizer": {"type": "AdamW", "params": {"lr": 1e-3}}})
+    >>> ds = effective_deepspeed_config(cfg, resolve_layout(2, 1, 2, 2, 1, None), "cpu", [1000])
+    >>> ds["train_batch_size"], ds["zero_optimization"], ds["optimizer"]["params"]
+    (4, {'stage': 1, 'reduce_bucket_size': 1000, 'allgather_bucket_size': 1000}, {'lr': 0.001, 'torch_adam': True, 'fused': True})
+    """
+    ds = copy.deepcopy(cfg.deepspeed)
+    ds.update(train_batch_size=layout.train_batch, train_micro_batch_size_per_gpu=layout.micro_batch,
+              gradient_accumulation_steps=layout.grad_accum)
+    if cfg.grad_accum_dtype is not None:
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = cfg.grad_accum_dtype
+    ds["pipeline"] = {**{k: getattr(cfg.pipeline, k) for k in _DS_PIPELINE_KEYS},
+                      "activation_checkpoint_interval": cfg.pipeline.activation_checkpoint_interval}
+    optimizer = ds.get("optimizer", {})
+    if device_kind == "cpu" and optimizer.get("type", "").lower() in ("adam", "adamw"):
+        params = optimizer.setdefault("params", {})
+        if params.setdefault("torch_adam", True):
+            params.setdefault("fused", True)
+    ds.setdefault("gradient_clipping", 0.0)
+    if "zero_optimization" in ds:
+        zero = ds["zero_optimization"] = dict(ds["zero_optimization"])
+        zero["stage"] = cfg.zero_stage_at(layout.dp)
+        if zero["stage"] in (1, 2) and stage_trainable:
+            zero.setdefault("reduce_bucket_size", reduce_bucket_elements(stage_trainable))
+            zero.setdefault("allgather_bucket_size", reduce_bucket_elements(stage_trainable))
+    return ds
+
+
+@dataclass(frozen=True)
+class ZeroSettings:
+    """The ``zero_optimization`` settings the estimator needs, as DeepSpeed 0.19.8 reads them (its defaults where a
+    config sets none: ``deepspeed.runtime.zero.config.DeepSpeedZeroConfig``; tests/test_config.py holds them to it).
+    ``reduce_bucket`` is 0 where the run sizes the bucket to the model (:func:`effective_deepspeed_config`)."""
+
+    stage: int = 0
+    reduce_bucket: int = 0
+    contiguous_gradients: bool = True
+    overlap_comm: bool = False            # DeepSpeed: on by default at ZeRO-3 only
+    persistence_threshold: int = 100_000  # stage3_param_persistence_threshold
+    prefetch_bucket: int = 50_000_000     # stage3_prefetch_bucket_size
+
+
+def zero_settings(ds: dict[str, Any]) -> ZeroSettings:
+    """:class:`ZeroSettings` of an effective DeepSpeed config (:func:`effective_deepspeed_config`)."""
+    zero = ds.get("zero_optimization", {})
+    stage = int(zero.get("stage", 0))
+    default = ZeroSettings()
+    return ZeroSettings(stage, int(zero.get("reduce_bucket_size", 0)),
+                        bool(zero.get("contiguous_gradients", default.contiguous_gradients)),
+                        bool(zero.get("overlap_comm", stage == 3)),
+                        int(zero.get("stage3_param_persistence_threshold", default.persistence_threshold)),
+                        int(zero.get("stage3_prefetch_bucket_size", default.prefetch_bucket)))

@@ -1,0 +1,1 @@
+"""The run: plan, engines, pipeline, checkpoints, training loop."""

@@ -1,0 +1,203 @@
+"""A checkpoint's folder: DeepSpeed's files plus hybrid_ds's state, RNG and markers, written so that only a complete
+save ever becomes ``latest``; the run's folders checked before any engine is built.
+
+``SAVE_DIR/step_N/`` as DeepSpeed writes it, plus ``hybrid_ds.json`` (step, global data position, the layout it was
+saved at), ``rng-rank{R}.pt`` per rank, and last a ``COMPLETE`` marker; only after every rank has finished does rank 0
+point ``SAVE_DIR/latest`` at it (write aside, then rename). ``SAVE_DIR/run.json`` is the resolved run config and
+``SAVE_DIR/tokenizer/`` the tokenizer: an export needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from hybrid_ds.errors import UserError
+from hybrid_ds.runtime.checkpoint.zero0 import optimizer_param_names
+
+LATEST = "latest"
+COMPLETE = "COMPLETE"
+STATE = "hybrid_ds.json"
+RUN_CONFIG = "run.json"
+UNIVERSAL = "universal"
+
+
+def write_run_files(save_dir: Path, resolved_config: dict, tokenizer: Any) -> None:
+    save_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write(save_dir / RUN_CONFIG, json.dumps(resolved_config, indent=2))
+    tokenizer.save_pretrained(save_dir / "tokenizer")
+
+
+def check_shared(save_dir: Path, wait_s: float = 5.0) -> None:
+    """Refuse a ``train.save_dir`` that is not one folder for every rank (node-local disks of several nodes).
+
+    Every rank writes its part of a checkpoint there (a stage's layer files, a rank's ZeRO partition and RNG)
+    and resumes from parts others wrote, and rank 0 writes ``latest`` once all are done: one folder must
+    hold them all. Rank 0 leaves a file with a fresh name there and every rank looks for it (for up to
+    ``wait_s``, as a network filesystem may show a new file late). All ranks call this.
+    """
+    rank, host = torch.distributed.get_rank(), socket.gethostname()
+    probe: list[Any] = [None, None]  # the probe's name, or why rank 0 could not write it
+    if rank == 0:
+        probe[0] = f".shared-check-{uuid.uuid4().hex}"
+        try:
+            save_dir.mkdir(parents=True, exist_ok=True)
+            (save_dir / probe[0]).write_text(host)
+        except OSError as err:
+            probe[1] = f"{save_dir} cannot be written on rank 0 ({host}): {err.strerror or err}"
+    torch.distributed.broadcast_object_list(probe, src=0)
+    if probe[1]:
+        raise UserError("train.save_dir", probe[1])
+    path, deadline = save_dir / probe[0], time.monotonic() + wait_s
+    while not path.is_file() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    seen: list[Any] = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(seen, (path.is_file(), host, str(save_dir)))
+    if rank == 0:
+        path.unlink()
+    blind = [f"rank {r} ({h}, {d})" for r, (ok, h, d) in enumerate(seen) if not ok]
+    if blind:
+        raise UserError("train.save_dir", f"{seen[0][2]} is not one folder shared by every node: "
+                                          f"{', '.join(blind)} does not see the file rank 0 ({seen[0][1]}) wrote "
+                                          "there; every rank writes and reads each checkpoint, so put "
+                                          "train.save_dir on a filesystem all nodes mount at the same path")
+
+
+def layout_of(plan: Any) -> dict[str, Any]:
+    """What a checkpoint's files depend on: which engine, stages, data parallel, ZeRO stage, stage boundaries.
+
+    The ZeRO stage is the one the engine ran (``Plan.zero_stage``: fp32 ZeRO-1 at dp=1 runs as ZeRO-0); checkpoints
+    saved before recorded the config's, and resume through the universal form like any other layout change.
+    """
+    cfg = plan.config
+    return {"engine": "pipeline" if cfg.pipeline_engine else "plain", "stages": plan.layout.stages,
+            "dp": plan.layout.dp, "zero": plan.zero_stage, "boundaries": list(plan.boundaries)}
+
+
+def describe_layout(layout: dict[str, Any]) -> str:
+    """The layout in the words of the config keys that set it.
+
+    >>> describe_layout({"engine": "pipeline", "stages": 2, "dp": 1, "zero": 1, "boundaries": [0, 2, 4]})
+    'pipeline.stages 2 (layers [0, 2, 4]) x dp 1, ZeRO-1'
+    """
+    stages = (f"pipeline.stages {layout['stages']} (layers {layout['boundaries']})" if layout["engine"] == "pipeline"
+              else "the plain Hugging Face engine")
+    return f"{stages} x dp {layout['dp']}, ZeRO-{layout['zero']}"
+
+
+def base_is_reread(cfg: Any) -> bool:
+    """Whether checkpoints leave out the frozen base: a LoRA run of a pretrained model, whose base every resume and
+    export reads from ``model.name`` again."""
+    return cfg.model.lora is not None and cfg.model.pretrained
+
+
+def save(engine: Any, save_dir: Path, step: int, data_state: dict, layout: dict | None = None,
+         without_frozen: bool = False) -> Path:
+    """All ranks call this. Returns the checkpoint folder. ``without_frozen``: leave frozen tensors out
+    (:func:`base_is_reread`)."""
+    tag = f"step_{step}"
+    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False, exclude_frozen_parameters=without_frozen,
+                           client_state=optimizer_param_names(engine))
+    folder = save_dir / tag
+    rank = torch.distributed.get_rank()
+    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
+    torch.distributed.barrier()
+    if rank == 0:
+        atomic_write(folder / STATE, json.dumps({"step": step, "data": data_state, "layout": layout,
+                                                   "without_frozen": without_frozen}))
+        atomic_write(folder / COMPLETE, "")
+        atomic_write(save_dir / LATEST, tag)
+    torch.distributed.barrier()
+    return folder
+
+
+def latest_checkpoint(save_dir: Path) -> Path | None:
+    """The latest complete checkpoint folder, None when there is none; a corrupt one is an error."""
+    pointer = save_dir / LATEST
+    if not pointer.is_file():
+        return None
+    folder = save_dir / pointer.read_text().strip()
+    check_complete(folder)
+    return folder
+
+
+def check_complete(folder: Path, key: str = "train.resume") -> None:
+    if not (folder / COMPLETE).is_file() or not (folder / STATE).is_file():
+        fix = ("point train.save_dir at a run with a complete checkpoint" if key == "train.resume"
+               else "name a train.save_dir or one of its step_N folders")
+        raise UserError(key, f"checkpoint {folder} is missing or incomplete (no {COMPLETE} marker); {fix}")
+
+
+def check_run_folders(cfg: Any, resuming: bool) -> None:
+    """Before any engine is built: ``train.save_dir`` and ``train.export_hf`` can be written, and a run
+    that resumes trains the model its save_dir's checkpoints hold (else DeepSpeed's state_dict error)."""
+    train = cfg.train
+    if train.save_dir:
+        writable_folder("train.save_dir", Path(train.save_dir))
+    if train.export_hf:
+        export_folder("train.export_hf", Path(train.export_hf))
+    saved = Path(train.save_dir or "") / RUN_CONFIG
+    if resuming and train.save_dir and (Path(train.save_dir) / LATEST).is_file() and saved.is_file():
+        before = {k: json.loads(saved.read_text())["model"].get(k) for k in ("name", "overrides")}
+        now = {k: getattr(cfg.model, k) for k in ("name", "overrides")}
+        if before != now:
+            raise UserError("train.resume", f"{train.save_dir} holds checkpoints of model {before}, this run's model "
+                                            f"is {now}; resume with that model.name and model.overrides, or start "
+                                            "in another train.save_dir")
+
+
+def writable_folder(key: str, path: Path) -> None:
+    """``path`` is a folder this process can write (created if missing)."""
+    if path.exists() and not path.is_dir():
+        raise UserError(key, f"{path} is a file, not a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise UserError(key, f"cannot create the folder {path}: {err.strerror}") from None
+    if not os.access(path, os.W_OK | os.X_OK):
+        raise UserError(key, f"{path} is not writable")
+
+
+def export_folder(key: str, path: Path) -> None:
+    """``path`` may receive an export: new, empty, or an earlier export (a config.json), never other files."""
+    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
+        raise UserError(key, f"{path} is a folder of other files (no config.json of an earlier export); "
+                             "export into a new or empty folder")
+    writable_folder(key, path)
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A save_dir (meaning its latest complete checkpoint) or one step folder inside it."""
+    path = Path(path)
+    if (path / LATEST).is_file():
+        return latest_checkpoint(path)
+    if path.is_dir() and (path.parent / RUN_CONFIG).is_file():
+        check_complete(path, "CHECKPOINT")
+        return path
+    raise UserError("CHECKPOINT", f"{path} is neither a train.save_dir with a 'latest' checkpoint "
+                                  "nor a checkpoint folder inside one")
+
+
+def rng_state() -> dict:
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+
+
+def atomic_write(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(text)
+    os.replace(tmp, path)
