@@ -52,3 +52,7 @@ def installed_version(name: str) -> str | None:
 def pytest_report_header(config):
     shown = ", ".join(f"{name} {installed_version(name)}" for name in SHOWN)
     return [f"versions: python {platform.python_version()}, {shown}"]
+
+
+# The fixture folder holds the scripts that made its files (run from an old commit), not tests or doctests.
+collect_ignore_glob = ["fixtures/*"]

@@ -1,7 +1,8 @@
-"""hybrid_ds/seam/__init__.py: each DeepSpeed internal we rely on is checked, and its absence is one clear line.
+"""hybrid_ds/seam: each DeepSpeed internal we rely on is checked, and its absence is one clear line.
 
-Every item is checked twice: with the installed DeepSpeed the check passes, and with the internal taken
-away (monkeypatch: deleted, or its caller no longer calling it) the seam raises ``IncompatibleDeepSpeed``.
+Every registered requirement (hybrid_ds.seam.compat.REGISTRY) is checked twice: with the installed DeepSpeed it
+holds, and with the internal taken away (monkeypatch: deleted, or its caller no longer calling it; ``TAKE_AWAY``)
+it raises ``IncompatibleDeepSpeed``, also through the entry point that relies on it, which then changes nothing.
 """
 
 from __future__ import annotations
@@ -19,14 +20,19 @@ import deepspeed
 import pytest
 import torch
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.base_optimizer import ZeROOptimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
-from hybrid_ds import seam as seam
 from hybrid_ds.errors import IncompatibleDeepSpeed, UserError
+from hybrid_ds.runtime.checkpoint.zero0 import load_universal_zero0, optimizer_param_names, zero0_to_universal
+from hybrid_ds.seam import autoep, engines, environment, instruments, numerics, pipeline_module, universal
+from hybrid_ds.seam.compat import REGISTRY, WRITTEN_FOR, code_count, code_has, require
 
 ROOT = Path(__file__).resolve().parents[1]
+SEAM_MODULES = (autoep, engines, environment, instruments, numerics, pipeline_module, universal)  # all registered
 
 
 def expect_missing(internal: str, check, *args):
@@ -35,17 +41,70 @@ def expect_missing(internal: str, check, *args):
         check(*args)
     message = str(info.value)
     assert "\n" not in message
-    assert message.startswith(f"hybrid_ds needs DeepSpeed {seam.WRITTEN_FOR}'s {internal}"), message
+    assert message.startswith(f"hybrid_ds needs DeepSpeed {WRITTEN_FOR}'s {internal}"), message
     assert f"(found DeepSpeed {deepspeed.__version__} without it)" in message
     assert isinstance(info.value, UserError)  # the CLI prints it as one line, exit code 2
 
 
 def test_written_for_the_pinned_deepspeed():
     pin = next(line for line in (ROOT / "pyproject.toml").read_text().splitlines() if '"deepspeed' in line)
-    assert f">={seam.WRITTEN_FOR}," in pin
+    assert f">={WRITTEN_FOR}," in pin
 
 
-# ---------------------------------------------------------------- 1. global gradient clipping
+# ---------------------------------------------------------------- the syntax-tree check
+
+
+def _mentions_only():
+    """Calls self._take_model_step(lr_kwargs) and sets self.skipped_steps += 1."""
+    # self._take_model_step(lr_kwargs)
+    note = "self._take_model_step(lr_kwargs)"
+    return note
+
+
+def _does(self, lr_kwargs, comm_dtype, PipelineEngine=None):
+    self.skipped_steps += 1
+    self.tied_modules = {'ranks': [0], 'group': None}
+    cls = DeepSpeedEngine if lr_kwargs else PipelineEngine
+    self._take_model_step(lr_kwargs, flag=True)
+    return comm_dtype in self.extra_large_param_to_reduce, self.parts[cls]
+
+
+def test_code_has_is_not_satisfied_by_a_comment_or_a_string():
+    assert not code_has(_mentions_only, "self._take_model_step(...)")
+    assert not code_has(_mentions_only, "self.skipped_steps += 1")
+    assert code_has(_does, "self._take_model_step(...)")
+
+
+def test_code_has_matches_patterns_with_wildcards():
+    assert code_has(_does, "self.skipped_steps += 1", "self.tied_modules = ...", "{'ranks': ..., **...}",
+                    "... if ... else PipelineEngine", "self._take_model_step(lr_kwargs, ...)",
+                    "comm_dtype in self.extra_large_param_to_reduce", "self.parts[...]")
+    assert not code_has(_does, "self.skipped_steps += 2")
+    assert not code_has(_does, "self._take_model_step(lr_kwargs)")  # the keyword is not in the pattern
+    assert not code_has(_does, "self._take_model_step(other, ...)")
+    assert not code_has(_does, "... if ... else DeepSpeedEngine")
+    assert not code_has(_does, "{'ranks': ..., 'module': ..., **...}")
+    assert not code_has(_does, "self.tied_modules = []")
+
+
+def test_code_has_keeps_the_order():
+    assert code_has(_does, "self.skipped_steps += 1", "self._take_model_step(...)")
+    assert not code_has(_does, "self._take_model_step(...)", "self.skipped_steps += 1")
+
+
+def test_code_count_counts_calls():
+    assert code_count(_does, "self._take_model_step(...)") == 1
+    assert code_count(_does, "self.skipped_steps") == 1 and code_count(_does, "self") == 5
+    assert code_count(PipelineEngine.__init__, "self.zero_optimization_stage(...)") == 1
+
+
+def test_an_unparsable_pattern_or_source_does_not_hold():
+    with pytest.raises(SyntaxError):
+        code_has(_does, "self.(")
+    expect_missing("X", require, types.SimpleNamespace(internal="X", why="y", holds=lambda: code_has(_does, "a b")))
+
+
+# ---------------------------------------------------------------- every requirement, and each taken away
 
 
 def _take_model_step_clipping_elsewhere(self, lr_kwargs):
@@ -60,38 +119,6 @@ def _index_tied_modules_without_ranks(self):
     return {}
 
 
-CLIP_INTERNALS = {  # what a refactor could take away -> the internal the error names
-    "clip_fp32_gradients": (lambda mp: mp.delattr(DeepSpeedEngine, "clip_fp32_gradients"),
-                            "PipelineEngine.clip_fp32_gradients"),
-    "_take_model_step": (lambda mp: mp.setattr(DeepSpeedEngine, "_take_model_step",
-                                               _take_model_step_clipping_elsewhere),
-                         "PipelineEngine._take_model_step calling clip_fp32_gradients"),
-    "_exec_optimizer_step": (lambda mp: mp.setattr(PipelineEngine, "_exec_optimizer_step",
-                                                   _exec_optimizer_step_without_take_model_step),
-                             "PipelineEngine._exec_optimizer_step calling _take_model_step"),
-    "tied_comms": (lambda mp: mp.setattr(PipelineModule, "_index_tied_modules", _index_tied_modules_without_ranks),
-                   "PipelineModule.tied_modules and tied_comms"),
-    "grid": (lambda mp: mp.delattr(PipelineParallelGrid, "get_pipe_parallel_group"),
-             "PipelineEngine.grid.get_pipe_parallel_group"),
-}
-
-
-def test_clip_check_passes_with_this_deepspeed():
-    seam.check_clip_fp32_gradients()
-
-
-@pytest.mark.parametrize("taken", sorted(CLIP_INTERNALS))
-def test_clip_replacement_refuses_without_its_internals(taken, monkeypatch):
-    take_away, internal = CLIP_INTERNALS[taken]
-    take_away(monkeypatch)
-    engine = types.SimpleNamespace()
-    expect_missing(internal, seam.use_global_clip_norm, engine)
-    assert not hasattr(engine, "clip_fp32_gradients"), "checked before anything was replaced"
-
-
-# ---------------------------------------------------------------- 2. our stage boundaries
-
-
 def _init_without_partition_layers(self, layers, **kwargs):
     torch.nn.Module.__init__(self)
 
@@ -100,33 +127,251 @@ def _stage_owner_without_parts(self, layer_idx):
     return 0
 
 
-PARTITION_INTERNALS = {
-    "_partition_layers": (lambda mp: mp.delattr(PipelineModule, "_partition_layers"),
-                          "PipelineModule._partition_layers"),
-    "__init__": (lambda mp: mp.setattr(PipelineModule, "__init__", _init_without_partition_layers),
-                 "PipelineModule._partition_layers, called by __init__"),
-    "_set_bounds": (lambda mp: mp.delattr(PipelineModule, "_set_bounds"), "PipelineModule._set_bounds"),
-    "parts": (lambda mp: mp.setattr(PipelineModule, "stage_owner", _stage_owner_without_parts),
-              "PipelineModule.parts, read by stage_owner"),
+def _exec_schedule_without_map(self, pipe_schedule):
+    for step_cmds in pipe_schedule:
+        for cmd in step_cmds:
+            getattr(self, f"_exec_{type(cmd).__name__.lower()}")(**cmd.kwargs)
+
+
+def _backward_per_output(self, buffer_id):
+    for out, grad in zip(self.pipe_buffers["outputs"][buffer_id], self.grad_layer):
+        out.backward(grad)
+
+
+def _exec_reduce_grads_elsewhere(self):
+    self.optimizer.reduce_everything()
+
+
+def _gradients_without_zeros(self):
+    return [p.grad for p in self.module.parameters() if p.grad is not None], {}
+
+
+def _take_model_step_ignoring_overflow(self, lr_kwargs):
+    self.optimizer.step()
+    self._step_applied = True
+
+
+def _step_whatever_the_norm(self, closure=None):
+    self.optimizer.step()
+
+
+def _parse_arguments_renamed():
+    """--input_folder renamed --input"""
+
+
+def _load_universal_flag_elsewhere(self):
+    return self._config.universal
+
+
+def _load_hp_by_parameter_order(self, lp_groups_name, checkpoint_dir):
+    """zero/<index>/ instead of zero/<self.param_names...>/"""
+
+
+def _hp_state_without_step(self, folder, tp_rank, tp_world_size):
+    return None
+
+
+def _global_state_without_version(self, sd, load_optimizer_states=True):
+    self.loss_scaler = sd["loss_scaler"]
+
+
+def _load_checkpoint_elsewhere(self, *args, **kwargs):
+    return None
+
+
+def _setup_buckets_without_flag(self):
+    return None
+
+
+def _reduce_ipg_grads_without_oversized(self, comm_dtype=None):
+    self.average_tensor(self.ipg_buckets[comm_dtype].buffer)
+
+
+def _set(owner, name, value):
+    return lambda mp: mp.setattr(owner() if callable(owner) and not isinstance(owner, type) else owner, name, value)
+
+
+def _delete(owner, name):
+    return lambda mp: mp.delattr(owner() if callable(owner) and not isinstance(owner, type) else owner, name)
+
+
+def _module(name):
+    return lambda: importlib.import_module(name)
+
+
+def _skipping(name):
+    return next(kind for kind in numerics._skipping_optimizers() if kind.__name__ == name)
+
+
+_AUTOEP_BASE = _module("deepspeed.module_inject.auto_ep_presets.base")
+TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor could
+    "autoep.caller": _set(_AUTOEP_BASE, "_retarget_transformers_output_recorders_for_modules", _parse_arguments_renamed),
+    "autoep.helper": _delete(_AUTOEP_BASE, "_install_instance_transformers_output_recorders"),
+    "clip.clip_fp32_gradients": _delete(DeepSpeedEngine, "clip_fp32_gradients"),
+    "clip.exec_optimizer_step": _set(PipelineEngine, "_exec_optimizer_step",
+                                     _exec_optimizer_step_without_take_model_step),
+    "clip.grid": _delete(PipelineParallelGrid, "get_pipe_parallel_group"),
+    "clip.take_model_step": _set(DeepSpeedEngine, "_take_model_step", _take_model_step_clipping_elsewhere),
+    "clip.tied_comms": _set(PipelineModule, "_index_tied_modules", _index_tied_modules_without_ranks),
+    "environment.shm_comm_op": lambda mp: mp.delitem(importlib.import_module("deepspeed.ops").__compatible_ops__,
+                                                     "deepspeed_shm_comm"),
+    "instruments.mpu": _delete(_module("deepspeed.utils.groups"), "mpu"),
+    "partition.override": _set(PipelineModule, "__init__", _init_without_partition_layers),
+    "partition.parts": _set(PipelineModule, "stage_owner", _stage_owner_without_parts),
+    "partition.set_bounds": _delete(PipelineModule, "_set_bounds"),
+    "pipeline.instruction_map": _set(PipelineEngine, "_exec_schedule", _exec_schedule_without_map),
+    "pipeline.one_backward": _set(PipelineEngine, "_exec_backward_pass", _backward_per_output),
+    "reduce.exec_reduce_grads": _set(PipelineEngine, "_exec_reduce_grads", _exec_reduce_grads_elsewhere),
+    "reduce.fallback": _set(DeepSpeedEngine, "_get_gradients_for_reduction", _gradients_without_zeros),
+    **{f"skip.{name}": _set(lambda name=name: _skipping(name), "step", _step_whatever_the_norm)
+       for name in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer")},
+    "skip.take_model_step": _set(DeepSpeedEngine, "_take_model_step", _take_model_step_ignoring_overflow),
+    "universal.ds_to_universal": _set(_module("deepspeed.checkpoint.ds_to_universal"), "parse_arguments",
+                                      _parse_arguments_renamed),
+    "universal.load_flag": _set(DeepSpeedEngine, "load_universal_checkpoint", _load_universal_flag_elsewhere),
+    "universal.param_names": _set(ZeROOptimizer, "load_hp_checkpoint_state_from_checkpoint_dir",
+                                  _load_hp_by_parameter_order),
+    "zero0.engine_state": _set(DeepSpeedEngine, "_load_checkpoint", _load_checkpoint_elsewhere),
+    "zero0.optimizer_state": _set(DeepSpeedZeroOptimizer, "_load_global_state", _global_state_without_version),
+    "zero0.state_files": _set(_module("deepspeed.checkpoint.universal_checkpoint"), "load_hp_checkpoint_state",
+                              _hp_state_without_step),
+    "zero2.assert": _set(PipelineEngine, "__init__", _init_without_partition_layers),
+    "zero2.compact": _delete(DeepSpeedZeroOptimizer, "_use_compact_grad_partition_buffer"),
+    "zero2.epilogue": _set(DeepSpeedZeroOptimizer, "setup_buckets", _setup_buckets_without_flag),
+    "zero2.initialize": _set(deepspeed, "PipelineEngine", DeepSpeedEngine),
+    "zero2.instructions": _set(PipelineEngine, "_INSTRUCTION_MAP", {}),
+    "zero2.offsets": _set(DeepSpeedZeroOptimizer, "_build_compact_grad_partition_buffer", _setup_buckets_without_flag),
+    "zero2.oversized": _set(DeepSpeedZeroOptimizer, "reduce_ipg_grads", _reduce_ipg_grads_without_oversized),
+}
+OTHER_WAYS = [  # more refactors, each refused by the requirement of that key
+    ("environment.shm_comm_op", _set(_module("deepspeed.comm.torch"), "build_shm_op", _setup_buckets_without_flag)),
+    ("pipeline.instruction_map", _delete(PipelineEngine, "_INSTRUCTION_MAP")),
+    ("universal.ds_to_universal", _delete(_module("deepspeed.checkpoint.ds_to_universal"), "main")),
+    ("zero2.epilogue", _delete(DeepSpeedZeroOptimizer, "finalize_gradient_accumulation_boundary")),
+]
+
+
+def test_every_requirement_holds_with_this_deepspeed():
+    assert len(REGISTRY) >= 30
+    require(*REGISTRY.values())
+
+
+def test_every_requirement_has_a_negative_control():
+    assert set(TAKE_AWAY) == set(REGISTRY)
+
+
+@pytest.mark.parametrize("key", sorted(REGISTRY))
+def test_each_requirement_refuses_when_taken_away(key, monkeypatch):
+    TAKE_AWAY[key](monkeypatch)
+    expect_missing(REGISTRY[key].internal, require, REGISTRY[key])
+
+
+@pytest.mark.parametrize("key, take_away", OTHER_WAYS, ids=[key for key, _ in OTHER_WAYS])
+def test_other_refactors_are_refused(key, take_away, monkeypatch):
+    take_away(monkeypatch)
+    expect_missing(REGISTRY[key].internal, require, REGISTRY[key])
+
+
+# ---------------------------------------------------------------- the entry points check before changing anything
+
+
+def _stand_in_engine(dp: int, optimizer=None):
+    from deepspeed.runtime.pipe import schedule
+
+    module = torch.nn.Linear(2, 2)
+    grid = types.SimpleNamespace(get_data_parallel_world_size=lambda: dp)
+    return types.SimpleNamespace(module=module, grid=grid,
+                                 optimizer=optimizer or torch.optim.AdamW(module.parameters()),
+                                 _INSTRUCTION_MAP=dict(PipelineEngine._INSTRUCTION_MAP), reduce=schedule.ReduceGrads)
+
+
+def _clip_entry(tmp_path, name=None):
+    engine = types.SimpleNamespace()
+    return lambda: numerics.use_global_clip_norm(engine), lambda: not hasattr(engine, "clip_fp32_gradients")
+
+
+def _skip_entry(tmp_path, name):
+    """skip.<optimizer class>: that optimizer's check; skip.take_model_step: torch's optimizer, wrapped."""
+    kind = torch.optim.AdamW if name == "take_model_step" else _skipping(name)
+    optimizer = kind([torch.nn.Parameter(torch.ones(1))]) if kind is torch.optim.AdamW else kind.__new__(kind)
+    step = optimizer.step
+    return (lambda: numerics.skip_non_finite_steps(types.SimpleNamespace(optimizer=optimizer)),
+            lambda: optimizer.step == step and not hasattr(optimizer, "overflow"))
+
+
+def _reduce_entry(tmp_path, name=None):
+    engine = _stand_in_engine(1)
+    before = dict(engine._INSTRUCTION_MAP)
+    return lambda: numerics.reduce_over_one_rank_is_nothing(engine), lambda: engine._INSTRUCTION_MAP == before
+
+
+def _instruction_map_entry(tmp_path, name=None):
+    engine = PipelineEngine.__new__(PipelineEngine)
+    return (lambda: instruments.wrap_pipeline_instructions(engine, lambda kind, fn: fn),
+            lambda: "_INSTRUCTION_MAP" not in vars(engine))
+
+
+def _autoep_entry(tmp_path, name=None):
+    base = _AUTOEP_BASE()
+    helper = vars(base).get("_install_instance_transformers_output_recorders")
+    return (autoep.use_autoep_output_recorders,
+            lambda: vars(base).get("_install_instance_transformers_output_recorders") is helper)
+
+
+def _shm_entry(tmp_path, name=None):
+    ops = importlib.import_module("deepspeed.ops").__compatible_ops__
+    before = dict(ops)
+    return environment.disable_shm_comm_op, lambda: ops == before
+
+
+def _universal_entry(tmp_path, name=None):
+    return lambda: universal.to_universal(tmp_path, tmp_path / "out"), lambda: not (tmp_path / "out").exists()
+
+
+def _zero0_entry(tmp_path, name=None):
+    return lambda: zero0_to_universal(tmp_path, tmp_path / "out", {}, {}), lambda: not (tmp_path / "out").exists()
+
+
+def _no_state(call):
+    return lambda tmp_path, name: (call, lambda: True)
+
+
+ENTRIES = {  # requirement key's prefix -> (tmp_path, the rest of the key) -> (the entry point relying on it,
+    # whether it left things unchanged)
+    "autoep": _autoep_entry, "clip": _clip_entry, "environment": _shm_entry,
+    "instruments": _no_state(instruments.forget_pipeline_grid),
+    "partition": _no_state(lambda: pipeline_module.HybridPipelineModule([torch.nn.Identity()], [0, 1])),
+    "pipeline": lambda tmp_path, name: (_instruction_map_entry(tmp_path) if name == "instruction_map" else
+                                        (lambda: engines.pipeline_engine_class(1), lambda: True)),
+    "reduce": _reduce_entry, "skip": _skip_entry, "universal": _universal_entry, "zero0": _zero0_entry,
+    "zero2": _no_state(lambda: engines.pipeline_engine_class(2)),
 }
 
 
-def test_partition_check_passes_with_this_deepspeed():
-    seam.check_partition_override()
+@pytest.mark.parametrize("key", sorted(REGISTRY))
+def test_entry_points_refuse_before_changing_anything(key, monkeypatch, tmp_path):
+    TAKE_AWAY[key](monkeypatch)
+    prefix, name = key.split(".", 1)
+    call, unchanged = ENTRIES[prefix](tmp_path, name)
+    expect_missing(REGISTRY[key].internal, call)
+    assert unchanged(), "checked before anything was changed"
 
 
-@pytest.mark.parametrize("taken", sorted(PARTITION_INTERNALS))
-def test_partition_override_refuses_without_its_internals(taken, monkeypatch):
-    take_away, internal = PARTITION_INTERNALS[taken]
-    take_away(monkeypatch)
-    expect_missing(internal, seam.HybridPipelineModule, [torch.nn.Identity()], [0, 1])
+def test_overflow_skip_checks_the_optimizer_in_use(monkeypatch):
+    TAKE_AWAY["skip.BF16_Optimizer"](monkeypatch)
+    numerics.check_overflow_skip(DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer))
+    expect_missing(REGISTRY["skip.BF16_Optimizer"].internal, numerics.check_overflow_skip,
+                   _skipping("BF16_Optimizer").__new__(_skipping("BF16_Optimizer")))
+
+
+# ---------------------------------------------------------------- what each item does, and its instance checks
 
 
 BUILD_A_MODULE = textwrap.dedent("""
     import sys
     import torch
     from deepspeed.pipe import LayerSpec, PipelineModule
-    from hybrid_ds.seam import HybridPipelineModule
+    from hybrid_ds.seam.pipeline_module import HybridPipelineModule
     from hybrid_ds.runtime.engine import init_distributed
     from hybrid_ds.errors import IncompatibleDeepSpeed
 
@@ -159,40 +404,16 @@ def test_pipeline_module_builds_the_stage_it_is_given(case):
         assert refusal.startswith("refused hybrid_ds needs DeepSpeed 0.19.8's PipelineModule._local_start")
 
 
-# ---------------------------------------------------------------- 3. no shared-memory comm op on CPU
-
-
 def test_shm_comm_op_is_disabled(monkeypatch):
-    import deepspeed.ops
-
-    monkeypatch.setitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm", True)
-    seam.disable_shm_comm_op()
-    assert deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] is False
-
-
-def _build_shm_op_elsewhere():
-    return None
-
-
-@pytest.mark.parametrize("taken", ["key", "reader"])
-def test_shm_comm_op_refuses_without_its_internals(taken, monkeypatch):
-    import importlib
-
-    import deepspeed.ops
-
-    if taken == "key":
-        monkeypatch.delitem(deepspeed.ops.__compatible_ops__, "deepspeed_shm_comm")
-    else:  # (the attribute deepspeed.comm.torch is the torch package, not the module)
-        monkeypatch.setattr(importlib.import_module("deepspeed.comm.torch"), "build_shm_op", _build_shm_op_elsewhere)
-    expect_missing("deepspeed.ops.__compatible_ops__['deepspeed_shm_comm']", seam.disable_shm_comm_op)
-
-
-# ---------------------------------------------------------------- 4. per-layer checkpoint file names
+    ops = importlib.import_module("deepspeed.ops").__compatible_ops__
+    monkeypatch.setitem(ops, "deepspeed_shm_comm", True)
+    environment.disable_shm_comm_op()
+    assert ops["deepspeed_shm_comm"] is False
 
 
 def test_layer_checkpoint_file_is_deepspeeds_name(tmp_path):
-    assert seam.layer_checkpoint_file(tmp_path, 3) == tmp_path / "layer_03-model_states.pt"
-    assert seam.layer_checkpoint_file(str(tmp_path), 12).name == "layer_12-model_states.pt"
+    assert pipeline_module.layer_checkpoint_file(tmp_path, 3) == tmp_path / "layer_03-model_states.pt"
+    assert pipeline_module.layer_checkpoint_file(str(tmp_path), 12).name == "layer_12-model_states.pt"
 
 
 def _ckpt_layer_path_renamed_attributes(self, ckpt_dir, local_layer_idx):
@@ -205,212 +426,63 @@ def test_layer_checkpoint_file_refuses_without_ckpt_layer_path(taken, monkeypatc
         monkeypatch.delattr(PipelineModule, "ckpt_layer_path")
     else:
         monkeypatch.setattr(PipelineModule, "ckpt_layer_path", _ckpt_layer_path_renamed_attributes)
-    expect_missing("PipelineModule.ckpt_layer_path", seam.layer_checkpoint_file, tmp_path, 0)
-
-
-# ---------------------------------------------------------------- 5. pipeline instruction map (bench)
+    expect_missing("PipelineModule.ckpt_layer_path", pipeline_module.layer_checkpoint_file, tmp_path, 0)
 
 
 def test_instruction_map_is_wrapped_per_engine():
     engine = PipelineEngine.__new__(PipelineEngine)  # not initialized: only its class matters here
     class_map = dict(PipelineEngine._INSTRUCTION_MAP)
-    assert seam.wrap_pipeline_instructions(engine, lambda kind, fn: (kind, fn))
+    assert instruments.wrap_pipeline_instructions(engine, lambda kind, fn: (kind, fn))
     assert engine._INSTRUCTION_MAP == {kind: (kind, fn) for kind, fn in class_map.items()}
     assert PipelineEngine._INSTRUCTION_MAP == class_map
-    assert not seam.wrap_pipeline_instructions(types.SimpleNamespace(), lambda kind, fn: None)
-
-
-def _exec_schedule_without_map(self, pipe_schedule):
-    for step_cmds in pipe_schedule:
-        for cmd in step_cmds:
-            getattr(self, f"_exec_{type(cmd).__name__.lower()}")(**cmd.kwargs)
-
-
-@pytest.mark.parametrize("taken", ["map", "reader"])
-def test_instruction_map_refuses_without_its_internals(taken, monkeypatch):
-    if taken == "map":
-        monkeypatch.delattr(PipelineEngine, "_INSTRUCTION_MAP")
-    else:
-        monkeypatch.setattr(PipelineEngine, "_exec_schedule", _exec_schedule_without_map)
-    engine = PipelineEngine.__new__(PipelineEngine)
-    expect_missing("PipelineEngine._INSTRUCTION_MAP", seam.wrap_pipeline_instructions, engine, lambda k, f: f)
-
-
-# ---------------------------------------------------------------- 6. DeepSpeed's global mpu (bench)
+    assert not instruments.wrap_pipeline_instructions(types.SimpleNamespace(), lambda kind, fn: None)
 
 
 def test_pipeline_grid_is_forgotten(monkeypatch):
-    from deepspeed.utils import groups
-
+    groups = importlib.import_module("deepspeed.utils.groups")
     monkeypatch.setattr(groups, "mpu", object())
-    seam.forget_pipeline_grid()
+    instruments.forget_pipeline_grid()
     assert groups.mpu is None
 
 
-def test_forget_pipeline_grid_refuses_without_groups_mpu(monkeypatch):
-    from deepspeed.utils import groups
-
-    monkeypatch.delattr(groups, "mpu")
-    expect_missing("deepspeed.utils.groups.mpu", seam.forget_pipeline_grid)
-
-
-# ---------------------------------------------------------------- 7. ZeRO reduce buckets (bench)
-
-
 def test_reduce_bucket_tensors():
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer, IPGBucket
+    from deepspeed.runtime.zero.stage_1_and_2 import IPGBucket
 
     zero = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)  # not initialized: only its buckets matter
     tensor = torch.zeros(4)
     zero.ipg_buckets = {torch.float32: IPGBucket(buffer=[tensor])}
-    assert seam.reduce_bucket_tensors(zero) == [tensor]
-    assert seam.reduce_bucket_tensors(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == []
+    assert instruments.reduce_bucket_tensors(zero) == [tensor]
+    assert instruments.reduce_bucket_tensors(torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=1.0)) == []
 
 
 @pytest.mark.parametrize("taken", ["ipg_buckets", "buffer"])
 def test_reduce_bucket_tensors_refuses_without_ipg_buckets(taken):
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
     zero = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)
     if taken == "buffer":
         zero.ipg_buckets = {torch.float32: types.SimpleNamespace(buffers=[])}
-    expect_missing("DeepSpeedZeroOptimizer.ipg_buckets", seam.reduce_bucket_tensors, zero)
+    expect_missing("DeepSpeedZeroOptimizer.ipg_buckets", instruments.reduce_bucket_tensors, zero)
 
 
-# ---------------------------------------------------------------- 8. ZeRO-2 with pipeline stages
+def test_gradient_tensors_refuses_without_zero_partitions():
+    zero = DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer)
+    zero.ipg_buckets = {}
+    engine = types.SimpleNamespace(module=torch.nn.Linear(1, 1), optimizer=zero)
+    expect_missing("DeepSpeedZeroOptimizer.all_grad_tensors", instruments.gradient_tensors, engine)
 
 
-def _zero_optimizer():
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-    return DeepSpeedZeroOptimizer
-
-
-ZERO2_INTERNALS = {
-    "assert": (lambda mp: mp.setattr(PipelineEngine, "__init__", _init_without_partition_layers),
-               "PipelineEngine.__init__'s single zero_optimization_stage() check"),
-    "initialize": (lambda mp: mp.setattr(deepspeed, "PipelineEngine", DeepSpeedEngine),
-                   "deepspeed.initialize building deepspeed.PipelineEngine"),
-    "instruction": (lambda mp: mp.setattr(PipelineEngine, "_INSTRUCTION_MAP", {}),
-                    "PipelineEngine._exec_backward_pass, _exec_reduce_tied_grads, _exec_reduce_grads"),
-    "finalize": (lambda mp: mp.delattr(_zero_optimizer(), "finalize_gradient_accumulation_boundary"),
-                 "DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue"),
-    "ready_for_gradients": (lambda mp: mp.setattr(_zero_optimizer(), "setup_buckets", lambda self: None),
-                            "DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue"),
-    "compact": (lambda mp: mp.delattr(_zero_optimizer(), "_use_compact_grad_partition_buffer"),
-                "DeepSpeedZeroOptimizer._use_compact_grad_partition_buffer"),
-    "offsets": (lambda mp: mp.setattr(_zero_optimizer(), "_build_compact_grad_partition_buffer", lambda self, i: None),
-                "DeepSpeedZeroOptimizer.grad_start_offset"),
-}
-
-
-def test_pipeline_engine_check_passes_with_this_deepspeed():
-    assert seam.pipeline_engine_class(2) is seam.PartitionedGradientsPipelineEngine
-    assert seam.pipeline_engine_class(1) is seam.pipeline_engine_class(0) is seam.OneBackwardPipelineEngine
-    assert issubclass(seam.PartitionedGradientsPipelineEngine, seam.OneBackwardPipelineEngine)
-
-
-@pytest.mark.parametrize("taken", sorted(ZERO2_INTERNALS))
-def test_zero2_pipeline_refuses_without_its_internals(taken, monkeypatch):
-    take_away, internal = ZERO2_INTERNALS[taken]
-    take_away(monkeypatch)
-    expect_missing(internal, lambda: seam.pipeline_engine_class(2))
-
-
-def test_one_backward_refuses_without_its_internals(monkeypatch):
-    """DeepSpeed backing up a stage's outputs some other way: the flattening would be wrong, so it refuses."""
-    def backward(self, buffer_id):
-        for out, grad in zip(self.pipe_buffers["outputs"][buffer_id], self.grad_layer):
-            out.backward(grad)
-
-    monkeypatch.setattr(PipelineEngine, "_exec_backward_pass", backward)
-    expect_missing("PipelineEngine._exec_backward_pass running one backward per output",
-                   lambda: seam.pipeline_engine_class(1))
+def test_pipeline_engine_classes():
+    assert engines.pipeline_engine_class(2) is engines.PartitionedGradientsPipelineEngine
+    assert engines.pipeline_engine_class(1) is engines.pipeline_engine_class(0) is engines.OneBackwardPipelineEngine
+    assert issubclass(engines.PartitionedGradientsPipelineEngine, engines.OneBackwardPipelineEngine)
 
 
 def test_initialize_pipeline_restores_deepspeeds_engine_class(monkeypatch):
     seen = []
     monkeypatch.setattr(deepspeed, "initialize", lambda **kwargs: (seen.append(deepspeed.PipelineEngine),) * 4)
-    seam.initialize_pipeline(seam.PartitionedGradientsPipelineEngine, model=None)
-    seam.initialize_pipeline(None, model=None)
-    assert seen == [seam.PartitionedGradientsPipelineEngine, PipelineEngine]
+    engines.initialize_pipeline(engines.PartitionedGradientsPipelineEngine, model=None)
+    engines.initialize_pipeline(None, model=None)
+    assert seen == [engines.PartitionedGradientsPipelineEngine, PipelineEngine]
     assert deepspeed.PipelineEngine is PipelineEngine
-
-
-# ---------------------------------------------------------------- 9. universal checkpoints
-
-
-def _parse_arguments_renamed():
-    """--input_folder renamed --input"""
-
-
-def _load_universal_flag_elsewhere(self):
-    return self._config.universal
-
-
-def _load_hp_by_parameter_order(self, lp_groups_name, checkpoint_dir):
-    """zero/<index>/ instead of zero/<self.param_names...>/"""
-
-
-UNIVERSAL_INTERNALS = {
-    "options": (lambda mp: mp.setattr(importlib.import_module("deepspeed.checkpoint.ds_to_universal"),
-                                      "parse_arguments", _parse_arguments_renamed),
-                "ds_to_universal.main(args) with the options of its parse_arguments()"),
-    "main": (lambda mp: mp.delattr(importlib.import_module("deepspeed.checkpoint.ds_to_universal"), "main"),
-             "ds_to_universal.main(args) with the options of its parse_arguments()"),
-    "flag": (lambda mp: mp.setattr(DeepSpeedEngine, "load_universal_checkpoint", _load_universal_flag_elsewhere),
-             "DeepSpeedEngine.load_universal_checkpoint() reading self._config.load_universal_checkpoint"),
-    "names": (lambda mp: mp.setattr(importlib.import_module("deepspeed.runtime.base_optimizer").ZeROOptimizer,
-                                    "load_hp_checkpoint_state_from_checkpoint_dir", _load_hp_by_parameter_order),
-              "ZeROOptimizer.load_hp_checkpoint_state_from_checkpoint_dir finding zero/<self.param_names[lp]>"),
-}
-
-
-def test_universal_checkpoint_check_passes_with_this_deepspeed():
-    seam.check_universal_checkpoints()
-
-
-@pytest.mark.parametrize("taken", sorted(UNIVERSAL_INTERNALS))
-def test_universal_checkpoints_refuse_without_their_internals(taken, monkeypatch):
-    take_away, internal = UNIVERSAL_INTERNALS[taken]
-    take_away(monkeypatch)
-    expect_missing(internal, seam.check_universal_checkpoints)
-# ---------------------------------------------------------------- 10. skipping steps with non-finite gradients
-
-
-def _take_model_step_ignoring_overflow(self, lr_kwargs):
-    self.optimizer.step()
-    self._step_applied = True
-
-
-def _step_whatever_the_norm(self, closure=None):
-    self.optimizer.step()
-
-
-def _skipping_optimizer(name):
-    return next(kind for kind in seam._skipping_optimizers() if kind.__name__ == name)
-
-
-SKIP_INTERNALS = {  # taken away -> (the internal named, the optimizer class in use)
-    "_take_model_step": (lambda mp: mp.setattr(DeepSpeedEngine, "_take_model_step", _take_model_step_ignoring_overflow),
-                         "DeepSpeedEngine._take_model_step reading optimizer.overflow", "DeepSpeedZeroOptimizer"),
-    **{name: (lambda mp, name=name: mp.setattr(_skipping_optimizer(name), "step", _step_whatever_the_norm),
-              f"{name}.step setting overflow when is_invalid_grad_norm(", name)
-       for name in ("DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer")},
-}
-
-
-@pytest.mark.parametrize("name", ["DeepSpeedZeroOptimizer", "DeepSpeedZeroOptimizer_Stage3", "BF16_Optimizer"])
-def test_overflow_skip_check_passes_with_this_deepspeed(name):
-    kind = _skipping_optimizer(name)
-    seam.check_overflow_skip(kind.__new__(kind))  # not initialized: only its class matters
-
-
-@pytest.mark.parametrize("taken", sorted(SKIP_INTERNALS))
-def test_overflow_skip_refuses_without_its_internals(taken, monkeypatch):
-    take_away, internal, name = SKIP_INTERNALS[taken]
-    kind = _skipping_optimizer(name)
-    take_away(monkeypatch)
-    expect_missing(internal, seam.check_overflow_skip, kind.__new__(kind))
 
 
 def test_torch_optimizer_steps_only_on_finite_gradients(monkeypatch):
@@ -419,7 +491,7 @@ def test_torch_optimizer_steps_only_on_finite_gradients(monkeypatch):
     weight = torch.nn.Parameter(torch.ones(3))
     optimizer = torch.optim.AdamW([weight], lr=0.1)
     monkeypatch.setattr(torch.distributed, "all_reduce", lambda tensor, op=None: None)
-    seam.skip_non_finite_steps(types.SimpleNamespace(optimizer=optimizer))
+    numerics.skip_non_finite_steps(types.SimpleNamespace(optimizer=optimizer))
     weight.grad = torch.tensor([1.0, float("nan"), 1.0])
     optimizer.step()
     assert optimizer.overflow and torch.equal(weight.detach(), torch.ones(3)) and not optimizer.state
@@ -428,26 +500,10 @@ def test_torch_optimizer_steps_only_on_finite_gradients(monkeypatch):
     assert not optimizer.overflow and not torch.equal(weight.detach(), torch.ones(3))
 
 
-# ---------------------------------------------------------------- 12. AutoEP with transformers 5.x
-
-
-def test_autoep_recorder_check_passes_and_refuses_without_its_caller(monkeypatch):
-    from deepspeed.module_inject.auto_ep_presets import base
-
-    seam.check_autoep_output_recorders()
-    monkeypatch.setattr(base, "_retarget_transformers_output_recorders_for_modules", lambda **kwargs: 0)
-    expect_missing("auto_ep_presets.base._retarget_transformers_output_recorders_for_modules calling it",
-                   seam.check_autoep_output_recorders)
-    monkeypatch.delattr(base, "_install_instance_transformers_output_recorders")
-    expect_missing("auto_ep_presets.base._install_instance_transformers_output_recorders",
-                   seam.check_autoep_output_recorders)
-
-
 def test_autoep_recorders_install_through_transformers_registry_and_restore_it():
     """DeepSpeed's own helper dies on transformers 5.24's registry (its get() takes one argument); the replacement
     installs the hooks with the retargeted entry in place, then puts the class's entry back."""
     import transformers
-    from deepspeed.module_inject.auto_ep_presets import base
     from transformers.utils import output_capturing
 
     config = transformers.MixtralConfig(hidden_size=16, intermediate_size=16, num_hidden_layers=1,
@@ -459,71 +515,27 @@ def test_autoep_recorders_install_through_transformers_registry_and_restore_it()
     before, seen = dict.get(registry, key), []
     entry = {**before, "router_logits": "retargeted"}
     with pytest.raises(TypeError, match="positional argument"):
-        base._install_instance_transformers_output_recorders(model.model, {key: entry}, output_capturing, lambda m: 0)
+        _AUTOEP_BASE()._install_instance_transformers_output_recorders(model.model, {key: entry}, output_capturing,
+                                                                       lambda m: 0)
     fake = types.SimpleNamespace(_CAN_RECORD_REGISTRY=registry,
                                  maybe_install_capturing_hooks=lambda m: seen.append(dict.get(registry, key)))
-    assert seam._install_output_recorders(model.model, {key: entry}, fake, lambda m: 0)
+    assert autoep._install_output_recorders(model.model, {key: entry}, fake, lambda m: 0)
     assert seen == [entry] and dict.get(registry, key) is before
-
-
-# ---------------------------------------------------------------- 13. no data-parallel reduction over one rank
-
-
-def _exec_reduce_grads_elsewhere(self):
-    self.optimizer.reduce_everything()
-
-
-def _gradients_without_zeros(self):
-    return [p.grad for p in self.module.parameters() if p.grad is not None], {}
-
-
-REDUCE_INTERNALS = {
-    "_exec_reduce_grads": (lambda mp: mp.setattr(PipelineEngine, "_exec_reduce_grads", _exec_reduce_grads_elsewhere),
-                           "PipelineEngine._INSTRUCTION_MAP[ReduceGrads] = _exec_reduce_grads"),
-    "zeros": (lambda mp: mp.setattr(DeepSpeedEngine, "_get_gradients_for_reduction", _gradients_without_zeros),
-              "DeepSpeedEngine.buffered_allreduce_fallback reading get_grads_for_reduction"),
-}
-
-
-def test_reduce_check_passes_with_this_deepspeed():
-    seam.check_reduce_grads()
-
-
-@pytest.mark.parametrize("taken", sorted(REDUCE_INTERNALS))
-def test_reduce_over_one_rank_refuses_without_its_internals(taken, monkeypatch):
-    take_away, internal = REDUCE_INTERNALS[taken]
-    take_away(monkeypatch)
-    expect_missing(internal, seam.check_reduce_grads)
-
-
-def _stand_in_engine(dp: int, optimizer=None):
-    from deepspeed.runtime.pipe import schedule
-
-    module = torch.nn.Linear(2, 2)
-    grid = types.SimpleNamespace(get_data_parallel_world_size=lambda: dp)
-    return types.SimpleNamespace(module=module, grid=grid,
-                                 optimizer=optimizer or torch.optim.AdamW(module.parameters()),
-                                 _INSTRUCTION_MAP=dict(PipelineEngine._INSTRUCTION_MAP), reduce=schedule.ReduceGrads)
 
 
 def test_reduce_over_one_rank_leaves_zeros_for_missing_gradients():
     """At dp=1 under torch's optimizer ReduceGrads runs what DeepSpeed's reduction does there, nothing but giving a
     parameter without a gradient zeros; at dp=2, or under a ZeRO optimizer, DeepSpeed's reduction stays."""
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
-
     engine = _stand_in_engine(1)
-    assert seam.reduce_over_one_rank_is_nothing(engine)
+    assert numerics.reduce_over_one_rank_is_nothing(engine)
     engine.module.weight.grad = torch.ones(2, 2)
     engine._INSTRUCTION_MAP[engine.reduce](engine)
     assert torch.equal(engine.module.weight.grad, torch.ones(2, 2))
     assert torch.equal(engine.module.bias.grad, torch.zeros(2))
     assert PipelineEngine._INSTRUCTION_MAP[engine.reduce] is PipelineEngine._exec_reduce_grads  # the class's map
     for kept in (_stand_in_engine(2), _stand_in_engine(1, DeepSpeedZeroOptimizer.__new__(DeepSpeedZeroOptimizer))):
-        assert not seam.reduce_over_one_rank_is_nothing(kept)
+        assert not numerics.reduce_over_one_rank_is_nothing(kept)
         assert kept._INSTRUCTION_MAP[kept.reduce] is PipelineEngine._exec_reduce_grads
-
-
-# ---------------------------------------------------------------- 9. the universal form of a ZeRO-0 checkpoint
 
 
 def _trained_zero0(seed: int):
@@ -543,20 +555,21 @@ def _trained_zero0(seed: int):
 
 def test_a_zero0_checkpoint_round_trips_through_the_universal_form(tmp_path):
     """Weights, every Adam state (moments and step), the groups' learning rate, the scheduler and the step
-    counters of a ZeRO-0 checkpoint come back exactly in another engine, through DeepSpeed's universal files."""
+    counters of a ZeRO-0 checkpoint come back exactly in another engine, through DeepSpeed's universal files
+    (the format the seam's zero0.* requirements check)."""
     saved = _trained_zero0(0)
     folder = tmp_path / "step_2"
     folder.mkdir()
-    torch.save({"optimizer": saved.optimizer.state_dict(), **seam.optimizer_param_names(saved),
+    torch.save({"optimizer": saved.optimizer.state_dict(), **optimizer_param_names(saved),
                 "lr_scheduler": saved.lr_scheduler.state_dict(), "global_steps": 2, "global_samples": 16,
                 "skipped_steps": 0, "ds_version": deepspeed.__version__}, folder / "mp_rank_00_model_states.pt")
     hf = {name: f"model.{name}" for name, _ in saved.module.named_parameters()}
     weights = {hf[name]: p.detach().clone() for name, p in saved.module.named_parameters()}
-    seam.zero0_to_universal(folder, tmp_path / "universal", weights, hf)
+    zero0_to_universal(folder, tmp_path / "universal", weights, hf)
     assert (tmp_path / "universal" / "zero" / "model.0.weight" / "exp_avg_sq.pt").is_file()
 
     fresh = _trained_zero0(1)
-    seam.load_universal(fresh, tmp_path / "universal", hf)
+    load_universal_zero0(fresh, tmp_path / "universal", hf)
     for (name, a), b in zip(saved.module.named_parameters(), fresh.module.parameters()):
         assert torch.equal(a, b), name
         for key, value in saved.optimizer.state[a].items():
@@ -564,11 +577,3 @@ def test_a_zero0_checkpoint_round_trips_through_the_universal_form(tmp_path):
     assert fresh.optimizer.param_groups[0]["lr"] == saved.optimizer.param_groups[0]["lr"] == 0.025
     assert fresh.lr_scheduler.state_dict() == saved.lr_scheduler.state_dict()
     assert (fresh.global_steps, fresh.global_samples) == (2, 16)
-
-
-def test_zero0_universal_check_refuses_without_its_internals(monkeypatch):
-    from deepspeed.runtime.engine import DeepSpeedEngine as Engine
-
-    seam.check_zero0_universal()
-    monkeypatch.setattr(Engine, "_load_checkpoint", lambda self, *args, **kwargs: None)
-    expect_missing("DeepSpeedEngine._load_checkpoint restoring lr_scheduler", seam.check_zero0_universal)

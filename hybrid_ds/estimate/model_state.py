@@ -101,8 +101,7 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
         return replace(state, params=state.params + DTYPE_BYTES[precision] * frozen)
     path = optimizer_path(zero, precision, grad_accum_dtype)
     n, w = float(params), DTYPE_BYTES[precision]
-    accum = DTYPE_BYTES[grad_accum_dtype or precision]
-    part = n / dp
+    accum, part = DTYPE_BYTES[grad_accum_dtype or precision], n / dp
     adam, master = ADAM_BYTES * part, MASTER_BYTES * part
     buckets = 2 if (zero == 2 and overlap_comm) else 1   # stage_1_and_2.py setup_buckets: a second for overlap
     bucket = buckets * reduce_bucket * w if contiguous_gradients else 0.0
@@ -125,12 +124,18 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
             return _peak(path, phases, transient=accum * part, comm_buffer=bucket)
         return _peak(path, phases, transient=max(accum * part, MASTER_BYTES * float(tied)), comm_buffer=bucket,
                      backward_transient=w * float(largest_param))
-    # stage3.py: 16-bit param and grad partitions, fp32 master/grad/Adam partitions; gathered modules in flight
-    persistent_bytes = w * persistent
+    return _zero3(n, w, dp, persistent, largest_module, prefetch_bucket, bucket / buckets)
+
+
+def _zero3(n: float, w: int, dp: int, persistent: int, largest_module: int, prefetch_bucket: int,
+           bucket: float) -> ModelState:
+    """stage3.py: 16-bit param and grad partitions, fp32 master/grad/Adam partitions; gathered modules in flight."""
+    part = n / dp
+    master, adam = MASTER_BYTES * part, ADAM_BYTES * part
     gathered = w * (largest_module + min(prefetch_bucket, max(0.0, n - persistent)))
-    phases = {"accumulate": (w * part + persistent_bytes + gathered, w * part + w * largest_module, master, adam),
+    phases = {"accumulate": (w * part + w * persistent + gathered, w * part + w * largest_module, master, adam),
               "step": (w * part, w * part + MASTER_BYTES * part, master, adam)}
-    return _peak(path, phases, comm_buffer=reduce_bucket * w if contiguous_gradients else 0.0)
+    return _peak("DeepSpeedZeroOptimizer_Stage3", phases, comm_buffer=bucket)
 
 
 def _peak(path: str, phases: dict[str, tuple[float, float, float, float]], transient: float = 0.0,

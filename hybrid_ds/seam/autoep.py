@@ -5,13 +5,13 @@ still calls it; the layers it replaced and the model types it knows.
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from hybrid_ds.seam.compat import require as _require
-from hybrid_ds.seam.compat import source_has as _source_has
+from hybrid_ds.seam.compat import code_has, require, requirement
 
 
 # ---------------------------------------------------------------- 12. AutoEP with transformers 5.x
@@ -21,16 +21,24 @@ _AUTOEP_WHY = ("AutoEP re-targets the model's router-logit recorder to its own l
                "output-capture registry, which transformers 5.x keys by class name with a one-argument get()")
 
 
+def _presets_base() -> Any:
+    """``deepspeed.module_inject.auto_ep_presets.base``, imported when a check runs."""
+    return importlib.import_module("deepspeed.module_inject.auto_ep_presets.base")
+
+
+RECORDER_HELPER = requirement(
+    "autoep.helper", "auto_ep_presets.base._install_instance_transformers_output_recorders",
+    lambda: callable(_presets_base()._install_instance_transformers_output_recorders), _AUTOEP_WHY)
+RECORDER_CALLER = requirement(
+    "autoep.caller", "auto_ep_presets.base._retarget_transformers_output_recorders_for_modules calling it",
+    lambda: code_has(_presets_base()._retarget_transformers_output_recorders_for_modules,
+                     "_install_instance_transformers_output_recorders(...)"), _AUTOEP_WHY)
+
+
 def check_autoep_output_recorders() -> Any:
     """The AutoEP module whose registry helper we replace, after checking that its caller still calls it."""
-    from deepspeed.module_inject.auto_ep_presets import base
-
-    _require("auto_ep_presets.base._install_instance_transformers_output_recorders",
-             lambda: callable(base._install_instance_transformers_output_recorders), _AUTOEP_WHY)
-    _require("auto_ep_presets.base._retarget_transformers_output_recorders_for_modules calling it",
-             lambda: _source_has(base._retarget_transformers_output_recorders_for_modules,
-                                 "_install_instance_transformers_output_recorders("), _AUTOEP_WHY)
-    return base
+    require(RECORDER_HELPER, RECORDER_CALLER)
+    return _presets_base()
 
 
 def use_autoep_output_recorders() -> None:

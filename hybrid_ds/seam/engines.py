@@ -12,16 +12,22 @@ ZeRO-2 (gradients partitioned over data parallel) with pipeline stages, which De
 
 from __future__ import annotations
 
-import inspect
 import sys
 import types
 from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
-from hybrid_ds.seam.compat import require as _require
-from hybrid_ds.seam.compat import source_has as _source_has
+from hybrid_ds.seam.compat import code_count, code_has, require, requirement
+
+INSTRUCTION_MAP = requirement(
+    "pipeline.instruction_map", "PipelineEngine._INSTRUCTION_MAP, read by _exec_schedule",
+    lambda: isinstance(PipelineEngine._INSTRUCTION_MAP, dict)
+    and code_has(PipelineEngine._exec_schedule, "self._INSTRUCTION_MAP[...]"),
+    "the benchmarks time and sample pipeline instructions through it")
 
 
 def check_instruction_map() -> None:
@@ -30,18 +36,60 @@ def check_instruction_map() -> None:
     The class-level map holds instruction type -> function(engine, **kwargs). Wrapping an engine's
     ``_exec_*`` methods changes nothing: the map holds the class's functions, not the instance's methods.
     """
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    _require("PipelineEngine._INSTRUCTION_MAP, read by _exec_schedule",
-             lambda: isinstance(PipelineEngine._INSTRUCTION_MAP, dict)
-             and _source_has(PipelineEngine._exec_schedule, "self._INSTRUCTION_MAP["),
-             "the benchmarks time and sample pipeline instructions through it")
+    require(INSTRUCTION_MAP)
 
 
 # ---------------------------------------------------------------- 8. ZeRO-2 with pipeline stages
 
 
 _ZERO2_WHY = "ZeRO-2 with pipeline.stages > 1 drives DeepSpeed's ZeRO-2 optimizer inside the pipeline schedule"
+
+ZERO_ASSERT = requirement(
+    "zero2.assert", "PipelineEngine.__init__'s single zero_optimization_stage() check",
+    lambda: code_count(PipelineEngine.__init__, "self.zero_optimization_stage(...)") == 1
+    and code_has(PipelineEngine.__init__, "super().__init__(...)", "self.zero_optimization_stage(...)"), _ZERO2_WHY)
+INITIALIZE = requirement(
+    "zero2.initialize", "deepspeed.initialize building deepspeed.PipelineEngine",
+    lambda: code_has(deepspeed.initialize, "... if ... else PipelineEngine")
+    and deepspeed.PipelineEngine is PipelineEngine, _ZERO2_WHY)
+REDUCTION_INSTRUCTIONS = requirement(
+    "zero2.instructions",
+    "PipelineEngine._exec_backward_pass, _exec_reduce_tied_grads, _exec_reduce_grads in _INSTRUCTION_MAP",
+    lambda: {PipelineEngine._exec_backward_pass, PipelineEngine._exec_reduce_tied_grads,
+             PipelineEngine._exec_reduce_grads} <= set(PipelineEngine._INSTRUCTION_MAP.values()), _ZERO2_WHY)
+EPILOGUE = requirement(
+    "zero2.epilogue", "DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue, "
+    "finalize_gradient_accumulation_boundary and ready_for_gradients",
+    lambda: callable(Zero.overlapping_partition_gradients_reduce_epilogue)
+    and callable(Zero.finalize_gradient_accumulation_boundary)
+    and code_has(Zero.setup_buckets, "self.ready_for_gradients = True")
+    and code_has(Zero._release_ipg_buffers, "self.ready_for_gradients = False"), _ZERO2_WHY)
+COMPACT_PARTITION = requirement(
+    "zero2.compact", "DeepSpeedZeroOptimizer._use_compact_grad_partition_buffer, read by the epilogue, "
+    "average_tensor and finalize_gradient_accumulation_boundary",
+    lambda: callable(Zero._use_compact_grad_partition_buffer)
+    and all(code_has(f, "self._use_compact_grad_partition_buffer(...)") for f in (
+        Zero.independent_gradient_partition_epilogue, Zero.finalize_gradient_accumulation_boundary,
+        Zero._get_compact_grad_partition_slice))
+    and code_has(Zero.average_tensor, "self._get_compact_grad_partition_slice(...)"),
+    "between micro-batches each rank holds one flat partition of its stage's gradients")
+OVERSIZED = requirement(
+    "zero2.oversized", "DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads holding an oversized "
+    "gradient in extra_large_param_to_reduce for reduce_ipg_grads(comm_dtype=...)",
+    lambda: code_has(Zero.reduce_ready_partitions_and_remove_grads,
+                     "self.reduce_independent_p_g_buckets_and_remove_grads(param, i)")
+    and code_has(Zero.reduce_independent_p_g_buckets_and_remove_grads,
+                 "self.extra_large_param_to_reduce[comm_dtype] = param")
+    and code_has(Zero.reduce_ipg_grads, "comm_dtype in self.extra_large_param_to_reduce")
+    and callable(Zero.get_param_comm_dtype),
+    "a stage's largest gradient is reduced before autograd builds the next one")
+OFFSETS = requirement(
+    "zero2.offsets", "DeepSpeedZeroOptimizer.grad_start_offset, grad_partition_insertion_offset and partition_size, "
+    "read by _build_compact_grad_partition_buffer",
+    lambda: code_has(Zero._build_compact_grad_partition_buffer, "self.partition_size[group_idx]",
+                     "self.grad_start_offset[group_idx][partition_id][param_id]",
+                     "self.grad_partition_insertion_offset[group_idx][partition_id][param_id]"),
+    "the stages sharing a tied weight add up their partitions of its gradient")
 
 
 def check_partitioned_gradients_pipeline() -> None:
@@ -65,47 +113,7 @@ def check_partitioned_gradients_pipeline() -> None:
       and the offsets it reads, ``grad_start_offset`` and ``grad_partition_insertion_offset``
       ([group][partition][param id]), ``partition_size``, ``real_dp_process_group``, ``get_param_id``.
     """
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
-
-    _require("PipelineEngine.__init__'s single zero_optimization_stage() check",
-             lambda: inspect.getsource(PipelineEngine.__init__).count("zero_optimization_stage(") == 1
-             and _source_has(PipelineEngine.__init__, "super().__init__(", "zero_optimization_stage("), _ZERO2_WHY)
-    _require("deepspeed.initialize building deepspeed.PipelineEngine",
-             lambda: _source_has(deepspeed.initialize, "else PipelineEngine") and deepspeed.PipelineEngine is PipelineEngine,
-             _ZERO2_WHY)
-    _require("PipelineEngine._exec_backward_pass, _exec_reduce_tied_grads, _exec_reduce_grads in _INSTRUCTION_MAP",
-             lambda: {PipelineEngine._exec_backward_pass, PipelineEngine._exec_reduce_tied_grads,
-                      PipelineEngine._exec_reduce_grads} <= set(PipelineEngine._INSTRUCTION_MAP.values()), _ZERO2_WHY)
-    _require("DeepSpeedZeroOptimizer.overlapping_partition_gradients_reduce_epilogue, "
-             "finalize_gradient_accumulation_boundary and ready_for_gradients",
-             lambda: callable(Zero.overlapping_partition_gradients_reduce_epilogue)
-             and callable(Zero.finalize_gradient_accumulation_boundary)
-             and _source_has(Zero.setup_buckets, "self.ready_for_gradients = True")
-             and _source_has(Zero._release_ipg_buffers, "self.ready_for_gradients = False"), _ZERO2_WHY)
-    _require("DeepSpeedZeroOptimizer._use_compact_grad_partition_buffer, read by the epilogue, average_tensor and "
-             "finalize_gradient_accumulation_boundary",
-             lambda: callable(Zero._use_compact_grad_partition_buffer)
-             and all(_source_has(f, "self._use_compact_grad_partition_buffer(") for f in (
-                 Zero.independent_gradient_partition_epilogue, Zero.finalize_gradient_accumulation_boundary,
-                 Zero._get_compact_grad_partition_slice)) and _source_has(Zero.average_tensor,
-                                                                         "self._get_compact_grad_partition_slice("),
-             "between micro-batches each rank holds one flat partition of its stage's gradients")
-    _require("DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads holding an oversized gradient "
-             "in extra_large_param_to_reduce for reduce_ipg_grads(comm_dtype=...)",
-             lambda: _source_has(Zero.reduce_ready_partitions_and_remove_grads,
-                                 "self.reduce_independent_p_g_buckets_and_remove_grads(param, i)")
-             and _source_has(Zero.reduce_independent_p_g_buckets_and_remove_grads,
-                             "self.extra_large_param_to_reduce[comm_dtype] = param")
-             and _source_has(Zero.reduce_ipg_grads, "if comm_dtype in self.extra_large_param_to_reduce:")
-             and callable(Zero.get_param_comm_dtype),
-             "a stage's largest gradient is reduced before autograd builds the next one")
-    _require("DeepSpeedZeroOptimizer.grad_start_offset, grad_partition_insertion_offset and partition_size, "
-             "read by _build_compact_grad_partition_buffer",
-             lambda: _source_has(Zero._build_compact_grad_partition_buffer, "self.partition_size[group_idx]",
-                                 "self.grad_start_offset[group_idx][partition_id][param_id]",
-                                 "self.grad_partition_insertion_offset[group_idx][partition_id][param_id]"),
-             "the stages sharing a tied weight add up their partitions of its gradient")
+    require(ZERO_ASSERT, INITIALIZE, REDUCTION_INSTRUCTIONS, EPILOGUE, COMPACT_PARTITION, OVERSIZED, OFFSETS)
 
 
 def pipeline_engine_class(zero_stage: int) -> type:
@@ -155,20 +163,21 @@ def _compact_partition(optimizer: Any, group_index: int) -> bool:
 
 _ONE_BACKWARD_WHY = "a stage whose output is several tensors needing grad runs one backward pass, not one per tensor"
 
+ONE_BACKWARD = requirement(
+    "pipeline.one_backward", "PipelineEngine._exec_backward_pass running one backward per output of "
+    "pipe_buffers['outputs'] with the gradients in grad_layer",
+    lambda: code_has(PipelineEngine._exec_backward_pass, "outputs = self.pipe_buffers['outputs'][buffer_id]",
+                     "grad_tensors = self.grad_layer", "out.backward(gradient=grad, retain_graph=...)",
+                     "outputs.backward(gradient=grad_tensors)")
+    and PipelineEngine._exec_backward_pass in PipelineEngine._INSTRUCTION_MAP.values(), _ONE_BACKWARD_WHY)
+
 
 def check_one_backward() -> None:
     """DeepSpeed 0.19.8's ``_exec_backward_pass`` takes a non-last stage's outputs from ``pipe_buffers['outputs']``
     and their gradients from ``grad_layer``, and runs ``out.backward(gradient=grad, retain_graph=...)`` once per
     floating output: with two outputs that depend on the whole stage (hidden states and a MoE model's router
     sums) autograd walks the stage's graph twice. Given one flat tensor it runs one ``backward``."""
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    _require("PipelineEngine._exec_backward_pass running one backward per output of pipe_buffers['outputs'] with "
-             "the gradients in grad_layer",
-             lambda: _source_has(PipelineEngine._exec_backward_pass, "outputs = self.pipe_buffers['outputs'][buffer_id]",
-                                 "grad_tensors = self.grad_layer", "out.backward(gradient=grad, retain_graph=",
-                                 "outputs.backward(gradient=grad_tensors)")
-             and PipelineEngine._exec_backward_pass in PipelineEngine._INSTRUCTION_MAP.values(), _ONE_BACKWARD_WHY)
+    require(ONE_BACKWARD)
 
 
 class OneBackwardPipelineEngine(_pipeline_engine_base()):

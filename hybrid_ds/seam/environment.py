@@ -3,15 +3,31 @@
 
 from __future__ import annotations
 
+import importlib
 import os
 import re
 
-
-from hybrid_ds.seam.compat import require as _require
-from hybrid_ds.seam.compat import source_has as _source_has
+from hybrid_ds.seam.compat import code_has, require, requirement
 
 
 # ---------------------------------------------------------------- 3. no shared-memory comm op on CPU
+
+
+def _shm_op_is_off_by_key() -> bool:
+    import deepspeed.ops
+    from deepspeed.accelerator import get_accelerator
+
+    # (the attribute deepspeed.comm.torch is the torch package, not the module)
+    build_shm_op = importlib.import_module("deepspeed.comm.torch").build_shm_op
+    return (code_has(build_shm_op, "deepspeed.ops.__compatible_ops__.get(builder.NAME, ...)")
+            and get_accelerator().create_op_builder("ShareMemCommBuilder").NAME == "deepspeed_shm_comm"
+            and "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__)
+
+
+SHM_OP = requirement(
+    "environment.shm_comm_op",
+    "deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'], read by deepspeed.comm.torch.build_shm_op",
+    _shm_op_is_off_by_key, "without it every CPU run first compiles the shared-memory comm op")
 
 
 def disable_shm_comm_op() -> None:
@@ -22,16 +38,9 @@ def disable_shm_comm_op() -> None:
     ``inference_all_reduce`` uses it; training's collectives go through gloo.
     """
     import deepspeed.ops
-    from deepspeed.accelerator import get_accelerator
-    from deepspeed.comm.torch import build_shm_op
 
-    internal = "deepspeed.ops.__compatible_ops__['deepspeed_shm_comm'], read by deepspeed.comm.torch.build_shm_op"
-    why = "without it every CPU run first compiles the shared-memory comm op"
-    _require(internal, lambda: _source_has(build_shm_op, "__compatible_ops__")
-             and get_accelerator().create_op_builder("ShareMemCommBuilder").NAME == "deepspeed_shm_comm"
-             and "deepspeed_shm_comm" in deepspeed.ops.__compatible_ops__, why)
+    require(SHM_OP)
     deepspeed.ops.__compatible_ops__["deepspeed_shm_comm"] = False
-
 
 
 def arch_list_deepspeed_can_parse() -> None:

@@ -14,9 +14,20 @@ from typing import Any
 
 import torch
 
-from hybrid_ds.seam.compat import require as _require
-from hybrid_ds.seam.compat import source_has as _source_has
+from hybrid_ds.seam.compat import code_has, demand, require, requirement
 from hybrid_ds.seam.engines import check_instruction_map
+
+
+def _mpu_is_set_by_the_engine() -> bool:
+    from deepspeed.runtime.engine import DeepSpeedEngine
+    from deepspeed.utils import groups
+
+    return hasattr(groups, "mpu") and code_has(DeepSpeedEngine._configure_distributed_model, "groups.mpu = ...")
+
+
+GLOBAL_MPU = requirement(
+    "instruments.mpu", "deepspeed.utils.groups.mpu, set by DeepSpeedEngine._configure_distributed_model",
+    _mpu_is_set_by_the_engine, "a plain engine after a PipelineEngine in one process needs it cleared")
 
 
 def wrap_pipeline_instructions(engine: Any, wrap: Callable[[type, Callable], Callable]) -> bool:
@@ -40,13 +51,9 @@ def forget_pipeline_grid() -> None:
     (a PipelineEngine's grid) in the process-global ``deepspeed.utils.groups.mpu`` and never clears it; a
     later engine without one then crashes.
     """
-    from deepspeed.runtime.engine import DeepSpeedEngine
     from deepspeed.utils import groups
 
-    _require("deepspeed.utils.groups.mpu, set by DeepSpeedEngine._configure_distributed_model",
-             lambda: hasattr(groups, "mpu")
-             and _source_has(DeepSpeedEngine._configure_distributed_model, "groups.mpu ="),
-             "a plain engine after a PipelineEngine in one process needs it cleared")
+    require(GLOBAL_MPU)
     groups.mpu = None
 
 
@@ -61,7 +68,8 @@ def reduce_bucket_tensors(optimizer: Any) -> list[torch.Tensor]:
 
     if not isinstance(optimizer, (DeepSpeedZeroOptimizer, DeepSpeedZeroOptimizer_Stage3)):
         return []
-    buffers = _require(f"{type(optimizer).__name__}.ipg_buckets[dtype].buffer",
+    # Needs the optimizer (stage 1/2 or 3): checked here, not registered; so is gradient_tensors' check.
+    buffers = demand(f"{type(optimizer).__name__}.ipg_buckets[dtype].buffer",
                        lambda: [b.buffer for b in optimizer.ipg_buckets.values()],
                        "the memory benchmark counts reduce buckets apart from model states")
     tensors = [t for buffer in buffers for t in (buffer if isinstance(buffer, list) else [buffer])]
@@ -93,9 +101,9 @@ def gradient_tensors(engine: Any) -> dict[str, list[torch.Tensor]]:
             return []
 
         internal = "DeepSpeedZeroOptimizer.all_grad_tensors, averaged_gradients, single_partition_of_fp32_groups"
-        _require(internal, lambda: all(hasattr(optimizer, name) for name in
-                                       ("all_grad_tensors", "averaged_gradients", "single_partition_of_fp32_groups")),
-                 "the memory benchmark counts ZeRO's gradient partitions")
+        demand(internal, lambda: all(hasattr(optimizer, name) for name in
+                                     ("all_grad_tensors", "averaged_gradients", "single_partition_of_fp32_groups")),
+               "the memory benchmark counts ZeRO's gradient partitions")
         found["partition"] = (tensors(optimizer.all_grad_tensors) + tensors(optimizer.averaged_gradients)
                               + tensors(getattr(optimizer, "grads_in_partition", None))  # contiguous_gradients only
                               + tensors([p.grad for p in optimizer.single_partition_of_fp32_groups]))

@@ -13,6 +13,7 @@
 
 from __future__ import annotations
 
+import importlib
 import inspect
 import types
 from collections.abc import Callable
@@ -20,10 +21,31 @@ from typing import Any
 
 import torch
 from deepspeed.pipe import PipelineModule
+from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe import schedule
+from deepspeed.runtime.pipe.engine import PipelineEngine
+from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
-from hybrid_ds.seam.compat import require as _require
-from hybrid_ds.seam.compat import source_has as _source_has
+from hybrid_ds.seam.compat import Requirement, code_has, require, requirement
 from hybrid_ds.seam.engines import check_instruction_map
+
+_CLIP_WHY = "without it the fp32 pipeline clips each stage by its own gradient norm (PITFALLS 2)"
+CLIP = requirement("clip.clip_fp32_gradients", "PipelineEngine.clip_fp32_gradients",
+                   lambda: callable(PipelineEngine.clip_fp32_gradients), _CLIP_WHY)
+CLIP_STEP = requirement("clip.exec_optimizer_step", "PipelineEngine._exec_optimizer_step calling _take_model_step",
+                        lambda: code_has(PipelineEngine._exec_optimizer_step, "self._take_model_step(...)"), _CLIP_WHY)
+CLIP_CALL = requirement("clip.take_model_step", "PipelineEngine._take_model_step calling clip_fp32_gradients",
+                        lambda: code_has(PipelineEngine._take_model_step, "self.clip_fp32_gradients()"), _CLIP_WHY)
+CLIP_TIES = requirement(
+    "clip.tied_comms", "PipelineModule.tied_modules and tied_comms[key]['ranks']",
+    lambda: code_has(PipelineModule.__init__, "self.tied_modules = ...", "self.tied_comms = ...")
+    and code_has(PipelineModule._index_tied_modules, "{'ranks': ..., **...}"),
+    "the global gradient norm counts a tied weight once")
+CLIP_GRID = requirement(
+    "clip.grid", "PipelineEngine.grid.get_pipe_parallel_group",
+    lambda: code_has(PipelineEngine.__init__, "self.grid = ...")
+    and callable(PipelineParallelGrid.get_pipe_parallel_group),
+    "the global gradient norm is reduced over the pipeline group")
 
 
 def check_clip_fp32_gradients() -> None:
@@ -35,23 +57,7 @@ def check_clip_fp32_gradients() -> None:
     pipeline group and reads the tie groups DeepSpeed records in ``PipelineModule.__init__``:
     ``tied_comms`` (key -> {"ranks": ...}) and ``tied_modules`` (key -> module).
     """
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-    from deepspeed.runtime.pipe.topology import PipelineParallelGrid
-
-    why = "without it the fp32 pipeline clips each stage by its own gradient norm (PITFALLS 2)"
-    _require("PipelineEngine.clip_fp32_gradients", lambda: callable(PipelineEngine.clip_fp32_gradients), why)
-    _require("PipelineEngine._exec_optimizer_step calling _take_model_step",
-             lambda: _source_has(PipelineEngine._exec_optimizer_step, "self._take_model_step("), why)
-    _require("PipelineEngine._take_model_step calling clip_fp32_gradients",
-             lambda: _source_has(PipelineEngine._take_model_step, "self.clip_fp32_gradients()"), why)
-    _require("PipelineModule.tied_modules and tied_comms[key]['ranks']",
-             lambda: _source_has(PipelineModule.__init__, "self.tied_modules =", "self.tied_comms =")
-             and _source_has(PipelineModule._index_tied_modules, "'ranks'"),
-             "the global gradient norm counts a tied weight once")
-    _require("PipelineEngine.grid.get_pipe_parallel_group",
-             lambda: _source_has(PipelineEngine.__init__, "self.grid =")
-             and callable(PipelineParallelGrid.get_pipe_parallel_group),
-             "the global gradient norm is reduced over the pipeline group")
+    require(CLIP, CLIP_STEP, CLIP_CALL, CLIP_TIES, CLIP_GRID)
 
 
 def use_global_clip_norm(engine: Any) -> None:
@@ -94,33 +100,41 @@ def _owned_parameters(engine: Any) -> list[torch.nn.Parameter]:
 _SKIP_WHY = "a step with inf or NaN gradients must leave parameters, optimizer state and learning rate unchanged"
 
 
-def _skipping_optimizers() -> dict[type, str]:
-    """DeepSpeed 0.19.8's optimizers that skip a step whose global gradient norm is not finite, in fp32 too (measured:
-    parameters unchanged across a NaN step at ZeRO-1/2 and ZeRO-3), each with the test in its ``step`` that does it."""
-    from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
-    from deepspeed.runtime.zero.stage3 import DeepSpeedZeroOptimizer_Stage3
-    from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
+SKIP_STEP = requirement(
+    "skip.take_model_step", "DeepSpeedEngine._take_model_step reading optimizer.overflow after optimizer.step()",
+    lambda: code_has(DeepSpeedEngine._take_model_step, "self.optimizer.step()", "self.optimizer.overflow",
+                     "self._step_applied = not overflow", "self.skipped_steps += 1")
+    and callable(DeepSpeedEngine.was_step_applied), _SKIP_WHY)
 
-    return {DeepSpeedZeroOptimizer: "is_invalid_grad_norm(scaled_global_grad_norm)",
-            DeepSpeedZeroOptimizer_Stage3: "is_invalid_grad_norm(scaled_global_grad_norm)",
-            BF16_Optimizer: "is_invalid_grad_norm(all_groups_norm)"}
+# DeepSpeed 0.19.8's optimizers that skip a step whose global gradient norm is not finite, in fp32 too (measured:
+# parameters unchanged across a NaN step at ZeRO-1/2 and ZeRO-3): (module, class, the test in its ``step``).
+_SKIPPING = (("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", "scaled_global_grad_norm"),
+             ("deepspeed.runtime.zero.stage3", "DeepSpeedZeroOptimizer_Stage3", "scaled_global_grad_norm"),
+             ("deepspeed.runtime.bf16_optimizer", "BF16_Optimizer", "all_groups_norm"))
+
+
+def _skip_requirement(module: str, name: str, norm: str) -> Requirement:
+    return requirement(f"skip.{name}", f"{name}.step setting overflow when is_invalid_grad_norm({norm})",
+                       lambda: code_has(_undecorated(getattr(importlib.import_module(module), name).step),
+                                        f"is_invalid_grad_norm({norm})", "self.overflow = True"), _SKIP_WHY)
+
+
+_SKIP_REQUIREMENTS = {(module, name): _skip_requirement(module, name, norm) for module, name, norm in _SKIPPING}
+
+
+def _skipping_optimizers() -> dict[type, Requirement]:
+    """The optimizer classes that skip a non-finite step themselves, each with what its ``step`` must do."""
+    return {getattr(importlib.import_module(module), name): found
+            for (module, name), found in _SKIP_REQUIREMENTS.items()}
 
 
 def check_overflow_skip(optimizer: Any) -> None:
     """What skipping relies on: ``DeepSpeedEngine._take_model_step`` calls ``self.optimizer.step()``, then reads
     ``self.optimizer.overflow``: a skipped step leaves the LR scheduler alone, counts in ``skipped_steps`` and makes
-    ``was_step_applied()`` false. DeepSpeed's own optimizers set ``overflow`` when the norm is not finite."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-
-    _require("DeepSpeedEngine._take_model_step reading optimizer.overflow after optimizer.step()",
-             lambda: _source_has(DeepSpeedEngine._take_model_step, "self.optimizer.step()", "self.optimizer.overflow",
-                                 "self._step_applied = not overflow", "self.skipped_steps += 1")
-             and callable(DeepSpeedEngine.was_step_applied), _SKIP_WHY)
-    for kind, test in _skipping_optimizers().items():
-        if isinstance(optimizer, kind):
-            _require(f"{kind.__name__}.step setting overflow when {test}",
-                     lambda kind=kind, test=test: _source_has(_undecorated(kind.step), test, "self.overflow = True"),
-                     _SKIP_WHY)
+    ``was_step_applied()`` false. DeepSpeed's own optimizers set ``overflow`` when the norm is not finite (the check of
+    ``optimizer``'s class, among :func:`_skipping_optimizers`)."""
+    require(SKIP_STEP)
+    require(*(found for kind, found in _skipping_optimizers().items() if isinstance(optimizer, kind)))
 
 
 def _undecorated(function: Callable) -> Callable:
@@ -167,28 +181,28 @@ def _step_if_finite(optimizer: torch.optim.Optimizer, step: Callable) -> Callabl
 _ONE_RANK_WHY = "at data-parallel size 1 the gradient reduction is an average over one rank, skipped"
 
 
+REDUCE_GRADS = requirement(
+    "reduce.exec_reduce_grads", "PipelineEngine._INSTRUCTION_MAP[ReduceGrads] = _exec_reduce_grads, calling "
+    "allreduce_gradients or _bf16_reduce_grads",
+    lambda: PipelineEngine._INSTRUCTION_MAP.get(schedule.ReduceGrads) is PipelineEngine._exec_reduce_grads
+    and code_has(PipelineEngine._exec_reduce_grads, "self._bf16_reduce_grads()", "self.allreduce_gradients(...)")
+    and code_has(PipelineEngine._bf16_reduce_grads, "self.buffered_allreduce_fallback(...)"), _ONE_RANK_WHY)
+REDUCE_FALLBACK = requirement(
+    "reduce.fallback", "DeepSpeedEngine.buffered_allreduce_fallback reading get_grads_for_reduction, else "
+    "_get_gradients_for_reduction giving missing gradients zeros",
+    lambda: code_has(DeepSpeedEngine.buffered_allreduce_fallback, "self.optimizer.get_grads_for_reduction()",
+                     "self._get_gradients_for_reduction()")
+    and code_has(DeepSpeedEngine._get_gradients_for_reduction, "param.grad is None", "param.grad = torch.zeros(...)"),
+    _ONE_RANK_WHY)
+
+
 def check_reduce_grads() -> None:
     """DeepSpeed 0.19.8's ``ReduceGrads`` instruction runs ``_exec_reduce_grads``: the data-parallel reduction only
     (``allreduce_gradients``, or ``_bf16_reduce_grads`` for the BF16_Optimizer); tied weights are reduced by
     ``_exec_reduce_tied_grads`` before it. Without a ZeRO optimizer both reach ``buffered_allreduce_fallback``, which
     takes the BF16_Optimizer's own gradients (``get_grads_for_reduction``) or else the module's, giving a parameter
     without a gradient zeros (``_get_gradients_for_reduction``), then averages them over the data-parallel group."""
-    from deepspeed.runtime.engine import DeepSpeedEngine
-    from deepspeed.runtime.pipe import schedule
-    from deepspeed.runtime.pipe.engine import PipelineEngine
-
-    _require("PipelineEngine._INSTRUCTION_MAP[ReduceGrads] = _exec_reduce_grads, calling allreduce_gradients or "
-             "_bf16_reduce_grads",
-             lambda: PipelineEngine._INSTRUCTION_MAP.get(schedule.ReduceGrads) is PipelineEngine._exec_reduce_grads
-             and _source_has(PipelineEngine._exec_reduce_grads, "self._bf16_reduce_grads()",
-                             "self.allreduce_gradients(")
-             and _source_has(PipelineEngine._bf16_reduce_grads, "self.buffered_allreduce_fallback("), _ONE_RANK_WHY)
-    _require("DeepSpeedEngine.buffered_allreduce_fallback reading get_grads_for_reduction, else "
-             "_get_gradients_for_reduction giving missing gradients zeros",
-             lambda: _source_has(DeepSpeedEngine.buffered_allreduce_fallback, "get_grads_for_reduction",
-                                 "self._get_gradients_for_reduction()")
-             and _source_has(DeepSpeedEngine._get_gradients_for_reduction, "if param.grad is None:",
-                             "param.grad = torch.zeros("), _ONE_RANK_WHY)
+    require(REDUCE_GRADS, REDUCE_FALLBACK)
 
 
 def reduce_over_one_rank_is_nothing(engine: Any) -> bool:

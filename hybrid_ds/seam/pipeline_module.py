@@ -13,14 +13,23 @@ from typing import Any
 
 from deepspeed.pipe import PipelineModule
 
-from hybrid_ds.seam.compat import require as _require
-from hybrid_ds.seam.compat import source_has as _source_has
+from hybrid_ds.seam.compat import code_has, demand, require, requirement
 
 
 # ---------------------------------------------------------------- 2. our stage boundaries
 
 
 _PARTITION_WHY = "hybrid_ds gives DeepSpeed its stage boundaries (computed on the meta device)"
+
+PARTITION_LAYERS = requirement(
+    "partition.override", "PipelineModule._partition_layers, called by __init__ after global_rank and _topo are set",
+    lambda: callable(PipelineModule._partition_layers) and code_has(
+        PipelineModule.__init__, "self.global_rank = ...", "self._topo = ...", "self._partition_layers(...)"),
+    _PARTITION_WHY)
+SET_BOUNDS = requirement("partition.set_bounds", "PipelineModule._set_bounds",
+                         lambda: callable(PipelineModule._set_bounds), _PARTITION_WHY)
+PARTS = requirement("partition.parts", "PipelineModule.parts, read by stage_owner",
+                    lambda: code_has(PipelineModule.stage_owner, "self.parts[...]"), _PARTITION_WHY)
 
 
 def check_partition_override() -> None:
@@ -30,13 +39,7 @@ def check_partition_override() -> None:
     which sets ``self.parts`` (stage s holds specs ``parts[s]:parts[s + 1]``; ``stage_owner`` reads it to
     place tied weights) and this rank's slice with ``self._set_bounds(start, stop)``, before any layer is built.
     """
-    _require("PipelineModule._partition_layers, called by __init__ after global_rank and _topo are set",
-             lambda: callable(PipelineModule._partition_layers) and _source_has(
-                 PipelineModule.__init__, "self.global_rank =", "self._topo =", "self._partition_layers("),
-             _PARTITION_WHY)
-    _require("PipelineModule._set_bounds", lambda: callable(PipelineModule._set_bounds), _PARTITION_WHY)
-    _require("PipelineModule.parts, read by stage_owner",
-             lambda: _source_has(PipelineModule.stage_owner, "self.parts["), _PARTITION_WHY)
+    require(PARTITION_LAYERS, SET_BOUNDS, PARTS)
 
 
 class HybridPipelineModule(PipelineModule):
@@ -52,8 +55,9 @@ class HybridPipelineModule(PipelineModule):
         self.spec_parts = list(parts)  # before super().__init__, which calls _partition_layers
         super().__init__(layers=layers, **kwargs)
         lo, hi = self.spec_parts[self.stage_id:self.stage_id + 2]
-        _require("PipelineModule._local_start and _local_stop, set by _set_bounds",
-                 lambda: (self._local_start, self._local_stop) == (lo, hi), _PARTITION_WHY)
+        # Needs the built module: checked here, not registered.
+        demand("PipelineModule._local_start and _local_stop, set by _set_bounds",
+               lambda: (self._local_start, self._local_stop) == (lo, hi), _PARTITION_WHY)
 
     def _partition_layers(self, method: str = "uniform") -> None:
         self.parts = self.spec_parts
@@ -80,6 +84,6 @@ def layer_checkpoint_file(folder: str | Path, index: int) -> Path:
 
     stand_in = types.SimpleNamespace(_local_start=0, global_rank=0,
                                      _grid=types.SimpleNamespace(_topo=PipeDataParallelTopology(num_pp=1, num_dp=1)))
-    return Path(_require("PipelineModule.ckpt_layer_path(ckpt_dir, local_layer_idx)",
-                         lambda: PipelineModule.ckpt_layer_path(stand_in, str(folder), index),
-                         "an export finds each layer's weights under DeepSpeed's file name"))
+    return Path(demand("PipelineModule.ckpt_layer_path(ckpt_dir, local_layer_idx)",  # of this folder and index
+                       lambda: PipelineModule.ckpt_layer_path(stand_in, str(folder), index),
+                       "an export finds each layer's weights under DeepSpeed's file name"))
