@@ -39,8 +39,9 @@ def write(tmp_path: Path, data: dict | str, name: str = "run.json") -> str:
     return str(path)
 
 
-def effective(cfg, world: int = 1) -> dict:
-    """The effective DeepSpeed config of ``cfg`` on ``world`` GPUs (a model of 2 layers' layout)."""
+def effective(cfg, world: int | None = None) -> dict:
+    """The effective DeepSpeed config of ``cfg`` on ``world`` GPUs (default: one per stage), for a model of 2 layers."""
+    world = world or cfg.pipeline.stages
     micro = cfg.micro_batch or (None if cfg.train_batch else 1)
     layout = resolve_layout(world, cfg.pipeline.stages, 2, micro, cfg.grad_accum, cfg.train_batch)
     return effective_deepspeed_config(cfg, layout, "gpu")

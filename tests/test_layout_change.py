@@ -7,7 +7,7 @@ with step 4 as its latest checkpoint, resumed at the second layout. B's steps 5-
 order; the global batch is 8 samples at every layout). Optimizer moments lost or reset, a data position counted per rank, or the schedule restarted would
 each move the losses far beyond the 1e-5 allowed.
 
-With two processes, pp=2 x dp=1 under a ZeRO-1 config runs as ZeRO-0 (model_state.zero_stage_to_run) and pp=1 x dp=2 as
+With two processes, pp=2 x dp=1 under a ZeRO-1 config runs as ZeRO-0 (config.deepspeed.zero_stage_to_run) and pp=1 x dp=2 as
 ZeRO-1: the transitions between them carry optimizer moments from ZeRO-0's whole states to ZeRO-1's partitions
 and back (runtime.checkpoint.zero0: zero0_to_universal, load_universal_zero0), and the partition change ZeRO-0 to ZeRO-0.
 """

@@ -161,7 +161,7 @@ class Trainer:
 
     def _count_bad_step(self, loss: float) -> None:
         """A step with a non-finite loss or gradient norm was skipped by the engine (no parameter, optimizer-state
-        or learning-rate change; hybrid_ds.seam.skip_non_finite_steps): count it, say so, and stop with
+        or learning-rate change; hybrid_ds.seam.numerics.skip_non_finite_steps): count it, say so, and stop with
         a checkpoint after ``train.max_bad_steps`` in a row. Every rank sees the same loss and the same skip."""
         skipped = not self.engine.was_step_applied()
         if self.cfg.precision == "fp16":  # fp16's loss scaler skips overflowing steps as it searches for its scale

@@ -210,7 +210,7 @@ def reduce_over_one_rank_is_nothing(engine: Any) -> bool:
     what is left of it there: zeros for a parameter without a gradient (the optimizer then steps it as DeepSpeed's
     reduction made it do). DeepSpeed flattens every gradient into buckets, all-reduces over a group of one and
     copies back (measured: bench/dp1_zero.py). Returns whether it did; a ZeRO optimizer (ZeRO-1/2 at dp=1 run as
-    ZeRO-0 in fp32, model_state.zero_stage_to_run) and dp > 1 keep DeepSpeed's reduction."""
+    ZeRO-0 in fp32, config.deepspeed.zero_stage_to_run) and dp > 1 keep DeepSpeed's reduction."""
     from deepspeed.runtime.pipe import schedule
     from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
