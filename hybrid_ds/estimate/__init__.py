@@ -19,4 +19,7 @@ allocates, and the tests and ``bench/estimator_accuracy.py`` hold them against a
   trained like any parameter (r x (in + out) per adapted linear layer, as peft makes them), what both save for
   backward; ``bench/lora_memory.py`` holds the model states against the real engine.
 
+Modules: ``run`` (a run config as the estimator reads it, through the effective DeepSpeed config), ``stages`` (each
+stage's memory, FLOPs and bytes sent), ``step`` (the whole step: time, MFU, days), ``flops``, ``model_state``,
+``activations``, ``architecture``, ``gpus`` and ``report`` (the tables and JSON that compare and plan print).
 """
