@@ -26,7 +26,9 @@ def old_run(tmp_path_factory) -> Path:
 
 
 def test_a_checkpoint_of_55905d2_resumes_exactly(old_run, tmp_path):
-    """Resumed at step 4 by today's code, steps 5-8 give exactly the losses 55905d2's uninterrupted run gave."""
+    """Resumed at step 4 by today's code, steps 5-8 give the losses 55905d2's uninterrupted run gave: exactly on the
+    machine that wrote the fixture, within 1e-5 on another CPU (one of these 2-core machines differed by 5e-7 at step 7:
+    its kernels round differently); resumed without the saved RNG states they differ by 3e-4 to 7e-4 (dropout)."""
     config = json.loads((old_run / "run.json").read_text())
     config["data"].update(tokenizer=str(old_run / "tokenizer"), cache_dir=str(tmp_path / "data-cache"))
     config["train"].update(max_steps=8, save_dir=str(old_run), resume=True)
@@ -34,13 +36,14 @@ def test_a_checkpoint_of_55905d2_resumes_exactly(old_run, tmp_path):
     path.write_text(json.dumps(config))
     train(path, 2)
     expected = json.loads((FIXTURE / "expected.json").read_text())
-    assert summary(path)["losses"] == expected["losses_steps_5_to_8"]
+    assert summary(path)["losses"] == pytest.approx(expected["losses_steps_5_to_8"], rel=0, abs=1e-5)
     assert (old_run / "step_8" / "COMPLETE").is_file()
 
 
 def test_a_checkpoint_of_55905d2_exports_what_it_exported_then(tmp_path):
-    """``hybrid-ds export`` of the untouched fixture computes exactly the logits 55905d2's export computed, and
-    not those of the model's initial weights."""
+    """``hybrid-ds export`` of the untouched fixture computes the logits 55905d2's export computed (exactly on the
+    machine that wrote it, within 1e-6 on a CPU whose kernels round differently), and not those of the model's
+    initial weights."""
     import transformers
 
     run = tmp_path / "run"
@@ -51,6 +54,6 @@ def test_a_checkpoint_of_55905d2_exports_what_it_exported_then(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         logits = model(input_ids=saved["input_ids"]).logits
-        assert (logits - saved["logits"]).abs().max().item() == 0.0
+        assert (logits - saved["logits"]).abs().max().item() <= 1e-6  # 0 where written; 6e-8 on another CPU
         initial = transformers.AutoModelForCausalLM.from_config(model.config).eval()
         assert (initial(input_ids=saved["input_ids"]).logits - saved["logits"]).abs().max().item() > 1e-2
