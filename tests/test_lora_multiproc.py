@@ -20,7 +20,7 @@ from hybrid_ds.runtime.pipeline import SequentialStages
 from hybrid_ds.models.resolve import resolve_model
 from hybrid_ds.runtime.plan import build_plan
 from test_pipeline_multiproc import GAS, assert_params_match, folders, launch, make_batches, reference  # noqa: F401
-from test_train_multiproc import checkpoint_logits, summary, tiny_config, train
+from test_train_multiproc import assert_special_tokens, checkpoint_logits, summary, tiny_config, train
 
 pytestmark = pytest.mark.multiproc
 
@@ -89,6 +89,7 @@ def test_lora_run_exports_an_adapter_peft_loads_and_a_merged_model(tmp_path):
     assert result["last_loss"] < result["first_loss"], result["losses"]
     assert sorted(p.name for p in (tmp_path / "adapter").iterdir() if p.name.startswith("adapter_")) == \
         ["adapter_config.json", "adapter_model.safetensors"]
+    assert transformers.AutoTokenizer.from_pretrained(tmp_path / "adapter").eos_token_id == 50256  # the run's
 
     batch = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     trained = checkpoint_logits(config, batch, tmp_path)
@@ -105,6 +106,7 @@ def test_lora_run_exports_an_adapter_peft_loads_and_a_merged_model(tmp_path):
                           env={**os.environ, "DS_ACCELERATOR": "cpu"})
     assert proc.returncode == 0, proc.stderr
     assert not (merged / "adapter_config.json").exists()
+    assert_special_tokens(merged)
     with torch.no_grad():
         logits = transformers.AutoModelForCausalLM.from_pretrained(merged).eval()(input_ids=batch).logits
     assert (logits - trained).abs().max().item() <= 1e-5

@@ -94,6 +94,20 @@ def test_training_loss_falls(tmp_path, name, stages):
     assert f"eval loss {result['eval_loss']:.4f} over {result['eval_tokens']:,} tokens" in proc.stdout, proc.stdout[-2000:]
 
 
+def assert_special_tokens(folder: Path) -> None:
+    """An export's config and generation config carry its tokenizer's bos/eos/pad ids (GPT-2's end of text is
+    50256; the tiny presets' configs say 255), so ``generate()`` stops where the tokenizer ends a text."""
+    import transformers
+
+    tokenizer = transformers.AutoTokenizer.from_pretrained(folder)
+    config = transformers.AutoConfig.from_pretrained(folder)
+    generation = transformers.GenerationConfig.from_pretrained(folder)
+    for key in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        if getattr(tokenizer, key) is not None:
+            assert getattr(config, key) == getattr(generation, key) == getattr(tokenizer, key), (key, config)
+    assert tokenizer.eos_token_id is not None and config.eos_token_id == tokenizer.eos_token_id
+
+
 def checkpoint_logits(config: Path, batch: torch.Tensor, tmp_path: Path, nproc: int = 2) -> object:
     """tests/workers/checkpoint_logits.py on ``nproc`` processes: the run's latest checkpoint in its engine, logits
     of ``batch``."""
@@ -126,6 +140,7 @@ def test_zero_2_and_3_train_the_plain_model_and_export(tmp_path, zero):
     to_trained = (exported - engine["trained"]).abs().max().item()
     to_initial = (exported - engine["initial"]).abs().max().item()  # > 0: export did not write the initial weights
     assert to_trained == 0.0 and to_initial > 0.1, (to_trained, to_initial)
+    assert_special_tokens(tmp_path / "hf")
 
 
 def test_export_round_trip(tmp_path):
@@ -142,6 +157,7 @@ def test_export_round_trip(tmp_path):
     assert (hf_logits - pipeline_logits).abs().max().item() == 0.0
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
+    assert_special_tokens(tmp_path / "hf")
     again = tmp_path / "hf-again"
     rc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "export", str(tmp_path / "run"), str(again)],
                         capture_output=True, text=True, env={**os.environ, "DS_ACCELERATOR": "cpu"}, timeout=300)
@@ -149,6 +165,10 @@ def test_export_round_trip(tmp_path):
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(again).eval()
     with torch.no_grad():
         assert torch.equal(reloaded(input_ids=batch).logits, hf_logits)
+    before = summary(config)  # run again (make train twice): it resumes, finds the run complete and leaves it
+    proc = train(config, 2, "--resume")
+    assert f"the run in {tmp_path / 'run'} is complete (step 3, train.max_steps 3); nothing to train" in proc.stdout
+    assert summary(config) == before and not (tmp_path / "run" / "step_4").exists()
 
 
 def test_tied_phi_trains_its_head_bias_at_two_stages_and_exports(tmp_path):
@@ -192,6 +212,17 @@ def test_zero2_with_stages_resumes_exactly_and_exports(tmp_path):
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert (model(input_ids=batch).logits - pipeline_logits).abs().max().item() == 0.0
+
+
+def test_a_stage_of_odd_size_trains_at_dp_2(tmp_path):
+    """GPT-2 of width 33 (1,704,813 parameters, an odd count) at pp=1 x dp=2, ZeRO-1: the all-gather bucket sized to
+    the stage is rounded to even (DeepSpeed asserts it is a multiple of 2 when the engine is built)."""
+    config = tiny_config(tmp_path, "gpt2-tiny", 1, max_steps=1, eval_interval=0)
+    raw = json.loads(config.read_text())
+    raw["model"]["overrides"] = {"n_embd": 33, "n_head": 3, "n_layer": 3}
+    config.write_text(json.dumps(raw))
+    train(config)
+    assert summary(config)["steps"] == 1
 
 
 def test_killing_a_rank_ends_the_run(tmp_path):

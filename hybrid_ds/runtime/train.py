@@ -135,6 +135,8 @@ class Trainer:
         state = checkpoint.resume(self.engine, folder, self.plan)
         self.batches.load_state_dict(state["data"])
         self.step_count = state["step"]
+        if self.rank == 0:
+            print(f"hybrid-ds: resumed from {folder} (step {self.step_count})", flush=True)
 
     def step(self) -> float:
         """One optimizer step (gradient_accumulation_steps micro-batches); the mean loss over data parallel."""
@@ -215,6 +217,12 @@ class Trainer:
     def fit(self) -> Summary:
         """Train to ``train.max_steps``, evaluating and saving at their intervals and at the end."""
         train, summary = self.cfg.train, self.summary
+        if self.step_count >= train.max_steps:  # resumed a finished run (make train twice): leave it as it is
+            summary.steps = self.step_count
+            if self.rank == 0:
+                print(f"hybrid-ds: the run in {self.save_dir} is complete (step {self.step_count}, train.max_steps "
+                      f"{train.max_steps}); nothing to train: raise train.max_steps to train on", flush=True)
+            return summary
         if self.save_dir and self.rank == 0:
             checkpoint.write_run_files(self.save_dir, self.cfg.to_dict(), self.data.tokenizer)
         for warning in self.plan.warnings if self.rank == 0 else ():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import torch
 import transformers
@@ -57,10 +58,26 @@ def export(checkpoint: str | Path, out_dir: str | Path, merge: bool = False) -> 
         raise UserError("CHECKPOINT", f"{folder} does not cover the model: missing {missing[:3]}, "
                                       f"unexpected {unexpected[:3]}")
     out = Path(out_dir)
+    tokenizer = folder.parent / "tokenizer"
+    tokenizer = transformers.AutoTokenizer.from_pretrained(tokenizer) if tokenizer.is_dir() else None
+    if tokenizer is not None:
+        with_special_tokens(model, tokenizer)
     if merge:
         model = model.merge_and_unload()
     model.to(next(iter(state.values())).dtype).save_pretrained(out)
-    tokenizer = folder.parent / "tokenizer"
-    if tokenizer.is_dir():
-        transformers.AutoTokenizer.from_pretrained(tokenizer).save_pretrained(out)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
     return out
+
+
+def with_special_tokens(model: torch.nn.Module, tokenizer: Any) -> None:
+    """The run's tokenizer's bos/eos/pad ids in the model's config and generation config (a model sized by
+    ``model.vocab_from_tokenizer`` keeps its preset's ids otherwise, and ``generate()`` never meets its eos).
+    An id the tokenizer does not have is left as the config has it."""
+    for config in (model.config, getattr(model, "generation_config", None)):
+        for key in SPECIAL_TOKENS:
+            if config is not None and getattr(tokenizer, key) is not None:
+                setattr(config, key, getattr(tokenizer, key))
+
+
+SPECIAL_TOKENS = ("bos_token_id", "eos_token_id", "pad_token_id")

@@ -2,8 +2,9 @@
 save ever becomes ``latest``; the run's folders checked before any engine is built.
 
 ``SAVE_DIR/step_N/`` as DeepSpeed writes it, plus ``hybrid_ds.json`` (step, global data position, the layout it was
-saved at), ``rng-rank{R}.pt`` per rank, and last a ``COMPLETE`` marker; only after every rank has finished does rank 0
-point ``SAVE_DIR/latest`` at it (write aside, then rename). ``SAVE_DIR/run.json`` is the resolved run config and
+saved at, an id), ``rng-rank{R}.pt`` per rank, and last a ``COMPLETE`` marker. It is written as
+``SAVE_DIR/.step_N.partial/`` and renamed into place once every rank's files are on disk; only then does rank 0 point
+``SAVE_DIR/latest`` at it (write aside, then rename). ``SAVE_DIR/run.json`` is the resolved run config and
 ``SAVE_DIR/tokenizer/`` the tokenizer: an export needs nothing else.
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import time
 import uuid
@@ -20,6 +22,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from deepspeed.accelerator import get_accelerator
 
 from hybrid_ds.errors import UserError
 from hybrid_ds.runtime.checkpoint.zero0 import optimizer_param_names
@@ -103,21 +106,63 @@ def base_is_reread(cfg: Any) -> bool:
 def save(engine: Any, save_dir: Path, step: int, data_state: dict, layout: dict | None = None,
          without_frozen: bool = False) -> Path:
     """All ranks call this. Returns the checkpoint folder. ``without_frozen``: leave frozen tensors out
-    (:func:`base_is_reread`)."""
-    tag = f"step_{step}"
-    engine.save_checkpoint(str(save_dir), tag=tag, save_latest=False, exclude_frozen_parameters=without_frozen,
-                           client_state=optimizer_param_names(engine))
-    folder = save_dir / tag
-    rank = torch.distributed.get_rank()
-    torch.save(rng_state(), folder / f"rng-rank{rank}.pt")
+    (:func:`base_is_reread`).
+
+    Every rank writes into ``.step_N.partial/`` and syncs its files to disk; once all have, rank 0 writes the state
+    and the ``COMPLETE`` marker there, renames the folder to ``step_N/`` (an older ``step_N/``, its ``universal/``
+    and other ranks' files included, is removed, never merged) and only then moves ``latest``. A save cut short
+    leaves at most a ``.partial`` folder, which the next save removes.
+    """
+    tag, rank = f"step_{step}", torch.distributed.get_rank()
+    partial = save_dir / f".{tag}.partial"
+    if rank == 0:
+        for stale in save_dir.glob(".step_*.partial"):
+            shutil.rmtree(stale)
+    torch.distributed.barrier()
+    engine.save_checkpoint(str(save_dir), tag=partial.name, save_latest=False,
+                           exclude_frozen_parameters=without_frozen, client_state=optimizer_param_names(engine))
+    torch.save(rng_state(), partial / f"rng-rank{rank}.pt")
+    sync_tree(partial)  # this rank's files (and any other this node wrote) are on disk before rank 0 publishes
     torch.distributed.barrier()
     if rank == 0:
-        atomic_write(folder / STATE, json.dumps({"step": step, "data": data_state, "layout": layout,
-                                                   "without_frozen": without_frozen}))
-        atomic_write(folder / COMPLETE, "")
+        atomic_write(partial / STATE, json.dumps({"step": step, "data": data_state, "layout": layout,
+                                                  "without_frozen": without_frozen, "id": uuid.uuid4().hex}))
+        atomic_write(partial / COMPLETE, "")
+        sync_folder(partial)
+        publish(partial, save_dir / tag)
         atomic_write(save_dir / LATEST, tag)
     torch.distributed.barrier()
-    return folder
+    return save_dir / tag
+
+
+def publish(partial: Path, folder: Path) -> None:
+    """Rename the finished ``partial`` to ``folder``, replacing (never merging with) what ``folder`` held."""
+    old = folder.with_name(f".{folder.name}.old")
+    if folder.exists():
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(folder, old)
+    os.replace(partial, folder)
+    sync_folder(folder.parent)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def sync_tree(folder: Path) -> None:
+    """fsync every file under ``folder`` and the folders themselves."""
+    for path in sorted(folder.rglob("*"), reverse=True):  # files before the folders that hold them
+        if path.is_file():
+            with open(path, "rb") as f:
+                os.fsync(f.fileno())
+        elif path.is_dir():
+            sync_folder(path)
+    sync_folder(folder)
+
+
+def sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 def latest_checkpoint(save_dir: Path) -> Path | None:
@@ -138,13 +183,20 @@ def check_complete(folder: Path, key: str = "train.resume") -> None:
 
 
 def check_run_folders(cfg: Any, resuming: bool) -> None:
-    """Before any engine is built: ``train.save_dir`` and ``train.export_hf`` can be written, and a run
-    that resumes trains the model its save_dir's checkpoints hold (else DeepSpeed's state_dict error)."""
+    """Before any engine is built: ``train.save_dir`` and ``train.export_hf`` can be written, a run that does not
+    resume does not write over a save_dir's checkpoints, and a run that resumes trains the model its save_dir's
+    checkpoints hold (else DeepSpeed's state_dict error)."""
     train = cfg.train
     if train.save_dir:
         writable_folder("train.save_dir", Path(train.save_dir))
     if train.export_hf:
         export_folder("train.export_hf", Path(train.export_hf))
+    latest = Path(train.save_dir or "") / LATEST
+    if train.save_dir and not resuming and latest.is_file():
+        raise UserError("train.resume", f"false, but {train.save_dir} already holds checkpoints (latest "
+                                        f"{latest.read_text().strip()}) that this run would overwrite; continue them "
+                                        "with --resume (or train.resume \"auto\"), or start over in a new "
+                                        "train.save_dir (or after removing that one)")
     saved = Path(train.save_dir or "") / RUN_CONFIG
     if resuming and train.save_dir and (Path(train.save_dir) / LATEST).is_file() and saved.is_file():
         before = {k: json.loads(saved.read_text())["model"].get(k) for k in ("name", "overrides")}
@@ -188,16 +240,28 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def rng_state() -> dict:
-    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    """This rank's random generators: Python's, NumPy's, torch's CPU one and its device's (CUDA's dropout draws from
+    the device's generator; on DeepSpeed's CPU accelerator that is torch's CPU one again)."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state(),
+            "device": get_accelerator().get_rng_state()}
 
 
 def set_rng_state(state: dict) -> None:
+    """Restore :func:`rng_state`'s generators (checkpoints saved before the device's was recorded have none)."""
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
+    if "device" in state:
+        get_accelerator().set_rng_state(state["device"])
 
 
 def atomic_write(path: Path, text: str) -> None:
+    """Write aside, sync, rename, sync the folder: a reader sees the old text or the whole new one, after a crash
+    too."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
+    with open(tmp, "w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
     os.replace(tmp, path)
+    sync_folder(path.parent)

@@ -11,7 +11,7 @@ import torch
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.resolve import meta_model
 from hybrid_ds.runtime.pipeline import layer_specs
-from hybrid_ds.seam.pipeline_module import layer_checkpoint_file
+from hybrid_ds.seam.pipeline_module import layer_checkpoint_file, tied_prefix
 
 
 def universal_names(plan: Any) -> dict[str, str]:
@@ -34,7 +34,7 @@ def pipeline_names(plan: Any) -> dict[str, str]:
     modules: dict[str, Any] = {}
     for index, spec in enumerate(specs):
         key = getattr(spec, "key", None)
-        prefix = f"tied_modules.{key}." if key else f"{index}."
+        prefix = tied_prefix(key) if key else f"{index}."
         if prefix not in modules:
             modules[prefix] = spec.build()
     by_id = hf_names(builder)

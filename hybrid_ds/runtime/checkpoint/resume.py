@@ -10,9 +10,9 @@ from typing import Any
 import torch
 
 from hybrid_ds.errors import UserError, first_line
-from hybrid_ds.runtime.checkpoint.files import COMPLETE, STATE, UNIVERSAL, describe_layout, layout_of, set_rng_state
+from hybrid_ds.runtime.checkpoint.files import STATE, UNIVERSAL, describe_layout, layout_of, set_rng_state
 from hybrid_ds.runtime.checkpoint.names import universal_names
-from hybrid_ds.runtime.checkpoint.universal import load_universal, write_universal
+from hybrid_ds.runtime.checkpoint.universal import load_universal, universal_is_current, write_universal
 from hybrid_ds.runtime.engine import raise_shared
 
 
@@ -50,7 +50,7 @@ def _resume_on_new_layout(engine: Any, folder: Path, plan: Any, saved: dict) -> 
                                         f"0, 1 or 2 on both sides (universal checkpoints); resume at "
                                         f"{describe_layout(saved)}")
     error = None
-    if torch.distributed.get_rank() == 0 and not (folder / UNIVERSAL / COMPLETE).is_file():
+    if torch.distributed.get_rank() == 0 and not universal_is_current(folder):
         try:
             write_universal(folder, plan)
         except UserError as err:

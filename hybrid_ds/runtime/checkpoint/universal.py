@@ -36,7 +36,8 @@ def write_universal(folder: Path, plan: Any) -> Path:
     out = folder / UNIVERSAL
     tmp = folder / f".{UNIVERSAL}.tmp{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
-    layout = json.loads((folder / STATE).read_text()).get("layout") or {}
+    state = json.loads((folder / STATE).read_text())
+    layout = state.get("layout") or {}
     try:
         if layout.get("zero") == 0:  # fp32 ZeRO-0: whole per-parameter states, which DeepSpeed does not convert
             zero0_to_universal(folder, tmp / "step", saved_weights(folder, plan), pipeline_names(plan))
@@ -51,11 +52,18 @@ def write_universal(folder: Path, plan: Any) -> Path:
         for source, name in pipeline_names(plan).items():
             if (zero / source).is_dir():
                 os.replace(zero / source, zero / name)
-    atomic_write(tmp / "step" / COMPLETE, "")
+    atomic_write(tmp / "step" / COMPLETE, state.get("id", ""))  # which checkpoint this was made from
     shutil.rmtree(out, ignore_errors=True)
     os.replace(tmp / "step", out)
     shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def universal_is_current(folder: Path) -> bool:
+    """Whether ``folder/universal`` is complete and was converted from this very checkpoint (the id its state holds;
+    checkpoints saved before ids were recorded match an empty one)."""
+    marker = folder / UNIVERSAL / COMPLETE
+    return marker.is_file() and marker.read_text() == json.loads((folder / STATE).read_text()).get("id", "")
 
 
 def write_universal_of(checkpoint: str | Path) -> Path:
