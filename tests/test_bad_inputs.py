@@ -65,6 +65,22 @@ ROWS = [
     ("fp16-zero2-with-pipeline", ("config", {"zero_optimization": {"stage": 2}, "fp16": {"enabled": True}}),
      E + "fp16.enabled: fp16 (dynamic loss scaling) is not supported with ZeRO-2 and pipeline.stages=2: hybrid_ds "
          "runs that layout in fp32 or bf16; use bf16.enabled, or zero_optimization.stage 0 or 1 for fp16"),
+    ("bf16-no-overflow-check", ("config", {"bf16": {"enabled": True, "check_grad_overflow": False}}),
+     E + "bf16.check_grad_overflow: False turns off DeepSpeed's check for non-finite gradients, and a step with a NaN "
+         "gradient would then write NaN into every parameter unseen (train.max_bad_steps relies on it); leave it out "
+         "(true is the default)"),
+    ("zero-no-grad-norm", ("config", {"zero_optimization": {"stage": 1, "compute_grad_norm": False}}),
+     E + "zero_optimization.compute_grad_norm: False turns off DeepSpeed's check for non-finite gradients, and a step "
+         "with a NaN gradient would then write NaN into every parameter unseen (train.max_bad_steps relies on it); "
+         "leave it out (true is the default)"),
+    ("allgather-bucket-odd", ("config", {"zero_optimization": {"stage": 1, "allgather_bucket_size": 1001}}),
+     E + "zero_optimization.allgather_bucket_size: must be an even number of elements >= 2 (DeepSpeed asserts it), "
+         "got 1001"),
+    ("muon-zero2-with-pipeline", ("config", {"zero_optimization": {"stage": 2},
+                                             "optimizer": {"type": "Muon", "params": {"lr": 1e-3}}}),
+     E + "optimizer.type: 'Muon' is not supported with ZeRO-2 and pipeline.stages=2: Muon updates whole matrices while "
+         "each rank of that layout holds a flat slice of its stage's gradients; use zero_optimization.stage 0 or 1 "
+         "with Muon, or another optimizer"),
     ("fp16-and-bf16", ("config", {"fp16": {"enabled": True}, "bf16": {"enabled": True}}),
      E + "bf16.enabled: fp16 and bf16 are both enabled; enable one of them"),
     ("negative-micro-batch", ("config", {"train_micro_batch_size_per_gpu": -1}),
@@ -249,6 +265,10 @@ ROWS = [
     ("export-hf-into-other-files", ("run", {"train.export_hf": "{tmp}/docs"}, "train", "{run}"),
      E + "train.export_hf: {tmp}/docs is a folder of other files (no config.json of an earlier export); export into "
          "a new or empty folder"),
+    ("fresh-run-into-checkpoints", ("run", {}, "train", "{run}"),
+     E + "train.resume: false, but {save_dir} already holds checkpoints (latest step_1) that this run would "
+         "overwrite; continue them with --resume (or train.resume \"auto\"), or start over in a new train.save_dir "
+         "(or after removing that one)"),
     ("resume-another-model", ("run", {"model.name": "llama-tiny", "train.max_steps": 2}, "train", "{run}", "--resume"),
      E + "train.resume: {save_dir} holds checkpoints of model {'name': 'gpt2-tiny', 'overrides': {'vocab_size': "
          "50304}}, this run's model is {'name': 'llama-tiny', 'overrides': {'vocab_size': 50304}}; resume with that "

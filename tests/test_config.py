@@ -278,6 +278,16 @@ def test_the_estimators_zero_defaults_are_deepspeeds():
             DeepSpeedZeroConfig(stage=stage).overlap_comm
 
 
+def test_the_estimator_counts_the_chunk_the_engine_sums_a_tied_weight_in():
+    from hybrid_ds.estimate import model_state
+    from hybrid_ds.seam import engines
+
+    assert model_state.TIED_SUM_CHUNK == engines.TIED_SUM_CHUNK
+    gemma_embedding = 256_000 * 2304  # 2.4 GB in fp32 summed at once; one chunk's 64 MB instead
+    state = model_state.model_state(2_000_000_000, dp=64, zero=2, precision="bf16", tied=gemma_embedding)
+    assert state.transient == 4 * engines.TIED_SUM_CHUNK
+
+
 def test_the_engine_and_the_estimator_read_one_effective_config():
     """What the engine hands DeepSpeed and what the estimator assumes come from effective_deepspeed_config: the ZeRO
     stage a layout runs (ZeRO-1 at dp=1 as ZeRO-0), a bucket the config sets, overlap_comm."""

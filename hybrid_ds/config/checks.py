@@ -23,6 +23,12 @@ def check_cross_section(cfg: Any) -> None:
             "fp16.enabled", f"fp16 (dynamic loss scaling) is not supported with ZeRO-2 and pipeline.stages="
             f"{cfg.pipeline.stages}: hybrid_ds runs that layout in fp32 or bf16; use bf16.enabled, or "
             "zero_optimization.stage 0 or 1 for fp16")
+    optimizer = str(cfg.deepspeed.get("optimizer", {}).get("type", ""))
+    if cfg.zero_stage == 2 and cfg.pipeline.stages > 1 and optimizer.lower() == "muon":
+        raise UserError(
+            "optimizer.type", f"{optimizer!r} is not supported with ZeRO-2 and pipeline.stages={cfg.pipeline.stages}: "
+            "Muon updates whole matrices while each rank of that layout holds a flat slice of its stage's gradients; "
+            "use zero_optimization.stage 0 or 1 with Muon, or another optimizer")
     if cfg.expert_parallel and cfg.pipeline.stages > 1:
         raise UserError(
             "expert_parallel.enabled", f"true needs pipeline.stages 1, got {cfg.pipeline.stages}: DeepSpeed's AutoEP "

@@ -82,10 +82,20 @@ def check_deepspeed_keys(ds: dict[str, Any], other_keys: tuple[str, ...] = ()) -
     stage = ds.get("zero_optimization", {}).get("stage", 0)
     if stage not in (0, 1, 2, 3):
         raise UserError("zero_optimization.stage", f"must be 0, 1, 2 or 3, got {stage!r}")
+    gather = ds.get("zero_optimization", {}).get("allgather_bucket_size", 2)
+    if isinstance(gather, bool) or not isinstance(gather, (int, float)) or gather < 2 or gather % 2:
+        raise UserError("zero_optimization.allgather_bucket_size", f"must be an even number of elements >= 2 "
+                                                                   f"(DeepSpeed asserts it), got {gather!r}")
     for key in ("fp16", "bf16"):
         enabled = ds.get(key, {}).get("enabled", False)
         if enabled not in (True, False, "auto"):
             raise UserError(f"{key}.enabled", f"must be true or false, got {enabled!r}")
+    for key, section in (("check_grad_overflow", "bf16"), ("compute_grad_norm", "zero_optimization")):
+        if ds.get(section, {}).get(key, True) is not True:
+            raise UserError(f"{section}.{key}", f"{ds[section][key]!r} turns off DeepSpeed's check for non-finite "
+                                                "gradients, and a step with a NaN gradient would then write NaN into "
+                                                "every parameter unseen (train.max_bad_steps relies on it); leave it "
+                                                "out (true is the default)")
     _check_expert_parallel(ds.get("expert_parallel", {}))
     clip = ds.get("gradient_clipping", 0.0)
     if isinstance(clip, bool) or not isinstance(clip, (int, float)) or clip < 0:
@@ -133,12 +143,17 @@ def reduce_bucket_elements(per_stage: list[int]) -> int:
 
     A bucket holds gradients of one stage's parameters and DeepSpeed allocates it whole (5e8 fp32 elements are
     2 GB, for a model of 124M parameters too); one the size of the largest stage still takes every gradient of a
-    stage in one reduction, as the default did, so the reductions and the sums are the same.
+    stage in one reduction, as the default did, so the reductions and the sums are the same. Rounded up to even:
+    DeepSpeed asserts the all-gather bucket is a multiple of its ``nccl_start_alignment_factor``, 2
+    (``stage_1_and_2.py``), and a stage may hold an odd number of parameters.
 
     >>> reduce_bucket_elements([124_000_000]), reduce_bucket_elements([4_000_000_000, 3_000_000_000])
     (124000000, 500000000)
+    >>> reduce_bucket_elements([40_001, 39_999])
+    40002
     """
-    return min(DEEPSPEED_REDUCE_BUCKET, max(per_stage))
+    largest = max(per_stage)
+    return min(DEEPSPEED_REDUCE_BUCKET, largest + largest % 2)
 
 
 def effective_deepspeed_config(cfg: Any, layout: Any, device_kind: str, stage_trainable: list[int] | None = None

@@ -15,6 +15,7 @@ from hybrid_ds.errors import UserError
 ADAM_BYTES = 8                 # exp_avg + exp_avg_sq, fp32, on the partition an optimizer owns
 MASTER_BYTES = 4               # fp32 master weights (and fp32 gradient partitions)
 ALLREDUCE_BUCKET = 500_000_000  # deepspeed.runtime.engine.MEMORY_OPT_ALLREDUCE_SIZE (elements)
+TIED_SUM_CHUNK = 1 << 24       # elements of a tied weight summed at once (hybrid_ds.seam.engines.TIED_SUM_CHUNK)
 
 
 @dataclass(frozen=True)
@@ -26,8 +27,8 @@ class ModelState:
     a micro-batch's backward, next to the activations: ZeRO-2's whole gradient of the largest parameter (autograd
     produces it whole before the hook copies it into the bucket; one larger than the bucket waits whole for the
     next reduction). ``transient`` is made and dropped outside backward, when no activations are held: the flat
-    copy cast to fp32 inside the optimizer step, and with pipeline stages the fp32 sum of a tied weight at
-    ReduceTiedGrads.
+    copy cast to fp32 inside the optimizer step, and with pipeline stages the fp32 sum of one chunk of a tied weight
+    at ReduceTiedGrads (``TIED_SUM_CHUNK`` elements, or the reduce bucket or the weight if smaller).
     """
 
     optimizer_path: str
@@ -122,8 +123,8 @@ def model_state(params: int, dp: int, zero: int, precision: str, grad_accum_dtyp
         phases = {"accumulate": (w * n, building, master, adam), "step": (w * n, MASTER_BYTES * part, master, adam)}
         if zero == 1:
             return _peak(path, phases, transient=accum * part, comm_buffer=bucket)
-        return _peak(path, phases, transient=max(accum * part, MASTER_BYTES * float(tied)), comm_buffer=bucket,
-                     backward_transient=w * float(largest_param))
+        tied_chunk = MASTER_BYTES * float(min(tied, TIED_SUM_CHUNK, reduce_bucket))  # summed chunk by chunk
+        return _peak(path, phases, max(accum * part, tied_chunk), bucket, backward_transient=w * float(largest_param))
     return _zero3(n, w, dp, persistent, largest_module, prefetch_bucket, bucket / buckets)
 
 
