@@ -100,3 +100,18 @@ def test_every_generator_is_saved_and_restored(monkeypatch):
     old = {k: v for k, v in state.items() if k != "device"}  # a checkpoint written before devices were saved
     files.set_rng_state(old)
     assert draws()[:3] == first[:3]
+
+
+SLOW = Path(__file__).resolve().parent / "workers" / "slow_conversion.py"
+
+
+@pytest.mark.multiproc
+def test_a_conversion_may_outlast_the_process_groups_timeout(tmp_path):
+    """The first rank converts for 6 s while the other waits, under a process group that times out after 3 s: the
+    wait is on a group of its own (24 h), and a conversion's mistake reaches every rank as one line each."""
+    done = warm_ranks.run(SLOW, [tmp_path, 6], nproc=2)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("saw yes") == 2
+    failed = warm_ranks.run(SLOW, [tmp_path / "other", 6, "--fail"], nproc=2)
+    lines = [line for line in failed.stderr.splitlines() if line.startswith("hybrid-ds: error: CHECKPOINT")]
+    assert failed.returncode == 2 and len(lines) == 2, failed.stderr[-3000:]

@@ -187,6 +187,14 @@ def _reduce_ipg_grads_without_oversized(self, comm_dtype=None):
     self.average_tensor(self.ipg_buckets[comm_dtype].buffer)
 
 
+def _boundary_elsewhere(self):
+    return self._at_boundary
+
+
+def _build_naming_tied_elsewhere(self):
+    self.shared_modules[self.key] = self.build()
+
+
 def _set(owner, name, value):
     return lambda mp: mp.setattr(owner() if callable(owner) and not isinstance(owner, type) else owner, name, value)
 
@@ -220,6 +228,7 @@ TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor 
     "partition.parts": _set(PipelineModule, "stage_owner", _stage_owner_without_parts),
     "partition.set_bounds": _delete(PipelineModule, "_set_bounds"),
     "pipeline.instruction_map": _set(PipelineEngine, "_exec_schedule", _exec_schedule_without_map),
+    "pipeline.tied_modules": _set(PipelineModule, "_build", _build_naming_tied_elsewhere),
     "pipeline.one_backward": _set(PipelineEngine, "_exec_backward_pass", _backward_per_output),
     "reduce.exec_reduce_grads": _set(PipelineEngine, "_exec_reduce_grads", _exec_reduce_grads_elsewhere),
     "reduce.fallback": _set(DeepSpeedEngine, "_get_gradients_for_reduction", _gradients_without_zeros),
@@ -238,6 +247,7 @@ TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor 
     "zero2.assert": _set(PipelineEngine, "__init__", _init_without_partition_layers),
     "zero2.compact": _delete(DeepSpeedZeroOptimizer, "_use_compact_grad_partition_buffer"),
     "zero2.epilogue": _set(DeepSpeedZeroOptimizer, "setup_buckets", _setup_buckets_without_flag),
+    "zero2.grad_boundary": _set(PipelineEngine, "is_gradient_accumulation_boundary", _boundary_elsewhere),
     "zero2.initialize": _set(deepspeed, "PipelineEngine", DeepSpeedEngine),
     "zero2.instructions": _set(PipelineEngine, "_INSTRUCTION_MAP", {}),
     "zero2.offsets": _set(DeepSpeedZeroOptimizer, "_build_compact_grad_partition_buffer", _setup_buckets_without_flag),
@@ -314,7 +324,7 @@ def _instruction_map_entry(tmp_path, name=None):
 def _autoep_entry(tmp_path, name=None):
     base = _AUTOEP_BASE()
     helper = vars(base).get("_install_instance_transformers_output_recorders")
-    return (autoep.use_autoep_output_recorders,
+    return (lambda: autoep.autoep_output_recorders().__enter__(),
             lambda: vars(base).get("_install_instance_transformers_output_recorders") is helper)
 
 
@@ -342,6 +352,8 @@ ENTRIES = {  # requirement key's prefix -> (tmp_path, the rest of the key) -> (t
     "instruments": _no_state(instruments.forget_pipeline_grid),
     "partition": _no_state(lambda: pipeline_module.HybridPipelineModule([torch.nn.Identity()], [0, 1])),
     "pipeline": lambda tmp_path, name: (_instruction_map_entry(tmp_path) if name == "instruction_map" else
+                                        (lambda: pipeline_module.tied_prefix("wte"), lambda: True)
+                                        if name == "tied_modules" else
                                         (lambda: engines.pipeline_engine_class(1), lambda: True)),
     "reduce": _reduce_entry, "skip": _skip_entry, "universal": _universal_entry, "zero0": _zero0_entry,
     "zero2": _no_state(lambda: engines.pipeline_engine_class(2)),
@@ -521,6 +533,15 @@ def test_autoep_recorders_install_through_transformers_registry_and_restore_it()
                                  maybe_install_capturing_hooks=lambda m: seen.append(dict.get(registry, key)))
     assert autoep._install_output_recorders(model.model, {key: entry}, fake, lambda m: 0)
     assert seen == [entry] and dict.get(registry, key) is before
+
+
+def test_the_autoep_helper_is_deepspeeds_again_after_initialize():
+    """The replacement lives only around deepspeed.initialize: later code in the process meets DeepSpeed's own."""
+    base = _AUTOEP_BASE()
+    original = base._install_instance_transformers_output_recorders
+    with autoep.autoep_output_recorders():
+        assert base._install_instance_transformers_output_recorders is autoep._install_output_recorders
+    assert base._install_instance_transformers_output_recorders is original
 
 
 def test_reduce_over_one_rank_leaves_zeros_for_missing_gradients():

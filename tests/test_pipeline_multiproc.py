@@ -210,6 +210,9 @@ ZERO2_RUNS = {  # name -> DeepSpeed keys of a pp=2 x dp=2 run (4 processes) with
                                             "offload_optimizer": {"device": "cpu"}}},
     "zero2-bf16": {"zero_optimization": {"stage": 2, "reduce_bucket_size": ZERO2_BUCKET}, "bf16": {"enabled": True},
                    "data_types": {"grad_accum_dtype": "fp32"}},
+    "zero2-overlap": {"zero_optimization": {"stage": 2, "reduce_bucket_size": ZERO2_BUCKET, "overlap_comm": True}},
+    "zero2-scattered": {"zero_optimization": {"stage": 2, "reduce_bucket_size": ZERO2_BUCKET,
+                                              "contiguous_gradients": False}},
 }
 
 
@@ -264,6 +267,14 @@ def test_zero2_offload_with_stages_matches_zero2(zero2_runs):
     assert all(r["offload"] for r in zero2_runs["zero2-offload"]["ranks"])
     assert not any(r["offload"] for r in zero2_runs["zero2"]["ranks"])
     assert_runs_match(zero2_runs["zero2"], zero2_runs["zero2-offload"])
+
+
+@pytest.mark.parametrize("name", ["zero2-overlap", "zero2-scattered"])
+def test_zero2_with_stages_matches_zero1_with_overlap_or_without_contiguous_gradients(zero2_runs, name):
+    """``overlap_comm: true``, and ``contiguous_gradients: false`` (DeepSpeed then keeps the oversized tied embedding's
+    gradient in its bucket list, not as its oversized one): ZeRO-1's losses and parameters as in the default case."""
+    assert_runs_match(zero2_runs["zero1"], zero2_runs[name])
+    assert_tied_copies_identical(zero2_runs[name])
 
 
 def test_zero2_bf16_with_stages_follows_fp32(zero2_runs):

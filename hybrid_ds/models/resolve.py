@@ -51,9 +51,23 @@ def resolve_model(model: ModelConfig) -> ResolvedModel:
         checkpoint = model.name
         source = hf_config.get_config_dict(model.name, revision=model.revision)[0] if model.overrides else {}
     hf_config = _with_overrides(hf_config, source, model.overrides)
-    hf_config._attn_implementation = model.attn_implementation
+    use_attention(hf_config, model.attn_implementation)
     family = get_family(hf_config.model_type, hf_config)  # the generic adapter must see the final config
     return ResolvedModel(hf_config, family, checkpoint, dict(model.overrides))
+
+
+def use_attention(hf_config: Any, kernel: str) -> None:
+    """Set the attention kernel the layers built from ``hf_config`` use, through transformers' private
+    ``_attn_implementation`` (a config built from scratch has None there, and its layers would then attend both ways:
+    PITFALLS 1); a transformers that no longer takes it is one line, not a model that silently sees the future."""
+    import transformers
+
+    hf_config._attn_implementation = kernel
+    if getattr(hf_config, "_attn_implementation", None) != kernel:
+        raise UserError("model.attn_implementation", f"{kernel!r} did not take effect: transformers "
+                                                     f"{transformers.__version__} no longer reads a config's "
+                                                     "_attn_implementation, which hybrid_ds was written for "
+                                                     "(transformers 5.24)")
 
 
 def tokenizer_source(model: ModelConfig) -> tuple[str, str | None]:

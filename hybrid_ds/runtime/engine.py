@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
+import re
 import warnings
 from datetime import timedelta
 from typing import Any
@@ -12,14 +14,11 @@ import torch
 from deepspeed.accelerator import get_accelerator
 from transformers.integrations import HfDeepSpeedConfig
 
-from hybrid_ds.seam.autoep import autoep_layers, autoep_presets, use_autoep_output_recorders
-
+from hybrid_ds.seam.autoep import autoep_layers, autoep_output_recorders, autoep_presets
 from hybrid_ds.seam.engines import initialize_pipeline, pipeline_engine_class
-
 from hybrid_ds.seam.environment import arch_list_deepspeed_can_parse, disable_shm_comm_op
-
 from hybrid_ds.seam.numerics import reduce_over_one_rank_is_nothing, skip_non_finite_steps, use_global_clip_norm
-
+from hybrid_ds.seam.pipeline_module import tied_prefix
 from hybrid_ds.seam.universal import describe_for_universal
 from hybrid_ds.config.deepspeed import effective_deepspeed_config
 from hybrid_ds.errors import UserError
@@ -48,6 +47,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
     # Tied weights make DeepSpeed broadcast inside autograd; torch warns, the gradients are right (PITFALLS 8).
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
     deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    patient_group()
     return torch.distributed.get_world_size()
 
 
@@ -106,7 +106,7 @@ def build_pipeline_engine(plan: Plan) -> Any:
     (``seam.engines.PartitionedGradientsPipelineEngine``).
     """
     module = build_pipeline_module(plan, device())
-    describe_for_universal(module, [r"tied_modules\."])  # saved by each stage that holds them
+    describe_for_universal(module, [re.escape(tied_prefix())])  # saved by each stage that holds them
     engine_class = pipeline_engine_class(plan.zero_stage)
     engine = initialize_pipeline(
         engine_class, model=module, model_parameters=parameter_groups(module, plan.config.train.no_weight_decay),
@@ -185,10 +185,9 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
     else:
         model = auto.from_config(resolved.hf_config)
     describe_for_universal(model, [])
-    if cfg.expert_parallel:
-        use_autoep_output_recorders()
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=parameter_groups(model, cfg.train.no_weight_decay), config=ds)
+    with autoep_output_recorders() if cfg.expert_parallel else contextlib.nullcontext():
+        engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=parameter_groups(model, cfg.train.no_weight_decay), config=ds)
     if cfg.expert_parallel and not autoep_layers(engine.module):
         raise UserError("expert_parallel.enabled", f"AutoEP found no MoE layer it knows in {cfg.model.name} "
                                                    f"({resolved.hf_config.model_type}); its presets: "
@@ -203,11 +202,27 @@ def build_engine(plan: Plan) -> Any:
     return build_pipeline_engine(plan) if plan.config.pipeline_engine else build_plain_engine(plan)
 
 
-def raise_shared(error: UserError | None) -> None:
+PATIENT_TIMEOUT = timedelta(hours=24)
+_patient: list[Any] = []  # the group of patient_group(), made once per process group
+
+
+def patient_group() -> Any:
+    """A gloo group over the world whose collectives wait up to ``PATIENT_TIMEOUT``, not the process group's timeout
+    (30 min): for ranks that wait while one rank does work of unbounded length (packing a corpus, converting a large
+    checkpoint). Made by every rank at :func:`init_distributed`, so in the same order everywhere."""
+    if not _patient or _patient[0][0] is not torch.distributed.group.WORLD:
+        _patient[:] = [(torch.distributed.group.WORLD,
+                        torch.distributed.new_group(backend="gloo", timeout=PATIENT_TIMEOUT))]
+    return _patient[0][1]
+
+
+def raise_shared(error: UserError | None, patient: bool = False) -> None:
     """Every rank raises the mistake that any rank met (the first rank's first) as its own, instead of the
-    others meeting it as a dead peer. All ranks call this."""
+    others meeting it as a dead peer. All ranks call this; ``patient``: after work of unbounded length on one rank,
+    the others wait for it however long it takes (:func:`patient_group`)."""
     errors: list[tuple[str, str] | None] = [None] * torch.distributed.get_world_size()
-    torch.distributed.all_gather_object(errors, None if error is None else (error.key, error.message))
+    torch.distributed.all_gather_object(errors, None if error is None else (error.key, error.message),
+                                        group=patient_group() if patient else None)
     first = next((e for e in errors if e is not None), None)
     if first is not None:
         raise UserError(*first)

@@ -80,7 +80,7 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
             data = load_data(plan.config.data, task, tokenizer=tokenizer, document_mask=plan.document_mask)
         except UserError as err:
             error = err
-    raise_shared(error)  # the ranks that waited meet the packing rank's mistake as their own
+    raise_shared(error, patient=True)  # the ranks that waited meet the packing rank's mistake as their own
     if local_rank != 0:
         data = load_data(plan.config.data, task, tokenizer=tokenizer, document_mask=plan.document_mask)
     return plan, data

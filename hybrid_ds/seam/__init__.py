@@ -16,8 +16,8 @@ nothing of hybrid_ds but its errors; the pure layer never imports it.
 
 Transformers and torch internals used elsewhere (they stay next to the code that needs them):
 
-- hybrid_ds/models/resolve.py: ``hf_config._attn_implementation = ...``: a config built from scratch has
-  None and the layers built from it are silently non-causal (PITFALLS 1).
+- hybrid_ds/models/resolve.py: ``use_attention`` sets ``hf_config._attn_implementation`` and reads it back: a config
+  built from scratch has None and the layers built from it are silently non-causal (PITFALLS 1).
 - hybrid_ds/models/build.py: ``skeleton._init_weights(module)`` initializes a stage's modules as Hugging
   Face does and recomputes non-persistent buffers such as rotary ``inv_freq`` (PITFALLS 5);
   ``transformers.core_model_loading`` (``rename_source_key``, ``WeightRenaming``, ``WeightConverter``) with
@@ -25,7 +25,8 @@ Transformers and torch internals used elsewhere (they stay next to the code that
   ``from_pretrained`` does; torch's ``module._non_persistent_buffers_set`` and ``module._modules`` (a
   shallow copy of a module without its children).
 - hybrid_ds/models/generic/trace.py: replaces every ``masking_utils.create_*mask*`` helper in the modules
-  that reach it, and sets ``skeleton._loss_function``, to record on the meta device what a model calls.
+  that reach it, and sets ``skeleton._loss_function`` (checked to be what ``loss_function`` then returns), to record
+  on the meta device what a model calls.
 - bench/overhead.py: ``torch.utils._python_dispatch.TorchDispatchMode`` counts the aten ops of a step.
 """
 

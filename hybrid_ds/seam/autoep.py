@@ -6,7 +6,8 @@ still calls it; the layers it replaced and the model types it knows.
 from __future__ import annotations
 
 import importlib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -41,15 +42,22 @@ def check_autoep_output_recorders() -> Any:
     return _presets_base()
 
 
-def use_autoep_output_recorders() -> None:
-    """Let AutoEP install its router-logit recorders under transformers 5.x.
+@contextmanager
+def autoep_output_recorders() -> Iterator[None]:
+    """Inside: AutoEP installs its router-logit recorders under transformers 5.x (around ``deepspeed.initialize``,
+    which replaces the MoE layers); after, DeepSpeed's helper is back in its module.
 
     DeepSpeed 0.19.8 saves the registry entries it overrides with ``registry.get(key, default)``; transformers
     5.24's ``_CanRecordRegistry.get(model)`` takes one argument, so ``deepspeed.initialize`` with an
     ``expert_parallel`` section died with "TypeError: _CanRecordRegistry.get() takes 2 positional arguments".
     The replacement does the same with the plain-dict methods, which both registries are."""
     base = check_autoep_output_recorders()
+    original = base._install_instance_transformers_output_recorders
     base._install_instance_transformers_output_recorders = _install_output_recorders
+    try:
+        yield
+    finally:
+        base._install_instance_transformers_output_recorders = original
 
 
 def _install_output_recorders(model: torch.nn.Module, registry_entries: dict[str, dict[str, Any]],

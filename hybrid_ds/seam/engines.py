@@ -18,6 +18,7 @@ from typing import Any
 
 import deepspeed
 import torch
+from deepspeed.accelerator import get_accelerator
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
@@ -75,12 +76,14 @@ COMPACT_PARTITION = requirement(
     "between micro-batches each rank holds one flat partition of its stage's gradients")
 OVERSIZED = requirement(
     "zero2.oversized", "DeepSpeedZeroOptimizer.reduce_independent_p_g_buckets_and_remove_grads holding an oversized "
-    "gradient in extra_large_param_to_reduce for reduce_ipg_grads(comm_dtype=...)",
+    "gradient in extra_large_param_to_reduce for reduce_ipg_grads(comm_dtype=...), on reduction_stream under "
+    "overlap_comm",
     lambda: code_has(Zero.reduce_ready_partitions_and_remove_grads,
                      "self.reduce_independent_p_g_buckets_and_remove_grads(param, i)")
     and code_has(Zero.reduce_independent_p_g_buckets_and_remove_grads,
                  "self.extra_large_param_to_reduce[comm_dtype] = param")
     and code_has(Zero.reduce_ipg_grads, "comm_dtype in self.extra_large_param_to_reduce")
+    and code_has(Zero.reduce_ipg_grads, "stream = self.reduction_stream")
     and callable(Zero.get_param_comm_dtype),
     "a stage's largest gradient is reduced before autograd builds the next one")
 OFFSETS = requirement(
@@ -90,6 +93,11 @@ OFFSETS = requirement(
                      "self.grad_start_offset[group_idx][partition_id][param_id]",
                      "self.grad_partition_insertion_offset[group_idx][partition_id][param_id]"),
     "the stages sharing a tied weight add up their partitions of its gradient")
+
+GRAD_BOUNDARY = requirement(
+    "zero2.grad_boundary", "PipelineEngine._force_grad_boundary, returned by is_gradient_accumulation_boundary",
+    lambda: code_has(PipelineEngine.is_gradient_accumulation_boundary, "return self._force_grad_boundary"),
+    "ReduceGrads finalizes the step's gradient partition as at an accumulation boundary")
 
 
 def check_partitioned_gradients_pipeline() -> None:
@@ -108,12 +116,14 @@ def check_partitioned_gradients_pipeline() -> None:
     - ``reduce_independent_p_g_buckets_and_remove_grads`` (wrapped on the instance, called through ``self`` by
       the hooks' path) keeps a gradient larger than the bucket in ``extra_large_param_to_reduce`` until
       ``reduce_ipg_grads(comm_dtype)`` reduces it.
+    - ``PipelineEngine.is_gradient_accumulation_boundary`` returns ``_force_grad_boundary``, which ReduceGrads sets.
     - The compact partition: ``_use_compact_grad_partition_buffer(group)`` (replaced on the instance), consulted
       by the epilogue, the reduction (``average_tensor``) and the finalization; ``_get_compact_grad_partition_slice``
       and the offsets it reads, ``grad_start_offset`` and ``grad_partition_insertion_offset``
       ([group][partition][param id]), ``partition_size``, ``real_dp_process_group``, ``get_param_id``.
     """
-    require(ZERO_ASSERT, INITIALIZE, REDUCTION_INSTRUCTIONS, EPILOGUE, COMPACT_PARTITION, OVERSIZED, OFFSETS)
+    require(ZERO_ASSERT, INITIALIZE, REDUCTION_INSTRUCTIONS, EPILOGUE, COMPACT_PARTITION, OVERSIZED, OFFSETS,
+            GRAD_BOUNDARY)
 
 
 def pipeline_engine_class(zero_stage: int) -> type:
@@ -211,6 +221,11 @@ class OneBackwardPipelineEngine(_pipeline_engine_base()):
             self.grad_layer = received  # the receive buffers, reused for the next micro-batch
 
 
+# Elements of a tied weight's gradient summed in one all-reduce at ReduceTiedGrads (64 MB in fp32): the transient
+# fp32 tensor each rank of the tied stages holds there; hybrid_ds.estimate.model_state counts the same.
+TIED_SUM_CHUNK = 1 << 24
+
+
 class PartitionedGradientsPipelineEngine(OneBackwardPipelineEngine):
     """DeepSpeed's PipelineEngine driving DeepSpeed's ZeRO-2 optimizer: between micro-batches each data-parallel
     rank holds only its partition of its stage's gradients, tied weights included.
@@ -229,7 +244,7 @@ class PartitionedGradientsPipelineEngine(OneBackwardPipelineEngine):
     - at ReduceTiedGrads the stages sharing a tied weight add up their partitions of it: each rank lays its
       slice of the weight's gradient into a zero tensor of the weight's size, one all-reduce over every rank
       of those stages (all data-parallel ranks: the stages partition the weight at different offsets) sums
-      them, and each rank takes its slice back: a transient full-size tensor once per step;
+      them, and each rank takes its slice back, in chunks of at most ``TIED_SUM_CHUNK`` elements;
     - ReduceGrads finalizes the accumulated partition for the step, as DeepSpeed does for
       ``managed_gradient_accumulation: false`` (and there, with ZeRO-Offload, copies it to the CPU).
     """
@@ -243,11 +258,21 @@ class PartitionedGradientsPipelineEngine(OneBackwardPipelineEngine):
         def reduce_oversized_at_once(param: torch.nn.Parameter, i: int) -> None:
             """A gradient larger than the bucket is reduced as it arrives and then dropped, its slice added to the
             partition. DeepSpeed reduces it when the next gradient arrives and, where this rank's partition holds
-            part of it, keeps the whole gradient until the end of the backward pass."""
+            part of it, keeps the whole gradient until the end of the backward pass.
+
+            Only a gradient DeepSpeed took as its oversized one (``extra_large_param_to_reduce``: contiguous
+            gradients) is reduced early; any other is left to DeepSpeed. Where the reduction runs on DeepSpeed's
+            reduction stream (``overlap_comm`` on a GPU), the dropped gradient's memory is kept until that stream
+            has read it (``record_stream``)."""
             bucket_param(param, i)
-            if param.numel() > optimizer.reduce_bucket_size:
-                optimizer.reduce_ipg_grads(comm_dtype=optimizer.get_param_comm_dtype(param))
-                param.grad = None
+            comm_dtype = optimizer.get_param_comm_dtype(param)
+            if getattr(optimizer, "extra_large_param_to_reduce", {}).get(comm_dtype) is not param:
+                return
+            grad = param.grad
+            optimizer.reduce_ipg_grads(comm_dtype=comm_dtype)
+            if optimizer.overlap_comm and not get_accelerator().resolves_data_dependency():
+                grad.record_stream(optimizer.reduction_stream)
+            param.grad = None
 
         optimizer.reduce_independent_p_g_buckets_and_remove_grads = reduce_oversized_at_once
         self._group_index = {id(p): i for i, group in enumerate(optimizer.bit16_groups) for p in group}
@@ -293,16 +318,23 @@ class PartitionedGradientsPipelineEngine(OneBackwardPipelineEngine):
         self._reduce_bucketed()
 
     def _exec_reduce_tied_grads(self) -> None:
+        """Sum each tied weight's gradient over the stages that share it, in chunks of at most
+        ``TIED_SUM_CHUNK`` elements (or the reduce bucket, if smaller): each rank lays the part of its partition
+        that falls in the chunk into a zero fp32 tensor, one all-reduce sums them, and each takes its part back."""
         self._reduce_bucketed()
+        chunk = max(1, min(TIED_SUM_CHUNK, int(self.optimizer.reduce_bucket_size)))
         for weight, group in self._tied:
             owned = _partition_slice(self.optimizer, weight, self._group_index[id(weight)])
-            total = torch.zeros(weight.numel(), dtype=torch.float32, device=weight.device)
-            if owned is not None:
-                start, part = owned
-                total[start:start + part.numel()] = part
-            torch.distributed.all_reduce(total, group=group)
-            if owned is not None:
-                part.copy_(total[start:start + part.numel()])
+            start, part = owned if owned is not None else (0, None)
+            for lo in range(0, weight.numel(), chunk):
+                hi = min(lo + chunk, weight.numel())
+                total = torch.zeros(hi - lo, dtype=torch.float32, device=weight.device)
+                a, b = (max(lo, start), min(hi, start + part.numel())) if part is not None else (0, 0)
+                if a < b:
+                    total[a - lo:b - lo] = part[a - start:b - start]
+                torch.distributed.all_reduce(total, group=group)
+                if a < b:
+                    part[a - start:b - start].copy_(total[a - lo:b - lo])
 
     def _exec_reduce_grads(self) -> None:
         self._force_grad_boundary = True

@@ -70,7 +70,23 @@ class HybridPipelineModule(PipelineModule):
         return [(weight, group) for weight, group in super().get_tied_weights_and_groups() if weight.requires_grad]
 
 
-# ---------------------------------------------------------------- 4. per-layer checkpoint file names
+# ---------------------------------------------------------------- 4. per-layer checkpoint file names and tied names
+
+
+TIED_MODULES = requirement(
+    "pipeline.tied_modules", "PipelineModule.tied_modules, the ModuleDict that names a tied layer's parameters "
+    "tied_modules.<key>.",
+    lambda: code_has(PipelineModule.__init__, "self.tied_modules = nn.ModuleDict()")
+    and code_has(PipelineModule._build, "self.tied_modules[layer.key] = layer.build()"),
+    "a checkpoint's tied weights are found under the names DeepSpeed saves them by")
+
+
+def tied_prefix(key: str | None = None) -> str:
+    """The prefix of a tied layer's parameter names in a PipelineModule (and its checkpoints): ``tied_modules.<key>.``,
+    or of every tied layer's (``key`` None)."""
+    require(TIED_MODULES)
+    return f"tied_modules.{key}." if key is not None else "tied_modules."
+
 
 
 def layer_checkpoint_file(folder: str | Path, index: int) -> Path:

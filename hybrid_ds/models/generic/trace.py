@@ -13,6 +13,7 @@ from torch import nn
 from torch.overrides import TorchFunctionMode
 
 from hybrid_ds.errors import UserError
+from hybrid_ds.models.generic.structure import refuse
 from hybrid_ds.config.families import Family
 from hybrid_ds.models.masks import attention_mask_4d
 from hybrid_ds.models.generic.structure import TRACE_SHAPE, ModelMap, first_line, refuse
@@ -198,6 +199,9 @@ def _recorded_loss(skeleton: nn.Module, trace: Trace):
     name = getattr(original, "__name__", str(original))
     skeleton._loss_function = lambda *a, **k: trace.record("loss", name, a, k, lambda: torch.zeros((), device="meta"))
     try:
+        if skeleton.loss_function is not skeleton._loss_function:  # transformers' private name, read by the property
+            raise refuse(skeleton.config.model_type, "its loss_function no longer reads _loss_function, which the "
+                                                     "trace replaces (written for transformers 5.24)")
         yield
     finally:
         if had_own:

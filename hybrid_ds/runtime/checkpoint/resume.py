@@ -4,6 +4,7 @@ rank's RNG), at another through the universal form."""
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,13 +50,7 @@ def _resume_on_new_layout(engine: Any, folder: Path, plan: Any, saved: dict) -> 
                                         f"{describe_layout(now)}: a change of layout needs zero_optimization.stage "
                                         f"0, 1 or 2 on both sides (universal checkpoints); resume at "
                                         f"{describe_layout(saved)}")
-    error = None
-    if torch.distributed.get_rank() == 0 and not universal_is_current(folder):
-        try:
-            write_universal(folder, plan)
-        except UserError as err:
-            error = err
-    raise_shared(error)
+    converted_on_rank_0(folder, lambda: write_universal(folder, plan))
     try:
         load_path, _ = load_universal(engine, folder / UNIVERSAL, universal_names(plan))
     except Exception as err:
@@ -63,3 +58,16 @@ def _resume_on_new_layout(engine: Any, folder: Path, plan: Any, saved: dict) -> 
                                         f"{first_line(err)}") from None
     if load_path is None:
         raise UserError("train.resume", f"{folder / UNIVERSAL} cannot be loaded (DeepSpeed found no model states)")
+
+
+def converted_on_rank_0(folder: Path, convert: Callable[[], Any]) -> None:
+    """The first rank runs ``convert`` unless ``folder`` has a current universal form; the others wait for it however
+    long it takes (a large checkpoint's conversion outlasts the process group's timeout), then meet its mistake as
+    their own. All ranks call this."""
+    error = None
+    if torch.distributed.get_rank() == 0 and not universal_is_current(folder):
+        try:
+            convert()
+        except UserError as err:
+            error = err
+    raise_shared(error, patient=True)
