@@ -7,6 +7,7 @@ import os
 import re
 import signal
 import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -33,12 +34,17 @@ def alive(pid: int) -> bool:
         return False
 
 
-def start_and_signal(config: Path, target: str) -> tuple[int, float, str, list[int]]:
-    """Start a long run, SIGTERM ``target`` ("runner": the ``deepspeed`` command; "launch": DeepSpeed's launch.py;
-    "rank": rank 1) once training is under way, and read the output until every process holding it has exited.
-    Returns (the deepspeed command's exit code, seconds from the signal to the last exit, output, rank pids)."""
-    proc = subprocess.Popen(command(ROOT / "launch" / "train.py", config, 2), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT)
+def start_and_signal(config: Path, target: str, sig: int = signal.SIGTERM) -> tuple[int, float, str, list[int]]:
+    """Start a long run, signal ``target`` ("runner": the ``deepspeed`` command; "launch": DeepSpeed's launch.py;
+    "rank": rank 1; "group": the deepspeed command's whole process group, as SLURM signals a job step; "wrapper":
+    ``python -m hybrid_ds.launcher``, the run's first process) once training is under way, and read the output until
+    every process holding it has exited. Returns (the first process's exit code, seconds from the signal to the last
+    exit, output, rank pids)."""
+    first = command(ROOT / "launch" / "train.py", config, 2)
+    if target == "wrapper":
+        first = [sys.executable, "-m", "hybrid_ds.launcher", *first[1:]]
+    proc = subprocess.Popen(first, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=ENV, cwd=ROOT,
+                            start_new_session=True)
     lines: list[str] = []
     under_way = threading.Event()
 
@@ -55,8 +61,13 @@ def start_and_signal(config: Path, target: str) -> tuple[int, float, str, list[i
         assert under_way.wait(300), "".join(lines[-30:])
         ranks = [int(p) for p in re.findall(r"process (\d+) spawned", "".join(lines))]
         assert len(ranks) == 2, "".join(lines[-30:])
-        processes = [proc.pid, psutil.Process(ranks[0]).ppid(), *ranks]  # runner, launch.py, ranks
-        os.kill(processes[{"runner": 0, "launch": 1, "rank": 3}[target]], signal.SIGTERM)
+        processes = [proc.pid, psutil.Process(ranks[0]).ppid(), *ranks]  # runner (or wrapper), launch.py, ranks
+        if target == "wrapper":  # and the deepspeed command between them
+            processes.insert(1, psutil.Process(processes[1]).ppid())
+        if target == "group":
+            os.killpg(proc.pid, sig)
+        else:
+            os.kill(processes[{"runner": 0, "wrapper": 0, "launch": 1, "rank": 3}[target]], sig)
         signalled = time.time()
         reader.join(timeout=90)
         seconds = time.time() - signalled
@@ -95,6 +106,42 @@ def test_sigterm_stops_every_rank_with_a_checkpoint_and_resume_continues_exactly
     train(resumed, 2, "--resume")
     want, got = uninterrupted_losses(tmp_path_factory, step + 2), summary(resumed)["losses"]
     assert len(got) == 2 and got == want[step:step + 2], (step, want, got)
+
+
+@pytest.mark.parametrize("target, sig, runner_rc", [("group", signal.SIGTERM, -signal.SIGTERM),
+                                                    ("wrapper", signal.SIGTERM, 0), ("wrapper", signal.SIGINT, 0)],
+                         ids=["sigterm-to-the-group", "sigterm-to-hybrid-ds-launcher", "ctrl-c-to-hybrid-ds-launcher"])
+def test_a_signal_to_the_whole_job_or_to_our_launcher_saves_and_every_rank_exits_0(tmp_path, target, sig, runner_rc):
+    """SIGTERM to every process of the run at once (SLURM), or SIGTERM or SIGINT to ``python -m hybrid_ds.launcher``
+    (a container runtime signals its first process; a Ctrl-C reaches the terminal's foreground process): the step
+    finishes, its checkpoint is complete and latest, every rank exits 0, and our launcher exits 0 after them (the
+    deepspeed command, signalled itself, exits 143 at once)."""
+    config = tiny_config(tmp_path, "gpt2-tiny", 2, max_steps=100000, eval_interval=0)
+    rc, seconds, output, ranks = start_and_signal(config, target, sig)
+    reason = "SIGINT" if sig == signal.SIGINT else "SIGTERM"
+    stopped = re.findall(rf"hybrid-ds: stopped by {reason} after step (\d+); checkpoint (\S+) is latest", output)
+    assert len(stopped) == 1 and rc == runner_rc and seconds < 60, (rc, seconds, output[-3000:])
+    run = tmp_path / "run"
+    assert (run / "latest").read_text() == f"step_{stopped[0][0]}" and (run / f"step_{stopped[0][0]}" / "COMPLETE").is_file()
+    if target != "group":  # launch.py, signalled too, logs the ranks' exits from its handler, without their codes
+        assert all(f"Process {pid} exits successfully." in output for pid in ranks), output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
+
+
+def test_a_second_ctrl_c_ends_the_rank_at_once():
+    """The first SIGINT is a request (the step finishes, a checkpoint is saved); a second ends the rank there and
+    then, as Ctrl-C does in any Python program, instead of being swallowed."""
+    from hybrid_ds.runtime.preemption import StopRequest
+
+    before = signal.getsignal(signal.SIGINT)
+    with StopRequest() as stop:
+        os.kill(os.getpid(), signal.SIGINT)
+        time.sleep(0.05)
+        assert stop.code == signal.SIGINT
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)
+    assert signal.getsignal(signal.SIGINT) is before
 
 
 _UNINTERRUPTED: list[float] = []

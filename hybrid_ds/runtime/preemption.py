@@ -63,6 +63,7 @@ class StopRequest:
     def __init__(self, group: Any = None):
         self.group = group
         self.code = 0
+        self.interrupted = False  # a SIGINT was seen
         self.watched = launcher_pids()
         self.previous: dict[int, Any] = {}
 
@@ -76,7 +77,13 @@ class StopRequest:
             signal.signal(sig, handler)
 
     def _request(self, signum: int, frame: FrameType | None) -> None:
-        self.code = max(self.code, signum)  # only a flag: the step under way finishes
+        """Only a flag: the step under way finishes. A second SIGINT (Ctrl-C again) ends the rank at once, as
+        Python's default handler does."""
+        if signum == signal.SIGINT and self.interrupted:
+            signal.signal(signal.SIGINT, self.previous.get(signal.SIGINT, signal.default_int_handler))
+            raise KeyboardInterrupt
+        self.interrupted = self.interrupted or signum == signal.SIGINT
+        self.code = max(self.code, signum)
 
     def agreed(self) -> str | None:
         """The reason to stop now, the same on every rank, or None to go on."""
