@@ -470,3 +470,22 @@ def test_estimate_follows_the_zero_stage_and_buckets_the_engine_runs():
     assert double.state.comm_buffer == 4 * double.params
     given = stage_estimates(_run("gpt2", 2, zero_optimization={"stage": 1, "reduce_bucket_size": 10**6}))[0]
     assert given.state.comm_buffer == 4 * 10**6
+
+
+def test_the_readmes_zero2_figures_are_what_compare_prints(capsys):
+    """README's ZeRO-2 section quotes `hybrid-ds compare configs/llama2-7b.json --stages 2 --zero 2` (and --zero 1):
+    the figures are regenerated here, so an estimator change that moves them fails until the README follows."""
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    runs = {}
+    for zero in (1, 2):
+        assert cli("compare", str(ROOT / "configs" / "llama2-7b.json"), "--stages", "2", "--zero", str(zero),
+                   "--json") == 0
+        runs[zero] = json.loads(capsys.readouterr().out)[0]["estimate"]
+    states = {z: sum(r["stage_estimates"][r["binding_stage"]]["bytes"][k] for k in
+                     ("params", "grads", "master", "optimizer_states")) / 2**30 for z, r in runs.items()}
+    comm = {z: r["comm_bytes_per_rank"] / 2**30 for z, r in runs.items()}
+    step = {z: r["step_time_s"] for z, r in runs.items()}
+    assert (f"needs {states[2]:.2f} GiB of model states per GPU with ZeRO-2 against {states[1]:.2f} GiB with ZeRO-1"
+            in readme), states
+    assert (f"{comm[2]:.0f} GiB per rank per step against {comm[1]:.1f} GiB; the estimate puts the step at "
+            f"{step[2]:.1f} s against {step[1]:.1f} s") in readme, (comm, step)

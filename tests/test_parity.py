@@ -79,6 +79,7 @@ def test_parity_detects_a_wrong_model(monkeypatch):
     monkeypatch.setattr(layers.Block, "forward", skip_block_one)
     report = check_parity(config("llama-tiny"), 2)
     assert not report.ok and not report.exact and report.max_logit_diff > 1e-3
+    assert main(["parity", "llama-tiny", "--stages", "2", "--seq-len", "16"]) == 1  # the command's exit code
 
 
 def test_exactness_catches_what_the_tolerance_lets_through(monkeypatch):

@@ -108,13 +108,16 @@ def assert_special_tokens(folder: Path) -> None:
     assert tokenizer.eos_token_id is not None and config.eos_token_id == tokenizer.eos_token_id
 
 
-def checkpoint_logits(config: Path, batch: torch.Tensor, tmp_path: Path, nproc: int = 2) -> object:
+def checkpoint_logits(config: Path, batch: torch.Tensor, tmp_path: Path, nproc: int = 2, initial: bool = False
+                      ) -> object:
     """tests/workers/checkpoint_logits.py on ``nproc`` processes: the run's latest checkpoint in its engine, logits
-    of ``batch``."""
+    of ``batch`` (``initial``, or the plain engine: ``{"initial": ..., "trained": ...}``, the first from the engine as
+    the run built it)."""
     torch.save(batch, tmp_path / "batch.pt")
     worker = ROOT / "tests" / "workers" / "checkpoint_logits.py"
-    proc = warm_ranks.run(worker, ["--config", config, "--batch", tmp_path / "batch.pt", "--out", tmp_path / "logits.pt"],
-                     nproc)
+    flags = ["--initial"] if initial else []
+    proc = warm_ranks.run(worker, ["--config", config, "--batch", tmp_path / "batch.pt", "--out", tmp_path / "logits.pt",
+                                   *flags], nproc)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return torch.load(tmp_path / "logits.pt")
 
@@ -150,11 +153,12 @@ def test_export_round_trip(tmp_path):
     config = tiny_config(tmp_path, "gpt2-tiny", 2, max_steps=3, export_hf=str(tmp_path / "hf"))
     train(config)
     batch = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
-    pipeline_logits = checkpoint_logits(config, batch, tmp_path)
+    engine = checkpoint_logits(config, batch, tmp_path, initial=True)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         hf_logits = model(input_ids=batch).logits
-    assert (hf_logits - pipeline_logits).abs().max().item() == 0.0
+    assert (hf_logits - engine["trained"]).abs().max().item() == 0.0
+    assert (hf_logits - engine["initial"]).abs().max().item() > 0.1  # the export is of the trained weights
     tokenizer = transformers.AutoTokenizer.from_pretrained(tmp_path / "hf")
     assert tokenizer("Hello world")["input_ids"] == [15496, 995]
     assert_special_tokens(tmp_path / "hf")
