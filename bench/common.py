@@ -243,8 +243,31 @@ def log_tail(log: Path, lines: int = 25) -> str:
     return f"last lines of {log}:\n" + "\n".join(tail.splitlines()[-lines:])
 
 
+def provenance() -> dict[str, Any]:
+    """What a result was measured with: the command, the date, the versions and the machine."""
+    import platform
+    import sys
+    from importlib.metadata import PackageNotFoundError, version
+
+    def installed(package: str) -> str:
+        try:
+            return version(package)
+        except PackageNotFoundError:
+            return "not installed"
+
+    script = Path(sys.argv[0]).resolve()
+    shown = script.relative_to(REPO) if script.is_relative_to(REPO) else script
+    return {"command": " ".join(["python", str(shown), *sys.argv[1:]]),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"),
+            "versions": {"python": platform.python_version(),
+                         **{p: installed(p) for p in ("torch", "deepspeed", "transformers", "peft", "hybrid_ds")}},
+            "machine": {"cpu": platform.processor() or platform.machine(), "cores": os.cpu_count(),
+                        "system": platform.platform()}}
+
+
 def write_result(name: str, result: dict[str, Any]) -> Path:
+    """``RESULTS/name.json``: ``result`` and, under ``"provenance"``, what it was measured with."""
     RESULTS.mkdir(parents=True, exist_ok=True)
     path = RESULTS / f"{name}.json"
-    path.write_text(json.dumps(result, indent=2))
+    path.write_text(json.dumps({**result, "provenance": provenance()}, indent=2))
     return path

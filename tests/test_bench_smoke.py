@@ -7,12 +7,12 @@ from pathlib import Path
 import pytest
 import warm_ranks
 
-from conftest import locked_versions
+from conftest import installed_version, locked_versions
 
 BENCH = Path(__file__).resolve().parent.parent / "bench"
 
 
-@pytest.mark.parametrize("module", ["common", "overhead", "scaling", "default_config", "adapter_sweep"])
+@pytest.mark.parametrize("module", ["common", "overhead", "scaling", "default_config", "adapter_sweep", "zero2_bf16_drift"])
 def test_bench_arithmetic(module, monkeypatch):
     monkeypatch.syspath_prepend(str(BENCH))
     result = doctest.testmod(__import__(module))
@@ -40,8 +40,12 @@ def test_gpu_bench_runs_on_cpu(tmp_path):
             "--out", "gpu-smoke"]
     proc = warm_ranks.script(BENCH / "gpu.py", *args, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    (result,) = json.loads((tmp_path / "gpu-smoke.json").read_text())["results"]
+    written = json.loads((tmp_path / "gpu-smoke.json").read_text())
+    (result,) = written["results"]
     assert result["max_loss_diff"] < 1e-5 and result["tokens_per_s_ours"] > 0
+    stamp = written["provenance"]  # every result file says what it was measured with
+    assert stamp["command"].startswith("python bench/gpu.py --models gpt2-tiny") and stamp["date"]
+    assert stamp["versions"]["torch"] == installed_version("torch") and stamp["machine"]["cores"] >= 1
 
 
 def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
@@ -73,3 +77,20 @@ def test_dp1_zero_bench_compares_the_same_computation(tmp_path):
     result = json.loads((tmp_path / "dp1_zero.json").read_text())
     assert result["optimizers"] == {"zero0": "AdamW", "zero1": "DeepSpeedZeroOptimizer"}
     assert result["max_loss_diff"] < 1e-5, result["steps"]
+
+
+def test_the_readmes_bf16_drift_figures_are_the_committed_results():
+    """README's "bf16 over a long run" quotes bench/results/zero2_bf16_drift.json (kept in git): each figure is the
+    file's, so a rerun that moves them fails here until the README follows."""
+    result = json.loads((BENCH / "results" / "zero2_bf16_drift.json").read_text())
+    readme = " ".join((BENCH.parent / "README.md").read_text().split())
+    drift = result["max_relative_loss_difference"]
+    against_bf16, against_fp32 = drift["against bf16 zero1"], drift["against fp32 zero1"]
+    steps = result["steps"]
+    assert (f"Over {steps} steps at gradient accumulation 8" in readme
+            and f"bf16 ZeRO-2 is at most {against_bf16[f'zero2, {steps} steps']:.2e} (relative loss)" in readme
+            and f"the figure is {against_bf16[f'zero2-fp32-comm, {steps} steps']:.2e}" in readme
+            and f"fp32 ZeRO-1 is {against_bf16[f'zero1-fp32, {steps} steps']:.2e} from bf16 ZeRO-1" in readme
+            and f"stays within {against_fp32['zero2, 10 steps']:.2e} of fp32" in readme
+            and f"bf16 ZeRO-1 is {against_fp32['zero1, 10 steps']:.2e} from it" in readme), drift
+    assert result["provenance"]["versions"]["deepspeed"] == "0.19.8"
