@@ -7,7 +7,8 @@ shared machine hits both alike:
             ``engine.train_batch``;
 * baseline: ``deepspeed.initialize(model=AutoModelForCausalLM.from_config(...))`` with the same DeepSpeed
             dict (``deepspeed_config``: fp32, torch AdamW, clipping 1.0) at the config's ZeRO stage (ZeRO-1,
-            which ours runs as ZeRO-0 at dp=1), the same parameter groups, and the usual loop of
+            which ours runs as ZeRO-0 at dp=1: "what the default gives you"), or with ``--baseline-zero same``
+            at the stage ours runs (like for like), the same parameter groups, and the usual loop of
             ``engine(**batch).loss; engine.backward(loss); engine.step()`` per micro-batch.
 
 The baseline starts from our weights (copied module by module) and both consume the same micro-batches
@@ -15,7 +16,7 @@ with the same dropout seed per step, so their losses must agree: the run checks 
 computation. Reported: the median of the steady-state step times (warm-up steps dropped) and their ratio.
 
     python bench/overhead.py [--models gpt2,llama-100m] [--seq-len 128] [--micro-batch 1]
-                             [--grad-accum 4] [--steps 4] [--warmup 1] [--threads 2]
+                             [--grad-accum 4] [--steps 4] [--warmup 1] [--threads 2] [--baseline-zero config|same]
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ def build_ours(cfg: Any) -> tuple[Any, Any]:
     return build_pipeline_engine(plan), plan
 
 
-def build_baseline(plan: Any, ours: Any) -> Any:
-    """DeepSpeed's engine on the whole Hugging Face model, holding the same weights as ``ours``."""
+def build_baseline(plan: Any, ours: Any, zero: str = "config") -> Any:
+    """DeepSpeed's engine on the whole Hugging Face model, holding the same weights as ``ours``; its ZeRO section
+    the config's (``zero="config"``) or the one ours runs (``"same"``)."""
     import deepspeed
     import torch
     import transformers
@@ -66,21 +68,22 @@ def build_baseline(plan: Any, ours: Any) -> Any:
     # The same parameter groups as ours (no weight decay on biases, norms, embeddings): the same maths.
     groups = parameter_groups(model, plan.config.train.no_weight_decay)
     ds = deepspeed_config(plan)
-    # DeepSpeed as the config asks (ZeRO-1, its 5e8 bucket): where hybrid_ds runs another stage (ZeRO-0 at dp=1,
-    # the same maths) that choice is part of what is measured.
-    ds["zero_optimization"] = plan.config.deepspeed.get("zero_optimization", {})
+    if zero == "config":
+        # DeepSpeed as the config asks (ZeRO-1, its 5e8 bucket): where hybrid_ds runs another stage (ZeRO-0 at
+        # dp=1, the same maths) that choice is part of what is measured.
+        ds["zero_optimization"] = plan.config.deepspeed.get("zero_optimization", {})
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=groups, config=ds)
     torch.manual_seed(0)
     return engine
 
 
-def build_pair(cfg: Any) -> tuple[Any, Any, Any, dict[str, float]]:
+def build_pair(cfg: Any, zero: str = "config") -> tuple[Any, Any, Any, dict[str, float]]:
     """(ours, baseline, plan, build seconds of each): both engines, from the same weights."""
     start = time.perf_counter()
     ours, plan = build_ours(cfg)
     build_ours_s = time.perf_counter() - start
     start = time.perf_counter()
-    baseline = build_baseline(plan, ours)
+    baseline = build_baseline(plan, ours, zero)
     return ours, baseline, plan, {"build_ours_s": build_ours_s, "build_baseline_s": time.perf_counter() - start}
 
 
@@ -109,7 +112,8 @@ def measure_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
 
     cfg = load_config_dict(bench_config(model, args.seq_len, args.micro_batch, args.grad_accum))
     data = load_data(cfg.data, "causal_lm")
-    ours, baseline, plan, build_s = build_pair(cfg)
+    ours, baseline, plan, build_s = build_pair(cfg, args.baseline_zero)
+    stages = {"ours_zero_stage": ours.zero_optimization_stage(), "baseline_zero_stage": baseline.zero_optimization_stage()}
     vocab = plan.resolved.hf_config.vocab_size
     runners = {"ours": (ours, ours_step), "baseline": (baseline, baseline_step)}
     batches = {name: folded(data.train_batches(args.micro_batch, 0, 1, cfg.train.seed), vocab) for name in runners}
@@ -118,7 +122,7 @@ def measure_model(model: str, args: argparse.Namespace) -> dict[str, Any]:
     result = {
         "model": model, "params": plan.total_params, "seq_len": args.seq_len, "micro_batch": args.micro_batch,
         "grad_accum": args.grad_accum, "threads": torch.get_num_threads(), "warmup_steps": args.warmup,
-        **build_s,
+        **build_s, **stages,
         "max_loss_diff": max(abs(s["ours"]["loss"] - s["baseline"]["loss"]) for s in steps),
         "work": work_parity(steps[0]), **summarize(steps[1 + args.warmup:]),
         "steps": [{k: v for k, v in s.items() if k != "counted"} for s in steps[1:]],
@@ -242,6 +246,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     parser.add_argument("--budget-s", type=float, default=float("inf"),
                         help="stop adding pairs after this many seconds of measuring (per model)")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--baseline-zero", choices=("config", "same"), default="config",
+                        help="DeepSpeed's engine at the config's ZeRO stage (what the default gives you) or at the "
+                             "stage hybrid_ds runs (like for like)")
     parser.add_argument("--out", default="overhead")
     args = parser.parse_args(argv)
     args.max_pairs = args.max_pairs or 3 * args.steps

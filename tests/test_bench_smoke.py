@@ -20,14 +20,15 @@ def test_bench_arithmetic(module, monkeypatch):
 
 
 def test_overhead_bench_compares_the_same_computation(tmp_path):
-    """A tiny run of bench/overhead.py: our engine and DeepSpeed's engine on the HF model, from the same
-    weights on the same micro-batches, report the same losses and the same FLOPs per step."""
+    """A tiny run of bench/overhead.py: our engine and DeepSpeed's engine on the HF model (at the ZeRO stage ours
+    runs), from the same weights on the same micro-batches, report the same losses and the same FLOPs per step."""
     env = {"HYBRID_DS_BENCH_RESULTS": str(tmp_path), "DS_ACCELERATOR": "cpu"}
     args = ["--models", "gpt2-tiny", "--grad-accum", "2", "--steps", "1", "--warmup", "0", "--threads", "1",
-            "--quiet-wait", "0", "--max-pairs", "1", "--out", "smoke"]
+            "--quiet-wait", "0", "--max-pairs", "1", "--baseline-zero", "same", "--out", "smoke"]
     proc = warm_ranks.script(BENCH / "overhead.py", *args, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     (result,) = json.loads((tmp_path / "smoke.json").read_text())["results"]
+    assert result["ours_zero_stage"] == result["baseline_zero_stage"] == 0  # like for like: ZeRO-0 at dp=1
     assert result["max_loss_diff"] < 1e-5
     assert result["work"]["ours_flops"] == result["work"]["baseline_flops"] > 0
     assert result["ours_median_s"] > 0 and result["baseline_median_s"] > 0
@@ -94,3 +95,36 @@ def test_the_readmes_bf16_drift_figures_are_the_committed_results():
             and f"stays within {against_fp32['zero2, 10 steps']:.2e} of fp32" in readme
             and f"bf16 ZeRO-1 is {against_fp32['zero1, 10 steps']:.2e} from it" in readme), drift
     assert result["provenance"]["versions"]["deepspeed"] == "0.19.8"
+
+
+def test_the_readmes_performance_tables_are_rendered_from_the_committed_results(monkeypatch):
+    """README.md's performance tables are generated blocks (bench/readme_tables.py) of bench/results/performance.json
+    and the GPU run under bench/measured/: the text equals what the files give, and a figure typed over fails."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import readme_tables
+
+    text = readme_tables.README.read_text()
+    sources = [match.group(2) for match in readme_tables.BLOCK.finditer(text)]
+    assert sources == ["bench/results/performance.json", "bench/measured/gpu-h100.json"]
+    assert readme_tables.render(text) == text, "run python bench/readme_tables.py"
+    typed_over = text.replace("| 130,975 |", "| 131,975 |")
+    assert typed_over != text and readme_tables.render(typed_over) == text
+    performance = json.loads((BENCH / "results" / "performance.json").read_text())
+    assert performance["provenance"]["versions"]["deepspeed"] == "0.19.8" and not performance["errors"]
+
+
+def test_the_readmes_model_type_lists_are_the_committed_sweeps(monkeypatch):
+    """README's generated list of supported model types is what bench/results/adapter_sweep.json gives, and its LoRA
+    sweep counts are bench/results/adapter_sweep_lora.json's."""
+    monkeypatch.syspath_prepend(str(BENCH))
+    import adapter_sweep
+
+    from hybrid_ds.config.families import FAMILIES
+
+    readme = (BENCH.parent / "README.md").read_text()
+    plain = json.loads((BENCH / "results" / "adapter_sweep.json").read_text())
+    named = {name: family.task for name, family in FAMILIES.items()}
+    assert adapter_sweep.replace_between_markers(readme, adapter_sweep.readme_section(plain["results"], named)) == readme
+    lora = [r["outcome"] for r in json.loads((BENCH / "results" / "adapter_sweep_lora.json").read_text())["results"]]
+    assert (f"of {len(lora)}, {lora.count('exact')} bit for bit and {lora.count('ok')} within 1e-5; "
+            f"{lora.count('refused')} refused") in " ".join(readme.split())

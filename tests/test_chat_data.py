@@ -19,9 +19,9 @@ import torch
 from hybrid_ds import assets
 from hybrid_ds.config import DataConfig, load_config_dict
 from hybrid_ds.data import load_data, load_tokenizer, predicted_tokens
-from hybrid_ds.data.chat import chat_tokens, prompt_completion_tokens
+from hybrid_ds.data.chat import builtin_rows, chat_tokens, prompt_completion_tokens
 from hybrid_ds.data.feed import IGNORE, MicroBatches
-from hybrid_ds.data.sources import fingerprint
+from hybrid_ds.data.sources import builtin_verses, fingerprint, held_out_chapter
 from hybrid_ds.errors import UserError
 
 needs_smollm2 = pytest.mark.skipif(importlib.util.find_spec(assets.SMOLLM2_PACKAGE) is None,
@@ -161,6 +161,8 @@ def test_the_builtin_chat_set(smollm2, tmp_path):
            "earth.\"<|im_end|>\n<|im_start|>assistant\nGenesis<|im_end|>\n<|im_start|>user\nQuote its first five " \
            "words.<|im_end|>\n<|im_start|>assistant\nIn the beginning God created<|im_end|>\n" in held_out
     assert len(data.train) > 700 and len(data.eval) > 10
+    rows = [len(split["messages"]) for split in builtin_rows("chat", builtin_verses(), held_out_chapter)]
+    assert rows == [1905, 39]  # conversations, as README.md says
     train_text = " ".join(tokenizer.decode(np.asarray(ids)) for ids in data.train["input_ids"])
     assert "In the beginning God created" not in train_text
 

@@ -127,3 +127,42 @@ def test_shipped_gpt_config_trains_on_one_gpu(tmp_path):
     assert json.loads((tmp_path / "run" / "run.json").read_text())["bf16"]["enabled"] is True
     # The PipelineEngine writes one file per layer (the plain engine of ZeRO-2/3 writes none).
     assert (tmp_path / "run" / "step_2" / "layer_00-model_states.pt").is_file()
+
+
+def _train_on_gpu(config: dict, save_dir: Path, *extra: str) -> list[float]:
+    """launch/train.py on one GPU with ``config`` saving to ``save_dir``; the losses of the steps it ran."""
+    save_dir.parent.mkdir(parents=True, exist_ok=True)
+    path = save_dir.parent / f"{save_dir.name}.json"
+    path.write_text(json.dumps({**config, "train": {**config["train"], "save_dir": str(save_dir)}}))
+    proc = subprocess.run([sys.executable, str(ROOT / "launch" / "train.py"), "--config", str(path), *extra],
+                          capture_output=True, text=True, env=cuda_env(), timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+    return json.loads((save_dir / "summary.json").read_text())["losses"]
+
+
+def test_a_resume_on_the_gpu_continues_exactly_with_dropout(tmp_path):
+    """fp32 gpt2-tiny with dropout on, one GPU: stopped after step 2 and resumed, steps 3-4 give the uninterrupted
+    run's losses (1e-5), because the checkpoint holds the CUDA generator's state (rng-rank0.pt "device"). Control:
+    the same resume with that state removed from the checkpoint draws other dropout masks and misses by more."""
+    import shutil
+
+    config = {"model": {"name": "gpt2-tiny", "vocab_from_tokenizer": True},
+              "data": {"seq_len": 32, "cache_dir": str(tmp_path / "data")}, "pipeline": {"stages": 1},
+              "train": {"max_steps": 4, "save_interval": 2, "eval_interval": 0},
+              "train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 2,
+              "optimizer": {"type": "AdamW", "params": {"lr": 2e-3}}}
+    straight = _train_on_gpu(config, tmp_path / "straight")
+    rng = torch.load(tmp_path / "straight" / "step_2" / "rng-rank0.pt", weights_only=False)
+    assert rng["device"].numel() == torch.cuda.get_rng_state().numel()  # the CUDA generator, not the CPU one
+    results = {}
+    for name in ("resumed", "without-device-state"):
+        shutil.copytree(tmp_path / "straight", tmp_path / name,
+                        ignore=shutil.ignore_patterns("step_4", "summary.json", "universal"))
+        (tmp_path / name / "latest").write_text("step_2")
+        if name == "without-device-state":
+            del rng["device"]
+            torch.save(rng, tmp_path / name / "step_2" / "rng-rank0.pt")
+        results[name] = _train_on_gpu(config, tmp_path / name, "--resume")
+    assert len(results["resumed"]) == 2
+    assert max(abs(a - b) for a, b in zip(straight[2:], results["resumed"])) < 1e-5, (straight, results)
+    assert max(abs(a - b) for a, b in zip(straight[2:], results["without-device-state"])) > 1e-4, (straight, results)

@@ -10,6 +10,8 @@ each move the losses far beyond the 1e-5 allowed.
 With two processes, pp=2 x dp=1 under a ZeRO-1 config runs as ZeRO-0 (config.deepspeed.zero_stage_to_run) and pp=1 x dp=2 as
 ZeRO-1: the transitions between them carry optimizer moments from ZeRO-0's whole states to ZeRO-1's partitions
 and back (runtime.checkpoint.zero0: zero0_to_universal, load_universal_zero0), and the partition change ZeRO-0 to ZeRO-0.
+Two transitions run pp=2 x dp=2 under ZeRO-2 on four processes (gradients and optimizer states partitioned over
+the data-parallel pair of each stage): entered from pp=2 x dp=1 and left for pp=1 x dp=2.
 """
 
 from __future__ import annotations
@@ -33,7 +35,7 @@ NO_DROPOUT = {"gpt2-tiny": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop":
               "llama-tiny": {}}
 
 
-def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partition=None, lora=None,
+def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partition=None, lora=None, nproc: int = 2,
                   **train) -> Path:
     config = tiny_config(tmp_path, name, stages, zero=zero, save_interval=4, eval_interval=0, **train)
     raw = json.loads(config.read_text())
@@ -41,7 +43,7 @@ def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partiti
     if lora:  # a pretrained base, one folder for the session's runs, which LoRA checkpoints leave out
         raw["model"] = {"name": str(saved_base(tmp_path.parent / f"base-{name}", name)), "pretrained": True,
                         "lora": lora}
-    raw["gradient_accumulation_steps"] = 2 * stages  # 2 processes: a global batch of 8 at every layout
+    raw["gradient_accumulation_steps"] = 4 * stages // nproc  # micro 2 x dp: a global batch of 8 at every layout
     if partition is not None:
         raw["pipeline"]["partition"] = partition
     config.write_text(json.dumps(raw))
@@ -64,14 +66,15 @@ def saved_base(folder: Path, name: str) -> Path:
 _STRAIGHT: dict[tuple, Path] = {}
 
 
-def straight_run(tmp_path_factory, name: str, stages: int, zero: int = 1, partition=None, lora=None) -> Path:
+def straight_run(tmp_path_factory, name: str, stages: int, zero: int = 1, partition=None, lora=None,
+                 nproc: int = 2) -> Path:
     """The config of run A: 8 uninterrupted steps at this layout, saved after 4 and 8 and exported (one run
     per layout, shared by the tests that start from it)."""
-    key = (name, stages, zero, str(partition), str(lora))
+    key = (name, stages, zero, str(partition), str(lora), nproc)
     if key not in _STRAIGHT:
         folder = tmp_path_factory.mktemp("straight")
-        config = layout_config(folder, name, stages, zero, partition, lora, export_hf=str(folder / "hf"))
-        train(config, 2)
+        config = layout_config(folder, name, stages, zero, partition, lora, nproc, export_hf=str(folder / "hf"))
+        train(config, nproc)
         _STRAIGHT[key] = config
     return _STRAIGHT[key]
 
@@ -84,7 +87,7 @@ def continue_elsewhere(tmp_path: Path, tmp_path_factory, name: str, first: dict,
     shutil.copytree(saved, tmp_path / "run", ignore=shutil.ignore_patterns("step_8", "summary.json", "universal"))
     (tmp_path / "run" / "latest").write_text("step_4")
     resumed = layout_config(tmp_path, name, **then)
-    proc = train(resumed, 2, "--resume")
+    proc = train(resumed, then.get("nproc", 2), "--resume")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     return summary(straight)["losses"], summary(resumed)["losses"]
 
@@ -94,6 +97,9 @@ TRANSITIONS = {
     "pp1xdp2->pp2xdp1": ("gpt2-tiny", dict(stages=1), dict(stages=2)),
     "zero1-pipeline->zero2-plain": ("gpt2-tiny", dict(stages=2, zero=1), dict(stages=1, zero=2)),
     "zero2-plain->zero1-pipeline": ("gpt2-tiny", dict(stages=1, zero=2), dict(stages=2, zero=1)),
+    # 4 processes: into and out of ZeRO-2 with stages at dp=2 (gradients and optimizer states partitioned)
+    "pp2xdp1->zero2-pp2xdp2": ("gpt2-tiny", dict(stages=2), dict(stages=2, zero=2, nproc=4)),
+    "zero2-pp2xdp2->pp1xdp2": ("gpt2-tiny", dict(stages=2, zero=2, nproc=4), dict(stages=1)),
     "partition[1,3]->[3,1]": ("llama-tiny", dict(stages=2, partition=[1, 3]), dict(stages=2, partition=[3, 1])),
     # the adapters and their optimizer state move; the frozen base is read from the checkpoint as it was
     "lora pp2xdp1->pp1xdp2": ("llama-tiny", dict(stages=2, partition=[2, 2], lora=LORA), dict(stages=1, lora=LORA)),

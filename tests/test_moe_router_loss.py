@@ -87,25 +87,29 @@ def test_a_router_loss_the_adapter_does_not_know_is_refused(monkeypatch):
 
 
 @pytest.mark.multiproc
-def test_moe_pipeline_steps_match_hugging_face(tmp_path):
+@pytest.mark.parametrize("zero, dp", [(0, 1), (2, 2)], ids=["pp2xdp1", "zero2-pp2xdp2"])
+def test_moe_pipeline_steps_match_hugging_face(tmp_path, zero, dp):
     """pp=2 DeepSpeed steps against the Hugging Face model trained in one process with its router loss: the same
     losses and parameters, so the router loss's gradient reaches the first stage's routers through the stage
-    boundary (in one backward pass per micro-batch: seam.engines.OneBackwardPipelineEngine)."""
-    from test_pipeline_multiproc import assert_params_match, launch, make_batches, reference
+    boundary (in one backward pass per micro-batch: seam.engines.OneBackwardPipelineEngine); and at pp=2 x dp=2 under
+    ZeRO-2 (gradients partitioned as each backward pass ends, seam.engines.PartitionedGradientsPipelineEngine)."""
+    from test_pipeline_multiproc import ZERO2_BUCKET, assert_params_match, launch, make_batches, reference
 
     folder = tmp_path / "model"
     folder.mkdir()
     moe_folder(folder, "mixtral", router_aux_loss_coef=2.0)
     steps = 4
-    batches = make_batches("llama-tiny", steps)
+    batches = make_batches("llama-tiny", dp * steps)
     threads = torch.get_num_threads()
-    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 2))  # as each of the 2 ranks (engine.init_distributed):
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // (2 * dp)))  # as each rank (engine.init_distributed):
     try:  # rounding that differs with the thread count, which Adam magnifies in rarely routed experts, stays out
-        ref = reference("mixtral", folder, batches, steps)
+        ref = reference("mixtral", folder, batches, steps, dp=dp)
     finally:
         torch.set_num_threads(threads)
-    run = launch(tmp_path, folder, batches, stages=2, nproc=2, steps=steps)
+    ds = {"zero_optimization": {"stage": 2, "reduce_bucket_size": ZERO2_BUCKET}} if zero else {}
+    run = launch(tmp_path, folder, batches, stages=2, nproc=2 * dp, steps=steps, **ds)
     assert run["losses"] == pytest.approx(ref["losses"], abs=1e-5)
     assert run["losses"][-1] < run["losses"][0]
-    assert {r["engine"] for r in run["ranks"]} == {"OneBackwardPipelineEngine"}
+    engine = "PartitionedGradientsPipelineEngine" if zero else "OneBackwardPipelineEngine"
+    assert {r["engine"] for r in run["ranks"]} == {engine}
     assert_params_match(run["ranks"], ref["params"])

@@ -80,9 +80,9 @@ def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps
     return {"losses": json.loads((run / "losses.json").read_text()), "ranks": ranks}
 
 
-def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0, model=None) -> dict:
+def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0, model=None, dp: int = 1) -> dict:
     """Plain torch: the HF model (or ``model``: a peft model of it), AdamW (hybrid_ds's default parameter groups),
-    loss / grad_accum per micro-batch, optional clip_grad_norm_."""
+    loss / (GAS x dp) per micro-batch (a step of ``dp`` ranks' GAS micro-batches each), optional clip_grad_norm_."""
     import transformers
 
     auto = transformers.AutoModelForMaskedLM if name == "bert-tiny" else transformers.AutoModelForCausalLM
@@ -95,20 +95,21 @@ def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0, m
         kwargs = {k: v for k, v in b.items() if k != "token_type_ids"}
         return model(**kwargs).loss
 
+    accum = GAS * dp
     with torch.no_grad():
-        losses = [sum(loss_of(b).item() for b in batches[:GAS]) / GAS]
+        losses = [sum(loss_of(b).item() for b in batches[:accum]) / accum]
     norms = []
     for step in range(steps):
         step_losses = []
-        for b in batches[step * GAS:(step + 1) * GAS]:
+        for b in batches[step * accum:(step + 1) * accum]:
             loss = loss_of(b)
-            (loss / GAS).backward()
+            (loss / accum).backward()
             step_losses.append(loss.item())
         if clip:
             norms.append(torch.nn.utils.clip_grad_norm_(model.parameters(), clip).item())
         optimizer.step()
         optimizer.zero_grad()
-        losses.append(sum(step_losses) / GAS)
+        losses.append(sum(step_losses) / accum)
     return {"losses": losses, "params": dict(model.named_parameters()), "norms": norms}
 
 
@@ -234,8 +235,10 @@ def assert_runs_match(a: dict, b: dict, loss_atol: float = 1e-6, param_atol: flo
 
 def assert_tied_copies_identical(run: dict) -> None:
     """The tied embedding on the first and the last stage, and on every data-parallel replica: the same bits."""
+    final = max(r["stage"] for r in run["ranks"])
     first = [r["params"] for r in run["ranks"] if r["stage"] == 0]
-    last = [r["params"] for r in run["ranks"] if r["stage"] == 1]
+    last = [r["params"] for r in run["ranks"] if r["stage"] == final]
+    assert not any("transformer.wte.weight" in r["params"] for r in run["ranks"] if 0 < r["stage"] < final)
     assert set(first[0]) & set(last[0]) == {"transformer.wte.weight"}
     assert all(torch.equal(first[0]["transformer.wte.weight"], copy["transformer.wte.weight"])
                for copy in first[1:] + last)
@@ -283,3 +286,30 @@ def test_zero2_bf16_with_stages_follows_fp32(zero2_runs):
     assert all(p.dtype == torch.bfloat16 for r in bf16["ranks"] for p in r["params"].values())
     assert bf16["losses"] == pytest.approx(zero2_runs["zero2"]["losses"], abs=1e-2)
     assert_tied_copies_identical(bf16)
+
+
+def test_zero2_at_four_stages_matches_hugging_face_with_the_tie_between_stages_0_and_3(tmp_path):
+    """ZeRO-2 at pp=4 x dp=2 (8 processes), GPT-2 of 4 blocks, clipping active: the embedding on stage 0 is tied to
+    the head on stage 3 with two stages between them. Every loss and parameter as the Hugging Face model's under
+    torch's AdamW (1e-5), the same global gradient norms, the tied copies bit-identical on all four ranks."""
+    import transformers
+
+    from hybrid_ds.config import ModelConfig
+    from hybrid_ds.models.resolve import resolve_model
+
+    folder = tmp_path / "gpt2-4-blocks"
+    config = resolve_model(ModelConfig(name="gpt2-tiny", overrides={**NO_DROPOUT["gpt2-tiny"], "n_layer": 4})).hf_config
+    torch.manual_seed(0)
+    transformers.AutoModelForCausalLM.from_config(config).save_pretrained(folder)
+    steps, dp = 4, 2
+    batches = make_batches("gpt2-tiny", dp * steps)
+    ref = reference("gpt2-tiny", folder, batches, steps, clip=1.0, dp=dp)
+    run = launch(tmp_path, folder, batches, stages=4, nproc=4 * dp, steps=steps, gradient_clipping=1.0,
+                 zero_optimization={"stage": 2, "reduce_bucket_size": ZERO2_BUCKET})
+    assert {(r["stage"], r["dp_rank"]) for r in run["ranks"]} == {(s, d) for s in range(4) for d in range(dp)}
+    assert {r["engine"] for r in run["ranks"]} == {"PartitionedGradientsPipelineEngine"}
+    assert min(ref["norms"]) > 1.0, "clipping must be active for this test to mean anything"
+    assert run["ranks"][0]["norms"] == pytest.approx(ref["norms"], rel=1e-5)
+    assert run["losses"] == pytest.approx(ref["losses"], abs=1e-5)
+    assert_params_match(run["ranks"], ref["params"])
+    assert_tied_copies_identical(run)
