@@ -166,6 +166,49 @@ def test_warns_about_a_large_bubble(tmp_path, capsys):
     assert "33.3%" in out  # (p-1)/(m+p-1) = 1/3
 
 
+@pytest.mark.parametrize("profile", ["cpu", "gpu"])
+def test_the_learning_rate_schedule_follows_train_max_steps(profile):
+    """The shipped configs leave the scheduler's length to train.max_steps: `--set train.max_steps=4` gives a schedule
+    that DeepSpeed builds 4 steps long (warm-up, then down to its end at step 4), on either profile."""
+    import torch
+    from deepspeed.runtime.lr_schedules import WarmupCosineLR
+
+    cfg = load_config(ROOT / "configs" / "gpt.json", ["train.max_steps=4"], profile=profile)
+    scheduler = effective(cfg)["scheduler"]
+    assert scheduler["params"]["total_num_steps"] == 4
+    optimizer = torch.optim.SGD([torch.zeros(1, requires_grad=True)], lr=1.0)
+    params = {**scheduler["params"], "warmup_num_steps": 2}  # the GPU profile's 100-step warm-up, shortened
+    lrs = []
+    schedule = WarmupCosineLR(optimizer, **params)
+    for _ in range(5):
+        lrs.append(schedule.get_lr()[0])
+        schedule.step()
+    # the peak after warm-up, the floor (cos_min_ratio, 1e-4 of the peak) at step 4
+    assert lrs[2] == max(lrs) == 1.0 and lrs[4] == pytest.approx(1e-4), lrs
+
+
+@pytest.mark.parametrize("scheduler", [{"type": "WarmupDecayLR", "params": {"warmup_num_steps": 1}},
+                                       {"type": "CosineAnnealingLR", "params": {}},
+                                       {"type": "OneCycleLR", "params": {"max_lr": 0.1}}])
+def test_a_scheduler_without_its_length_gets_train_max_steps(scheduler):
+    cfg = load_config_dict(with_(TINY, train={"max_steps": 7}, scheduler=scheduler))
+    key = {"WarmupDecayLR": "total_num_steps", "CosineAnnealingLR": "T_max", "OneCycleLR": "total_steps"}
+    assert effective(cfg)["scheduler"]["params"] == {**scheduler["params"], key[scheduler["type"]]: 7}
+    assert cfg.deepspeed["scheduler"] == scheduler  # the config as written is left alone
+
+
+def test_a_schedule_length_other_than_train_max_steps_is_kept_and_warned_about(tmp_path, capsys):
+    scheduler = {"type": "WarmupCosineLR", "params": {"total_num_steps": 2000, "warmup_num_steps": 2}}
+    path = write(tmp_path, with_(TINY, train={"max_steps": 12}, scheduler=scheduler))
+    rc, out, _ = run_cli(capsys, "validate", path)
+    assert rc == 0 and ("warning: scheduler.params.total_num_steps: 2000, while train.max_steps is 12: the "
+                        "learning-rate schedule is cut off where the run ends; leave total_num_steps out to have it "
+                        "follow train.max_steps") in out
+    assert effective(load_config(path))["scheduler"] == scheduler
+    rc, out, _ = run_cli(capsys, "validate", path, "--set", "train.max_steps=2000")
+    assert rc == 0 and "scheduler.params" not in out
+
+
 def test_console_script_error_has_no_traceback(tmp_path):
     path = write(tmp_path, with_(TINY, pipeline={"stages": "two"}))
     proc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "validate", path],

@@ -115,6 +115,42 @@ def _check_expert_parallel(ep: dict[str, Any]) -> None:
 # ---------------------------------------------------------------- the effective config of a run
 
 
+# The schedulers whose length is a parameter without a default, and its name: the effective config sets it to
+# ``train.max_steps`` where the config leaves it out, so that the schedule follows the run's length.
+SCHEDULE_LENGTH = {"WarmupDecayLR": "total_num_steps", "WarmupCosineLR": "total_num_steps",
+                   "CosineAnnealingLR": "T_max", "OneCycleLR": "total_steps"}
+
+
+def schedule_length(ds: dict[str, Any]) -> tuple[str, Any] | None:
+    """The scheduler's length parameter and the value the config gives it (None: left to ``train.max_steps``), or
+    None for a scheduler without one.
+
+    >>> schedule_length({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 2}}})
+    ('total_num_steps', None)
+    >>> schedule_length({"scheduler": {"type": "WarmupLR", "params": {}}}), schedule_length({})
+    (None, None)
+    """
+    scheduler = ds.get("scheduler") or {}
+    key = SCHEDULE_LENGTH.get(scheduler.get("type", ""))
+    return (key, (scheduler.get("params") or {}).get(key)) if key else None
+
+
+def schedule_warnings(ds: dict[str, Any], max_steps: int) -> list[str]:
+    """A warning when the config's scheduler sets a length other than ``train.max_steps``.
+
+    >>> schedule_warnings({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 2000}}}, 12)[0][:72]
+    'scheduler.params.total_num_steps: 2000, while train.max_steps is 12: the'
+    >>> schedule_warnings({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 12}}}, 12)
+    []
+    """
+    key, length = schedule_length(ds) or (None, None)
+    if length is None or length == max_steps:
+        return []
+    ends = "ends before the run does" if length < max_steps else "is cut off where the run ends"
+    return [f"scheduler.params.{key}: {length}, while train.max_steps is {max_steps}: the learning-rate schedule "
+            f"{ends}; leave {key} out to have it follow train.max_steps"]
+
+
 def zero_stage_to_run(requested: int, dp: int, precision: str, eligible: bool) -> int:
     """The ZeRO stage a run's engine gets: fp32 ZeRO-1/2 on the pipeline engine at one data-parallel rank runs
     as ZeRO-0.
@@ -164,6 +200,7 @@ def effective_deepspeed_config(cfg: Any, layout: Any, device_kind: str, stage_tr
     - The batch numbers of the layout, DeepSpeed's pipeline keys, and ``data_types.grad_accum_dtype`` where
       hybrid_ds changes DeepSpeed's default (``RunConfig.grad_accum_dtype``).
     - ``gradient_clipping`` 0 unless set: DeepSpeed's default is 1.0; hybrid_ds clips only when the config says so.
+    - The scheduler's length (:data:`SCHEDULE_LENGTH`) ``train.max_steps`` unless the config sets it.
     - On CPU, "Adam"/"AdamW" is torch's fused AdamW: DeepSpeed's FusedAdam JIT-compiles an extension there
       (minutes); torch's is the same update, and its fused CPU kernel makes one pass over the states where the
       default makes eight (0.18 s instead of 0.91 s for GPT-2 small's 124M parameters on one thread).
@@ -192,6 +229,10 @@ def effective_deepspeed_config(cfg: Any, layout: Any, device_kind: str, stage_tr
         if params.setdefault("torch_adam", True):
             params.setdefault("fused", True)
     ds.setdefault("gradient_clipping", 0.0)
+    length = schedule_length(ds)
+    if length and length[1] is None:
+        params = {**(ds["scheduler"].get("params") or {}), length[0]: cfg.train.max_steps}
+        ds["scheduler"] = {**ds["scheduler"], "params": params}
     if "zero_optimization" in ds:
         zero = ds["zero_optimization"] = dict(ds["zero_optimization"])
         zero["stage"] = cfg.zero_stage_at(layout.dp)

@@ -11,6 +11,7 @@ from typing import Any
 
 from hybrid_ds.estimate.activations import DTYPE_BYTES
 from hybrid_ds.config import RunConfig
+from hybrid_ds.config.deepspeed import schedule_warnings
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.lora import find_targets
 from hybrid_ds.models.masks import document_mask_obstacle
@@ -104,7 +105,8 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param, t)
                    for s, (lo, hi, n, t) in enumerate(zip(boundaries, boundaries[1:], per_stage, trainable))]
     return Plan(cfg, resolved, layout, layers, boundaries, stage_plans, count_params(model), model,
-                document_mask(cfg, resolved), layout.warnings() + accumulation_warnings(cfg, layout.grad_accum),
+                document_mask(cfg, resolved), layout.warnings() + accumulation_warnings(cfg, layout.grad_accum)
+                + schedule_warnings(cfg.deepspeed, cfg.train.max_steps),
                 targets)
 
 
