@@ -17,6 +17,7 @@ import os
 import sys
 import time
 from collections.abc import Callable
+from typing import Any
 
 from hybrid_ds.errors import Parser, UserError, at_least
 
@@ -62,6 +63,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from hybrid_ds.estimate.report import format_plan, plan_dict
 
     cfg = load_config(_config_path(args), args.set)
+    check_with_deepspeed(cfg, machine_profile())
     plan = build_plan(cfg, args.world_size)
     if args.json:
         print(json.dumps(plan_dict(plan), indent=2))
@@ -85,6 +87,15 @@ def cmd_parity(args: argparse.Namespace) -> int:
     return 0 if report.ok else 1
 
 
+def check_with_deepspeed(cfg: Any, device_kind: str) -> None:
+    """DeepSpeed's sections of ``cfg`` as a run on ``device_kind`` hands them over, checked by DeepSpeed's own config
+    models and the optimizer and scheduler it builds (hybrid_ds.seam.config_check)."""
+    from hybrid_ds.config.deepspeed import deepspeed_sections
+    from hybrid_ds.seam.config_check import check_deepspeed_sections
+
+    check_deepspeed_sections(deepspeed_sections(cfg, device_kind))
+
+
 def machine_profile() -> str:
     """"gpu" where DeepSpeed finds an accelerator, else "cpu": selects a config's on_gpu / on_cpu section."""
     from deepspeed.accelerator import get_accelerator
@@ -101,9 +112,9 @@ def cmd_train(args: argparse.Namespace) -> int:
     cfg = load_config(_config_path(args), args.set, profile=profile)
     if args.dry_run:
         from hybrid_ds.estimate.step import estimate_for_config
-
         from hybrid_ds.models.shape import model_arch
 
+        check_with_deepspeed(cfg, profile)
         launched = os.environ.get("WORLD_SIZE")  # unset: a plain `python` dry run, sized like `validate`
         plan = build_plan(cfg, int(launched) if launched else None)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -147,6 +147,29 @@ ROWS = [
      E + "optimizer.params.lr: must be a number >= 0, got -1"),
     ("scheduler-typo", ("config", {"scheduler": {"type": "Cosine"}}),
      E + "scheduler.type: DeepSpeed builds no scheduler named 'Cosine'; did you mean 'WarmupCosineLR'?"),
+    # ---- DeepSpeed's own sections, by its config models and the optimizer/scheduler it builds (CPU: torch's AdamW)
+    ("deepspeed-key-typo", ("config", {"zero_optimization": {"stag": 1}}),
+     E + "zero_optimization.stag: DeepSpeed's zero_optimization section takes no key 'stag'; did you mean 'stage'?"),
+    ("deepspeed-nested-key-typo", ("config", {"zero_optimization": {"stage": 1, "offload_optimizer": {"devic": "cpu"}}}),
+     E + "zero_optimization.offload_optimizer.devic: DeepSpeed's zero_optimization section takes no key 'devic'; "
+         "did you mean 'device'?"),
+    ("deepspeed-monitor-key-typo", ("config", {"tensorboard": {"enabled": True, "output_pth": "tb"}}),
+     E + "tensorboard.output_pth: DeepSpeed's tensorboard section takes no key 'output_pth'; did you mean "
+         "'output_path'?"),
+    ("deepspeed-bad-value", ("config", {"fp16": {"enabled": True, "loss_scale_window": "often"}}),
+     E + "fp16.loss_scale_window: must be an integer, got 'often'"),
+    ("optimizer-param-typo", ("config", {"optimizer": {"type": "AdamW", "params": {"lrr": 1e-3}}}),
+     E + "optimizer.params.lrr: AdamW takes no parameter 'lrr'; did you mean 'lr'?"),
+    ("optimizer-param-value", ("config", {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [1.5, 0.9]}}}),
+     E + "optimizer.params: AdamW refuses them: Invalid beta parameter at index 0: 1.5"),
+    ("optimizer-max-grad-norm", ("config", {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "max_grad_norm": 1}}}),
+     E + "optimizer.params.max_grad_norm: DeepSpeed clips by the top-level gradient_clipping instead: move the value "
+         "there"),
+    ("scheduler-param-typo", ("config", {"scheduler": {"type": "WarmupLR", "params": {"warmup_num_stepz": 3}}}),
+     E + "scheduler.params.warmup_num_stepz: WarmupLR takes no parameter 'warmup_num_stepz'; did you mean "
+         "'warmup_num_steps' or 'warmup_type' or 'warmup_min_lr'?"),
+    ("scheduler-param-missing", ("config", {"scheduler": {"type": "StepLR", "params": {"gamma": 0.5}}}),
+     E + "scheduler.params: StepLR needs step_size, which scheduler.params does not set"),
     ("partition-negative", ("config", {"pipeline": {**P2, "partition": [-1, 3]}}),
      E + "pipeline.partition: block counts must be >= 0, got [-1, 3]"),
     ("export-without-save-dir", ("config", {"train": {"export_hf": "hf"}}),
@@ -265,6 +288,8 @@ ROWS = [
     ("export-hf-into-other-files", ("run", {"train.export_hf": "{tmp}/docs"}, "train", "{run}"),
      E + "train.export_hf: {tmp}/docs is a folder of other files (no config.json of an earlier export); export into "
          "a new or empty folder"),
+    ("deepspeed-key-typo-at-start", ("run", {"zero_optimization.stag": 1}, "train", "{run}"),
+     E + "zero_optimization.stag: DeepSpeed's zero_optimization section takes no key 'stag'; did you mean 'stage'?"),
     ("fresh-run-into-checkpoints", ("run", {}, "train", "{run}"),
      E + "train.resume: false, but {save_dir} already holds checkpoints (latest step_1) that this run would "
          "overwrite; continue them with --resume (or train.resume \"auto\"), or start over in a new train.save_dir "

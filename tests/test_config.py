@@ -91,6 +91,19 @@ def test_deepspeed_accepts_our_deepspeed_section(path, monkeypatch):
     assert ds_cfg.bfloat16_config.enabled == (cfg.precision == "bf16")
 
 
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_deepspeeds_models_and_optimizers_accept_every_shipped_config(path):
+    """What a run hands DeepSpeed from each shipped config, on either kind of machine (torch's fused AdamW on CPU,
+    FusedAdam on a GPU), passes the check that refuses a misspelt DeepSpeed key (tests/test_bad_inputs.py)."""
+    from hybrid_ds.config.deepspeed import deepspeed_sections
+    from hybrid_ds.seam.config_check import check_deepspeed_sections, optimizer_class
+
+    for profile, kind in (("cpu", "cpu"), ("gpu", "cuda")):
+        ds = deepspeed_sections(load_config(path, profile=profile), kind)
+        check_deepspeed_sections(ds)
+        assert optimizer_class(ds)[0].__name__ == ("AdamW" if kind == "cpu" else "FusedAdam")
+
+
 def test_validate_gpt_world_size_4(capsys):
     rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4", "--json")
     assert rc == 0

@@ -28,11 +28,11 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from hybrid_ds.errors import IncompatibleDeepSpeed, UserError
 from hybrid_ds.runtime.checkpoint.zero0 import load_universal_zero0, optimizer_param_names, zero0_to_universal
-from hybrid_ds.seam import autoep, engines, environment, instruments, numerics, pipeline_module, universal
+from hybrid_ds.seam import autoep, config_check, engines, environment, instruments, numerics, pipeline_module, universal
 from hybrid_ds.seam.compat import REGISTRY, WRITTEN_FOR, code_count, code_has, require
 
 ROOT = Path(__file__).resolve().parents[1]
-SEAM_MODULES = (autoep, engines, environment, instruments, numerics, pipeline_module, universal)  # all registered
+SEAM_MODULES = (autoep, config_check, engines, environment, instruments, numerics, pipeline_module, universal)  # all registered
 
 
 def expect_missing(internal: str, check, *args):
@@ -211,10 +211,17 @@ def _skipping(name):
     return next(kind for kind in numerics._skipping_optimizers() if kind.__name__ == name)
 
 
+def _optimizer_configuration_always_fused(self, optimizer_parameters, adam_w_mode, allow_legacy_fallback=False):
+    from deepspeed.ops.adam import FusedAdam
+
+    return FusedAdam, {"adam_w_mode": adam_w_mode}
+
+
 _AUTOEP_BASE = _module("deepspeed.module_inject.auto_ep_presets.base")
 TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor could
     "autoep.caller": _set(_AUTOEP_BASE, "_retarget_transformers_output_recorders_for_modules", _parse_arguments_renamed),
     "autoep.helper": _delete(_AUTOEP_BASE, "_install_instance_transformers_output_recorders"),
+    "config.adam_classes": _set(DeepSpeedEngine, "get_optimizer_configuration", _optimizer_configuration_always_fused),
     "clip.clip_fp32_gradients": _delete(DeepSpeedEngine, "clip_fp32_gradients"),
     "clip.exec_optimizer_step": _set(PipelineEngine, "_exec_optimizer_step",
                                      _exec_optimizer_step_without_take_model_step),
@@ -349,6 +356,7 @@ def _no_state(call):
 ENTRIES = {  # requirement key's prefix -> (tmp_path, the rest of the key) -> (the entry point relying on it,
     # whether it left things unchanged)
     "autoep": _autoep_entry, "clip": _clip_entry, "environment": _shm_entry,
+    "config": _no_state(lambda: config_check.check_deepspeed_sections({"optimizer": {"type": "AdamW", "params": {}}})),
     "instruments": _no_state(instruments.forget_pipeline_grid),
     "partition": _no_state(lambda: pipeline_module.HybridPipelineModule([torch.nn.Identity()], [0, 1])),
     "pipeline": lambda tmp_path, name: (_instruction_map_entry(tmp_path) if name == "instruction_map" else

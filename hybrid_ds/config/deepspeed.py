@@ -192,6 +192,27 @@ def reduce_bucket_elements(per_stage: list[int]) -> int:
     return min(DEEPSPEED_REDUCE_BUCKET, largest + largest % 2)
 
 
+def deepspeed_sections(cfg: Any, device_kind: str) -> dict[str, Any]:
+    """The DeepSpeed sections of run config ``cfg`` as a run on a ``device_kind`` ("cpu" or "gpu") machine hands them
+    to DeepSpeed, before the layout adds its batch numbers, pipeline keys and ZeRO stage: the optimizer, scheduler,
+    clipping and data types of :func:`effective_deepspeed_config` (which see), checked against DeepSpeed before any
+    data or model work (hybrid_ds.seam.config_check)."""
+    ds = copy.deepcopy(cfg.deepspeed)
+    if cfg.grad_accum_dtype is not None:
+        ds.setdefault("data_types", {})["grad_accum_dtype"] = cfg.grad_accum_dtype
+    optimizer = ds.get("optimizer", {})
+    if device_kind == "cpu" and optimizer.get("type", "").lower() in ("adam", "adamw"):
+        params = optimizer.setdefault("params", {})
+        if params.setdefault("torch_adam", True):
+            params.setdefault("fused", True)
+    ds.setdefault("gradient_clipping", 0.0)
+    length = schedule_length(ds)
+    if length and length[1] is None:
+        params = {**(ds["scheduler"].get("params") or {}), length[0]: cfg.train.max_steps}
+        ds["scheduler"] = {**ds["scheduler"], "params": params}
+    return ds
+
+
 def effective_deepspeed_config(cfg: Any, layout: Any, device_kind: str, stage_trainable: list[int] | None = None
                                ) -> dict[str, Any]:
     """The dict ``deepspeed.initialize`` gets for run config ``cfg`` (hybrid_ds.config.RunConfig) at ``layout``
@@ -216,23 +237,11 @@ def effective_deepspeed_config(cfg: Any, layout: Any, device_kind: str, stage_tr
     >>> ds["train_batch_size"], ds["zero_optimization"], ds["optimizer"]["params"]
     (4, {'stage': 1, 'reduce_bucket_size': 1000, 'allgather_bucket_size': 1000}, {'lr': 0.001, 'torch_adam': True, 'fused': True})
     """
-    ds = copy.deepcopy(cfg.deepspeed)
+    ds = deepspeed_sections(cfg, device_kind)
     ds.update(train_batch_size=layout.train_batch, train_micro_batch_size_per_gpu=layout.micro_batch,
               gradient_accumulation_steps=layout.grad_accum)
-    if cfg.grad_accum_dtype is not None:
-        ds.setdefault("data_types", {})["grad_accum_dtype"] = cfg.grad_accum_dtype
     ds["pipeline"] = {**{k: getattr(cfg.pipeline, k) for k in _DS_PIPELINE_KEYS},
                       "activation_checkpoint_interval": cfg.pipeline.activation_checkpoint_interval}
-    optimizer = ds.get("optimizer", {})
-    if device_kind == "cpu" and optimizer.get("type", "").lower() in ("adam", "adamw"):
-        params = optimizer.setdefault("params", {})
-        if params.setdefault("torch_adam", True):
-            params.setdefault("fused", True)
-    ds.setdefault("gradient_clipping", 0.0)
-    length = schedule_length(ds)
-    if length and length[1] is None:
-        params = {**(ds["scheduler"].get("params") or {}), length[0]: cfg.train.max_steps}
-        ds["scheduler"] = {**ds["scheduler"], "params": params}
     if "zero_optimization" in ds:
         zero = ds["zero_optimization"] = dict(ds["zero_optimization"])
         zero["stage"] = cfg.zero_stage_at(layout.dp)

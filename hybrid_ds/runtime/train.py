@@ -22,12 +22,14 @@ from tqdm import tqdm
 
 from hybrid_ds.runtime import checkpoint, compile_blocks
 from hybrid_ds.config import RunConfig
+from hybrid_ds.config.deepspeed import deepspeed_sections
 from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size, predicted_tokens
-from hybrid_ds.runtime.engine import build_engine, data_parallel, init_distributed, raise_shared
+from hybrid_ds.runtime.engine import build_engine, data_parallel, device, init_distributed, raise_shared
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.resolve import tokenizer_source
 from hybrid_ds.runtime.plan import Plan, build_plan
 from hybrid_ds.runtime.preemption import StopRequest, gloo_group
+from hybrid_ds.seam.config_check import check_deepspeed_sections
 
 
 @dataclass
@@ -89,6 +91,7 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
 def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
     """Train ``cfg`` in this process group (every rank calls it)."""
     world_size = init_distributed()
+    check_deepspeed_sections(deepspeed_sections(cfg, device().type))  # every rank: a misspelt key costs no packing
     if cfg.train.save_dir and world_size > 1:  # before packing and building: a mistake costs seconds
         checkpoint.check_shared(Path(cfg.train.save_dir))
     torch.manual_seed(cfg.train.seed)
