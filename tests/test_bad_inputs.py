@@ -221,7 +221,9 @@ ROWS = [
     ("world-size-not-a-number", ("config", {}, "--world-size", "two"),
      E + "--world-size: expected an integer >= 1, got 'two'; see hybrid-ds validate --help"),
     ("two-stages-without-launcher", ("run", {"pipeline.stages": 2}, "train", "{run}"),
-     E + "pipeline.stages: world size 1 is not divisible by 2 stages; valid stages: [1]"),
+     E + "pipeline.stages: world size 1 is not divisible by 2 stages; valid stages: [1]; 2 stages need 2 processes "
+         "(or a multiple): launch with `deepspeed --num_gpus 2 ...` (on a machine without GPUs DeepSpeed's launcher "
+         "starts one process unless told)"),
     # ---- data (moved from test_data.py, then new)
     ("data-missing-file", ("data", {"source": "missing/corpus.txt"}),
      E + "data.source: 'missing/corpus.txt': no such file or no files match"),

@@ -56,8 +56,11 @@ def resolve_layout(world_size: int, stages: int, n_layers: int, micro_batch: int
         raise UserError("pipeline.stages", f"{stages} stages need at least {stages} layers; the model has {n_layers}")
     if world_size % stages:
         valid = [n for n in range(1, world_size + 1) if world_size % n == 0 and n <= n_layers]
+        few = (f"; {stages} stages need {stages} processes (or a multiple): launch with `deepspeed --num_gpus "
+               f"{stages} ...` (on a machine without GPUs DeepSpeed's launcher starts one process unless told)"
+               if world_size < stages else "")
         raise UserError("pipeline.stages",
-                        f"world size {world_size} is not divisible by {stages} stages; valid stages: {valid}")
+                        f"world size {world_size} is not divisible by {stages} stages; valid stages: {valid}{few}")
     dp = world_size // stages
     micro_batch, grad_accum, train_batch = _batch_sizes(dp, micro_batch, grad_accum, train_batch)
     return Layout(world_size, stages, dp, micro_batch, grad_accum, train_batch)
