@@ -283,13 +283,13 @@ ROWS = [
     ("export-under-a-file", ("run", {}, "export", "{save_dir}", "{tmp}/notes.txt/hf"),
      E + "OUT_DIR: cannot create the folder {tmp}/notes.txt/hf: Not a directory"),
     ("export-into-other-files", ("run", {}, "export", "{save_dir}", "{tmp}/docs"),
-     E + "OUT_DIR: {tmp}/docs is a folder of other files (no config.json of an earlier export); export into a new or "
-         "empty folder"),
+     E + "OUT_DIR: {tmp}/docs is a folder of other files (no config.json or adapter_config.json of an earlier "
+         "export); export into a new or empty folder"),
     ("save-dir-a-file", ("run", {"train.save_dir": "{tmp}/notes.txt"}, "train", "{run}"),
      E + "train.save_dir: {tmp}/notes.txt is a file, not a folder"),
     ("export-hf-into-other-files", ("run", {"train.export_hf": "{tmp}/docs"}, "train", "{run}"),
-     E + "train.export_hf: {tmp}/docs is a folder of other files (no config.json of an earlier export); export into "
-         "a new or empty folder"),
+     E + "train.export_hf: {tmp}/docs is a folder of other files (no config.json or adapter_config.json of an "
+         "earlier export); export into a new or empty folder"),
     ("deepspeed-key-typo-at-start", ("run", {"zero_optimization.stag": 1}, "train", "{run}"),
      E + "zero_optimization.stag: DeepSpeed's zero_optimization section takes no key 'stag'; did you mean 'stage'?"),
     ("fresh-run-into-checkpoints", ("run", {}, "train", "{run}"),

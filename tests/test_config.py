@@ -104,6 +104,22 @@ def test_deepspeeds_models_and_optimizers_accept_every_shipped_config(path):
         assert optimizer_class(ds)[0].__name__ == ("AdamW" if kind == "cpu" else "FusedAdam")
 
 
+@pytest.mark.parametrize("path", RUN_CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_can_be_run_twice(path, tmp_path):
+    """Running a shipped config's command again continues its save_dir (train.resume "auto": resumes, or says the run
+    is complete) instead of being refused for the checkpoints the first run left, and its export folder, an earlier
+    export of the same run (a model's config.json or a LoRA adapter's adapter_config.json), may be written again."""
+    from hybrid_ds.runtime.checkpoint.files import export_folder
+
+    cfg = load_config(path)
+    assert cfg.train.save_dir is None or cfg.train.resume == "auto", path.name
+    earlier = tmp_path / "export"
+    earlier.mkdir()
+    (earlier / ("adapter_config.json" if cfg.model.lora else "config.json")).write_text("{}")
+    (earlier / "tokenizer.json").write_text("{}")
+    export_folder("train.export_hf", earlier)
+
+
 def test_validate_gpt_world_size_4(capsys):
     rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4", "--json")
     assert rc == 0

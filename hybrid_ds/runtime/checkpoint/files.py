@@ -220,10 +220,12 @@ def writable_folder(key: str, path: Path) -> None:
 
 
 def export_folder(key: str, path: Path) -> None:
-    """``path`` may receive an export: new, empty, or an earlier export (a config.json), never other files."""
-    if path.is_dir() and any(path.iterdir()) and not (path / "config.json").is_file():
-        raise UserError(key, f"{path} is a folder of other files (no config.json of an earlier export); "
-                             "export into a new or empty folder")
+    """``path`` may receive an export: new, empty, or an earlier export (a model's config.json, or a LoRA run's
+    adapter_config.json), never other files."""
+    earlier = any((path / name).is_file() for name in ("config.json", "adapter_config.json"))
+    if path.is_dir() and any(path.iterdir()) and not earlier:
+        raise UserError(key, f"{path} is a folder of other files (no config.json or adapter_config.json of an "
+                             "earlier export); export into a new or empty folder")
     writable_folder(key, path)
 
 
