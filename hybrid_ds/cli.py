@@ -62,8 +62,9 @@ def cmd_validate(args: argparse.Namespace) -> int:
     from hybrid_ds.runtime.plan import build_plan
     from hybrid_ds.estimate.report import format_plan, plan_dict
 
-    cfg = load_config(_config_path(args), args.set)
-    check_with_deepspeed(cfg, machine_profile())
+    profile = args.profile or machine_profile()
+    cfg = load_config(_config_path(args), args.set, profile=profile)
+    check_with_deepspeed(cfg, profile)
     plan = build_plan(cfg, args.world_size)
     if args.json:
         print(json.dumps(plan_dict(plan), indent=2))
@@ -159,6 +160,8 @@ def _parser() -> argparse.ArgumentParser:
     p = sub.add_parser("validate", help="check a run config and print its plan (no weights loaded)")
     _add_config_args(p)
     p.add_argument("--world-size", type=at_least(1), help="processes in the run (default: stages x dp the batch implies)")
+    p.add_argument("--profile", choices=["cpu", "gpu"], help="which of the config's on_cpu/on_gpu sections to apply "
+                                                            "(default: this machine's, as train applies it)")
     p.add_argument("--json", action="store_true", help="print the plan as JSON")
     p.set_defaults(func=cmd_validate)
 

@@ -121,7 +121,8 @@ def test_every_shipped_config_can_be_run_twice(path, tmp_path):
 
 
 def test_validate_gpt_world_size_4(capsys):
-    rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4", "--json")
+    rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4", "--json",
+                         "--profile", "gpu")
     assert rc == 0
     plan = json.loads(out)
     assert (plan["stages"], plan["dp"], plan["world_size"]) == (2, 2, 4)
@@ -131,6 +132,21 @@ def test_validate_gpt_world_size_4(capsys):
     assert blocks == [8, 4], blocks
     rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4")
     assert "stages=2 x dp=2" in out
+
+
+def test_validate_applies_the_profile_train_would_on_this_machine(capsys, monkeypatch):
+    """validate merges the on_cpu or on_gpu section as train does on this machine (here: no GPU), and --profile
+    picks the other."""
+    import hybrid_ds.cli
+
+    gpt = str(ROOT / "configs/gpt.json")
+    for machine, precision, seq_len in (("cpu", "fp32", 128), ("gpu", "bf16", 1024)):
+        monkeypatch.setattr(hybrid_ds.cli, "machine_profile", lambda machine=machine: machine)
+        rc, out, _ = run_cli(capsys, "validate", gpt)
+        assert rc == 0 and f"configs/gpt.json with on_{machine}" in out and f"; {precision}; " in out
+        assert f"at seq_len {seq_len}" in out
+    other = run_cli(capsys, "validate", gpt, "--profile", "cpu")[1]
+    assert "with on_cpu" in other and "at seq_len 128" in other
 
 
 def test_validate_loads_no_weights(tmp_path):

@@ -29,6 +29,7 @@ def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
             raise UserError(f"on_{name}", f"must be an object of keys to change on a {name} machine, got {section!r}")
         if name == profile:
             raw = deep_merge(raw, section)
+            source += f" with on_{name}" if section else ""
     for item in overrides:
         apply_override(raw, item)
     return RunConfig(raw, source=source)
