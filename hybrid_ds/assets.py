@@ -110,6 +110,11 @@ def _export_gguf(gguf: Path, out: Path) -> None:
     tokenizer.save_pretrained(out)
 
 
+# The offline models a model.name or data.tokenizer may name: name -> (what it is, its package, how to install it).
+OFFLINE_MODELS = {SMOLLM2_NAME: ("SmolLM2-135M-Instruct, pretrained (exported from its GGUF on first use)",
+                                 SMOLLM2_PACKAGE, _INSTALL)}
+
+
 def offline_text() -> str:
     """Real English prose without a download: the Python reference manual's topics (``pydoc_data``, ~465 KB).
 

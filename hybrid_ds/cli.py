@@ -37,6 +37,9 @@ def _config_path(args: argparse.Namespace) -> str:
 
 
 def cmd_presets(args: argparse.Namespace) -> int:
+    import importlib.util
+
+    from hybrid_ds import assets
     from hybrid_ds.config import presets
     from hybrid_ds.config import ModelConfig
     from hybrid_ds.models.resolve import count_params, meta_model, resolve_model
@@ -54,6 +57,10 @@ def cmd_presets(args: argparse.Namespace) -> int:
         published = f"{row['published']:,}" if row["published"] else "-"
         print(f"{row['name']:<14} {row['family']:<9} {row['layers']:>6} {row['hidden']:>6} {row['heads']:>5} "
               f"{row['params']:>17,}  {published}")
+    print("\noffline models (model.name with pretrained: true, or data.tokenizer; no download):")
+    for name, (what, package, install) in assets.OFFLINE_MODELS.items():
+        installed = "installed" if importlib.util.find_spec(package) else f"not installed: {install}"
+        print(f"{name:<14} {what} ({installed})")
     return 0
 
 

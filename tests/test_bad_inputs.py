@@ -93,9 +93,10 @@ ROWS = [
     ("stages-over-layers", ("config", {"pipeline": {"stages": 8}}),
      E + "pipeline.stages: 8 stages need at least 8 layers; the model has 2"),
     ("unknown-model", ("config", {"model": {"name": "gpt5-tiny"}}),
-     E + "model.name: 'gpt5-tiny' is not a usable preset, local folder or hub model in the local cache: We couldn't "
-         "connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.; "
-         "presets: did you mean 'gpt2-tiny' or 'opt-tiny' or 'gpt-neox-tiny'?"),
+     E + "model.name: 'gpt5-tiny' is not a local folder and the Hugging Face cache ({hf_cache}) holds no model config of it; HF_HUB_OFFLINE is "
+         "set; download it where there is a network (runs then read the cache), or name a local folder; "
+         "HF_HUB_OFFLINE=1 skips asking the hub; presets: did you mean 'gpt2-tiny' or 'opt-tiny' or "
+         "'gpt-neox-tiny'?"),
     ("unknown-override", ("config", {"model": {"name": "gpt2-tiny", "overrides": {"n_layers": 4}}}),
      E + "model.overrides.n_layers: not a field of GPT2Config; did you mean 'n_layer' or 'num_hidden_layers'?"),
     ("seq-len-over-positions", ("config", {"data": {"seq_len": 100000}}),
@@ -105,10 +106,10 @@ ROWS = [
     ("resume-bad", ("config", {"train": {"resume": "sometimes"}}),
      E + "train.resume: must be true, false or \"auto\", got 'sometimes'"),
     ("pretrained-not-cached", ("config", {"model": {"name": "gpt2-tiny", "pretrained": True}}),
-     E + "model.name: 'gpt2-tiny' is not a usable preset, local folder or hub model in the local cache: We couldn't "
-         "connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.; "
-         "'gpt2-tiny' is also an architecture preset, which has no weights: set model.pretrained false to train it "
-         "from its random init"),
+     E + "model.name: 'gpt2-tiny' is not a local folder and the Hugging Face cache ({hf_cache}) holds no model config of it; HF_HUB_OFFLINE is "
+         "set; download it where there is a network (runs then read the cache), or name a local folder; "
+         "HF_HUB_OFFLINE=1 skips asking the hub; 'gpt2-tiny' is also an architecture preset, which has no "
+         "weights: set model.pretrained false to train it from its random init"),
     ("section-not-object", ("config", {"pipeline": 2}), E + "pipeline: must be an object, got 2"),
     ("max-steps-zero", ("config", {"train": {"max_steps": 0}}),
      E + "train.max_steps: Input should be greater than or equal to 1, got 0"),
@@ -198,9 +199,9 @@ ROWS = [
     ("parity-stages-zero", ("cli", "parity", "gpt2-tiny", "--stages", "0"),
      E + "--stages: must be >= 1, got 0; see hybrid-ds parity --help"),
     ("compare-unknown-model", ("cli", "compare", "gpt9"),
-     E + "gpt9: model.name: 'gpt9' is not a usable preset, local folder or hub model in the local cache: We couldn't "
-         "connect to 'https://huggingface.co' to load the files, and couldn't find them in the cached files.; "
-         "presets: did you mean 'gpt2'?"),
+     E + "gpt9: model.name: 'gpt9' is not a local folder and the Hugging Face cache ({hf_cache}) holds no model config of it; HF_HUB_OFFLINE is "
+         "set; download it where there is a network (runs then read the cache), or name a local folder; "
+         "HF_HUB_OFFLINE=1 skips asking the hub; presets: did you mean 'gpt2'?"),
     ("compare-zero-gpus", ("cli", "compare", "gpt2-tiny", "--gpus", "0"),
      E + "--gpus: must be >= 1, got 0; see hybrid-ds compare --help"),
     ("compare-efficiency-over-1", ("cli", "compare", "gpt2-tiny", "--efficiency", "2"),
@@ -350,6 +351,9 @@ def error_lines(err: str) -> list[str]:
 
 
 def fill(text: str, **names: object) -> str:
+    from huggingface_hub import constants
+
+    names.setdefault("hf_cache", constants.HF_HUB_CACHE)  # where a hub name is looked up
     for name, value in names.items():
         text = text.replace("{" + name + "}", str(value))
     return text

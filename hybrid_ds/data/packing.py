@@ -26,7 +26,9 @@ import numpy as np
 from hybrid_ds.config import DataConfig
 from hybrid_ds.data import chat
 from hybrid_ds.data.sources import BUILTIN, fingerprint, held_out_rule, package_file, row_name
+from hybrid_ds.assets import model_folder as asset_folder
 from hybrid_ds.errors import UserError
+from hybrid_ds.hub import from_cache_or_hub
 
 _FORMAT = 1  # bump when the packed layout changes, so old caches are not reused
 _CHUNK = 1000  # documents per tokenizer call
@@ -52,11 +54,15 @@ def load_tokenizer(name: str | None, task: str, model_folder: str | None = None)
     if name is None and model_folder and Path(model_folder, "tokenizer_config.json").is_file():
         name = model_folder
     if name is not None:
+        name = asset_folder(name)  # the offline asset's name (smollm2-135m) names its folder
         if Path(name).is_dir() and not any(Path(name, f).is_file() for f in _TOKENIZER_FILES):
             raise UserError("data.tokenizer", f"{name!r} is a folder without a tokenizer (none of "
                                               f"{', '.join(_TOKENIZER_FILES)})")
         try:
-            return transformers.AutoTokenizer.from_pretrained(name)
+            if Path(name).is_dir():
+                return transformers.AutoTokenizer.from_pretrained(name)
+            return from_cache_or_hub(lambda **kw: transformers.AutoTokenizer.from_pretrained(name, **kw),
+                                     "data.tokenizer", name, "tokenizer")
         except (OSError, ValueError) as err:
             raise UserError("data.tokenizer", f"{name!r}: no tokenizer found locally or on the hub: "
                                               f"{str(err).splitlines()[0][:200]}") from None

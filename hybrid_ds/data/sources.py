@@ -5,7 +5,9 @@ Everything returns a ``datasets.Dataset`` with one string column, ``text``, one 
 
 from __future__ import annotations
 
+import contextlib
 import csv
+import difflib
 import glob
 import gzip
 import hashlib
@@ -16,7 +18,8 @@ from typing import Any
 
 from hybrid_ds.config import DataConfig
 from hybrid_ds.data import chat
-from hybrid_ds.errors import UserError
+from hybrid_ds.errors import UserError, first_line, suggest
+from hybrid_ds.hub import hub_offline, hub_unreachable, not_cached
 
 BUILTIN = "builtin"
 # Local file formats -> the `datasets` builder that reads them.
@@ -143,8 +146,12 @@ def _local_files(source: str) -> list[str] | None:
     matches = sorted(glob.glob(source, recursive=True))
     if matches:
         return matches
-    if any(ch in source for ch in "*?[") or source.startswith((".", "/")) or Path(source).suffix in _BUILDERS:
-        raise UserError("data.source", f"{source!r}: no such file or no files match")
+    parent = path.parent
+    if (any(ch in source for ch in "*?[") or source.startswith((".", "/", "~")) or path.suffix in _BUILDERS
+            or source.count("/") > 1 or (parent != Path(".") and parent.is_dir())):  # a path, never a hub name
+        near = [str(p) for p in parent.iterdir()] if parent.is_dir() else []
+        hint = f"; {suggest(source, near)}" if difflib.get_close_matches(source, near, n=1) else ""
+        raise UserError("data.source", f"{source!r}: no such file or no files match{hint}")
     return None
 
 
@@ -177,14 +184,20 @@ def _load_hub_split(data: DataConfig, key: str, split: str) -> Any:
     """One split of a hub dataset (offline: from the `datasets` cache); a missing split names its own key."""
     import datasets
 
-    try:
-        return datasets.load_dataset(data.source, data.source_config, split=split)
-    except Exception as err:  # datasets raises many types: not cached, offline, unknown split, bad files
-        reason = (str(err).splitlines() or [type(err).__name__])[0][:200]
-        if isinstance(err, ValueError) and reason.startswith("Unknown split"):  # '... Should be one of [...]'
-            raise UserError(key, f"{split!r} is not a split of {data.source!r}: {reason}") from None
-        raise UserError("data.source", f"{data.source!r} is not a local file or an available hub dataset: "
-                                       f"{reason}") from None
+    for cached_only in (True, False):  # the cache first; the hub only when it answers (hybrid_ds.hub)
+        why = hub_unreachable() if not cached_only else None
+        if why:
+            raise not_cached("data.source", data.source, "dataset", why)
+        try:
+            with hub_offline() if cached_only else contextlib.nullcontext():
+                return datasets.load_dataset(data.source, data.source_config, split=split)
+        except Exception as err:  # datasets raises many types: not cached, offline, unknown split, bad files
+            reason = first_line(err)
+            if isinstance(err, ValueError) and reason.startswith("Unknown split"):  # '... Should be one of [...]'
+                raise UserError(key, f"{split!r} is not a split of {data.source!r}: {reason}") from None
+            if not cached_only:
+                raise UserError("data.source", f"{data.source!r} is not a local file or an available hub dataset: "
+                                               f"{reason}") from None
 
 
 def _columns(dataset: Any, data: DataConfig) -> Any:

@@ -22,6 +22,7 @@ from torch import nn
 
 from hybrid_ds.config import LoraConfig
 from hybrid_ds.errors import UserError
+from hybrid_ds.hub import from_cache_or_hub
 from hybrid_ds.models.lora import Targets, add_adapters, find_targets
 from hybrid_ds.models.resolve import ResolvedModel, meta_model
 
@@ -36,9 +37,17 @@ def checkpoint_folder(name: str, revision: str | None = None) -> Path:
     else:
         from huggingface_hub import snapshot_download
 
+        def load(local_files_only: bool) -> Path:
+            found = Path(snapshot_download(name, revision=revision, local_files_only=local_files_only,
+                                           allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            if local_files_only and not ((found / _INDEX).is_file() or (found / _SINGLE).is_file()):
+                raise FileNotFoundError(found / _SINGLE)  # the config is cached, the weights are not
+            return found
+
         try:
-            folder = Path(snapshot_download(name, revision=revision,
-                                            allow_patterns=["*.json", "*.safetensors", "*.model", "*.txt"]))
+            folder = from_cache_or_hub(load, "model.name", name, "weights")
+        except UserError:
+            raise
         except Exception as err:  # huggingface_hub raises several unrelated types for "not available"
             raise UserError("model.name", f"{name!r}: weights not found locally or on the hub: "
                                           f"{str(err).splitlines()[0][:200]}") from None

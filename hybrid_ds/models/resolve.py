@@ -15,6 +15,7 @@ from typing import Any
 from hybrid_ds.config import presets
 from hybrid_ds.config import ModelConfig
 from hybrid_ds.errors import UserError, suggest
+from hybrid_ds.hub import from_cache_or_hub
 from hybrid_ds.config.families import FAMILIES, Family
 from hybrid_ds.models.generic import generic_family, meta_causal_lm
 
@@ -49,7 +50,8 @@ def resolve_model(model: ModelConfig) -> ResolvedModel:
     else:  # a folder or hub name; `pretrained: true` with a preset's name (gpt2) means that hub model
         hf_config = _load_hf_config(model)
         checkpoint = model.name
-        source = hf_config.get_config_dict(model.name, revision=model.revision)[0] if model.overrides else {}
+        source = (hf_config.get_config_dict(model.name, revision=model.revision, local_files_only=True)[0]
+                  if model.overrides else {})  # cached by _load_hf_config
     hf_config = _with_overrides(hf_config, source, model.overrides)
     use_attention(hf_config, model.attn_implementation)
     family = get_family(hf_config.model_type, hf_config)  # the generic adapter must see the final config
@@ -104,16 +106,21 @@ def _load_hf_config(model: ModelConfig) -> Any:
     is_folder = Path(model.name).is_dir()
     if not is_folder and (model.name.startswith((".", "/")) or model.name.count("/") > 1):
         raise UserError("model.name", f"{model.name!r}: no such folder")
+    def load(**kwargs: Any) -> Any:
+        return transformers.AutoConfig.from_pretrained(model.name, revision=model.revision,
+                                                       trust_remote_code=model.trust_remote_code, **kwargs)
+
+    hint = "" if is_folder else f"; presets: {suggest(model.name, presets.PRESETS)}"
+    if presets.is_preset(model.name):  # pretrained: true with a preset's name means a hub model of that name
+        hint = (f"; {model.name!r} is also an architecture preset, which has no weights: set model.pretrained "
+                "false to train it from its random init")
     try:
-        return transformers.AutoConfig.from_pretrained(
-            model.name, revision=model.revision, trust_remote_code=model.trust_remote_code)
+        return load() if is_folder else from_cache_or_hub(load, "model.name", model.name, "model config")
+    except UserError as err:  # neither local nor reachable: one line, at once
+        raise UserError(err.key, err.message + hint) from None
     except (OSError, ValueError) as err:
-        where = "folder" if is_folder else "preset, local folder or hub model in the local cache"
+        where = "folder" if is_folder else "preset, local folder or hub model"
         reason = str(err).strip().splitlines()[0][:300]
-        hint = "" if is_folder else f"; presets: {suggest(model.name, presets.PRESETS)}"
-        if presets.is_preset(model.name):  # pretrained: true with a preset's name means a hub model of that name
-            hint = (f"; {model.name!r} is also an architecture preset, which has no weights: set model.pretrained "
-                    "false to train it from its random init")
         raise UserError("model.name", f"{model.name!r} is not a usable {where}: {reason}{hint}") from None
 
 
