@@ -159,6 +159,9 @@ ROWS = [
          "'output_path'?"),
     ("deepspeed-bad-value", ("config", {"fp16": {"enabled": True, "loss_scale_window": "often"}}),
      E + "fp16.loss_scale_window: must be an integer, got 'often'"),
+    ("monitor-package-missing", ("config", {"tensorboard": {"enabled": True, "output_path": "tb"}}),
+     E + "tensorboard.enabled: DeepSpeed's tensorboard monitor needs the tensorboard package, which is not installed: "
+         "pip install 'hybrid_ds[tensorboard]' (or tensorboard), or leave the section out"),
     ("optimizer-param-typo", ("config", {"optimizer": {"type": "AdamW", "params": {"lrr": 1e-3}}}),
      E + "optimizer.params.lrr: AdamW takes no parameter 'lrr'; did you mean 'lr'?"),
     ("optimizer-param-value", ("config", {"optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "betas": [1.5, 0.9]}}}),
@@ -291,6 +294,9 @@ ROWS = [
     ("export-hf-into-other-files", ("run", {"train.export_hf": "{tmp}/docs"}, "train", "{run}"),
      E + "train.export_hf: {tmp}/docs is a folder of other files (no config.json or adapter_config.json of an "
          "earlier export); export into a new or empty folder"),
+    ("port-in-use", ("see", "test_bad_inputs.py::test_a_port_in_use_is_one_line"),
+     E + "MASTER_PORT: port {port} on 127.0.0.1 is in use (another run, or one that has not exited yet): launch with "
+         "deepspeed --master_port PORT, a free one (or set MASTER_PORT)"),
     ("deepspeed-key-typo-at-start", ("run", {"zero_optimization.stag": 1}, "train", "{run}"),
      E + "zero_optimization.stag: DeepSpeed's zero_optimization section takes no key 'stag'; did you mean 'stage'?"),
     ("fresh-run-into-checkpoints", ("run", {}, "train", "{run}"),
@@ -480,3 +486,17 @@ def test_known_optimizer_and_scheduler_names_are_what_deepspeed_builds():
 def test_table_size():
     """Rows of this table (the closing note reports it); ids are unique."""
     assert len({name for name, _, _ in ROWS}) == len(ROWS) >= 80
+
+
+def test_a_port_in_use_is_one_line(trained_run):
+    """A run whose MASTER_PORT another process holds (a second run started beside the first) stops with one line
+    naming --master_port, before any packing."""
+    import socket
+
+    line = next(line for name, _, line in ROWS if name == "port-in-use")
+    with socket.socket() as held:
+        held.bind(("127.0.0.1", 0))
+        held.listen()
+        port = held.getsockname()[1]
+        proc = warm_ranks.cli("train", str(trained_run), "--set", "train.resume=true", env={"MASTER_PORT": str(port)})
+    assert proc.returncode == 2 and error_lines(proc.stderr) == [fill(line, port=port)], proc.stderr[-3000:]

@@ -46,7 +46,15 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
         arch_list_deepspeed_can_parse()
     # Tied weights make DeepSpeed broadcast inside autograd; torch warns, the gradients are right (PITFALLS 8).
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
-    deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    try:
+        deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
+    except torch.distributed.DistNetworkError as err:
+        if "EADDRINUSE" not in str(err):
+            raise
+        port = os.environ["MASTER_PORT"]
+        raise UserError("MASTER_PORT", f"port {port} on {os.environ['MASTER_ADDR']} is in use (another run, or one "
+                                       "that has not exited yet): launch with deepspeed --master_port PORT, a free "
+                                       "one (or set MASTER_PORT)") from None
     patient_group()
     return torch.distributed.get_world_size()
 

@@ -7,7 +7,8 @@ ends the run minutes later, after data packing, in a pydantic traceback or an op
 section alone, so that an error names its section, and turns DeepSpeed's pydantic errors into one line with "did you
 mean" from the model's fields. The optimizer's and scheduler's ``params`` are held to the signature of the class
 DeepSpeed builds for them (:func:`optimizer_class`, :func:`scheduler_class`); a torch optimizer is also built on a
-dummy parameter, so that its own checks of the values speak now. Sections DeepSpeed reads as plain dicts
+dummy parameter, so that its own checks of the values speak now. An enabled monitor (``tensorboard``, ``wandb``,
+``comet``) needs its package (:data:`MONITOR_PACKAGES`). Sections DeepSpeed reads as plain dicts
 (``flops_profiler``, ``aio``, ``checkpoint``) have no model to check them by, and pass as they are.
 
 Imports torch and DeepSpeed: the pure layer (``hybrid_ds.config``) only checks the top-level names.
@@ -16,6 +17,7 @@ Imports torch and DeepSpeed: the pure layer (``hybrid_ds.config``) only checks t
 from __future__ import annotations
 
 import contextlib
+import importlib.util
 import inspect
 import logging
 import typing
@@ -65,6 +67,7 @@ def check_deepspeed_sections(ds: dict[str, Any]) -> None:
             raise _one_line(section, err) from None
         except Exception as err:  # DeepSpeed's own asserts and conversions of a section's values
             raise UserError(section, f"DeepSpeed refuses it: {first_line(err)}") from None
+    _check_monitor_packages(ds)
 
 
 @contextlib.contextmanager
@@ -195,3 +198,17 @@ def _check_scheduler(ds: dict[str, Any]) -> None:
     cls = scheduler_class(ds) if "scheduler" in ds else None
     if cls is not None:
         _check_params("scheduler", cls, dict(ds["scheduler"].get("params") or {}), set(), skip=1)
+
+
+# DeepSpeed's monitors and the package each imports when the engine is built: section -> (module, pip extra).
+MONITOR_PACKAGES = {"tensorboard": ("tensorboard", "tensorboard"), "wandb": ("wandb", "wandb"),
+                    "comet": ("comet_ml", "comet")}
+
+
+def _check_monitor_packages(ds: dict[str, Any]) -> None:
+    """An enabled monitor whose package is missing: one line naming the extra, not two ranks' import tracebacks."""
+    for section, (module, extra) in MONITOR_PACKAGES.items():
+        if (ds.get(section) or {}).get("enabled") and importlib.util.find_spec(module) is None:
+            raise UserError(f"{section}.enabled", f"DeepSpeed's {section} monitor needs the {module} package, which "
+                                                  f"is not installed: pip install 'hybrid_ds[{extra}]' (or "
+                                                  f"{module}), or leave the section out")
