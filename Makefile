@@ -9,6 +9,15 @@ LAUNCH_FLAGS ?= --num_gpus 2
 endif
 CONFIG ?= configs/gpt.json
 ARGS ?=
+# Quiet by default: DeepSpeed's launcher logs only errors, and the ranks drop DeepSpeed's prints and chatter
+# (hybrid_ds/runtime/quiet.py); `make train VERBOSE=1` keeps all of it.
+ifdef VERBOSE
+DS_FLAGS ?=
+TRAIN_FLAGS := --verbose
+else
+DS_FLAGS ?= --quiet
+TRAIN_FLAGS :=
+endif
 
 # --durations: where the suite's time goes, printed by every run (CI's too), so that growth shows.
 PYTEST_ARGS ?= --durations=25
@@ -26,7 +35,7 @@ $(VENV)/.installed: pyproject.toml requirements-assets.txt requirements-lock.txt
 	touch $@
 
 train: setup
-	PATH=$(CURDIR)/$(BIN):$$PATH deepspeed $(LAUNCH_FLAGS) launch/train.py --config $(CONFIG) $(ARGS)
+	PATH=$(CURDIR)/$(BIN):$$PATH deepspeed $(DS_FLAGS) $(LAUNCH_FLAGS) launch/train.py --config $(CONFIG) $(TRAIN_FLAGS) $(ARGS)
 
 # pytest exits 5 when it collected no tests: that is a failure too.
 test: setup

@@ -116,6 +116,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     from hybrid_ds.runtime.plan import build_plan
     from hybrid_ds.estimate.report import format_estimate, format_plan
 
+    if args.verbose:
+        os.environ["HYBRID_DS_VERBOSE"] = "1"  # hybrid_ds.runtime.quiet
     profile = machine_profile()
     cfg = load_config(_config_path(args), args.set, profile=profile)
     if args.dry_run:
@@ -183,6 +185,7 @@ def _parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--dry-run", action="store_true", help="print the plan and exit")
     p.add_argument("--resume", action="store_true", help="continue from train.save_dir's latest checkpoint")
+    p.add_argument("--verbose", action="store_true", help="keep DeepSpeed's own prints and chatter (off by default)")
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 

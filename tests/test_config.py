@@ -120,6 +120,13 @@ def test_every_shipped_config_can_be_run_twice(path, tmp_path):
     export_folder("train.export_hf", earlier)
 
 
+@pytest.mark.parametrize("name", ["gpt.json", "gpt-zero2.json", "bert.json"])
+def test_the_configs_make_train_runs_here_trigger_no_warning_of_their_own(name, capsys):
+    """`make train` (CONFIG= these) on a CPU machine: their on_cpu profile gives no warning (a bubble of 20% was one)."""
+    rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs" / name), "--profile", "cpu", "--world-size", "2")
+    assert rc == 0 and "warning" not in out, out
+
+
 def test_validate_gpt_world_size_4(capsys):
     rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs/gpt.json"), "--world-size", "4", "--json",
                          "--profile", "gpu")

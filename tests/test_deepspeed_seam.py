@@ -399,6 +399,18 @@ BUILD_A_MODULE = textwrap.dedent("""
     specs = [LayerSpec(torch.nn.Linear, 2, 2) for _ in range(4)]
     module = HybridPipelineModule(specs, parts=[1, 3], num_stages=1)  # DeepSpeed's own split: [0, 4]
     print("built", module._local_start, module._local_stop, len(module.forward_funcs))
+    if sys.argv[1] == "real":  # hybrid_ds.runtime.quiet: DeepSpeed's prints and chatter off unless verbose
+        import os
+        from deepspeed.utils import logger
+        from hybrid_ds.runtime.quiet import deepspeed_prints_off
+        for verbose in ("", "1"):
+            os.environ["HYBRID_DS_VERBOSE"] = verbose
+            print(f"=={verbose or 'quiet'}==", flush=True)
+            with deepspeed_prints_off():
+                HybridPipelineModule(specs, parts=[1, 3], num_stages=1)
+            logger.warning("Attempting to get learning rate from scheduler before it has started")
+            logger.warning("a warning that stays")
+        print("==end==", flush=True)
     if sys.argv[1] == "ignore_bounds":  # a DeepSpeed that no longer builds the slice _set_bounds gives
         PipelineModule._set_bounds = lambda self, start=None, stop=None: None
         try:
@@ -419,6 +431,12 @@ def test_pipeline_module_builds_the_stage_it_is_given(case):
                           env=env, timeout=300, cwd=ROOT)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "built 1 3 2" in proc.stdout
+    if case == "real":
+        quiet, verbose = proc.stdout.split("==quiet==")[1].split("==1==")
+        verbose = verbose.split("==end==")[0]
+        assert "SEED_LAYERS" not in quiet and "SEED_LAYERS" in verbose, proc.stdout
+        assert "Attempting to get learning rate" not in quiet and "Attempting to get learning rate" in verbose
+        assert "a warning that stays" in quiet and "a warning that stays" in verbose
     if case == "ignore_bounds":
         refusal = next(line for line in proc.stdout.splitlines() if line.startswith("refused "))
         assert refusal.startswith("refused hybrid_ds needs DeepSpeed 0.19.8's PipelineModule._local_start")

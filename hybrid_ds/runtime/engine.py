@@ -27,6 +27,7 @@ from hybrid_ds.models.masks import document_positions
 from hybrid_ds.models.resolve import auto_class
 from hybrid_ds.runtime.pipeline import build_pipeline_module
 from hybrid_ds.runtime.plan import Plan
+from hybrid_ds.runtime.quiet import quiet_deepspeed_logger
 
 
 def init_distributed(timeout_minutes: float = 30.0) -> int:
@@ -46,6 +47,7 @@ def init_distributed(timeout_minutes: float = 30.0) -> int:
         arch_list_deepspeed_can_parse()
     # Tied weights make DeepSpeed broadcast inside autograd; torch warns, the gradients are right (PITFALLS 8).
     warnings.filterwarnings("ignore", message=r"c10d::broadcast_: an autograd kernel was not registered")
+    quiet_deepspeed_logger()
     try:
         deepspeed.init_distributed(timeout=timedelta(minutes=timeout_minutes))
     except torch.distributed.DistNetworkError as err:

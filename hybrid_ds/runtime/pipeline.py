@@ -24,6 +24,7 @@ from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias
                                     TokenEmbedding, loss_function, project_with_embedding)
 from hybrid_ds.models.resolve import meta_model
 from hybrid_ds.runtime.plan import Plan
+from hybrid_ds.runtime.quiet import deepspeed_prints_off
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 TIE_KEY = "token_embedding"
@@ -87,12 +88,13 @@ def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any
     cfg = plan.config
     builder = stage_builder(plan, device)
     specs, units = layer_specs(builder)
-    module = HybridPipelineModule(
-        layers=specs, parts=spec_boundaries(plan.boundaries, units), num_stages=plan.layout.stages,
-        loss_fn=loss_function(builder.family, _vocab(builder), cfg.train.fused_loss),
-        partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
-        # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
-        activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
+    with deepspeed_prints_off():  # SEED_LAYERS=... and the topology
+        module = HybridPipelineModule(
+            layers=specs, parts=spec_boundaries(plan.boundaries, units), num_stages=plan.layout.stages,
+            loss_fn=loss_function(builder.family, _vocab(builder), cfg.train.fused_loss),
+            partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
+            # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
+            activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
     module.builder = builder
     if cfg.train.compile:
         compile_blocks([module])

@@ -1,0 +1,45 @@
+"""What a run prints by default: our lines, not DeepSpeed's chatter.
+
+DeepSpeed prints ``SEED_LAYERS=...`` and its topology from the PipelineModule's constructor, and warns "Attempting to
+get learning rate from scheduler before it has started" on every rank while the engine is built. ``train --verbose``
+(or ``HYBRID_DS_VERBOSE=1``) keeps all of it; by default :func:`deepspeed_prints_off` swallows the constructor's
+prints and :func:`quiet_deepspeed_logger` drops the scheduler's warning. DeepSpeed's other warnings and errors stay.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Iterator
+
+VERBOSE_ENV = "HYBRID_DS_VERBOSE"
+_CHATTER = ("Attempting to get learning rate from scheduler before it has started",)
+
+
+def verbose() -> bool:
+    return os.environ.get(VERBOSE_ENV, "") not in ("", "0")
+
+
+@contextlib.contextmanager
+def deepspeed_prints_off() -> Iterator[None]:
+    """Standard output swallowed around a DeepSpeed constructor that prints (unless verbose)."""
+    if verbose():
+        yield
+        return
+    with contextlib.redirect_stdout(io.StringIO()):
+        yield
+
+
+class _DropChatter(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return verbose() or not any(text in record.getMessage() for text in _CHATTER)
+
+
+def quiet_deepspeed_logger() -> None:
+    """DeepSpeed's logger without its known chatter (unless verbose); installed once."""
+    from deepspeed.utils import logger
+
+    if not any(isinstance(f, _DropChatter) for f in logger.filters):
+        logger.addFilter(_DropChatter())
