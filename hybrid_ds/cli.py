@@ -158,9 +158,11 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
     from hybrid_ds.compare import add_compare_parser  # pure Python, no torch for presets
     from hybrid_ds.plan_search import add_plan_parser
+    from hybrid_ds.plot import add_parser as add_plot_parser
 
     add_compare_parser(sub)
     add_plan_parser(sub)
+    add_plot_parser(sub)
 
     p = sub.add_parser("presets", help="list architecture presets")
     p.add_argument("--json", action="store_true", help="print a JSON list of {name, family, layers, ...}")

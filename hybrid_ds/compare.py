@@ -15,6 +15,7 @@ from typing import Any
 
 from hybrid_ds.config import ModelConfig, RunConfig, load_config, load_config_dict
 from hybrid_ds.errors import UserError, at_least, fraction
+from hybrid_ds.plot import pyplot
 from hybrid_ds.estimate.flops import forward_flops_per_token
 from hybrid_ds.estimate.run import run_from_config
 from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate, estimate
@@ -187,13 +188,7 @@ def format_compare(entries: list[Entry]) -> str:
 
 def plot_compare(entries: list[Entry], out: str) -> None:
     """Stacked memory bars per stage per input, with a line at device memory."""
-    try:
-        import matplotlib
-    except ImportError:
-        raise UserError("--plot", "needs matplotlib: pip install matplotlib") from None
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot("--plot")
     parts = (("params + grads", "#4c72b0", lambda s: s.state.params + s.state.grads),
              ("master + Adam", "#55a868", lambda s: s.state.master + s.state.optimizer),
              ("activations + logits", "#c44e52", lambda s: s.activations + s.logits),

@@ -211,6 +211,8 @@ ROWS = [
      E + "--efficiency: must be in (0, 1], got 2; see hybrid-ds compare --help"),
     ("compare-zero-nodes", ("cli", "compare", "gpt2-tiny", "--gpus", "8", "--nodes", "0"),
      E + "--nodes: must be >= 1, got 0; see hybrid-ds compare --help"),
+    ("plot-not-a-run", ("cli", "plot", "{tmp}/docs"),
+     E + "RUN_DIR: {tmp}/docs has no summary.json (a run writes it at its end, or when stopped)"),
     ("compare-unknown-gpu", ("cli", "compare", "gpt2-tiny", "--gpu", "h300"),
      E + "--gpu: unknown GPU 'h300'; did you mean 'h200' or 'h100'?"),
     ("plan-zero-batch", ("cli", "plan", "gpt2-tiny", "--gpus", "8", "--global-batch", "0"),

@@ -130,7 +130,8 @@ def test_shipped_gpt_config_trains_on_one_gpu(tmp_path):
 
 
 def _train_on_gpu(config: dict, save_dir: Path, *extra: str) -> list[float]:
-    """launch/train.py on one GPU with ``config`` saving to ``save_dir``; the losses of the steps it ran."""
+    """launch/train.py on one GPU with ``config`` saving to ``save_dir``; the losses of the whole run (a resumed one's
+    include the steps before its checkpoint)."""
     save_dir.parent.mkdir(parents=True, exist_ok=True)
     path = save_dir.parent / f"{save_dir.name}.json"
     path.write_text(json.dumps({**config, "train": {**config["train"], "save_dir": str(save_dir)}}))
@@ -163,6 +164,6 @@ def test_a_resume_on_the_gpu_continues_exactly_with_dropout(tmp_path):
             del rng["device"]
             torch.save(rng, tmp_path / name / "step_2" / "rng-rank0.pt")
         results[name] = _train_on_gpu(config, tmp_path / name, "--resume")
-    assert len(results["resumed"]) == 2
-    assert max(abs(a - b) for a, b in zip(straight[2:], results["resumed"])) < 1e-5, (straight, results)
-    assert max(abs(a - b) for a, b in zip(straight[2:], results["without-device-state"])) > 1e-4, (straight, results)
+    assert len(results["resumed"]) == 4 and results["resumed"][:2] == straight[:2]  # the summary: the whole run
+    assert max(abs(a - b) for a, b in zip(straight[2:], results["resumed"][2:])) < 1e-5, (straight, results)
+    assert max(abs(a - b) for a, b in zip(straight[2:], results["without-device-state"][2:])) > 1e-4, (straight, results)

@@ -11,7 +11,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "hybrid_ds"
 # The pure layer: whole folders, and two modules; assets loads torch only inside the one-time asset export.
 PURE_FOLDERS = ("config", "estimate")
-PURE_MODULES = ("hybrid_ds.errors", "hybrid_ds.assets", "hybrid_ds.hub")
+PURE_MODULES = ("hybrid_ds.errors", "hybrid_ds.assets", "hybrid_ds.hub", "hybrid_ds.plot")
 # Which folders each folder may import (imports point down): launch -> cli -> config -> plan -> models -> data ->
 # runtime -> seam, with config/ and estimate/ pure, and seam/ knowing nothing of hybrid_ds but its errors.
 MAY_IMPORT = {
@@ -22,7 +22,7 @@ MAY_IMPORT = {
     "seam": {"seam"},
     "runtime": {"config", "estimate", "models", "data", "runtime", "seam"},
 }
-SHARED = {"hybrid_ds", "hybrid_ds.errors", "hybrid_ds.assets", "hybrid_ds.hub"}  # any folder may use these
+SHARED = {"hybrid_ds", "hybrid_ds.errors", "hybrid_ds.assets", "hybrid_ds.hub", "hybrid_ds.plot"}  # any folder may use these
 
 
 def module_name(path: Path) -> str:

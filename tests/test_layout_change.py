@@ -80,7 +80,7 @@ def straight_run(tmp_path_factory, name: str, stages: int, zero: int = 1, partit
 
 
 def continue_elsewhere(tmp_path: Path, tmp_path_factory, name: str, first: dict, then: dict) -> tuple[list, list]:
-    """(A's losses, B's losses after resuming at ``then``). B is A's save dir with step 4 its latest checkpoint
+    """(A's losses, B's losses after resuming at ``then``: steps 5-8). B is A's save dir with step 4 its latest checkpoint
     (what a run stopped there leaves: the runs are deterministic, dropout off)."""
     straight = straight_run(tmp_path_factory, name, **first)
     saved = Path(json.loads(straight.read_text())["train"]["save_dir"])
@@ -89,7 +89,9 @@ def continue_elsewhere(tmp_path: Path, tmp_path_factory, name: str, first: dict,
     resumed = layout_config(tmp_path, name, **then)
     proc = train(resumed, then.get("nproc", 2), "--resume")
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    return summary(straight)["losses"], summary(resumed)["losses"]
+    want, got = summary(straight)["losses"], summary(resumed)["losses"]
+    assert got[:4] == want[:4], (want, got)  # steps 1-4 come from the checkpoint's history, as they were
+    return want, got[4:]
 
 
 TRANSITIONS = {

@@ -92,6 +92,10 @@ def test_training_loss_falls(tmp_path, name, stages):
     else:  # ~15% of the 30 ordinary tokens of a block are masked
         assert 0.05 * blocks * 30 < result["eval_tokens"] < 0.3 * blocks * 30, result
     assert f"eval loss {result['eval_loss']:.4f} over {result['eval_tokens']:,} tokens" in proc.stdout, proc.stdout[-2000:]
+    # no terminal: plain lines at the first and last step (steps_per_print 1000), each eval line once (rank 0)
+    assert "step 1/8: loss " in proc.stdout and "step 8/8: loss " in proc.stdout and "train:" not in proc.stderr
+    assert proc.stdout.count("step 4: eval loss") == 1 and proc.stdout.count("step 8: eval loss") == 1, proc.stdout
+    assert f"hybrid-ds: run folder {tmp_path / 'run'} (config, tokenizer, checkpoints, summary.json)" in proc.stdout
 
 
 def assert_special_tokens(folder: Path) -> None:
@@ -207,15 +211,32 @@ def test_zero2_with_stages_resumes_exactly_and_exports(tmp_path):
     train(straight, 4)
     train(tiny_config(tmp_path / "b", "gpt2-tiny", 2, zero=2, save_interval=4, max_steps=4), 4)
     resumed = tiny_config(tmp_path / "b", "gpt2-tiny", 2, zero=2, save_interval=4)
-    train(resumed, 4, "--resume")
+    proc = train(resumed, 4, "--resume")
     want, got = summary(straight)["losses"], summary(resumed)["losses"]
-    assert len(got) == 4 and got == want[4:], (want, got)
+    assert len(got) == 8 and got == want, (want, got)  # the summary is the whole run's, steps 1-4 from the checkpoint
     assert want[-1] < want[0] - 0.1, want
+    assert_history_of_a_resumed_run(summary(resumed), tmp_path / "b" / "run", proc.stdout)
     batch = torch.randint(0, 50257, (2, 32), generator=torch.Generator().manual_seed(0))
     pipeline_logits = checkpoint_logits(straight, batch, tmp_path, nproc=4)
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     with torch.no_grad():
         assert (model(input_ids=batch).logits - pipeline_logits).abs().max().item() == 0.0
+
+
+def assert_history_of_a_resumed_run(result: dict, run: Path, stdout: str) -> None:
+    """A run of 8 steps stopped at step 4 and resumed: what its summary.json and its lines say about the whole run."""
+    history = result["history"]
+    assert result["steps"] == 8 and history["steps"] == list(range(1, 9)) and len(history["lrs"]) == 8, history
+    assert [e["step"] for e in history["evals"]] == [4, 8] and result["eval_loss"] == history["evals"][-1]["loss"]
+    assert history["checkpoints"] == [{"step": 4, "path": str(run / "step_4")}, {"step": 8, "path": str(run / "step_8")}]
+    first, then = history["segments"]
+    assert (first["first_step"], first["last_step"], then["first_step"], then["last_step"]) == (0, 4, 4, 8), history
+    assert then["resumed_from"] == str(run / "step_4") and first["layout"] == then["layout"]
+    assert result["seconds"] == pytest.approx(first["seconds"] + then["seconds"])
+    assert f"hybrid-ds: resumed from {run / 'step_4'} (step 4, saved at {first['layout']})" in stdout, stdout[-3000:]
+    assert f"step 8: checkpoint {run / 'step_8'}" in stdout and "done: 8 steps (2 segments: resumed 1x)" in stdout
+    assert f"hybrid-ds: wrote {run / 'summary.json'} and {run / 'summary.png'}" in stdout and (run / "summary.png").stat().st_size > 10000
+    assert stdout.count("step 8: eval loss") == 1, stdout[-3000:]  # one rank prints it
 
 
 def test_a_stage_of_odd_size_trains_at_dp_2(tmp_path):

@@ -34,7 +34,8 @@ SERVER = Path(__file__).resolve().parent / "workers" / "fork_server.py"
 # What a run's processes import before their first line: the cost the warm process pays once.
 WARM_IMPORTS = ("torch", "deepspeed", "deepspeed.pipe", "transformers", "transformers.models.gpt2.modeling_gpt2",
                 "transformers.models.llama.modeling_llama", "transformers.models.bert.modeling_bert",
-                "datasets", "peft", "hybrid_ds.cli", "hybrid_ds.runtime.train", "hybrid_ds.runtime.engine")
+                "datasets", "peft", "hybrid_ds.cli", "hybrid_ds.runtime.train", "hybrid_ds.runtime.engine",
+                "matplotlib.pyplot")  # each run with a save_dir draws its summary.png
 ENV = {"DS_ACCELERATOR": "cpu", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 

@@ -9,50 +9,28 @@ stages); the plain Hugging Face model and DeepSpeed's ordinary engine for ZeRO-2
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
+from hybrid_ds import plot
 from hybrid_ds.runtime import checkpoint, compile_blocks
 from hybrid_ds.config import RunConfig
 from hybrid_ds.config.deepspeed import deepspeed_sections
 from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size, predicted_tokens
 from hybrid_ds.runtime.engine import build_engine, data_parallel, device, init_distributed, raise_shared
+from hybrid_ds.runtime.history import History, Summary
+from hybrid_ds.runtime.progress import Progress
+from hybrid_ds.runtime.quiet import deepspeed_prints_off
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.resolve import tokenizer_source
 from hybrid_ds.runtime.plan import Plan, build_plan
 from hybrid_ds.runtime.preemption import StopRequest, gloo_group
 from hybrid_ds.seam.config_check import check_deepspeed_sections
-
-
-@dataclass
-class Summary:
-    steps: int = 0
-    first_loss: float = math.nan
-    last_loss: float = math.nan
-    eval_loss: float = math.nan
-    eval_tokens: int = 0  # the predicted tokens eval_loss is the mean over
-    tokens_per_s: float = 0.0
-    seconds: float = 0.0
-    losses: list[float] = field(default_factory=list)
-    skipped_steps: int = 0  # steps with a non-finite loss or gradient norm, skipped (see Trainer.step)
-    stopped: str = ""  # what stopped the run before train.max_steps (a signal), else ""
-
-    def line(self) -> str:
-        evaluated = "" if math.isnan(self.eval_loss) else (
-            f"eval loss {self.eval_loss:.3f} over {self.eval_tokens:,} tokens (ppl {math.exp(self.eval_loss):.1f}), ")
-        return (f"done: {self.steps} steps in {self.seconds:.0f} s, loss {self.first_loss:.3f} -> "
-                f"{self.last_loss:.3f}, {evaluated}{self.tokens_per_s:,.0f} tokens/s")
-
-    def to_json(self) -> str:
-        return json.dumps(self.__dict__, indent=2)
 
 
 def with_vocab(cfg: RunConfig, tokenizer: Any) -> RunConfig:
@@ -121,8 +99,11 @@ class Trainer:
         self.step_count = 0
         self.bad_in_a_row = 0
         self.stop_group = gloo_group()
-        self.summary = Summary()
-        self.bar: Any = None
+        self.history = History()
+        self.resumed_from = ""
+        self.stopped = ""
+        self.progress = Progress(self.cfg.train.max_steps, 0, False, None)  # fit() starts the real one
+        self.started = time.perf_counter()
 
     def resume(self, resume: bool | str) -> None:
         """Continue from ``save_dir``'s latest checkpoint (``"auto"``: only if there is one)."""
@@ -138,22 +119,24 @@ class Trainer:
         state = checkpoint.resume(self.engine, folder, self.plan)
         self.batches.load_state_dict(state["data"])
         self.step_count = state["step"]
+        self.history = History.from_dict(state.get("history"))
+        self.resumed_from = str(folder)
         if self.rank == 0:
-            print(f"hybrid-ds: resumed from {folder} (step {self.step_count})", flush=True)
+            now = checkpoint.describe_layout(checkpoint.layout_of(self.plan))
+            saved = checkpoint.describe_layout(state["layout"]) if state.get("layout") else now
+            at = f"saved at {saved}" + ("" if saved == now else f", now {now}")
+            print(f"hybrid-ds: resumed from {folder} (step {self.step_count}, {at})", flush=True)
 
     def step(self) -> float:
         """One optimizer step (gradient_accumulation_steps micro-batches); the mean loss over data parallel."""
         tick = time.perf_counter()
-        loss = self.engine.train_batch(self.batches).item()
+        with deepspeed_prints_off():  # the PipelineEngine's own "steps: N loss: ..." every steps_per_print
+            loss = self.engine.train_batch(self.batches).item()
         seconds = time.perf_counter() - tick
         self.step_count += 1
-        self.summary.losses.append(loss)
-        if math.isnan(self.summary.first_loss):
-            self.summary.first_loss = loss
-        if self.bar is not None:
-            self.bar.set_postfix(loss=f"{loss:.3f}", lr=f"{self.engine.get_lr()[0]:.2e}",
-                                 tok_s=f"{self.tokens_per_step / seconds:,.0f}", step_s=f"{seconds:.1f}")
-            self.bar.update(1)
+        lr = self.engine.get_lr()[0]
+        self.history.step(self.step_count, loss, lr, time.perf_counter() - self.started)
+        self.progress.step(self.step_count, loss, lr, self.tokens_per_step / seconds, seconds)
         self._compiled(f"step {self.step_count}", seconds)
         self._count_bad_step(loss)
         return loss
@@ -161,8 +144,8 @@ class Trainer:
     def _compiled(self, when: str, seconds: float | None) -> None:
         """``train.compile``: what was compiled during this step or evaluation, and in how long (all ranks call)."""
         line = compile_blocks.progress_line(when, seconds, self.stop_group) if self.cfg.train.compile else None
-        if line and self.rank == 0:
-            (self.bar.write if self.bar is not None else print)(line)
+        if line:
+            self.progress.write(line)
 
     def _count_bad_step(self, loss: float) -> None:
         """A step with a non-finite loss or gradient norm was skipped by the engine (no parameter, optimizer-state
@@ -175,12 +158,10 @@ class Trainer:
             self.bad_in_a_row = 0
             return
         self.bad_in_a_row += 1
-        self.summary.skipped_steps += 1
+        self.history.skipped_steps += 1
         limit = self.cfg.train.max_bad_steps
-        if self.rank == 0:
-            (self.bar.write if self.bar is not None else print)(
-                f"step {self.step_count}: loss {loss}, a non-finite loss or gradient norm; step skipped "
-                f"({self.bad_in_a_row} in a row, train.max_bad_steps {limit})")
+        self.progress.write(f"step {self.step_count}: loss {loss}, a non-finite loss or gradient norm; step skipped "
+                            f"({self.bad_in_a_row} in a row, train.max_bad_steps {limit})")
         if self.bad_in_a_row < limit:
             return
         good = self.step_count - self.bad_in_a_row
@@ -206,38 +187,39 @@ class Trainer:
             samples = self.step_count * layout.train_batch
             self.engine.monitor.write_events([("Eval/loss", loss, samples),
                                               ("Eval/perplexity", math.exp(loss), samples)])
-        if self.bar is not None:
-            self.bar.write(f"step {self.step_count}: eval loss {loss:.4f} over {tokens:,} tokens, "
-                           f"perplexity {math.exp(loss):.2f}")
-        self.summary.eval_loss, self.summary.eval_tokens = loss, tokens
+        self.progress.write(f"step {self.step_count}: eval loss {loss:.4f} over {tokens:,} tokens, "
+                            f"perplexity {math.exp(loss):.2f}")
+        self.history.evals.append({"step": self.step_count, "loss": loss, "tokens": tokens})
         return loss
 
     def save(self) -> None:
-        """A checkpoint of every rank at this step (all ranks call it)."""
+        """A checkpoint of every rank at this step (all ranks call it); its state holds the run's history so far."""
+        folder = self.save_dir / f"step_{self.step_count}"
+        self.history.checkpoints = [c for c in self.history.checkpoints if c["step"] != self.step_count]
+        self.history.checkpoints.append({"step": self.step_count, "path": str(folder)})
         checkpoint.save(self.engine, self.save_dir, self.step_count, self.batches.state_dict(),
-                        checkpoint.layout_of(self.plan), checkpoint.base_is_reread(self.cfg))
+                        checkpoint.layout_of(self.plan), checkpoint.base_is_reread(self.cfg), self.history.to_dict())
+        self.progress.write(f"step {self.step_count}: checkpoint {folder}")
 
     def fit(self) -> Summary:
         """Train to ``train.max_steps``, evaluating and saving at their intervals and at the end."""
-        train, summary = self.cfg.train, self.summary
+        train = self.cfg.train
         if self.step_count >= train.max_steps:  # resumed a finished run (make train twice): leave it as it is
-            summary.steps = self.step_count
             if self.rank == 0:
                 print(f"hybrid-ds: the run in {self.save_dir} is complete (step {self.step_count}, train.max_steps "
                       f"{train.max_steps}); nothing to train: raise train.max_steps to train on", flush=True)
-            return summary
-        if self.save_dir and self.rank == 0:
-            checkpoint.write_run_files(self.save_dir, self.cfg.to_dict(), self.data.tokenizer)
-        for warning in self.plan.warnings if self.rank == 0 else ():
-            print(f"warning: {warning}", flush=True)
-        self.bar = tqdm(total=train.max_steps, initial=self.step_count, disable=self.rank != 0, dynamic_ncols=True,
-                        desc="train")
-        start, first = time.perf_counter(), self.step_count
+            return Summary.of(self.history, self.step_count)
+        if self.rank == 0:
+            self._begin()
+        self.history.begin(self.step_count, checkpoint.describe_layout(checkpoint.layout_of(self.plan)),
+                           self.tokens_per_step, self.resumed_from)
+        self.progress = Progress(train.max_steps, self.step_count, self.rank == 0, self.cfg.deepspeed.get("steps_per_print"))
+        self.started = time.perf_counter() - self.history.segments[-1]["seconds"]
         saved = self.step_count  # the resumed checkpoint's step, or 0: nothing to save yet
         with StopRequest(self.stop_group) as stop:  # SIGTERM/SIGINT: finish the step, save, exit 0
             while self.step_count < train.max_steps:
-                summary.stopped = stop.agreed() or ""
-                if summary.stopped:
+                self.stopped = stop.agreed() or ""
+                if self.stopped:
                     if self.save_dir and saved < self.step_count:
                         self.save()
                     break
@@ -248,30 +230,43 @@ class Trainer:
                                       or self.step_count == train.max_steps):
                     self.save()
                     saved = self.step_count
-        self.bar.close()
-        self.bar = None
-        trained = self.step_count - first
-        summary.seconds = time.perf_counter() - start
-        summary.steps = self.step_count
-        summary.last_loss = summary.losses[-1] if summary.losses else math.nan
-        summary.tokens_per_s = self.tokens_per_step * trained / summary.seconds if trained else 0.0
-        if not summary.stopped and train.eval_interval and (math.isnan(summary.eval_loss)
-                                                            or self.step_count % train.eval_interval):
+        self.progress.close()
+        evaluated = self.history.evals and self.history.evals[-1]["step"] == self.step_count
+        if not self.stopped and train.eval_interval and not evaluated:
             self.evaluate()
+        summary = Summary.of(self.history, self.step_count, self.stopped)
         if self.rank == 0:
-            print(self._stopped_line() if summary.stopped else summary.line(), flush=True)
-            if self.save_dir:
-                (self.save_dir / "summary.json").write_text(summary.to_json())
+            self._end(summary)
         return summary
+
+    def _begin(self) -> None:
+        """Rank 0, before the first step: the plan's warnings and where the run's files go."""
+        for warning in self.plan.warnings:
+            print(f"warning: {warning}", flush=True)
+        if self.save_dir:
+            checkpoint.write_run_files(self.save_dir, self.cfg.to_dict(), self.data.tokenizer)
+            print(f"hybrid-ds: run folder {self.save_dir} (config, tokenizer, checkpoints, summary.json)", flush=True)
+        else:
+            print("hybrid-ds: no train.save_dir: nothing of this run is saved", flush=True)
+
+    def _end(self, summary: Summary) -> None:
+        """Rank 0, after the last step: the summary line, summary.json and its plot."""
+        print(self._stopped_line() if self.stopped else summary.line(), flush=True)
+        if not self.save_dir:
+            return
+        (self.save_dir / "summary.json").write_text(summary.to_json())
+        drawn = plot.plot_after_run(self.save_dir)
+        print(f"hybrid-ds: wrote {self.save_dir / 'summary.json'}{f' and {drawn}' if drawn else ''}", flush=True)
 
     def _stopped_line(self) -> str:
         latest = checkpoint.latest_checkpoint(self.save_dir) if self.save_dir else None
         where = f"checkpoint {latest} is latest; resume with --resume" if latest else "nothing saved"
-        return f"hybrid-ds: stopped by {self.summary.stopped} after step {self.step_count}; {where}"
+        return f"hybrid-ds: stopped by {self.stopped} after step {self.step_count}; {where}"
 
     def export(self) -> None:
         """``train.export_hf``: a Hugging Face folder from the last checkpoint (rank 0 writes, all wait)."""
         if self.cfg.train.export_hf and self.save_dir:
             if self.rank == 0:
-                checkpoint.export(self.save_dir, self.cfg.train.export_hf)
+                out = checkpoint.export(self.save_dir, self.cfg.train.export_hf)
+                print(f"hybrid-ds: exported {out} (from {checkpoint.latest_checkpoint(self.save_dir)})", flush=True)
             torch.distributed.barrier()

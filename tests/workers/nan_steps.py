@@ -9,6 +9,7 @@ Other arguments are ``hybrid-ds train``'s.
 import argparse
 import math
 import sys
+import time
 
 from hybrid_ds.runtime import train
 from hybrid_ds.cli import main
@@ -41,7 +42,7 @@ def patch(nan_steps, drop_steps):
             for _ in range(self.plan.layout.grad_accum):
                 next(self.batches)
             self.step_count = number
-            self.summary.losses.append(math.nan)
+            self.history.step(number, math.nan, self.engine.get_lr()[0], time.perf_counter() - self.started)
             return math.nan
         POISONED[0] = number in nan_steps
         return step(self)

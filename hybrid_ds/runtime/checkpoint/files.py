@@ -104,9 +104,9 @@ def base_is_reread(cfg: Any) -> bool:
 
 
 def save(engine: Any, save_dir: Path, step: int, data_state: dict, layout: dict | None = None,
-         without_frozen: bool = False) -> Path:
+         without_frozen: bool = False, history: dict | None = None) -> Path:
     """All ranks call this. Returns the checkpoint folder. ``without_frozen``: leave frozen tensors out
-    (:func:`base_is_reread`).
+    (:func:`base_is_reread`); ``history``: the run's so far (hybrid_ds.runtime.history), kept in the state.
 
     Every rank writes into ``.step_N.partial/`` and syncs its files to disk; once all have, rank 0 writes the state
     and the ``COMPLETE`` marker there, renames the folder to ``step_N/`` (an older ``step_N/``, its ``universal/``
@@ -126,7 +126,8 @@ def save(engine: Any, save_dir: Path, step: int, data_state: dict, layout: dict 
     torch.distributed.barrier()
     if rank == 0:
         atomic_write(partial / STATE, json.dumps({"step": step, "data": data_state, "layout": layout,
-                                                  "without_frozen": without_frozen, "id": uuid.uuid4().hex}))
+                                                  "without_frozen": without_frozen, "id": uuid.uuid4().hex,
+                                                  "history": history}))
         atomic_write(partial / COMPLETE, "")
         sync_folder(partial)
         publish(partial, save_dir / tag)
