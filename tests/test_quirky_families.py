@@ -142,4 +142,8 @@ def test_sdpa_on_a_model_without_it_names_the_setting(tmp_path):
         build_plan(_config(folder, "sdpa"), world_size=1)
     assert str(err.value) == ("model.attn_implementation: 'sdpa': Gemma2ForCausalLM does not support SDPA "
                               "attention; set it to 'eager'")
-    assert run_config(folder).model.attn_implementation == "sdpa"  # the default: the line tells what to change
+    default = run_config(folder, None)  # no kernel asked for: what Hugging Face picks, eager for Gemma 2, sdpa for Granite
+    assert default.model.attn_implementation is None
+    assert resolve.resolve_model(default.model).hf_config._attn_implementation == "eager"
+    granite = resolve.resolve_model(run_config(_folder(tmp_path / "g", "granite"), None).model).hf_config
+    assert granite._attn_implementation == "sdpa"

@@ -50,7 +50,9 @@ class ModelConfig(_Section):
     pretrained: bool = Field(False, description="load the checkpoint's weights; false = the model's own random init")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name is a hub name")
     trust_remote_code: bool = Field(False, description="allow a hub model's own Python code; off by default")
-    attn_implementation: Literal["sdpa", "eager"] = Field("sdpa", description="attention kernel of the HF layers")
+    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+        None, description="attention kernel of the HF layers; null: what Hugging Face picks (sdpa where the model "
+                          "supports it, eager otherwise)")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="HF config fields to change, e.g. {\"n_layer\": 6}")
     vocab_from_tokenizer: bool = Field(False, description="size the vocabulary from the tokenizer, padded to a "

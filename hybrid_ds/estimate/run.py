@@ -70,7 +70,7 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
     zero = zero_settings(effective_deepspeed_config(cfg, layout, "gpu"))
     return Run(arch, world_size, layout.stages, layout.dp, layout.micro_batch, layout.grad_accum, cfg.data.seq_len,
                zero.stage, cfg.precision, _DTYPE_NAMES[accum] if accum else None,
-               cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation,
+               cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation or "sdpa",
                cfg.train.fused_loss and cfg.pipeline_engine, zero.reduce_bucket, zero.contiguous_gradients,
                zero.overlap_comm, zero.persistence_threshold, zero.prefetch_bucket, cfg.model.lora, cfg.source,
                cfg.description)

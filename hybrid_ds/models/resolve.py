@@ -53,9 +53,22 @@ def resolve_model(model: ModelConfig) -> ResolvedModel:
         source = (hf_config.get_config_dict(model.name, revision=model.revision, local_files_only=True)[0]
                   if model.overrides else {})  # cached by _load_hf_config
     hf_config = _with_overrides(hf_config, source, model.overrides)
-    use_attention(hf_config, model.attn_implementation)
+    use_attention(hf_config, model.attn_implementation or default_attention(hf_config))
     family = get_family(hf_config.model_type, hf_config)  # the generic adapter must see the final config
     return ResolvedModel(hf_config, family, checkpoint, dict(model.overrides))
+
+
+def default_attention(hf_config: Any) -> str:
+    """What Hugging Face picks when no kernel is asked for: ``sdpa`` unless a model class of this config (causal or
+    masked LM, or the base model) says it has no SDPA path (``_supports_sdpa = False``: Gemma 2, state-space models),
+    then ``eager``."""
+    import transformers
+
+    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM, transformers.AutoModel):
+        cls = auto._model_mapping.get(type(hf_config), None)
+        if cls is not None and not getattr(cls, "_supports_sdpa", True):
+            return "eager"
+    return "sdpa"
 
 
 def use_attention(hf_config: Any, kernel: str) -> None:
