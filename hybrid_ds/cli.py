@@ -216,6 +216,9 @@ def main(argv: list[str] | None = None) -> int:
         report_error(err)
         _leave_process_group(2)
         return 2
+    except BrokenPipeError:  # `hybrid-ds plan --json | head`: the reader stopped reading; end quietly
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor complain when stdout is flushed at exit
+        return 0
 
 
 def _leave_process_group(code: int) -> None:

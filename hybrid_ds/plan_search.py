@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import argparse
 import json
+from pathlib import Path
 from typing import Any
 
 from hybrid_ds.compare import DEFAULT_OPTIMIZER, PRECISION_KEYS, add_cluster_args, is_config_file
 from hybrid_ds.config import ModelConfig, load_config, load_config_dict
+from hybrid_ds.config.checks import layout_warnings
+from hybrid_ds.config.topology import resolve_layout
 from hybrid_ds.errors import UserError, at_least
 from hybrid_ds.estimate.run import run_from_config
 from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate, estimate
@@ -29,6 +32,8 @@ def add_plan_parser(sub: Any) -> None:
     p.add_argument("--precision", choices=tuple(PRECISION_KEYS), help="training precision (default: bf16)")
     p.add_argument("--top", type=at_least(0), default=3, help="layouts to print as configs (default 3)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--write", metavar="DIR", help="write the --top layouts as runnable configs DIR/rank1.json, ... "
+                                                  "(save_dir, scheduler, evaluation, resume filled in)")
     add_cluster_args(p)
     p.set_defaults(func=cmd_plan)
 
@@ -61,7 +66,8 @@ def _plan_base(args: argparse.Namespace) -> tuple[dict[str, Any], int, int]:
 
 def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, precision: str,
                  efficiency: float = COMPUTE_EFFICIENCY) -> list[tuple[dict[str, Any], Estimate]]:
-    """Every (stages, ZeRO stage, micro-batch, checkpointing) that divides the batch and fits, fastest first."""
+    """Every (stages, ZeRO stage, micro-batch, checkpointing) that divides the batch, fits and draws no warning of
+    ``validate`` (a pipeline bubble, bf16 sums over many micro-batches: hybrid_ds.config.checks), fastest first."""
     arch = model_arch(ModelConfig(**raw["model"]))   # once: every candidate varies the layout, not the model
     found = []
     for stages in (p for p in _divisors(cluster.gpus) if p <= arch.layers):
@@ -73,9 +79,10 @@ def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, preci
                     try:
                         cfg = load_config_dict(candidate, source="plan")
                         est = estimate(run_from_config(cfg, cluster.gpus, arch), cluster, efficiency=efficiency)
+                        layout = resolve_layout(cluster.gpus, stages, arch.layers, micro, cfg.grad_accum)
                     except UserError:
                         continue
-                    if est.fits:
+                    if est.fits and not layout_warnings(cfg, layout):
                         found.append((candidate, est))
     return sorted(found, key=lambda item: (item[1].step_time, item[1].binding.total))
 
@@ -92,6 +99,32 @@ def _layout_config(raw: dict[str, Any], stages: int, zero: int, micro: int, accu
         if on or key in config:
             config[key] = {**config.get(key, {}), "enabled": on}
     return config
+
+
+def runnable(config: dict[str, Any], rank: int) -> dict[str, Any]:
+    """``config`` as a file to train with: a save_dir of its own (resumed automatically), checkpoints and evaluation
+    every tenth of the run, and a warmup-cosine schedule over ``train.max_steps`` where the config has none."""
+    config = json.loads(json.dumps(config))
+    train = config.setdefault("train", {})
+    steps = train.get("max_steps") or 100
+    base = train.get("save_dir") or f"runs/{Path(config['model']['name']).name}"
+    train.update(save_dir=f"{base}-rank{rank}", resume="auto")
+    train["save_interval"] = train.get("save_interval") or max(1, steps // 10)
+    train["eval_interval"] = train.get("eval_interval") or max(1, steps // 10)
+    config.setdefault("scheduler", {"type": "WarmupCosineLR", "params": {"warmup_num_steps": max(1, steps // 20)}})
+    return config
+
+
+def write_configs(found: list[tuple[dict[str, Any], Estimate]], folder: Path, top: int) -> list[Path]:
+    """The ``top`` layouts as ``folder/rankN.json``; a file already there is one line, not overwritten."""
+    paths = [folder / f"rank{i + 1}.json" for i in range(min(top, len(found)))]
+    taken = [str(p) for p in paths if p.exists()]
+    if taken:
+        raise UserError("--write", f"{', '.join(taken)} exist(s); write into a new folder or remove them")
+    folder.mkdir(parents=True, exist_ok=True)
+    for i, (path, (config, _)) in enumerate(zip(paths, found)):
+        path.write_text(json.dumps(runnable(config, i + 1), indent=2) + "\n")
+    return paths
 
 
 def _describe_plan(config: dict[str, Any], est: Estimate) -> str:
@@ -115,6 +148,8 @@ def cmd_plan(args: argparse.Namespace) -> int:
     for config, est in found:
         config["description"] = _describe_plan(config, est)
     if args.json:
+        if args.write and found:
+            write_configs(found, Path(args.write), args.top)
         print(json.dumps([{"rank": i + 1, "estimate": estimate_dict(est), "config": config}
                           for i, (config, est) in enumerate(found)], indent=2))
         return 0 if found else 1
@@ -133,7 +168,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"{i + 1:>4}  {run.stages:>6}  {run.dp:>4}  {run.zero:>4}  {run.micro_batch:>5}  {run.grad_accum:>5}  "
               f"{run.checkpoint_interval:>4}  {human_bytes(est.binding.total):>10}  {human_time(est.step_time):>8}  "
               f"{est.mfu:>5.0%}  {est.bubble:>6.1%}")
+    if args.write:
+        for path in write_configs(found, Path(args.write), args.top):
+            print(f"wrote {path}: deepspeed launch/train.py --config {path}")
+        return 0
     for i, (config, _) in enumerate(found[:args.top]):
-        print(f"\n# rank {i + 1}: save as a .json file and run it with launch/train.py --config\n"
+        print(f"\n# rank {i + 1}: save as a .json file and run it with launch/train.py --config (or use --write DIR)\n"
               + json.dumps(config, indent=2))
     return 0

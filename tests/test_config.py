@@ -398,3 +398,18 @@ def test_the_engine_and_the_estimator_read_one_effective_config():
         assert engine["stage"] == run.zero == expect
         assert run.reduce_bucket == zero.get("reduce_bucket_size", 0)
         assert run.overlap_comm == engine.get("overlap_comm", expect == 3)
+
+
+def test_the_readme_example_config_copied_into_a_file_validates_comments_and_all(tmp_path, capsys):
+    """README's "One config file" example (a JSON file with // comments) beside a copy of configs/base/, as a user
+    would save it next to the shipped configs: it loads and validates at the world size its 2 stages need."""
+    import shutil
+
+    readme = (ROOT / "README.md").read_text()
+    example = readme.split("## One config file", 1)[1].split("```jsonc\n", 1)[1].split("```", 1)[0]
+    assert "//" in example
+    shutil.copytree(ROOT / "configs" / "base", tmp_path / "base")
+    (tmp_path / "mine.json").write_text(example)
+    rc, out, err = run_cli(capsys, "validate", str(tmp_path / "mine.json"), "--world-size", "2", "--profile", "gpu")
+    assert rc == 0, err
+    assert "model      gpt2: gpt2 causal_lm, 6 layers" in out and "stages=2" in out, out

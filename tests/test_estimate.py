@@ -365,6 +365,37 @@ def test_plan_prints_ready_configs_fastest_first(capsys):
     assert "None fits" in capsys.readouterr().out
 
 
+def test_plan_recommends_no_layout_that_validate_warns_of_and_writes_runnable_configs(tmp_path, capsys):
+    """--write: the top layouts as files that validate without a warning, each with its own save_dir, resumed
+    automatically, evaluated and scheduled over train.max_steps; the layouts themselves draw no bubble warning."""
+    from hybrid_ds.cli import main
+
+    assert cli("plan", "gpt2-tiny", "--gpus", "4", "--global-batch", "16", "--json") == 0
+    found = json.loads(capsys.readouterr().out)
+    piped = [f["config"]["gradient_accumulation_steps"] for f in found if f["config"]["pipeline"]["stages"] == 2]
+    assert piped and min(piped) >= 8, piped  # 2 stages x dp 2 at 16 sequences: micro 2 and 4 would idle 20%, 43%
+    assert cli("plan", "gpt2-tiny", "--gpus", "4", "--global-batch", "16", "--write", str(tmp_path), "--top", "2") == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (f"wrote {tmp_path / 'rank2.json'}: deepspeed launch/train.py "
+                                                       f"--config {tmp_path / 'rank2.json'}")
+    for rank in (1, 2):
+        path = tmp_path / f"rank{rank}.json"
+        cfg = load_config(path)
+        assert (cfg.train.save_dir, cfg.train.resume, cfg.train.eval_interval) == (f"runs/gpt2-tiny-rank{rank}", "auto", 10)
+        assert cfg.deepspeed["scheduler"]["type"] == "WarmupCosineLR"
+        assert main(["validate", str(path), "--world-size", "4", "--profile", "gpu"]) == 0
+        out = capsys.readouterr().out
+        assert "warning" not in out, out
+    assert cli("plan", "gpt2-tiny", "--gpus", "4", "--write", str(tmp_path)) == 2  # never overwritten
+    assert f"{tmp_path / 'rank1.json'}" in capsys.readouterr().err
+
+
+def test_plan_json_into_a_closed_pipe_ends_quietly():
+    """``hybrid-ds plan ... --json | head -1``: no BrokenPipeError traceback."""
+    proc = subprocess.run(f"{sys.executable} -m hybrid_ds.cli plan gpt2-tiny --gpus 64 --json | head -1", shell=True,
+                          capture_output=True, text=True, timeout=120)
+    assert proc.stdout == "[\n" and proc.stderr == "", proc.stderr[-2000:]
+
+
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_dry_run_estimate_of_every_config(path):
     cfg = load_config(path, profile="cpu")

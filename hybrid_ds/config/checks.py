@@ -1,9 +1,11 @@
-"""Checks that span sections of a run config (a layout DeepSpeed or hybrid_ds cannot run). Pure Python."""
+"""Checks that span sections of a run config (a layout DeepSpeed or hybrid_ds cannot run), and the warnings of one that
+runs but wastes (:func:`run_warnings`, which ``validate``, a run's start and ``plan`` share). Pure Python."""
 
 from __future__ import annotations
 
 from typing import Any
 
+from hybrid_ds.config.deepspeed import schedule_warnings
 from hybrid_ds.errors import UserError
 
 
@@ -55,3 +57,40 @@ def check_cross_section(cfg: Any) -> None:
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",
                         f"{partition} names {len(partition)} stages but pipeline.stages is {cfg.pipeline.stages}")
+
+
+# Up to 4 micro-batches summed in bf16 lose at most a few of its 8 significant bits; beyond, small gradients vanish.
+BF16_SAFE_ACCUMULATION = 4
+
+
+def accumulation_warnings(cfg: Any, grad_accum: int) -> list[str]:
+    """A warning when bf16 gradients are summed in bf16 over more than a few micro-batches.
+
+    >>> from hybrid_ds.config import load_config_dict
+    >>> cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "bf16": {"enabled": True},
+    ...                         "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}})
+    >>> accumulation_warnings(cfg, 8)[0][:69]
+    'data_types.grad_accum_dtype: bf16 sums the gradients of 8 micro-batch'
+    >>> accumulation_warnings(cfg, 4), accumulation_warnings(cfg.replace(data_types={"grad_accum_dtype": "fp32"}), 8)
+    ([], [])
+    """
+    accum = cfg.grad_accum_dtype or cfg.precision
+    if cfg.precision != "bf16" or accum not in ("bf16", "bfloat16") or cfg.zero_stage == 3 \
+            or grad_accum <= BF16_SAFE_ACCUMULATION:
+        return []
+    fix = ('set it to "fp32"' if cfg.zero_stage else
+           'DeepSpeed sums in fp32 only with ZeRO: set zero_optimization.stage 1 (fp32 sums are its default here)')
+    return [f"data_types.grad_accum_dtype: bf16 sums the gradients of {grad_accum} micro-batches in bf16 (8 "
+            f"significant bits: small gradients are lost); {fix}"]
+
+
+def layout_warnings(cfg: Any, layout: Any) -> list[str]:
+    """The warnings that depend on the layout (hybrid_ds.config.topology): a pipeline bubble, bf16 sums over many
+    micro-batches. ``plan`` recommends no layout with any."""
+    return layout.warnings() + accumulation_warnings(cfg, layout.grad_accum)
+
+
+def run_warnings(cfg: Any, layout: Any) -> list[str]:
+    """What ``validate``, ``train`` and ``--dry-run`` warn of for ``cfg`` at ``layout``: :func:`layout_warnings` and a
+    schedule whose length differs from train.max_steps."""
+    return layout_warnings(cfg, layout) + schedule_warnings(cfg.deepspeed, cfg.train.max_steps)

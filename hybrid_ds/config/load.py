@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 from pathlib import Path
 from typing import Any
 
@@ -35,11 +36,25 @@ def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...]
     return RunConfig(raw, source=source)
 
 
+# A JSON string (kept), or a // line comment or /* block */ comment (blanked, its newlines kept for error positions).
+_STRING_OR_COMMENT = re.compile(r'"(?:\\.|[^"\\])*"|//[^\n]*|/\*.*?\*/', re.S)
+
+
+def strip_comments(text: str) -> str:
+    """JSON with ``//`` and ``/* */`` comments (as README's example and VS Code's .jsonc have) as plain JSON.
+
+    >>> strip_comments('{"url": "http://x", // the host\\n "n": 1 /* one */}')
+    '{"url": "http://x",            \\n "n": 1          }'
+    """
+    return _STRING_OR_COMMENT.sub(lambda m: m.group(0) if m.group(0).startswith('"')
+                                  else re.sub(r"[^\n]", " ", m.group(0)), text)
+
+
 def _read_json(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise UserError(str(path), "config file not found")
     try:
-        data = json.loads(path.read_text())
+        data = json.loads(strip_comments(path.read_text()))
     except json.JSONDecodeError as err:
         raise UserError(str(path), f"invalid JSON at line {err.lineno}, column {err.colno}: {err.msg}") from None
     if not isinstance(data, dict):

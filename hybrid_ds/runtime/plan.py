@@ -11,7 +11,7 @@ from typing import Any
 
 from hybrid_ds.estimate.activations import DTYPE_BYTES
 from hybrid_ds.config import RunConfig
-from hybrid_ds.config.deepspeed import schedule_warnings
+from hybrid_ds.config.checks import run_warnings
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.lora import find_targets
 from hybrid_ds.models.masks import document_mask_obstacle
@@ -105,9 +105,7 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     stage_plans = [StagePlan(s, lo, hi - 1, [layer.name for layer in layers[lo:hi]], n, n * bytes_per_param, t)
                    for s, (lo, hi, n, t) in enumerate(zip(boundaries, boundaries[1:], per_stage, trainable))]
     return Plan(cfg, resolved, layout, layers, boundaries, stage_plans, count_params(model), model,
-                document_mask(cfg, resolved), layout.warnings() + accumulation_warnings(cfg, layout.grad_accum)
-                + schedule_warnings(cfg.deepspeed, cfg.train.max_steps),
-                targets)
+                document_mask(cfg, resolved), run_warnings(cfg, layout), targets)
 
 
 def _check_adapters_per_stage(adapters: list[int], layers: list[PipelineLayer], boundaries: list[int]) -> None:
@@ -119,31 +117,6 @@ def _check_adapters_per_stage(adapters: list[int], layers: list[PipelineLayer], 
                                                   "(model.lora.target_modules); a stage needs something to train: "
                                                   "give each stage a block with a target, e.g. a list of blocks "
                                                   "per stage, or use fewer stages")
-
-
-# Up to 4 micro-batches summed in bf16 lose at most a few of its 8 significant bits; beyond, small gradients vanish.
-BF16_SAFE_ACCUMULATION = 4
-
-
-def accumulation_warnings(cfg: RunConfig, grad_accum: int) -> list[str]:
-    """A warning when bf16 gradients are summed in bf16 over more than a few micro-batches.
-
-    >>> from hybrid_ds.config import load_config_dict
-    >>> cfg = load_config_dict({"model": {"name": "gpt2-tiny"}, "bf16": {"enabled": True},
-    ...                         "zero_optimization": {"stage": 1}, "data_types": {"grad_accum_dtype": "bf16"}})
-    >>> accumulation_warnings(cfg, 8)[0][:69]
-    'data_types.grad_accum_dtype: bf16 sums the gradients of 8 micro-batch'
-    >>> accumulation_warnings(cfg, 4), accumulation_warnings(cfg.replace(data_types={"grad_accum_dtype": "fp32"}), 8)
-    ([], [])
-    """
-    accum = cfg.grad_accum_dtype or cfg.precision
-    if cfg.precision != "bf16" or accum not in ("bf16", "bfloat16") or cfg.zero_stage == 3 \
-            or grad_accum <= BF16_SAFE_ACCUMULATION:
-        return []
-    fix = ('set it to "fp32"' if cfg.zero_stage else
-           'DeepSpeed sums in fp32 only with ZeRO: set zero_optimization.stage 1 (fp32 sums are its default here)')
-    return [f"data_types.grad_accum_dtype: bf16 sums the gradients of {grad_accum} micro-batches in bf16 (8 "
-            f"significant bits: small gradients are lost); {fix}"]
 
 
 def document_mask(cfg: RunConfig, resolved: ResolvedModel) -> bool:
