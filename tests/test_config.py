@@ -413,3 +413,21 @@ def test_the_readme_example_config_copied_into_a_file_validates_comments_and_all
     rc, out, err = run_cli(capsys, "validate", str(tmp_path / "mine.json"), "--world-size", "2", "--profile", "gpu")
     assert rc == 0, err
     assert "model      gpt2: gpt2 causal_lm, 6 layers" in out and "stages=2" in out, out
+
+
+def test_docs_config_md_is_the_reference_the_schema_makes():
+    """docs/config.md is generated (python -m hybrid_ds.config.reference > docs/config.md): a key added to the schema,
+    or a changed default or description, without regenerating it fails here. Every field of every section is in it,
+    and every DeepSpeed key it describes is one DeepSpeed reads."""
+    from hybrid_ds.config.deepspeed import DEEPSPEED_KEYS
+    from hybrid_ds.config.reference import DEEPSPEED_HANDLED, reference_markdown
+    from hybrid_ds.config.schema import _SECTIONS, LoraConfig
+
+    text = (ROOT / "docs" / "config.md").read_text()
+    assert text == reference_markdown(), "docs/config.md is stale: python -m hybrid_ds.config.reference > docs/config.md"
+    sections = [(name, model) for name, model in _SECTIONS.items()] + [("model.lora", LoraConfig)]
+    for prefix, model in sections:
+        for field in model.model_fields:
+            assert f"| `{prefix}.{field}` |" in text, (prefix, field)
+    assert set(DEEPSPEED_HANDLED) <= DEEPSPEED_KEYS, set(DEEPSPEED_HANDLED) - DEEPSPEED_KEYS
+    assert "| `data.seq_len` | int | `1024` | tokens per training sequence |" in text
