@@ -208,6 +208,9 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from hybrid_ds.runtime.quiet import quiet_deepspeed_logger  # before anything imports DeepSpeed
+
+    quiet_deepspeed_logger()
     try:
         args = _parser().parse_args(argv)
         func: Callable[[argparse.Namespace], int] = args.func

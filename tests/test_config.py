@@ -120,7 +120,7 @@ def test_every_shipped_config_can_be_run_twice(path, tmp_path):
     export_folder("train.export_hf", earlier)
 
 
-@pytest.mark.parametrize("name", ["gpt.json", "gpt-zero2.json", "bert.json"])
+@pytest.mark.parametrize("name", ["gpt.json", "gpt-zero2.json", "bert.json", "smollm2-lora.json"])
 def test_the_configs_make_train_runs_here_trigger_no_warning_of_their_own(name, capsys):
     """`make train` (CONFIG= these) on a CPU machine: their on_cpu profile gives no warning (a bubble of 20% was one)."""
     rc, out, _ = run_cli(capsys, "validate", str(ROOT / "configs" / name), "--profile", "cpu", "--world-size", "2")
@@ -431,3 +431,13 @@ def test_docs_config_md_is_the_reference_the_schema_makes():
             assert f"| `{prefix}.{field}` |" in text, (prefix, field)
     assert set(DEEPSPEED_HANDLED) <= DEEPSPEED_KEYS, set(DEEPSPEED_HANDLED) - DEEPSPEED_KEYS
     assert "| `data.seq_len` | int | `1024` | tokens per training sequence |" in text
+
+
+def test_validate_on_a_cpu_machine_prints_no_deepspeed_chatter():
+    """Without DS_ACCELERATOR, DeepSpeed's import warns "Setting accelerator to CPU ..." on a machine without a GPU;
+    the CLI drops that line (hybrid_ds.runtime.quiet) unless HYBRID_DS_VERBOSE is set."""
+    env = {k: v for k, v in os.environ.items() if k not in ("DS_ACCELERATOR", "HYBRID_DS_VERBOSE")}
+    proc = subprocess.run([sys.executable, "-m", "hybrid_ds.cli", "validate", str(ROOT / "configs/gpt.json")],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0 and proc.stdout.startswith("config     "), proc.stderr[-2000:]
+    assert "Setting accelerator" not in proc.stderr and "[WARNING]" not in proc.stderr, proc.stderr[-2000:]
