@@ -13,7 +13,7 @@ some models hang or allocate far more than their tiny sizes suggest. Outcomes:
 - ``no tiny model``: the model could not be built or saved from a tiny config.
 
 Writes ``adapter_sweep.md`` (one row per type, counts, refusals grouped by cause) and ``adapter_sweep.json``
-to bench/results/; ``--write-readme`` rewrites README's generated list of supported model types.
+to bench/results/; ``--write-readme`` rewrites the generated list of supported model types in docs/models.md.
 
     python bench/adapter_sweep.py [--types a,b] [--jobs 2] [--timeout 240] [--write-readme] [--from-json] [--update]
 """
@@ -385,7 +385,7 @@ def main(argv: list[str] | None = None) -> int:
         saved.write_text(json.dumps({"transformers": _version(), "results": results}, indent=1))
     (RESULTS / f"{args.out}.md").write_text(table(results, named, args.lora))
     if args.write_readme:
-        readme = REPO / "README.md"
+        readme = REPO / "docs" / "models.md"  # the supported-types list, linked from the README
         readme.write_text(replace_between_markers(readme.read_text(), readme_section(results, named)))
     print(" | ".join(f"{o}: {sum(r['outcome'] == o for r in results)}" for o in OUTCOMES))
     return 1 if any(r["outcome"] == "WRONG" for r in results) else 0

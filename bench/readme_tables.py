@@ -1,7 +1,8 @@
-"""The README's performance tables, rendered from the committed result files (never typed by hand).
+"""The performance tables of docs/performance.md (linked from the README), rendered from the committed result files
+(never typed by hand).
 
-    python bench/readme_tables.py           # rewrite README.md's generated blocks from the files
-    python bench/readme_tables.py --check   # exit 1 if README.md differs from what the files give
+    python bench/readme_tables.py           # rewrite docs/performance.md's generated blocks from the files
+    python bench/readme_tables.py --check   # exit 1 if docs/performance.md differs from what the files give
 
 A generated block sits between ``<!-- generated from FILE by bench/readme_tables.py -->`` and
 ``<!-- end generated -->``; FILE is the result it is rendered from: ``bench/results/performance.json``
@@ -22,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import REPO  # noqa: E402
 from run_all import table  # noqa: E402
 
-README = REPO / "README.md"
+README = REPO / "docs" / "performance.md"  # the page the tables live on
 BLOCK = re.compile(r"(<!-- generated from (\S+) by bench/readme_tables.py -->\n)(.*?)(<!-- end generated -->)", re.S)
 
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     fresh = render(text)
     if args.check:
         if fresh != text:
-            print("README.md's generated tables differ from their result files: run python bench/readme_tables.py")
+            print("docs/performance.md's generated tables differ from their result files: run python bench/readme_tables.py")
             return 1
         return 0
     README.write_text(fresh)

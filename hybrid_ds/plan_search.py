@@ -122,8 +122,15 @@ def write_configs(found: list[tuple[dict[str, Any], Estimate]], folder: Path, to
     if taken:
         raise UserError("--write", f"{', '.join(taken)} exist(s); write into a new folder or remove them")
     folder.mkdir(parents=True, exist_ok=True)
-    for i, (path, (config, _)) in enumerate(zip(paths, found)):
-        path.write_text(json.dumps(runnable(config, i + 1), indent=2) + "\n")
+    for i, (path, (config, est)) in enumerate(zip(paths, found)):
+        run = est.run
+        header = [f"// {config['description']}",
+                  f"// Layout {i + 1} of {len(found)} that fit, fastest first (hybrid-ds plan). Check it, then launch it on "
+                  f"{run.stages * run.dp} GPUs:",
+                  f"//   hybrid-ds validate {path} --profile gpu",
+                  f"//   deepspeed --hostfile hostfile launch/train.py --config {path}",
+                  "// Every key, with its type, default and meaning: docs/config.md. (// comments are allowed here.)"]
+        path.write_text("\n".join(header) + "\n" + json.dumps(runnable(config, i + 1), indent=2) + "\n")
     return paths
 
 

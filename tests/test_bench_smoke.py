@@ -81,10 +81,10 @@ def test_dp1_zero_bench_compares_the_same_computation(tmp_path):
 
 
 def test_the_readmes_bf16_drift_figures_are_the_committed_results():
-    """README's "bf16 over a long run" quotes bench/results/zero2_bf16_drift.json (kept in git): each figure is the
+    """docs/zero2-with-stages.md's "bf16 over a long run" quotes bench/results/zero2_bf16_drift.json (kept in git): each figure is the
     file's, so a rerun that moves them fails here until the README follows."""
     result = json.loads((BENCH / "results" / "zero2_bf16_drift.json").read_text())
-    readme = " ".join((BENCH.parent / "README.md").read_text().split())
+    readme = " ".join((BENCH.parent / "docs" / "zero2-with-stages.md").read_text().split())
     drift = result["max_relative_loss_difference"]
     against_bf16, against_fp32 = drift["against bf16 zero1"], drift["against fp32 zero1"]
     steps = result["steps"]
@@ -98,7 +98,7 @@ def test_the_readmes_bf16_drift_figures_are_the_committed_results():
 
 
 def test_the_readmes_performance_tables_are_rendered_from_the_committed_results(monkeypatch):
-    """README.md's performance tables are generated blocks (bench/readme_tables.py) of bench/results/performance.json
+    """docs/performance.md's tables are generated blocks (bench/readme_tables.py) of bench/results/performance.json
     and the GPU run under bench/measured/: the text equals what the files give, and a figure typed over fails."""
     monkeypatch.syspath_prepend(str(BENCH))
     import readme_tables
@@ -114,17 +114,18 @@ def test_the_readmes_performance_tables_are_rendered_from_the_committed_results(
 
 
 def test_the_readmes_model_type_lists_are_the_committed_sweeps(monkeypatch):
-    """README's generated list of supported model types is what bench/results/adapter_sweep.json gives, and its LoRA
-    sweep counts are bench/results/adapter_sweep_lora.json's."""
+    """docs/models.md's generated list of supported model types is what bench/results/adapter_sweep.json gives, and its LoRA
+    sweep counts (docs/fine-tuning.md) are bench/results/adapter_sweep_lora.json's."""
     monkeypatch.syspath_prepend(str(BENCH))
     import adapter_sweep
 
     from hybrid_ds.config.families import FAMILIES
 
-    readme = (BENCH.parent / "README.md").read_text()
+    readme = (BENCH.parent / "docs" / "models.md").read_text()
+    lora_page = (BENCH.parent / "docs" / "fine-tuning.md").read_text()
     plain = json.loads((BENCH / "results" / "adapter_sweep.json").read_text())
     named = {name: family.task for name, family in FAMILIES.items()}
     assert adapter_sweep.replace_between_markers(readme, adapter_sweep.readme_section(plain["results"], named)) == readme
     lora = [r["outcome"] for r in json.loads((BENCH / "results" / "adapter_sweep_lora.json").read_text())["results"]]
     assert (f"of {len(lora)}, {lora.count('exact')} bit for bit and {lora.count('ok')} within 1e-5; "
-            f"{lora.count('refused')} refused") in " ".join(readme.split())
+            f"{lora.count('refused')} refused") in " ".join(lora_page.split())

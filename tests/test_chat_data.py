@@ -162,7 +162,7 @@ def test_the_builtin_chat_set(smollm2, tmp_path):
            "words.<|im_end|>\n<|im_start|>assistant\nIn the beginning God created<|im_end|>\n" in held_out
     assert len(data.train) > 700 and len(data.eval) > 10
     rows = [len(split["messages"]) for split in builtin_rows("chat", builtin_verses(), held_out_chapter)]
-    assert rows == [1905, 39]  # conversations, as README.md says
+    assert rows == [1905, 39]  # conversations, as docs/training.md says
     train_text = " ".join(tokenizer.decode(np.asarray(ids)) for ids in data.train["input_ids"])
     assert "In the beginning God created" not in train_text
 

@@ -79,9 +79,16 @@ def summary(config: Path) -> dict:
 def test_training_loss_falls(tmp_path, name, stages):
     """pp=2 (2 stages x dp 1) and pp=1 (dp 2) runs on the built-in corpus."""
     config = tiny_config(tmp_path, name, stages)
+    monitored = (name, stages) == ("gpt2-tiny", 2)
+    if monitored:  # DeepSpeed's csv_monitor, through the pipeline engine
+        raw = json.loads(config.read_text())
+        config.write_text(json.dumps({**raw, "csv_monitor": {"enabled": True, "output_path": str(tmp_path / "csv"),
+                                                             "job_name": "run"}}))
     proc = train(config)
     result = summary(config)
     assert result["steps"] == 8 and len(result["losses"]) == 8
+    if monitored:
+        assert_monitored_by_step(tmp_path / "csv" / "run", result)
     assert result["last_loss"] < result["first_loss"] - 0.1, result["losses"]
     assert result["eval_loss"] < result["first_loss"], result
     assert "done: 8 steps" in proc.stdout + proc.stderr
@@ -96,6 +103,24 @@ def test_training_loss_falls(tmp_path, name, stages):
     assert "step 1/8: loss " in proc.stdout and "step 8/8: loss " in proc.stdout and "train:" not in proc.stderr
     assert proc.stdout.count("step 4: eval loss") == 1 and proc.stdout.count("step 8: eval loss") == 1, proc.stdout
     assert f"hybrid-ds: run folder {tmp_path / 'run'} (config, tokenizer, checkpoints, summary.json)" in proc.stdout
+
+
+def assert_monitored_by_step(folder: Path, result: dict) -> None:
+    """The monitors' x axis is the optimizer step, and an evaluation is written once (Eval_*), not also as DeepSpeed's
+    Train/Samples/eval_loss."""
+    import csv
+
+    def rows(name: str) -> list[list[str]]:
+        return list(csv.reader((folder / f"{name}.csv").read_text().splitlines()))[1:]
+
+    assert sorted(p.name for p in folder.iterdir()) == ["Eval_loss.csv", "Eval_perplexity.csv", "Train_lr.csv",
+                                                        "Train_train_loss.csv"]
+    loss = rows("Train_train_loss")
+    assert [int(step) for step, _ in loss] == list(range(1, 9)), loss
+    assert [float(value) for _, value in loss] == pytest.approx(result["losses"], rel=1e-6)
+    assert [int(step) for step, _ in rows("Train_lr")] == list(range(1, 9))
+    assert [(int(step), float(value)) for step, value in rows("Eval_loss")] == [
+        (e["step"], pytest.approx(e["loss"], rel=1e-6)) for e in result["history"]["evals"]]
 
 
 def assert_special_tokens(folder: Path) -> None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -15,10 +16,17 @@ from hybrid_ds.errors import UserError
 # ---------------------------------------------------------------- loading
 
 
+# More --set overrides from the environment, ";"-separated, applied after the command line's to every config file
+# read: a CI job or a test shrinks the README's commands as written (tests/test_readme.py).
+SET_ENV = "HYBRID_DS_SET"
+
+
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = (), profile: str | None = None) -> RunConfig:
     """Read ``path`` (following ``extends``), merge the ``on_cpu``/``on_gpu`` section of ``profile``,
-    apply ``--set`` overrides, validate."""
-    return load_config_dict(_read_with_extends(Path(path), chain=()), overrides, profile, source=str(path))
+    apply ``--set`` overrides and then those of ``$HYBRID_DS_SET``, validate."""
+    from_env = [item.strip() for item in os.environ.get(SET_ENV, "").split(";") if item.strip()]
+    source = str(path) + (f" ({SET_ENV}: {'; '.join(from_env)})" if from_env else "")
+    return load_config_dict(_read_with_extends(Path(path), chain=()), [*overrides, *from_env], profile, source=source)
 
 
 def load_config_dict(raw: dict[str, Any], overrides: list[str] | tuple[str, ...] = (), profile: str | None = None,

@@ -209,7 +209,36 @@ def build_plain_engine(plan: Plan) -> PlainEngine:
 
 def build_engine(plan: Plan) -> Any:
     """PipelineEngine for ZeRO 0-2 with stages and ZeRO 0/1 at one stage; the plain engine for ZeRO-2/3 at one."""
-    return build_pipeline_engine(plan) if plan.config.pipeline_engine else build_plain_engine(plan)
+    engine = build_pipeline_engine(plan) if plan.config.pipeline_engine else build_plain_engine(plan)
+    monitor_by_step(engine, plan.layout.train_batch)
+    return engine
+
+
+def monitor_by_step(engine: Any, train_batch: int) -> None:
+    """DeepSpeed's monitors (``tensorboard``, ``wandb``, ``csv_monitor``, ``comet``) against the optimizer step.
+
+    DeepSpeed writes ``Train/Samples/NAME`` at the samples read so far; these become ``Train/NAME`` at the step
+    (samples // train_batch_size). DeepSpeed's own ``Train/Samples/eval_loss`` (the pipeline engine's, at the samples
+    of the last step) is left out: the trainer writes ``Eval/loss`` and ``Eval/perplexity`` at the step, so that an
+    evaluation is in one place. Through ``engine.monitor.write_events``, DeepSpeed's monitor interface.
+    """
+    monitor = getattr(engine, "monitor", None)
+    if monitor is None or not monitor.enabled:
+        return
+    write = monitor.write_events
+
+    def by_step(events: list[tuple[str, Any, int]]) -> None:
+        kept = []
+        for name, value, x in events:
+            if name == "Train/Samples/eval_loss":
+                continue
+            if name.startswith("Train/Samples/"):
+                name, x = "Train/" + name.removeprefix("Train/Samples/"), x // train_batch
+            kept.append((name, value, x))
+        if kept:
+            write(kept)
+
+    monitor.write_events = by_step
 
 
 PATIENT_TIMEOUT = timedelta(hours=24)

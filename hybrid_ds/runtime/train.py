@@ -183,10 +183,9 @@ class Trainer:
         totals = torch.stack([loss, loss.new_tensor(predicted_tokens(batches))])  # on the engine's device (NCCL)
         torch.distributed.all_reduce(totals, group=self.dp_group)
         loss, tokens = totals[0].item() / layout.dp, int(totals[1].item())
-        if self.engine.monitor.enabled and self.engine.global_rank == 0:
-            samples = self.step_count * layout.train_batch
-            self.engine.monitor.write_events([("Eval/loss", loss, samples),
-                                              ("Eval/perplexity", math.exp(loss), samples)])
+        if self.engine.monitor.enabled and self.engine.global_rank == 0:  # at the optimizer step (monitor_by_step)
+            self.engine.monitor.write_events([("Eval/loss", loss, self.step_count),
+                                              ("Eval/perplexity", math.exp(loss), self.step_count)])
         self.progress.write(f"step {self.step_count}: eval loss {loss:.4f} over {tokens:,} tokens, "
                             f"perplexity {math.exp(loss):.2f}")
         self.history.evals.append({"step": self.step_count, "loss": loss, "tokens": tokens})
