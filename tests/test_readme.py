@@ -46,8 +46,9 @@ def test_every_getting_started_command_runs_as_written(tmp_path):
     script = "set -euo pipefail\n" + "\n".join(getting_started_blocks())
     env = {**os.environ, "HYBRID_DS_SET": SHRINK, "HF_HUB_OFFLINE": "1", "PATH": os.environ.get("PATH", "")}
     env.pop("HYBRID_DS_VERBOSE", None)
-    proc = subprocess.run(["bash", "-c", script], cwd=repo, env=env, capture_output=True, text=True, timeout=1200)
-    out = proc.stdout + proc.stderr
+    proc = subprocess.run(["bash", "-c", script], cwd=repo, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                          text=True, timeout=1200)
+    out = proc.stdout
     assert proc.returncode == 0, out[-6000:]
     runs = repo / "runs"
     for run in ("gpt", "mine", "smollm2-lora"):

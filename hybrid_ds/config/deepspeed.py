@@ -136,19 +136,29 @@ def schedule_length(ds: dict[str, Any]) -> tuple[str, Any] | None:
 
 
 def schedule_warnings(ds: dict[str, Any], max_steps: int) -> list[str]:
-    """A warning when the config's scheduler sets a length other than ``train.max_steps``.
+    """A warning when the config's scheduler sets a length other than ``train.max_steps``, and when its warmup is
+    longer than the whole schedule.
 
     >>> schedule_warnings({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 2000}}}, 12)[0][:72]
     'scheduler.params.total_num_steps: 2000, while train.max_steps is 12: the'
     >>> schedule_warnings({"scheduler": {"type": "WarmupCosineLR", "params": {"total_num_steps": 12}}}, 12)
     []
+    >>> schedule_warnings({"scheduler": {"type": "WarmupCosineLR", "params": {"warmup_num_steps": 2}}}, 1)
+    ['scheduler.params.warmup_num_steps: 2, longer than the 1-step schedule: the learning rate never reaches its peak']
     """
     key, length = schedule_length(ds) or (None, None)
-    if length is None or length == max_steps:
-        return []
-    ends = "ends before the run does" if length < max_steps else "is cut off where the run ends"
-    return [f"scheduler.params.{key}: {length}, while train.max_steps is {max_steps}: the learning-rate schedule "
-            f"{ends}; leave {key} out to have it follow train.max_steps"]
+    warnings = []
+    if length is not None and length != max_steps:
+        ends = "ends before the run does" if length < max_steps else "is cut off where the run ends"
+        warnings.append(f"scheduler.params.{key}: {length}, while train.max_steps is {max_steps}: the learning-rate "
+                        f"schedule {ends}; leave {key} out to have it follow train.max_steps")
+    warmup = ((ds.get("scheduler") or {}).get("params") or {}).get("warmup_num_steps")
+    total = max_steps if length is None else length
+    if key == "total_num_steps" and isinstance(warmup, int) and warmup > total:
+        # said once here, instead of DeepSpeed's "total_num_steps 1 is less than warmup_num_steps 2" on every rank
+        warnings.append(f"scheduler.params.warmup_num_steps: {warmup}, longer than the {total}-step schedule: the "
+                        f"learning rate never reaches its peak")
+    return warnings
 
 
 def zero_stage_to_run(requested: int, dp: int, precision: str, eligible: bool) -> int:

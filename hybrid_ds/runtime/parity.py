@@ -42,11 +42,18 @@ class ParityReport:
     unmatched_grads: list[str] = field(default_factory=list)
     fused_loss: float | None = None       # the fused loss (train.fused_loss), and its max relative grad diff
     fused_grad_diff: float | None = None
+    # How far Hugging Face's fp32 loss itself is from the same loss summed in float64 (loss, max relative grad
+    # diff): the rounding any other summation order may show, which grows with depth (~1e-4 at SmolLM2-135M)
+    rounding_loss: float = 0.0
+    rounding_grad_diff: float = 0.0
 
     @property
     def fused_ok(self) -> bool:
-        return self.fused_loss is None or (abs(self.hf_loss - self.fused_loss) <= TOLERANCE
-                                           and self.fused_grad_diff <= TOLERANCE)
+        """The fused loss within the tolerance of Hugging Face's, or no farther from it than twice the rounding of
+        Hugging Face's own fp32 loss."""
+        return self.fused_loss is None or (
+            abs(self.hf_loss - self.fused_loss) <= max(TOLERANCE, 2 * self.rounding_loss)
+            and self.fused_grad_diff <= max(TOLERANCE, 2 * self.rounding_grad_diff))
 
     @property
     def ok(self) -> bool:
@@ -68,7 +75,9 @@ class ParityReport:
                 f"max grad diff   {self.max_grad_diff:.3g} (relative, worst: {self.worst_grad})",
                 *([f"unmatched grads {self.unmatched_grads[:5]}"] if self.unmatched_grads else []),
                 *([f"fused loss      {self.fused_loss:.8f}   diff {abs(self.hf_loss - self.fused_loss):.3g}   "
-                   f"max grad diff {self.fused_grad_diff:.3g}"] if self.fused_loss is not None else []),
+                   f"max grad diff {self.fused_grad_diff:.3g}",
+                   f"fp32 rounding   Hugging Face's loss in float64: diff {self.rounding_loss:.3g}   "
+                   f"max grad diff {self.rounding_grad_diff:.3g}"] if self.fused_loss is not None else []),
                 f"parity          {'OK' if self.ok else 'FAILED'} "
                 f"({'bit for bit' if self.exact else f'tolerance {TOLERANCE:g}'})"]
 
@@ -128,7 +137,25 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
             fused.backward()
             report.fused_loss = fused.item()
             report.fused_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
+            for module in pipe.modules():
+                module.zero_grad(set_to_none=True)
+            exact = _float64_loss(pipe.forward(inputs), batch["labels"], family)
+            exact.backward()
+            report.rounding_loss = abs(report.hf_loss - exact.item())
+            report.rounding_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
         return report
+
+
+def _float64_loss(outputs, labels: torch.Tensor, family) -> torch.Tensor:
+    """Hugging Face's loss (shifted for a causal LM, -100 ignored, the mean over tokens, plus the router loss) of
+    the logits in float64: Hugging Face's own ``ForCausalLMLoss`` computes in fp32 whatever it is given."""
+    logits, *aux = outputs if isinstance(outputs, tuple) else (outputs,)
+    logits = materialize(logits).double()
+    if family.task_info.loss == "ForCausalLMLoss":
+        logits, labels = logits[:, :-1], labels[:, 1:]
+    loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels.reshape(-1),
+                                             ignore_index=-100)
+    return loss + family.router_aux.coef * aux[0].double() if aux else loss
 
 
 def with_adapters_of(pipe: SequentialStages, hf: torch.nn.Module) -> torch.nn.Module:

@@ -18,7 +18,9 @@ from collections.abc import Iterator
 VERBOSE_ENV = "HYBRID_DS_VERBOSE"
 _CHATTER = ("Attempting to get learning rate from scheduler before it has started",
             # DeepSpeed's accelerator detection on a machine without a GPU, at its import: validate, plan, train
-            "Setting accelerator to CPU. If you have GPU or other accelerator")
+            "Setting accelerator to CPU. If you have GPU or other accelerator",
+            # WarmupDecayLR/WarmupCosineLR on every rank: hybrid_ds.config.deepspeed.schedule_warnings says it once
+            "is less than warmup_num_steps")
 
 
 def verbose() -> bool:
