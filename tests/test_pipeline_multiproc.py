@@ -186,12 +186,15 @@ def test_activation_checkpointing_keeps_parity(folders, tmp_path):
 
 
 def test_bf16_pipeline_trains(folders, tmp_path):
-    """bf16 (DeepSpeed's BF16_Optimizer, fp32 master weights) at pp=2 follows the fp32 reference loosely."""
+    """bf16 (DeepSpeed's BF16_Optimizer, fp32 master weights) at pp=2 follows the fp32 reference loosely, and its
+    first step's gradient norm is the reference's within bf16's rounding: DeepSpeed's last stage added micro-batches
+    0..k-1 again at micro-batch k (norm 2.3x), which Adam's scale invariance hid from the losses."""
     steps = 3
     batches = make_batches("gpt2-tiny", steps)
-    ref = reference("gpt2-tiny", folders["gpt2-tiny"], batches, steps)
+    ref = reference("gpt2-tiny", folders["gpt2-tiny"], batches, steps, clip=1e9)  # clip only measures the norm
     run = launch(tmp_path, folders["gpt2-tiny"], batches, stages=2, nproc=2, steps=steps, bf16={"enabled": True})
     assert run["losses"] == pytest.approx(ref["losses"], abs=5e-2)
+    assert run["ranks"][0]["norms"][0] == pytest.approx(ref["norms"][0], rel=0.02), (run["ranks"][0]["norms"], ref)
     assert all(p.dtype == torch.bfloat16 for r in run["ranks"] for p in r["params"].values())
 
 

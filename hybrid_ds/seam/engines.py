@@ -19,6 +19,7 @@ from typing import Any
 import deepspeed
 import torch
 from deepspeed.accelerator import get_accelerator
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer as Zero
 
@@ -182,12 +183,22 @@ ONE_BACKWARD = requirement(
     and PipelineEngine._exec_backward_pass in PipelineEngine._INSTRUCTION_MAP.values(), _ONE_BACKWARD_WHY)
 
 
+BF16_LAST_STAGE = requirement(
+    "pipeline.bf16_last_stage", "PipelineEngine._exec_backward_pass clearing the bf16 gradients (clear_lp_grads) "
+    "around a backward only off the last stage, and BF16_Optimizer.backward_epilogue adding them to the fp32 ones",
+    lambda: code_has(PipelineEngine._exec_backward_pass, "super().backward(self.loss)",
+                     "self.optimizer.clear_lp_grads()", "self.optimizer.update_hp_grads(clear_lp_grads=False)")
+    and code_has(BF16_Optimizer.backward_epilogue, "self.update_hp_grads(clear_lp_grads=clear_lp_grads)")
+    and callable(BF16_Optimizer.clear_lp_grads),
+    "the last stage of a bf16 pipeline adds each micro-batch's gradient to the fp32 sum once")
+
+
 def check_one_backward() -> None:
     """DeepSpeed 0.19.8's ``_exec_backward_pass`` takes a non-last stage's outputs from ``pipe_buffers['outputs']``
     and their gradients from ``grad_layer``, and runs ``out.backward(gradient=grad, retain_graph=...)`` once per
     floating output: with two outputs that depend on the whole stage (hidden states and a MoE model's router
     sums) autograd walks the stage's graph twice. Given one flat tensor it runs one ``backward``."""
-    require(ONE_BACKWARD)
+    require(ONE_BACKWARD, BF16_LAST_STAGE)
 
 
 class OneBackwardPipelineEngine(_pipeline_engine_base()):
@@ -208,6 +219,11 @@ class OneBackwardPipelineEngine(_pipeline_engine_base()):
         outputs = self.pipe_buffers["outputs"][buffer_id]
         # The last stage's outputs are never sent, and need not be tensors (the head's HeadLogits).
         last = self.is_last_stage()
+        if last and self.using_bf16_optimizer:
+            # DeepSpeed clears the bf16 gradients before another stage's backward and adds them to the fp32 sum after;
+            # the last stage's backward (DeepSpeedEngine.backward) adds them after without clearing them before, so
+            # micro-batch k's fp32 gradient got micro-batches 0..k-1's again (measured: tests/test_pipeline_multiproc.py)
+            self.optimizer.clear_lp_grads()
         floating = [t for t in outputs if t.is_floating_point()] if isinstance(outputs, tuple) and not last else []
         if len(floating) < 2 or self.is_pipe_partitioned or self.is_grad_partitioned:
             super()._exec_backward_pass(buffer_id)
