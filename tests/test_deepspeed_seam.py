@@ -21,6 +21,7 @@ import pytest
 import torch
 from deepspeed.pipe import PipelineModule
 from deepspeed.runtime.base_optimizer import ZeROOptimizer
+from deepspeed.runtime.bf16_optimizer import BF16_Optimizer
 from deepspeed.runtime.engine import DeepSpeedEngine
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid
@@ -28,7 +29,8 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 
 from hybrid_ds.errors import IncompatibleDeepSpeed, UserError
 from hybrid_ds.runtime.checkpoint.zero0 import load_universal_zero0, optimizer_param_names, zero0_to_universal
-from hybrid_ds.seam import autoep, config_check, engines, environment, instruments, numerics, pipeline_module, universal
+from hybrid_ds.seam import (autoep, config_check, engines, environment, instruments, numerics, pipeline_module,
+                            universal, zero_bubble)
 from hybrid_ds.seam.compat import REGISTRY, WRITTEN_FOR, code_count, code_has, require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -138,6 +140,14 @@ def _backward_per_output(self, buffer_id):
         out.backward(grad)
 
 
+def _epilogue_without_update(self, **kwargs):
+    self.epilogue_ran = True
+
+
+def _train_batch_own_schedule(self, data_iter=None):
+    self._exec_schedule(self.schedule_of_the_batch())
+
+
 def _exec_reduce_grads_elsewhere(self):
     self.optimizer.reduce_everything()
 
@@ -237,6 +247,7 @@ TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor 
     "pipeline.instruction_map": _set(PipelineEngine, "_exec_schedule", _exec_schedule_without_map),
     "pipeline.tied_modules": _set(PipelineModule, "_build", _build_naming_tied_elsewhere),
     "pipeline.one_backward": _set(PipelineEngine, "_exec_backward_pass", _backward_per_output),
+    "pipeline.bf16_last_stage": _set(BF16_Optimizer, "backward_epilogue", _epilogue_without_update),
     "reduce.exec_reduce_grads": _set(PipelineEngine, "_exec_reduce_grads", _exec_reduce_grads_elsewhere),
     "reduce.fallback": _set(DeepSpeedEngine, "_get_gradients_for_reduction", _gradients_without_zeros),
     **{f"skip.{name}": _set(lambda name=name: _skipping(name), "step", _step_whatever_the_norm)
@@ -259,6 +270,7 @@ TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor 
     "zero2.instructions": _set(PipelineEngine, "_INSTRUCTION_MAP", {}),
     "zero2.offsets": _set(DeepSpeedZeroOptimizer, "_build_compact_grad_partition_buffer", _setup_buckets_without_flag),
     "zero2.oversized": _set(DeepSpeedZeroOptimizer, "reduce_ipg_grads", _reduce_ipg_grads_without_oversized),
+    "zero_bubble.backward_calls": _set(PipelineEngine, "train_batch", _train_batch_own_schedule),
 }
 OTHER_WAYS = [  # more refactors, each refused by the requirement of that key
     ("environment.shm_comm_op", _set(_module("deepspeed.comm.torch"), "build_shm_op", _setup_buckets_without_flag)),
@@ -365,7 +377,13 @@ ENTRIES = {  # requirement key's prefix -> (tmp_path, the rest of the key) -> (t
                                         (lambda: engines.pipeline_engine_class(1), lambda: True)),
     "reduce": _reduce_entry, "skip": _skip_entry, "universal": _universal_entry, "zero0": _zero0_entry,
     "zero2": _no_state(lambda: engines.pipeline_engine_class(2)),
+    "zero_bubble": lambda tmp_path, name: _zero_bubble_entry(),
 }
+
+
+def _zero_bubble_entry():
+    engine = types.SimpleNamespace()
+    return (lambda: zero_bubble.use_program(engine, [], 2), lambda: not vars(engine))
 
 
 @pytest.mark.parametrize("key", sorted(REGISTRY))

@@ -116,7 +116,8 @@ def test_lora_run_exports_an_adapter_peft_loads_and_a_merged_model(tmp_path):
 def test_lora_run_resumes_exactly(tmp_path, pretrained):
     """Stopped after step 4 and resumed, a LoRA run (pp=2, adapter dropout on) gives the uninterrupted run's losses
     exactly: adapters, their optimizer state and the frozen base all come back. A pretrained base is left out of the
-    checkpoints (read from model.name again), a random one is saved."""
+    checkpoints (read from model.name again), a random one is saved. The first 4 steps train under
+    pipeline.schedule zb-h1, the rest and the uninterrupted run under 1F1B."""
     base = tmp_path / "base"
     tiny = resolve_model(ModelConfig(name="gpt2-tiny", overrides={"vocab_size": 50304})).hf_config  # GPT-2 BPE
     torch.manual_seed(0)
@@ -131,6 +132,8 @@ def test_lora_run_resumes_exactly(tmp_path, pretrained):
             raw["model"] = {"name": str(base), "pretrained": True}
         raw["model"]["lora"] = {**LORA, "dropout": 0.1}
         raw["pipeline"]["partition"] = [1, 1]
+        if name == "stopped":  # a ZB-H1 segment: the same adapters as 1F1B's, and its checkpoint resumes under 1F1B
+            raw["pipeline"]["schedule"] = "zb-h1"
         config.write_text(json.dumps(raw))
         train(config, 2, *(["--resume"] if name == "resumed" else []))
         runs[name] = summary(config)["losses"]

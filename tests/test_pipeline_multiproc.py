@@ -60,7 +60,9 @@ def make_batches(name: str, steps: int) -> list[dict[str, torch.Tensor]]:
     return batches * steps
 
 
-def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps: int, *extra: str, **ds) -> dict:
+def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps: int, *extra: str,
+           failing: bool = False, **ds) -> dict:
+    """The worker's results, or with ``failing`` its process (which must have failed)."""
     run = tmp_path / f"run-pp{stages}-n{nproc}-z{ds.get('zero_optimization', {}).get('stage', 0)}{''.join(extra)}"
     run.mkdir()
     # Hugging Face's loss on the full logits: parameters after Adam steps are compared with the HF model's to 1e-5,
@@ -75,6 +77,9 @@ def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps
     torch.save(batches, run / "batches.pt")
     argv = ["--config", run / "config.json", "--batches", run / "batches.pt", "--steps", steps, "--out", run, *extra]
     proc = warm_ranks.run(WORKER, argv, nproc)
+    if failing:
+        assert proc.returncode != 0
+        return proc
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [torch.load(run / f"params-rank{r}.pt") for r in range(nproc)]
     return {"losses": json.loads((run / "losses.json").read_text()), "ranks": ranks}

@@ -44,6 +44,13 @@ def tiny_config(tmp_path: Path, name: str, stages: int, zero: int = 1, **train) 
     return path
 
 
+def with_schedule(config: Path, schedule: str) -> Path:
+    raw = json.loads(config.read_text())
+    raw["pipeline"]["schedule"] = schedule
+    config.write_text(json.dumps(raw))
+    return config
+
+
 def command(script: Path, config: Path, nproc: int, *extra: str) -> list[str]:
     return [str(LAUNCHER), "--num_gpus", str(nproc), "--master_port", str(warm_ranks.free_port()), str(script),
             "--config", str(config), *extra]
@@ -227,15 +234,19 @@ def test_tied_phi_trains_its_head_bias_at_two_stages_and_exports(tmp_path):
 
 def test_zero2_with_stages_resumes_exactly_and_exports(tmp_path):
     """ZeRO-2 at pp=2 x dp=2 (4 processes): stopped after step 4 and resumed, steps 5-8 give the uninterrupted
-    run's losses exactly (dropout on); the run's export computes exactly its trained pipeline's logits."""
+    run's losses exactly (dropout on); the run's export computes exactly its trained pipeline's logits.
+
+    The uninterrupted run and the resumed segment train under pipeline.schedule zb-h1, the first segment under
+    1F1B: the same losses (dropout on) and a 1F1B checkpoint resuming under ZB-H1."""
     import transformers
 
     (tmp_path / "a").mkdir()
     (tmp_path / "b").mkdir()
     straight = tiny_config(tmp_path / "a", "gpt2-tiny", 2, zero=2, save_interval=4, export_hf=str(tmp_path / "hf"))
+    with_schedule(straight, "zb-h1")
     train(straight, 4)
     train(tiny_config(tmp_path / "b", "gpt2-tiny", 2, zero=2, save_interval=4, max_steps=4), 4)
-    resumed = tiny_config(tmp_path / "b", "gpt2-tiny", 2, zero=2, save_interval=4)
+    resumed = with_schedule(tiny_config(tmp_path / "b", "gpt2-tiny", 2, zero=2, save_interval=4), "zb-h1")
     proc = train(resumed, 4, "--resume")
     want, got = summary(straight)["losses"], summary(resumed)["losses"]
     assert len(got) == 8 and got == want, (want, got)  # the summary is the whole run's, steps 1-4 from the checkpoint

@@ -53,10 +53,29 @@ def check_cross_section(cfg: Any) -> None:
     if cfg.train.export_hf and not cfg.train.save_dir:
         raise UserError("train.export_hf", f"{cfg.train.export_hf!r} needs train.save_dir: the export is written "
                                            "from the run's last checkpoint")
+    if cfg.pipeline.schedule == "zb-h1":
+        check_zero_bubble(cfg)
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",
                         f"{partition} names {len(partition)} stages but pipeline.stages is {cfg.pipeline.stages}")
+
+
+def check_zero_bubble(cfg: Any) -> None:
+    """What ``pipeline.schedule: zb-h1`` cannot run with: one stage (nothing to fill), and the features whose backward
+    is one opaque step that cannot be split into input and weight gradients."""
+    if cfg.pipeline.stages < 2:
+        raise UserError("pipeline.schedule", f"'zb-h1' needs pipeline.stages >= 2 (it fills the idle time between "
+                                             f"stages), got {cfg.pipeline.stages}; use '1f1b'")
+    if cfg.pipeline.activation_checkpoint_interval:
+        raise UserError("pipeline.schedule", "'zb-h1' is not available with pipeline.activation_checkpoint_interval "
+                                             f"{cfg.pipeline.activation_checkpoint_interval}: a recomputed layer's "
+                                             "backward runs as one step, which cannot be split into input and weight "
+                                             "gradients; set activation_checkpoint_interval 0 or use '1f1b'")
+    if cfg.train.compile:
+        raise UserError("pipeline.schedule", "'zb-h1' is not available with train.compile: a compiled block's backward "
+                                             "runs as one step, which cannot be split into input and weight "
+                                             "gradients; set train.compile false or use '1f1b'")
 
 
 # Up to 4 micro-batches summed in bf16 lose at most a few of its 8 significant bits; beyond, small gradients vanish.

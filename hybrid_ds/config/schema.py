@@ -112,6 +112,10 @@ class PipelineConfig(_Section):
                     "memory, DeepSpeed's default), \"uniform\" (balance layer counts), \"type:REGEX\" (balance "
                     "layers whose class matches), or blocks per stage, e.g. [6, 6]")
     activation_checkpoint_interval: int = Field(0, ge=0, description="recompute every N layers; 0 = off")
+    schedule: Literal["1f1b", "zb-h1"] = Field(
+        "1f1b", description="\"1f1b\" (DeepSpeed's TrainSchedule) or \"zb-h1\" (zero-bubble: each backward split "
+                            "into the input gradient and the weight gradient, which fills the pipeline's idle time; "
+                            "hybrid_ds.config.schedule)")
     pipe_partitioned: bool = Field(True, description="DeepSpeed: split activations sent between stages over TP")
     grad_partitioned: bool = Field(True, description="DeepSpeed: split gradients sent between stages over TP")
 

@@ -12,6 +12,7 @@ from hybrid_ds.estimate.architecture import Arch
 from hybrid_ds.estimate.flops import forward_flops_per_token
 from hybrid_ds.estimate.run import Run
 from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate
+from hybrid_ds.config.schedule import bubble as schedule_bubble
 from hybrid_ds.config.topology import layer_span
 
 
@@ -102,7 +103,7 @@ def format_estimate(est: Estimate) -> str:
               f" (with recompute); causal attention counted as full s x s; forward "
               f"{human_count(forward_flops_per_token(arch, run.seq_len), 'FLOPs')}/token"
               + (f" with the top-{arch.experts.top_k} of {arch.experts.count} experts" if arch.experts else ""),
-              f"bubble     (p-1)/(m+p-1) = {est.bubble:.1%}",
+              f"bubble     {bubble_text(run.schedule, run.stages, run.grad_accum)}",
               f"comm/rank  {human_bytes(est.comm_per_rank)} per step"
               + (f" ({', '.join(f'{k} {human_bytes(v)}' for k, v in busiest.items())})" if busiest else "")]
     if est.step_time is not None:
@@ -184,7 +185,7 @@ def format_plan(plan: Any) -> str:
         f"{layout.grad_accum} x dp {layout.dp}; {layout.train_batch * cfg.data.seq_len:,} tokens per step "
         f"at seq_len {cfg.data.seq_len}",
         f"documents  {documents_text(plan)}",
-        f"bubble     (p-1)/(m+p-1) = {layout.bubble:.1%}",
+        f"bubble     {bubble_text(cfg.pipeline.schedule, layout.stages, layout.grad_accum)}",
         f"partition  {cfg.pipeline.partition} -> boundaries {plan.boundaries}",
         *([lora_text(lora, trainable, plan.total_params)] if lora else []),
         "",
@@ -226,3 +227,19 @@ def plan_dict(plan: Any) -> dict:
                         "param_bytes": s.param_bytes, "trainable_params": s.trainable} for s in plan.stage_plans],
         "warnings": plan.warnings,
     }
+
+
+def bubble_text(schedule: str, stages: int, micro_batches: int) -> str:
+    """The idle fraction of this schedule's step, with the other schedule's beside it (F = B = W).
+
+    >>> bubble_text("1f1b", 4, 8)
+    '1F1B (p-1)/(m+p-1) = 27.3% (pipeline.schedule zb-h1: 11.1%)'
+    >>> bubble_text("zb-h1", 4, 8)
+    'ZB-H1 (p-1)/(3m+p-1) = 11.1% (pipeline.schedule 1f1b: 27.3%)'
+    """
+    formula = {"1f1b": "1F1B (p-1)/(m+p-1)", "zb-h1": "ZB-H1 (p-1)/(3m+p-1)" if micro_batches >= stages else "ZB-H1"}
+    other = "zb-h1" if schedule == "1f1b" else "1f1b"
+    text = f"{formula[schedule]} = {schedule_bubble(schedule, stages, micro_batches):.1%}"
+    if stages > 1:
+        text += f" (pipeline.schedule {other}: {schedule_bubble(other, stages, micro_batches):.1%})"
+    return text

@@ -41,6 +41,7 @@ class Run:
     lora: Any = None                       # model.lora (hybrid_ds.config.LoraConfig): base frozen, adapters trained
     source: str = ""
     description: str = ""
+    schedule: str = "1f1b"                 # pipeline.schedule (hybrid_ds.config.schedule)
 
     @property
     def tokens_per_step(self) -> int:
@@ -73,7 +74,7 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
                cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation or "sdpa",
                cfg.train.fused_loss and cfg.pipeline_engine, zero.reduce_bucket, zero.contiguous_gradients,
                zero.overlap_comm, zero.persistence_threshold, zero.prefetch_bucket, cfg.model.lora, cfg.source,
-               cfg.description)
+               cfg.description, cfg.pipeline.schedule)
 
 
 def partition(run: Run) -> list[int]:

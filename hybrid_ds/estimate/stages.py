@@ -16,6 +16,7 @@ from hybrid_ds.estimate.activations import (DTYPE_BYTES, block_activation_terms,
 from hybrid_ds.estimate.architecture import Arch, adapted
 from hybrid_ds.estimate.flops import blocks_flops, training_flops
 from hybrid_ds.config.deepspeed import DEEPSPEED_REDUCE_BUCKET, reduce_bucket_elements
+from hybrid_ds.config.schedule import in_flight as schedule_in_flight
 from hybrid_ds.estimate.model_state import ModelState, model_state
 from hybrid_ds.estimate.run import Run, partition
 
@@ -88,8 +89,8 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
         working = sum(sorted(saved)[-interval:])
     else:
         per_micro_batch += sum(saved)
-    # TrainSchedule (1F1B): stage s runs min(p - s, m) forwards before its first backward.
-    in_flight = min(p - stage, run.grad_accum)
+    # 1F1B: stage s runs min(p - s, m) forwards before its first backward; ZB-H1 keeps p until their W.
+    in_flight = schedule_in_flight(run.schedule, p, run.grad_accum, stage)
     activation = w * tokens * arch.hidden
     buffers = in_flight * activation * ((stage > 0) + (stage < p - 1)) + activation * ((stage > 0) + (stage < p - 1))
     logits = 0.0

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
-from hybrid_ds.config.topology import bubble_fraction
+from hybrid_ds.config.schedule import bubble as schedule_bubble
 from hybrid_ds.errors import UserError
 from hybrid_ds.estimate.activations import DTYPE_BYTES
 from hybrid_ds.estimate.architecture import Arch
@@ -61,7 +61,7 @@ def estimate(run: Run, cluster: Any = None, runtime: str = "cuda", efficiency: f
     model_flops = tokens * training_flops(arch, run.seq_len, frozen=run.lora is not None)
     recompute = tokens * blocks_flops(arch, run.seq_len) if run.checkpoint_interval else 0.0
     est = Estimate(run, stages, cluster, runtime, model_flops, model_flops + recompute,
-                   bubble_fraction(run.stages, run.grad_accum))
+                   schedule_bubble(run.schedule, run.stages, run.grad_accum))
     if run.stages > 1 and run.grad_accum < 4 * run.stages:
         est.warnings.append(f"gradient_accumulation_steps={run.grad_accum} < 4 x stages: the bubble is {est.bubble:.0%}")
     if cluster is not None:
@@ -92,8 +92,8 @@ def _step_time(est: Estimate, cluster: Any, efficiency: float) -> None:
         once = s.comm.get("parameter all-gather", 0) + (s.comm.get("gradient all-reduce", 0) if run.zero < 2 else 0)
         after_flush.append(once / dp_bw + s.comm.get("tied gradients", 0) / p2p_bw)
     slowest = max(per_micro_batch)
-    pipeline = (run.grad_accum + run.stages - 1) * slowest
-    est.time_parts = {"compute": run.grad_accum * slowest, "bubble": (run.stages - 1) * slowest,
+    pipeline = run.grad_accum * slowest / (1 - est.bubble)  # 1F1B: (m + p - 1) x slowest
+    est.time_parts = {"compute": run.grad_accum * slowest, "bubble": pipeline - run.grad_accum * slowest,
                       "gradient sync": max(after_flush)}
     est.step_time = pipeline + max(after_flush)
     est.mfu = est.model_flops / (cluster.gpus * peak * est.step_time)

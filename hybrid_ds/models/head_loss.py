@@ -21,6 +21,8 @@ Anything that needs the logits themselves (parity, tests) calls :func:`materiali
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -127,11 +129,31 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        if getattr(ctx, "result", None) is not None:  # a split backward's W: what its B computed
+            result, ctx.result = ctx.result, None
+            return result
         grads, ctx.grads = ctx.grads, None  # dropped, so that autograd can take the gradients without copying them
         d_hidden, d_weight, d_bias = grads.scaled(grad_loss)
         needs = ctx.needs_input_grad
-        return (d_hidden if needs[0] else None, d_weight if needs[1] else None, d_bias if needs[2] else None,
-                d_bias if needs[3] else None, None, None, None, None)
+        result = (d_hidden if needs[0] else None, d_weight if needs[1] else None, d_bias if needs[2] else None,
+                  d_bias if needs[3] else None, None, None, None, None)
+        if _SPLIT_BACKWARD[0]:  # B of pipeline.schedule zb-h1: W calls again for the weight's and bias's
+            ctx.result = result
+        return result
+
+
+_SPLIT_BACKWARD = [False]
+
+
+@contextlib.contextmanager
+def split_backward() -> Iterator[None]:
+    """While open, a backward through the fused loss keeps its gradients for a second call: the B pass of a split
+    backward (``pipeline.schedule: zb-h1``) takes the hidden states' gradient, its W pass the weight's and bias's."""
+    _SPLIT_BACKWARD[0] = True
+    try:
+        yield
+    finally:
+        _SPLIT_BACKWARD[0] = False
 
 
 class _Grads:

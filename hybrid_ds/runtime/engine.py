@@ -20,9 +20,12 @@ from hybrid_ds.seam.environment import arch_list_deepspeed_can_parse, disable_sh
 from hybrid_ds.seam.numerics import reduce_over_one_rank_is_nothing, skip_non_finite_steps, use_global_clip_norm
 from hybrid_ds.seam.pipeline_module import tied_prefix
 from hybrid_ds.seam.universal import describe_for_universal
+from hybrid_ds.seam.zero_bubble import use_program
+from hybrid_ds.config.schedule import buffers_needed, instructions
 from hybrid_ds.config.deepspeed import effective_deepspeed_config
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.build import checkpoint_folder
+from hybrid_ds.models.head_loss import split_backward
 from hybrid_ds.models.masks import document_positions
 from hybrid_ds.models.resolve import auto_class
 from hybrid_ds.runtime.pipeline import build_pipeline_module
@@ -121,6 +124,10 @@ def build_pipeline_engine(plan: Plan) -> Any:
     engine = initialize_pipeline(
         engine_class, model=module, model_parameters=parameter_groups(module, plan.config.train.no_weight_decay),
         config=deepspeed_config(plan))
+    if plan.config.pipeline.schedule == "zb-h1":
+        program = instructions("zb-h1", engine.num_stages, engine.micro_batches, engine.stage_id)
+        use_program(engine, [(i.kind, i.micro_batch) for i in program], max(2, buffers_needed(program)),
+                    around_input_pass=split_backward)
     use_global_clip_norm(engine)
     reduce_over_one_rank_is_nothing(engine)
     if plan.zero_note and torch.distributed.get_rank() == 0:

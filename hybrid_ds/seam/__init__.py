@@ -11,7 +11,8 @@ item depends on DeepSpeed *calling* it, that the caller still calls it), and oth
 Modules: ``compat`` (the version and the check every item uses), ``pipeline_module`` (our stage boundaries,
 per-layer file names), ``engines`` (one backward pass; ZeRO-2 with stages), ``numerics`` (global clip, non-finite
 steps, the dp=1 reduction), ``universal`` (universal checkpoints), ``autoep`` (AutoEP under transformers 5.x),
-``environment`` (the CPU comm op, CUDA arch list), ``config_check`` (DeepSpeed's sections checked by its own models
+``environment`` (the CPU comm op, CUDA arch list), ``zero_bubble`` (ZB-H1: the backward split into input and
+weight gradients, new instructions, a schedule of our own), ``config_check`` (DeepSpeed's sections checked by its own models
 and the optimizer and scheduler it builds), ``instruments`` (for bench/ and the test workers). The seam imports
 nothing of hybrid_ds but its errors; the pure layer never imports it.
 

@@ -143,3 +143,10 @@ def _entries(pattern: ast.Dict) -> Iterator[tuple[Any, Any]]:
             yield key, value
         elif not _is_wildcard(value):
             raise SyntaxError("in a dict pattern, ** takes only ...")
+
+
+def undecorated(function: Callable) -> Callable:
+    """``function`` without DeepSpeed's ``instrument_w_nvtx`` (ZeRO-3's ``step``, ``DeepSpeedEngine.backward``), which
+    keeps it in its closure and sets no ``__wrapped__``."""
+    inner = [c.cell_contents for c in function.__closure__ or () if inspect.isfunction(c.cell_contents)]
+    return inner[0] if inner else function

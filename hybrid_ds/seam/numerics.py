@@ -26,7 +26,7 @@ from deepspeed.runtime.pipe import schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from deepspeed.runtime.pipe.topology import PipelineParallelGrid
 
-from hybrid_ds.seam.compat import Requirement, code_has, require, requirement
+from hybrid_ds.seam.compat import Requirement, code_has, require, requirement, undecorated
 from hybrid_ds.seam.engines import check_instruction_map
 
 _CLIP_WHY = "without it the fp32 pipeline clips each stage by its own gradient norm (PITFALLS 2)"
@@ -115,7 +115,7 @@ _SKIPPING = (("deepspeed.runtime.zero.stage_1_and_2", "DeepSpeedZeroOptimizer", 
 
 def _skip_requirement(module: str, name: str, norm: str) -> Requirement:
     return requirement(f"skip.{name}", f"{name}.step setting overflow when is_invalid_grad_norm({norm})",
-                       lambda: code_has(_undecorated(getattr(importlib.import_module(module), name).step),
+                       lambda: code_has(undecorated(getattr(importlib.import_module(module), name).step),
                                         f"is_invalid_grad_norm({norm})", "self.overflow = True"), _SKIP_WHY)
 
 
@@ -135,13 +135,6 @@ def check_overflow_skip(optimizer: Any) -> None:
     ``optimizer``'s class, among :func:`_skipping_optimizers`)."""
     require(SKIP_STEP)
     require(*(found for kind, found in _skipping_optimizers().items() if isinstance(optimizer, kind)))
-
-
-def _undecorated(function: Callable) -> Callable:
-    """``function`` without DeepSpeed's ``instrument_w_nvtx`` (ZeRO-3's ``step``), which keeps it in its closure and
-    sets no ``__wrapped__``."""
-    inner = [c.cell_contents for c in function.__closure__ or () if inspect.isfunction(c.cell_contents)]
-    return inner[0] if inner else function
 
 
 def skip_non_finite_steps(engine: Any) -> None:

@@ -19,11 +19,11 @@ from hybrid_ds.runtime.plan import build_plan
 
 
 def record_gradient_bytes(engine) -> list[int]:
-    """Append to the returned list the gradient bytes this rank holds after each BackwardPass."""
+    """Append to the returned list the gradient bytes this rank holds after each pass that adds gradients."""
     held = []
 
     def wrap(kind, fn):
-        if kind.__name__ != "BackwardPass":
+        if kind.__name__ not in ("BackwardPass", "WeightPass"):  # WeightPass: pipeline.schedule zb-h1
             return fn
 
         def backward_then_measure(engine, *args, **kwargs):
@@ -55,6 +55,8 @@ def main():
     parser.add_argument("--local_rank", type=int, default=0)
     parser.add_argument("--zero-as-configured", action="store_true",
                         help="keep the config's ZeRO stage where hybrid_ds would run another (the reference)")
+    parser.add_argument("--break-schedule", choices=["skip-w", "repeat-w"],
+                        help="pipeline.schedule zb-h1 with micro-batch 1's W left out or run twice (a negative control)")
     args = parser.parse_args()
     if args.zero_as_configured:
         import hybrid_ds.config.deepspeed
@@ -64,6 +66,11 @@ def main():
     world = init_distributed()
     plan = build_plan(load_config(args.config), world)
     engine = build_pipeline_engine(plan)
+    if args.break_schedule:
+        program = list(engine._zb_program)
+        at = program.index(("weight", 1))
+        program[at:at + 1] = [] if args.break_schedule == "skip-w" else [("weight", 1)] * 2
+        engine._zb_program = program
     from deepspeed.runtime.pipe.schedule import ReduceGrads
     reduce_grads = engine._INSTRUCTION_MAP[ReduceGrads].__name__  # before record_gradient_bytes wraps the map
     batches = torch.load(args.batches)
