@@ -66,7 +66,7 @@ def _plan_base(args: argparse.Namespace) -> tuple[dict[str, Any], int, int]:
 
 def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, precision: str,
                  efficiency: float = COMPUTE_EFFICIENCY) -> list[tuple[dict[str, Any], Estimate]]:
-    """Every (stages, ZeRO stage, micro-batch, checkpointing) that divides the batch, fits and draws no warning of
+    """Every (stages, ZeRO stage, micro-batch, checkpointing or ZB-H1) that divides the batch, fits and draws no warning of
     ``validate`` (a pipeline bubble, bf16 sums over many micro-batches: hybrid_ds.config.checks), fastest first."""
     arch = model_arch(ModelConfig(**raw["model"]))   # once: every candidate varies the layout, not the model
     found = []
@@ -74,8 +74,9 @@ def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, preci
         dp = cluster.gpus // stages
         for zero in ((0, 1, 2) if stages > 1 else (0, 1, 2, 3)):   # ZeRO-3 partitions parameters: one stage only
             for micro in (b for b in (1, 2, 4, 8, 16, 32) if global_batch % (b * dp) == 0):
-                for ckpt in (0, 1):
+                for ckpt, schedule in ((0, "1f1b"), (1, "1f1b"), *([(0, "zb-h1")] if stages > 1 else [])):
                     candidate = _layout_config(raw, stages, zero, micro, global_batch // (micro * dp), ckpt, precision)
+                    candidate["pipeline"]["schedule"] = schedule
                     try:
                         cfg = load_config_dict(candidate, source="plan")
                         est = estimate(run_from_config(cfg, cluster.gpus, arch), cluster, efficiency=efficiency)
@@ -137,7 +138,8 @@ def write_configs(found: list[tuple[dict[str, Any], Estimate]], folder: Path, to
 def _describe_plan(config: dict[str, Any], est: Estimate) -> str:
     run, cluster = est.run, est.cluster
     gpu = f"{cluster.gpus}x {cluster.gpu.name.split('-')[0].upper()}-{cluster.memory / GIGA:g}GB"
-    return (f"hybrid-ds plan: {run.arch.name} on {gpu} as {run.stages} stages x {run.dp} dp, ZeRO-{run.zero}, "
+    schedule = ", ZB-H1 schedule" if run.schedule == "zb-h1" else ""
+    return (f"hybrid-ds plan: {run.arch.name} on {gpu} as {run.stages} stages x {run.dp} dp{schedule}, ZeRO-{run.zero}, "
             f"{run.precision}; estimated peak {human_bytes(est.binding.total)} per GPU, step "
             f"{human_time(est.step_time)}, MFU {est.mfu:.0%}")
 
@@ -168,11 +170,11 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(head + ". None fits: more GPUs, more memory per GPU, a shorter sequence or a smaller batch.")
         return 1
     print(head + ", fastest first\n")
-    print(f"{'rank':>4}  {'stages':>6}  {'dp':>4}  {'ZeRO':>4}  {'micro':>5}  {'accum':>5}  {'ckpt':>4}  "
+    print(f"{'rank':>4}  {'stages':>6}  {'schedule':>8}  {'dp':>4}  {'ZeRO':>4}  {'micro':>5}  {'accum':>5}  {'ckpt':>4}  "
           f"{'peak/GPU':>10}  {'step':>8}  {'MFU':>5}  {'bubble':>6}")
     for i, (config, est) in enumerate(found[:max(args.top, 10)]):
         run = est.run
-        print(f"{i + 1:>4}  {run.stages:>6}  {run.dp:>4}  {run.zero:>4}  {run.micro_batch:>5}  {run.grad_accum:>5}  "
+        print(f"{i + 1:>4}  {run.stages:>6}  {run.schedule:>8}  {run.dp:>4}  {run.zero:>4}  {run.micro_batch:>5}  {run.grad_accum:>5}  "
               f"{run.checkpoint_interval:>4}  {human_bytes(est.binding.total):>10}  {human_time(est.step_time):>8}  "
               f"{est.mfu:>5.0%}  {est.bubble:>6.1%}")
     if args.write:

@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Any
 
 from hybrid_ds.config.deepspeed import schedule_warnings
+from hybrid_ds.config.schedule import bubble
 from hybrid_ds.errors import UserError
 
 
@@ -106,7 +107,28 @@ def accumulation_warnings(cfg: Any, grad_accum: int) -> list[str]:
 def layout_warnings(cfg: Any, layout: Any) -> list[str]:
     """The warnings that depend on the layout (hybrid_ds.config.topology): a pipeline bubble, bf16 sums over many
     micro-batches. ``plan`` recommends no layout with any."""
-    return layout.warnings() + accumulation_warnings(cfg, layout.grad_accum)
+    return bubble_warnings(cfg.pipeline.schedule, layout) + accumulation_warnings(cfg, layout.grad_accum)
+
+
+def bubble_warnings(schedule: str, layout: Any) -> list[str]:
+    """1F1B's warning below 4 micro-batches a stage (hybrid_ds.config.topology); ZB-H1's where it idles more than
+    1F1B does at 4 micro-batches a stage.
+
+    >>> from hybrid_ds.config.topology import resolve_layout
+    >>> layout = resolve_layout(8, 4, 12, 1, 8)
+    >>> len(bubble_warnings("1f1b", layout)), bubble_warnings("zb-h1", layout)
+    (1, [])
+    >>> bubble_warnings("zb-h1", resolve_layout(8, 4, 12, 1, 2))[0][:60]
+    'gradient_accumulation_steps=2 with pipeline.schedule zb-h1: '
+    """
+    if schedule == "1f1b":
+        return layout.warnings()
+    p, m = layout.stages, layout.grad_accum
+    idle = bubble(schedule, p, m)
+    if p > 1 and idle > bubble("1f1b", p, 4 * p):
+        return [f"gradient_accumulation_steps={m} with pipeline.schedule {schedule}: the pipeline idles {idle:.1%} of "
+                f"each step; raise gradient_accumulation_steps to shrink it"]
+    return []
 
 
 def run_warnings(cfg: Any, layout: Any) -> list[str]:

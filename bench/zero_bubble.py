@@ -1,0 +1,202 @@
+"""ZB-H1 against 1F1B on CPU (one core per stage), side by side: step time, each rank's idle fraction from a timeline
+of its instructions, the F, B and W durations, and the schedule simulator (hybrid_ds.config.schedule) fed with them.
+
+One launch (``deepspeed --num_gpus 2``, pp=2, gloo, 1 thread a rank) builds four engines in every process from the
+same seed: 1F1B and ZB-H1 at m = 4 and at m = 8 micro-batches, and trains them in turn on the same micro-batches (the
+order rotates each step) so that the machine's drift hits all alike. The model has GPT-2 small's widths (hidden 768,
+12 heads, MLP 3072) in 4 blocks, vocabulary 8,192 tied to the head; fp32, AdamW, clipping 1.0, dropout off.
+
+Per rank and engine: each instruction's wall time (``seam.instruments.wrap_pipeline_instructions``). Compute is
+ForwardPass, BackwardPass (1F1B's whole backward), BackwardInputPass (B) and WeightPass (W); the rest of the step
+(transfers, which block until the neighbour is ready, loading, the optimizer step) is counted as waiting or
+overhead: idle = 1 - compute / step. The simulator gets each stage's median F, B, W (1F1B: its whole backward) and the
+median time a transfer takes when both sides are ready (the smallest transfer times), and predicts both schedules' step
+(without the optimizer step, which is added as measured).
+
+Usage: ``python bench/zero_bubble.py [--steps 6] [--seq 256]``; prints a table and writes bench/results/zero_bubble.json.
+``--worker`` is the launcher's entry point.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from common import bench_config, launch, write_result  # noqa: E402
+
+MODEL = {"name": "gpt2-tiny", "overrides": {"n_embd": 768, "n_head": 12, "n_layer": 4, "vocab_size": 8192,
+                                            "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
+                                            "attn_pdrop": 0.0}}
+MICRO = 2
+WARMUP = 2
+ENGINES = [(schedule, m) for m in (4, 8) for schedule in ("1f1b", "zb-h1")]
+COMPUTE = {"ForwardPass": "F", "BackwardPass": "BW", "BackwardInputPass": "B", "WeightPass": "W"}
+TRANSFER = ("SendActivation", "RecvActivation", "SendGrad", "RecvGrad")
+
+
+def run_config(schedule: str, micro_batches: int, seq: int) -> dict:
+    raw = bench_config("gpt2-tiny", seq, MICRO, micro_batches, stages=2)
+    raw["model"] = MODEL
+    raw["pipeline"]["schedule"] = schedule
+    return raw
+
+
+def worker(out: Path, steps: int, seq: int) -> None:
+    import torch
+
+    from hybrid_ds.config import load_config_dict
+    from hybrid_ds.runtime.engine import build_pipeline_engine, init_distributed
+    from hybrid_ds.runtime.plan import build_plan
+    from hybrid_ds.seam.instruments import wrap_pipeline_instructions
+
+    world = init_distributed()
+    engines, timeline = {}, {}
+    for key in ENGINES:
+        torch.manual_seed(0)
+        engines[key] = build_pipeline_engine(build_plan(load_config_dict(run_config(*key, seq)), world))
+        timeline[key] = []
+
+        def wrap(kind, fn, log=timeline[key]):
+            def timed(engine, *args, **kwargs):
+                start = time.perf_counter()
+                result = fn(engine, *args, **kwargs)
+                log.append((kind.__name__, start, time.perf_counter()))
+                return result
+            return timed
+
+        wrap_pipeline_instructions(engines[key], wrap)
+    gen = torch.Generator().manual_seed(1234)
+    batches = [torch.randint(0, MODEL["overrides"]["vocab_size"], (MICRO, seq), generator=gen) for _ in range(8)]
+    steps_out = {key: [] for key in ENGINES}
+    losses = {key: [] for key in ENGINES}
+    for step in range(WARMUP + steps):
+        order = ENGINES[step % len(ENGINES):] + ENGINES[:step % len(ENGINES)]
+        for key in order:
+            micro = [((ids, torch.ones_like(ids)), ids) for ids in batches[:key[1]]]
+            torch.distributed.barrier()
+            timeline[key].clear()
+            start = time.perf_counter()
+            losses[key].append(engines[key].train_batch(iter(micro)).item())
+            end = time.perf_counter()
+            if step >= WARMUP:
+                steps_out[key].append({"start": start, "end": end, "instructions": list(timeline[key])})
+    rank = torch.distributed.get_rank()
+    result = {f"{s}-m{m}": {"stage": engines[(s, m)].stage_id, "losses": losses[(s, m)], "steps": steps_out[(s, m)]}
+              for s, m in ENGINES}
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+
+
+def summarize(rank: dict) -> dict:
+    """Step seconds, compute seconds by pass, transfer seconds, idle fraction: medians over the timed steps."""
+    per_step = []
+    for step in rank["steps"]:
+        total = step["end"] - step["start"]
+        passes: dict[str, list[float]] = {}
+        transfers, optimizer = [], 0.0
+        for kind, start, end in step["instructions"]:
+            if kind in COMPUTE:
+                passes.setdefault(COMPUTE[kind], []).append(end - start)
+            elif kind in TRANSFER:
+                transfers.append(end - start)
+            elif kind in ("OptimizerStep", "ReduceGrads", "ReduceTiedGrads"):
+                optimizer += end - start
+        compute = sum(sum(v) for v in passes.values())
+        per_step.append({"step": total, "compute": compute, "idle": 1 - compute / total, "optimizer": optimizer,
+                         "passes": {k: statistics.median(v) for k, v in passes.items()},
+                         "fastest_transfer": min(transfers) if transfers else 0.0})
+    median = statistics.median
+    return {"step_s": median([s["step"] for s in per_step]), "idle": median([s["idle"] for s in per_step]),
+            "optimizer_s": median([s["optimizer"] for s in per_step]),
+            "passes_s": {k: median([s["passes"][k] for s in per_step]) for k in per_step[0]["passes"]},
+            "fastest_transfer_s": median([s["fastest_transfer"] for s in per_step]),
+            "steps_s": [s["step"] for s in per_step]}
+
+
+def predict(ranks: list[dict], micro_batches: int) -> dict:
+    """Both schedules' step time from the ZB-H1 engine's measured F, B, W (and 1F1B's whole backward), per stage."""
+    from hybrid_ds.config.schedule import simulate
+
+    zb = [r[f"zb-h1-m{micro_batches}"] for r in ranks]
+    one = [r[f"1f1b-m{micro_batches}"] for r in ranks]
+    costs_zb = [{k: s["passes_s"][k] for k in ("F", "B", "W")} for s in zb]
+    # 1F1B's whole backward as measured, given to the simulator as B (W 0)
+    costs_one = [{"F": s["passes_s"]["F"], "B": s["passes_s"]["BW"], "W": 0.0} for s in one]
+    transfer = statistics.median([s["fastest_transfer_s"] for s in zb + one])
+    optimizer = max(s["optimizer_s"] for s in zb + one)
+    return {"1f1b": simulate("1f1b", 2, micro_batches, costs_one, transfer).step + optimizer,
+            "zb-h1": simulate("zb-h1", 2, micro_batches, costs_zb, transfer).step + optimizer,
+            "transfer_s": transfer, "optimizer_s": optimizer}
+
+
+def wider(ranks: list[dict], stages: int, micro_batches: int) -> dict:
+    """p stages of the measured per-stage costs (each stage as the slower of the two measured: the first holds the
+    embedding, the second the head), F, B, W from ZB-H1 at m = 8: the predicted gain of ZB-H1 where this machine has
+    too few cores to run it."""
+    from hybrid_ds.config.schedule import simulate
+
+    zb = [r["zb-h1-m8"]["passes_s"] for r in ranks]
+    slow = {k: max(s[k] for s in zb) for k in ("F", "B", "W")}
+    whole = max(r["1f1b-m8"]["passes_s"]["BW"] for r in ranks)
+    transfer = statistics.median([r["zb-h1-m8"]["fastest_transfer_s"] for r in ranks])
+    one = simulate("1f1b", stages, micro_batches, {"F": slow["F"], "B": whole, "W": 0.0}, transfer).step
+    zbh1 = simulate("zb-h1", stages, micro_batches, slow, transfer).step
+    return {"stages": stages, "micro_batches": micro_batches, "1f1b_s": one, "zb-h1_s": zbh1, "speedup": one / zbh1 - 1}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", type=int, default=6)
+    parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--worker", action="store_true")
+    parser.add_argument("--out")
+    parser.add_argument("--local_rank", type=int, default=0)
+    args = parser.parse_args()
+    if args.worker:
+        worker(Path(args.out), args.steps, args.seq)
+        return
+    with tempfile.TemporaryDirectory() as tmp:
+        launch(2, "bench/zero_bubble.py", ["--worker", "--out", tmp, "--steps", str(args.steps), "--seq", str(args.seq)],
+               Path(tmp) / "log.txt", env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout_s=3600)
+        raw = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2)]
+    ranks = [{key: summarize(value) for key, value in rank.items()} for rank in raw]
+    same_losses = all(raw[0][f"1f1b-m{m}"]["losses"] == raw[0][f"zb-h1-m{m}"]["losses"] for m in (4, 8))
+    result = {"model": MODEL, "micro_batch": MICRO, "seq_len": args.seq, "steps": args.steps,
+              "same_losses": same_losses, "ranks": ranks, "by_micro_batches": {}}
+    print(f"ZB-H1 vs 1F1B, pp=2 on CPU (1 thread a rank), GPT-2 small widths x 4 blocks, seq {args.seq}, "
+          f"micro-batch {MICRO}; losses identical: {same_losses}")
+    print(f"{'m':>3} {'schedule':>8} {'step s':>7} {'idle r0':>8} {'idle r1':>8} {'predicted':>9} {'error':>6}")
+    for m in (4, 8):
+        predicted = predict(ranks, m)
+        row = {}
+        for schedule in ("1f1b", "zb-h1"):
+            step = max(r[f"{schedule}-m{m}"]["step_s"] for r in ranks)
+            idle = [r[f"{schedule}-m{m}"]["idle"] for r in ranks]
+            error = predicted[schedule] / step - 1
+            row[schedule] = {"step_s": step, "idle": idle, "predicted_s": predicted[schedule], "error": error}
+            print(f"{m:>3} {schedule:>8} {step:>7.3f} {idle[0]:>8.1%} {idle[1]:>8.1%} {predicted[schedule]:>9.3f} "
+                  f"{error:>+6.1%}")
+        passes = [r[f"zb-h1-m{m}"]["passes_s"] for r in ranks]
+        whole = [r[f"1f1b-m{m}"]["passes_s"]["BW"] for r in ranks]
+        row["speedup"] = row["1f1b"]["step_s"] / row["zb-h1"]["step_s"] - 1
+        row["idle_ratio"] = max(row["zb-h1"]["idle"]) / max(row["1f1b"]["idle"])
+        row["b_plus_w_over_backward"] = [(p["B"] + p["W"]) / w for p, w in zip(passes, whole)]
+        row["predicted"] = predicted
+        result["by_micro_batches"][m] = row
+        print(f"    m={m}: ZB-H1 {row['speedup']:+.1%} step time; idle {row['idle_ratio']:.2f}x 1F1B's; "
+              f"B+W / whole backward {', '.join(f'{x:.3f}' for x in row['b_plus_w_over_backward'])} (stage 0, 1)")
+    result["predicted_wider"] = [wider(ranks, p, m) for p, m in ((4, 8), (8, 16), (8, 32))]
+    for w in result["predicted_wider"]:
+        print(f"predicted p={w['stages']} m={w['micro_batches']}: 1F1B {w['1f1b_s']:.3f} s, ZB-H1 {w['zb-h1_s']:.3f} s "
+              f"({w['speedup']:+.1%})")
+    print(f"wrote {write_result('zero_bubble', result)}")
+
+
+if __name__ == "__main__":
+    main()
