@@ -4,12 +4,17 @@ of its instructions, the F, B and W durations, and the schedule simulator (hybri
 One launch (``deepspeed --num_gpus 2``, pp=2, gloo, 1 thread a rank) builds four engines in every process from the
 same seed: 1F1B and ZB-H1 at m = 4 and at m = 8 micro-batches, and trains them in turn on the same micro-batches (the
 order rotates each step) so that the machine's drift hits all alike. The model has GPT-2 small's widths (hidden 768,
-12 heads, MLP 3072) in 4 blocks, vocabulary 8,192 tied to the head; fp32, AdamW, clipping 1.0, dropout off.
+12 heads, MLP 3072) in 5 blocks, vocabulary 8,192 tied to the head (about 0.9 of a block's FLOPs), so that the flops
+partition gives the stages nearly equal work (embedding + 3 blocks, 2 blocks + head): with 4 blocks the second
+stage's forward and backward of a micro-batch took 1.34x the first's, and the first stage's waiting was mostly that
+imbalance, which no schedule fills. fp32, AdamW,
+clipping 1.0, dropout off.
 
 Per rank and engine: each instruction's wall time (``seam.instruments.wrap_pipeline_instructions``). Compute is
-ForwardPass, BackwardPass (1F1B's whole backward), BackwardInputPass (B) and WeightPass (W); the rest of the step
-(transfers, which block until the neighbour is ready, loading, the optimizer step) is counted as waiting or
-overhead: idle = 1 - compute / step. The simulator gets each stage's median F, B, W (1F1B: its whole backward) and the
+ForwardPass, BackwardPass (1F1B's whole backward), BackwardInputPass (B) and WeightPass (W); idle is the time in
+transfers (SendActivation, RecvActivation, SendGrad, RecvGrad: each blocks until the neighbour is ready) and in the
+step's reductions (ReduceTiedGrads, ReduceGrads: collectives, which wait for the rank that finishes its backward
+last) over the step; loading and the optimizer step are neither. The simulator gets each stage's median F, B, W (1F1B: its whole backward) and the
 median time a transfer takes when both sides are ready (the smallest transfer times), and predicts both schedules' step
 (without the optimizer step, which is added as measured).
 
@@ -31,7 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import bench_config, launch, write_result  # noqa: E402
 
-MODEL = {"name": "gpt2-tiny", "overrides": {"n_embd": 768, "n_head": 12, "n_layer": 4, "vocab_size": 8192,
+MODEL = {"name": "gpt2-tiny", "overrides": {"n_embd": 768, "n_head": 12, "n_layer": 5, "vocab_size": 8192,
                                             "n_positions": 1024, "resid_pdrop": 0.0, "embd_pdrop": 0.0,
                                             "attn_pdrop": 0.0}}
 MICRO = 2
@@ -39,6 +44,7 @@ WARMUP = 2
 ENGINES = [(schedule, m) for m in (4, 8) for schedule in ("1f1b", "zb-h1")]
 COMPUTE = {"ForwardPass": "F", "BackwardPass": "BW", "BackwardInputPass": "B", "WeightPass": "W"}
 TRANSFER = ("SendActivation", "RecvActivation", "SendGrad", "RecvGrad")
+WAITING = TRANSFER + ("ReduceTiedGrads", "ReduceGrads")
 
 
 def run_config(schedule: str, micro_batches: int, seq: int) -> dict:
@@ -103,16 +109,19 @@ def summarize(rank: dict) -> dict:
         for kind, start, end in step["instructions"]:
             if kind in COMPUTE:
                 passes.setdefault(COMPUTE[kind], []).append(end - start)
-            elif kind in TRANSFER:
+            elif kind in WAITING:
                 transfers.append(end - start)
-            elif kind in ("OptimizerStep", "ReduceGrads", "ReduceTiedGrads"):
+            elif kind == "OptimizerStep":
                 optimizer += end - start
         compute = sum(sum(v) for v in passes.values())
-        per_step.append({"step": total, "compute": compute, "idle": 1 - compute / total, "optimizer": optimizer,
+        per_step.append({"step": total, "compute": compute / total, "idle": sum(transfers) / total,
+                         "optimizer": optimizer,
                          "passes": {k: statistics.median(v) for k, v in passes.items()},
-                         "fastest_transfer": min(transfers) if transfers else 0.0})
+                         "fastest_transfer": min(end - start for kind, start, end in step["instructions"]
+                                                 if kind in TRANSFER)})
     median = statistics.median
     return {"step_s": median([s["step"] for s in per_step]), "idle": median([s["idle"] for s in per_step]),
+            "compute": median([s["compute"] for s in per_step]),
             "optimizer_s": median([s["optimizer"] for s in per_step]),
             "passes_s": {k: median([s["passes"][k] for s in per_step]) for k in per_step[0]["passes"]},
             "fastest_transfer_s": median([s["fastest_transfer"] for s in per_step]),
@@ -136,17 +145,17 @@ def predict(ranks: list[dict], micro_batches: int) -> dict:
 
 
 def wider(ranks: list[dict], stages: int, micro_batches: int) -> dict:
-    """p stages of the measured per-stage costs (each stage as the slower of the two measured: the first holds the
-    embedding, the second the head), F, B, W from ZB-H1 at m = 8: the predicted gain of ZB-H1 where this machine has
-    too few cores to run it."""
+    """p stages each costing what the measured second stage does (F, B, W from ZB-H1 at m = 8; the first stage's B is
+    empty, its inputs being token ids, so its W is its whole backward and no model of a middle stage): the
+    predicted gain of ZB-H1 where this machine has too few cores to run it."""
     from hybrid_ds.config.schedule import simulate
 
-    zb = [r["zb-h1-m8"]["passes_s"] for r in ranks]
-    slow = {k: max(s[k] for s in zb) for k in ("F", "B", "W")}
-    whole = max(r["1f1b-m8"]["passes_s"]["BW"] for r in ranks)
+    last = ranks[-1]
+    costs = {k: last["zb-h1-m8"]["passes_s"][k] for k in ("F", "B", "W")}
+    whole = last["1f1b-m8"]["passes_s"]["BW"]
     transfer = statistics.median([r["zb-h1-m8"]["fastest_transfer_s"] for r in ranks])
-    one = simulate("1f1b", stages, micro_batches, {"F": slow["F"], "B": whole, "W": 0.0}, transfer).step
-    zbh1 = simulate("zb-h1", stages, micro_batches, slow, transfer).step
+    one = simulate("1f1b", stages, micro_batches, {"F": costs["F"], "B": whole, "W": 0.0}, transfer).step
+    zbh1 = simulate("zb-h1", stages, micro_batches, costs, transfer).step
     return {"stages": stages, "micro_batches": micro_batches, "1f1b_s": one, "zb-h1_s": zbh1, "speedup": one / zbh1 - 1}
 
 
