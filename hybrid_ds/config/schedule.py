@@ -19,6 +19,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from hybrid_ds.config.topology import bubble_fraction
+
 SCHEDULES = ("1f1b", "zb-h1")
 UNIT = {"F": 1.0, "B": 1.0, "W": 1.0}
 
@@ -131,10 +133,8 @@ def bubble(schedule: str, stages: int, micro_batches: int) -> float:
     (0.273, 0.111, 0.0)
     """
     p, m = stages, micro_batches
-    if p == 1:
-        return 0.0
-    if schedule == "1f1b":
-        return (p - 1) / (m + p - 1)
+    if schedule == "1f1b" or p == 1:
+        return bubble_fraction(p, m)
     return (p - 1) / (3 * m + p - 1) if m >= p else simulate(schedule, p, m).idle(0)
 
 

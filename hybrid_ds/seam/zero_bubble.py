@@ -250,7 +250,7 @@ def use_program(engine: Any, program: list[tuple[str, int]], buffers: int,
     ``around_input_pass``: a context manager B runs inside (the fused head loss keeps its weight's gradient for W).
     """
     check_zero_bubble()
-    engine._zb_program, engine._zb_buffers, engine._zb_pending = program, buffers, {}
+    engine._zb_program, engine._zb_pending = program, {}
     engine._zb_around_input_pass = around_input_pass
     params = [p for p in engine.module.parameters() if p.requires_grad]
 
