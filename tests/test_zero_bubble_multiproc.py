@@ -19,6 +19,8 @@ CASES = {  # id -> (model, stages, processes, config sections)
     "gpt2-tied-pp2xdp2-zero1-clip": ("gpt2-tiny", 2, 4, {"zero_optimization": {"stage": 1}, "gradient_clipping": 0.05}),
     # 4 stages (two middle ones), ZeRO-1 (at dp=1: ZeRO-0), the fused head loss
     "llama-pp4-fused": ("llama-tiny", 4, 4, {"zero_optimization": {"stage": 1}, "train": {"fused_loss": True}}),
+    # bf16 with ZeRO-1: DeepSpeed's BF16_Optimizer, whose fp32 gradients W adds to
+    "gpt2-pp2-zero1-bf16": ("gpt2-tiny", 2, 2, {"zero_optimization": {"stage": 1}, "bf16": {"enabled": True}}),
     # ZeRO-2 with stages (gradients reduced as W makes them), bf16, the fused loss
     "gpt2-pp2xdp2-zero2-bf16-fused": ("gpt2-tiny", 2, 4, {"zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
                                                           "train": {"fused_loss": True}}),
@@ -58,7 +60,8 @@ def test_zb_h1_trains_exactly_as_1f1b_tied_zero1_with_clipping(tied_1f1b, folder
     assert [r["norms"] for r in zb["ranks"]] == [r["norms"] for r in tied_1f1b["ranks"]]
 
 
-@pytest.mark.parametrize("case", ["llama-pp4-fused", "gpt2-pp2xdp2-zero2-bf16-fused", "mixtral-router-loss"])
+@pytest.mark.parametrize("case", ["llama-pp4-fused", "gpt2-pp2-zero1-bf16", "gpt2-pp2xdp2-zero2-bf16-fused",
+                                  "mixtral-router-loss"])
 def test_zb_h1_trains_exactly_as_1f1b(case, folders, tmp_path):  # noqa: F811
     assert_identical(run(tmp_path, folders, case, "1f1b"), run(tmp_path, folders, case, "zb-h1"))
 
