@@ -12,9 +12,11 @@ clipping 1.0, dropout off.
 
 Per rank and engine: each instruction's wall time (``seam.instruments.wrap_pipeline_instructions``). Compute is
 ForwardPass, BackwardPass (1F1B's whole backward), BackwardInputPass (B) and WeightPass (W); idle is the time in
-transfers (SendActivation, RecvActivation, SendGrad, RecvGrad: each blocks until the neighbour is ready) and in the
-step's reductions (ReduceTiedGrads, ReduceGrads: collectives, which wait for the rank that finishes its backward
-last) over the step; loading and the optimizer step are neither. The simulator gets each stage's median F, B, W (1F1B: its whole backward) and the
+transfers (SendActivation, RecvActivation, SendGrad, RecvGrad: a receive waits until the neighbour's send, and
+1F1B's sends, DeepSpeed's, until the neighbour's receive; ZB-H1 sends without waiting and waits for its sends in
+WeightPassesDone), in WeightPassesDone and in the step's reductions (ReduceTiedGrads, ReduceGrads: collectives,
+which wait for the rank that finishes its backward last) over the step; loading and the optimizer step are
+neither. The simulator gets each stage's median F, B, W (1F1B: its whole backward) and the
 median time a transfer takes when both sides are ready (the smallest transfer times), and predicts both schedules' step
 (without the optimizer step, which is added as measured).
 
@@ -44,7 +46,7 @@ WARMUP = 2
 ENGINES = [(schedule, m) for m in (4, 8) for schedule in ("1f1b", "zb-h1")]
 COMPUTE = {"ForwardPass": "F", "BackwardPass": "BW", "BackwardInputPass": "B", "WeightPass": "W"}
 TRANSFER = ("SendActivation", "RecvActivation", "SendGrad", "RecvGrad")
-WAITING = TRANSFER + ("ReduceTiedGrads", "ReduceGrads")
+WAITING = TRANSFER + ("WeightPassesDone", "ReduceTiedGrads", "ReduceGrads")
 
 
 def run_config(schedule: str, micro_batches: int, seq: int) -> dict:
@@ -178,7 +180,7 @@ def main() -> None:
     same_losses = all(raw[0][f"1f1b-m{m}"]["losses"] == raw[0][f"zb-h1-m{m}"]["losses"] for m in (4, 8))
     result = {"model": MODEL, "micro_batch": MICRO, "seq_len": args.seq, "steps": args.steps,
               "same_losses": same_losses, "ranks": ranks, "by_micro_batches": {}}
-    print(f"ZB-H1 vs 1F1B, pp=2 on CPU (1 thread a rank), GPT-2 small widths x 4 blocks, seq {args.seq}, "
+    print(f"ZB-H1 vs 1F1B, pp=2 on CPU (1 thread a rank), GPT-2 small widths x 5 blocks, seq {args.seq}, "
           f"micro-batch {MICRO}; losses identical: {same_losses}")
     print(f"{'m':>3} {'schedule':>8} {'step s':>7} {'idle r0':>8} {'idle r1':>8} {'predicted':>9} {'error':>6}")
     for m in (4, 8):

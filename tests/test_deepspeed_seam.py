@@ -148,6 +148,12 @@ def _train_batch_own_schedule(self, data_iter=None):
     self._exec_schedule(self.schedule_of_the_batch())
 
 
+def _send_through_comm(tensor, dest_stage, async_op=False):
+    import deepspeed.comm as dist
+
+    return dist.isend(tensor, dest_stage)
+
+
 def _exec_reduce_grads_elsewhere(self):
     self.optimizer.reduce_everything()
 
@@ -271,12 +277,14 @@ TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor 
     "zero2.offsets": _set(DeepSpeedZeroOptimizer, "_build_compact_grad_partition_buffer", _setup_buckets_without_flag),
     "zero2.oversized": _set(DeepSpeedZeroOptimizer, "reduce_ipg_grads", _reduce_ipg_grads_without_oversized),
     "zero_bubble.backward_calls": _set(PipelineEngine, "train_batch", _train_batch_own_schedule),
+    "zero_bubble.sends": _set(_module("deepspeed.runtime.pipe.p2p"), "send", _send_through_comm),
 }
 OTHER_WAYS = [  # more refactors, each refused by the requirement of that key
     ("environment.shm_comm_op", _set(_module("deepspeed.comm.torch"), "build_shm_op", _setup_buckets_without_flag)),
     ("pipeline.instruction_map", _delete(PipelineEngine, "_INSTRUCTION_MAP")),
     ("universal.ds_to_universal", _delete(_module("deepspeed.checkpoint.ds_to_universal"), "main")),
     ("zero2.epilogue", _delete(DeepSpeedZeroOptimizer, "finalize_gradient_accumulation_boundary")),
+    ("zero_bubble.sends", _delete(_module("deepspeed.runtime.pipe.p2p"), "can_send_recv")),
 ]
 
 

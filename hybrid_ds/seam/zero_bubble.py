@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 from deepspeed.runtime.engine import DeepSpeedEngine
+from deepspeed.runtime.pipe import p2p as ds_p2p
 from deepspeed.runtime.pipe import schedule as ds_schedule
 from deepspeed.runtime.pipe.engine import PipelineEngine
 from torch.autograd.graph import GradientEdge, Node
@@ -42,11 +43,21 @@ BACKWARD_CALLS = requirement(
     and callable(getattr(PipelineEngine, "_train_schedule", None)), _WHY)
 
 
+SENDS = requirement(
+    "zero_bubble.sends", "PipelineEngine's activation, gradient and shape sends going through "
+    "deepspeed.runtime.pipe.p2p.send, which sends with torch.distributed.send",
+    lambda: all(code_has(getattr(PipelineEngine, name), "p2p.send(...)")
+                for name in ("_exec_send_activations", "_exec_send_grads", "_send_tensor_meta"))
+    and code_has(ds_p2p.send, "dist.send(tensor, dest_rank)") and callable(getattr(ds_p2p, "can_send_recv", None)),
+    "pipeline.schedule zb-h1 sends without waiting for the receiving stage")
+
+
 def check_zero_bubble() -> None:
     """DeepSpeed 0.19.8's ``_exec_backward_pass`` runs the last stage's backward through ``DeepSpeedEngine.backward``
     (which calls ``loss.backward(**backward_kwargs)`` on the scaled loss) and the others' as
     ``outputs.backward(gradient=grad_tensors)``; ``train_batch`` runs the schedule ``_train_schedule()`` returns."""
     require(BACKWARD_CALLS)
+    require(SENDS)
 
 
 # ---------------------------------------------------------------- the split of one backward
@@ -250,7 +261,7 @@ def use_program(engine: Any, program: list[tuple[str, int]], buffers: int,
     ``around_input_pass``: a context manager B runs inside (the fused head loss keeps its weight's gradient for W).
     """
     check_zero_bubble()
-    engine._zb_program, engine._zb_pending = program, {}
+    engine._zb_program, engine._zb_pending, engine._zb_sends = program, {}, []
     engine._zb_around_input_pass = around_input_pass
     params = [p for p in engine.module.parameters() if p.requires_grad]
 
@@ -288,10 +299,40 @@ def use_program(engine: Any, program: list[tuple[str, int]], buffers: int,
             reduce_bucketed()
 
     def weights_done(self: Any) -> None:
+        for work, _ in self._zb_sends:
+            work.wait()
+        self._zb_sends = []
         if self._zb_pending:
             raise RuntimeError(f"pipeline schedule: W of micro-batches {sorted(self._zb_pending)} never ran (stage "
                                f"{self.stage_id}): their weight gradients would be missing from the step")
 
     engine._train_schedule = train_schedule
-    engine._INSTRUCTION_MAP = {**engine._INSTRUCTION_MAP, BackwardInputPass: exec_backward_input,
-                               WeightPass: exec_weight, WeightPassesDone: weights_done}
+    sending = engine._INSTRUCTION_MAP
+    engine._INSTRUCTION_MAP = {**sending, BackwardInputPass: exec_backward_input, WeightPass: exec_weight,
+                               WeightPassesDone: weights_done}
+    if ds_p2p.can_send_recv():
+        for kind in (ds_schedule.SendActivation, ds_schedule.SendGrad):
+            engine._INSTRUCTION_MAP[kind] = _without_waiting(sending[kind])
+
+
+def _without_waiting(send: Callable[..., None]) -> Callable[..., None]:
+    """``send`` (DeepSpeed's SendActivation or SendGrad) with ``torch.distributed.isend`` for DeepSpeed's blocking
+    ``p2p.send``: the stage goes on to its next pass (a W, which 1F1B has not) instead of waiting until the
+    neighbour reaches the matching receive. The neighbour receives in the same order (messages between two ranks
+    match in order), each sent tensor is kept until its send completes, and the step waits for all of them before
+    its reductions (:class:`WeightPassesDone`)."""
+
+    def run(self: Any, buffer_id: int) -> None:
+        self._zb_sends = [(work, tensor) for work, tensor in self._zb_sends if not work.is_completed()]
+
+        def isend(tensor: torch.Tensor, dest_stage: int, async_op: bool = False) -> None:
+            work = torch.distributed.isend(tensor, self.grid.stage_to_global(stage_id=dest_stage))
+            self._zb_sends.append((work, tensor))
+
+        blocking, ds_p2p.send = ds_p2p.send, isend
+        try:
+            send(self, buffer_id)
+        finally:
+            ds_p2p.send = blocking
+
+    return run
