@@ -101,6 +101,96 @@ def worker(out: Path, steps: int, seq: int) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
 
 
+def memory_worker(out: Path, seq: int) -> None:
+    """Per engine: one step to allocate the optimizer's state, then one under torch's profiler (CPU allocations):
+    the bytes held at the step's start (every storage reachable from the parameters, the optimizer and the pipe
+    buffers) plus the most the allocations of the passes add, up to the step's reductions."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    from estimator_accuracy import _walk
+    from hybrid_ds.config import load_config_dict
+    from hybrid_ds.runtime.engine import build_pipeline_engine, init_distributed
+    from hybrid_ds.runtime.plan import build_plan
+    from hybrid_ds.seam.instruments import wrap_pipeline_instructions
+
+    def annotated(kind, fn):
+        def run(engine, *args, **kwargs):
+            with torch.profiler.record_function(kind.__name__):
+                return fn(engine, *args, **kwargs)
+        return run
+
+    world = init_distributed()
+    gen = torch.Generator().manual_seed(1234)
+    batches = [torch.randint(0, MODEL["overrides"]["vocab_size"], (MICRO, seq), generator=gen) for _ in range(8)]
+    result = {}
+    for key in ENGINES:
+        torch.manual_seed(0)
+        engine = build_pipeline_engine(build_plan(load_config_dict(run_config(*key, seq)), world))
+        wrap_pipeline_instructions(engine, annotated)
+        micro = [((ids, torch.ones_like(ids)), ids) for ids in batches[:key[1]]]
+        engine.train_batch(iter(micro))
+        torch.distributed.barrier()
+        held = _walk([("param", p) for p in engine.module.parameters()] + [("optimizer", engine.optimizer),
+                                                                          ("buffers", engine.pipe_buffers)], set())
+        start = sum(n for n, _ in held.values())
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            engine.train_batch(iter(micro))
+        events = prof.profiler.kineto_results.events()
+        reductions = min(e.start_ns() for e in events if e.name() == "ReduceTiedGrads")
+        live = peak = 0
+        for event in sorted((e for e in events if e.name() == "[memory]"), key=lambda e: e.start_ns()):
+            if event.start_ns() >= reductions:
+                break
+            live += event.nbytes()
+            peak = max(peak, live)
+        result[f"{key[0]}-m{key[1]}"] = {"stage": engine.stage_id, "start_bytes": start, "added_bytes": peak,
+                                         "peak_bytes": start + peak}
+        del engine, prof
+    (out / f"rank{torch.distributed.get_rank()}.json").write_text(json.dumps(result))
+
+
+def predict_memory(seq: int, world: int = 2) -> dict:
+    """The estimator's bytes per stage up to the step's reductions: model states, pipe buffers, activations of the
+    micro-batches in flight (with ZB-H1's W-pending gradients), logits, the backward's transient."""
+    from hybrid_ds.config import load_config_dict
+    from hybrid_ds.estimate.run import run_from_config
+    from hybrid_ds.estimate.stages import stage_estimates
+
+    out = {}
+    for schedule, m in ENGINES:
+        run = run_from_config(load_config_dict(run_config(schedule, m, seq)), world)
+        out[f"{schedule}-m{m}"] = [
+            {"bytes": s.state.total + s.pipe_buffers + s.activations + s.logits + s.state.backward_transient,
+             "activations": s.activations, "in_flight": s.in_flight}
+            for s in stage_estimates(run, runtime="cpu", overhead=0.0)]
+    return out
+
+
+def memory(seq: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        launch(2, "bench/zero_bubble.py", ["--worker", "--memory", "--out", tmp, "--seq", str(seq)],
+               Path(tmp) / "log.txt", env={"OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, timeout_s=1800)
+        raw = [json.loads((Path(tmp) / f"rank{r}.json").read_text()) for r in range(2)]
+    predicted = predict_memory(seq)
+    rows = {}
+    print(f"peak bytes per stage up to the step's reductions, MiB (measured / estimator), seq {seq}, micro-batch {MICRO}")
+    for key in predicted:
+        rows[key] = []
+        for stage, (measured, guess) in enumerate(zip(raw, predicted[key])):
+            rows[key].append({**measured[key], "predicted_bytes": guess["bytes"],
+                              "predicted_activations": guess["activations"], "in_flight": guess["in_flight"],
+                              "error": guess["bytes"] / measured[key]["peak_bytes"] - 1})
+        print(f"{key:>9}: " + "; ".join(f"stage {s}: {r['peak_bytes'] / 2**20:.1f} / {r['predicted_bytes'] / 2**20:.1f} "
+                                         f"({r['error']:+.1%})" for s, r in enumerate(rows[key])))
+    for m in (4, 8):
+        one, zb = rows[f"1f1b-m{m}"], rows[f"zb-h1-m{m}"]
+        print(f"m={m}: ZB-H1 - 1F1B, measured / predicted MiB: " + "; ".join(
+            f"stage {s}: {(z['peak_bytes'] - o['peak_bytes']) / 2**20:+.1f} / "
+            f"{(z['predicted_bytes'] - o['predicted_bytes']) / 2**20:+.1f}" for s, (o, z) in enumerate(zip(one, zb))))
+    print(f"wrote {write_result('zero_bubble_memory', {'model': MODEL, 'micro_batch': MICRO, 'seq_len': seq, 'engines': rows})}")
+
+
 def summarize(rank: dict) -> dict:
     """Step seconds, compute seconds by pass, transfer seconds, idle fraction: medians over the timed steps."""
     per_step = []
@@ -165,12 +255,16 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--seq", type=int, default=256)
+    parser.add_argument("--memory", action="store_true", help="peak memory per stage instead of step time")
     parser.add_argument("--worker", action="store_true")
     parser.add_argument("--out")
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     if args.worker:
-        worker(Path(args.out), args.steps, args.seq)
+        (memory_worker(Path(args.out), args.seq) if args.memory else worker(Path(args.out), args.steps, args.seq))
+        return
+    if args.memory:
+        memory(args.seq)
         return
     with tempfile.TemporaryDirectory() as tmp:
         launch(2, "bench/zero_bubble.py", ["--worker", "--out", tmp, "--steps", str(args.steps), "--seq", str(args.seq)],

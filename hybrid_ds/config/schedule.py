@@ -148,6 +148,23 @@ def in_flight(schedule: str, stages: int, micro_batches: int, stage: int) -> int
     return min(stages - stage if schedule == "1f1b" else stages, micro_batches)
 
 
+def weights_pending(schedule: str, stages: int, micro_batches: int, stage: int) -> int:
+    """Of the micro-batches ``stage`` holds when it holds the most (:func:`in_flight`), those past their B and
+    waiting for their W: each keeps, besides its activations, the gradients B left where the weights' paths leave
+    the input's (ZB-H1; 0 under 1F1B, whose backward is whole).
+
+    >>> [weights_pending("zb-h1", 4, 8, s) for s in range(4)], weights_pending("1f1b", 4, 8, 3)
+    ([1, 2, 3, 4], 0)
+    """
+    held = pending = 0
+    most = (0, 0)
+    for pass_ in passes(schedule, stages, micro_batches, stage):
+        held += {"F": 1, "W": -1, "BW": -1}.get(pass_.kind, 0)
+        pending += {"B": 1, "W": -1}.get(pass_.kind, 0)
+        most = max(most, (held, pending))
+    return most[1]
+
+
 # ---------------------------------------------------------------- what a stage runs
 
 

@@ -17,6 +17,7 @@ from hybrid_ds.estimate.architecture import Arch, adapted
 from hybrid_ds.estimate.flops import blocks_flops, training_flops
 from hybrid_ds.config.deepspeed import DEEPSPEED_REDUCE_BUCKET, reduce_bucket_elements
 from hybrid_ds.config.schedule import in_flight as schedule_in_flight
+from hybrid_ds.config.schedule import weights_pending
 from hybrid_ds.estimate.model_state import ModelState, model_state
 from hybrid_ds.estimate.run import Run, partition
 
@@ -91,13 +92,46 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
         per_micro_batch += sum(saved)
     # 1F1B: stage s runs min(p - s, m) forwards before its first backward; ZB-H1 keeps p until their W.
     in_flight = schedule_in_flight(run.schedule, p, run.grad_accum, stage)
+    # ZB-H1: those past B also keep the gradients W starts from (none on the first stage: its inputs are token ids,
+    # so its B is empty and its W the whole backward)
+    pending = weights_pending(run.schedule, p, run.grad_accum, stage) if stage > 0 else 0
     activation = w * tokens * arch.hidden
     buffers = in_flight * activation * ((stage > 0) + (stage < p - 1)) + activation * ((stage > 0) + (stage < p - 1))
     logits = 0.0
-    if hi == arch.layers + 2:  # held, then fp32 and 16-bit grads; the fused loss: its gradients and one block
-        logits = (fused_loss_bytes(arch, tokens, run.precision, frozen) if run.fused_loss
-                  else (w + 4 + w) * tokens * arch.vocab)
-    return in_flight * per_micro_batch + working, in_flight, logits, buffers
+    if hi == arch.layers + 2:  # held, then fp32 and 16-bit grads; the fused loss: its gradients and one block.
+        # The last stage holds one micro-batch's under 1F1B, in_flight under ZB-H1 (each until its W).
+        if run.fused_loss:
+            kept = (0 if frozen else 4 * arch.vocab * arch.hidden) + w * tokens * arch.hidden
+            logits = fused_loss_bytes(arch, tokens, run.precision, frozen) + (in_flight - 1) * kept
+        else:
+            logits = (w + 4 + w) * tokens * arch.vocab + (in_flight - 1) * (w + 4) * tokens * arch.vocab
+    weight_grads = pending * weight_path_gradients(run, held, hi == arch.layers + 2) if pending else 0.0
+    return in_flight * per_micro_batch + working + weight_grads, in_flight, logits, buffers
+
+
+def weight_path_gradients(run: Run, blocks: list[int], head: bool) -> float:
+    """Bytes of the gradients ZB-H1's B keeps for W per micro-batch (``hybrid_ds.seam.zero_bubble``): one at each
+    node where a trainable weight's path meets the input's, the output of every linear layer and norm of
+    ``blocks`` (LoRA: of each adapter's two matrices) and of the head (its final norm; the logits' unless the
+    fused loss, whose weight gradient comes from its forward).
+
+    >>> from hybrid_ds.estimate.architecture import arch_from_preset
+    >>> run = Run(arch_from_preset("gpt2"), world_size=2, stages=2, dp=1, micro_batch=2, grad_accum=4, seq_len=256,
+    ...           precision="fp32", schedule="zb-h1")
+    >>> weight_path_gradients(run, [0], head=False) / 2**20  # 512 tokens x 4 B x (2,304 + 768 + 3,072 + 768 + 2 x 768)
+    16.5
+    """
+    arch, lora = run.arch, run.lora
+    norms = 1 if arch.parallel == "one_norm" else 2
+    width = 0
+    for b in blocks:
+        if lora:
+            width += sum(layer.n_out + lora.r for layer in adapted(arch.block_linears(b), lora.target_modules))
+        else:
+            width += sum(layer.n_out for layer in arch.block_linears(b)) + norms * arch.hidden
+    if head and not lora:
+        width += arch.hidden + sum(layer.n_out for layer in arch.head_linears) + (0 if run.fused_loss else arch.vocab)
+    return DTYPE_BYTES[run.precision] * run.seq_len * run.micro_batch * width
 
 
 def lora_activation_change(run: Run, block: int, terms: dict[str, float], runtime: str = "cuda") -> float:
