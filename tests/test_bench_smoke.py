@@ -133,6 +133,8 @@ def test_the_zero_bubble_figures_are_the_committed_results():
             f"{r['predicted']['1f1b'] / r['predicted']['zb-h1'] - 1:+.1%}" for r in rows) + " | |",
         *(f"p={w['stages']}, m={w['micro_batches']}: {w['speedup']:+.1%}" for w in speed["predicted_wider"]),
     ]
+    spread = [max(e["steps_s"]) / min(e["steps_s"]) for e in speed["ranks"][0].values()]
+    expected.append(f"slowest of the {speed['steps']} steps took {min(spread):.2f}x to {max(spread):.2f}x its fastest")
     for key in ("1f1b-m4", "zb-h1-m4", "1f1b-m8", "zb-h1-m8"):
         stages = memory["engines"][key]
         expected.append(f"| {key} | " + " | ".join(f"{s['peak_bytes'] / 2**20:.1f} MiB ({s['error']:+.1%})"
