@@ -30,7 +30,7 @@ from deepspeed.runtime.zero.stage_1_and_2 import DeepSpeedZeroOptimizer
 from hybrid_ds.errors import IncompatibleDeepSpeed, UserError
 from hybrid_ds.runtime.checkpoint.zero0 import load_universal_zero0, optimizer_param_names, zero0_to_universal
 from hybrid_ds.seam import (autoep, config_check, engines, environment, instruments, numerics, pipeline_module,
-                            universal, zero_bubble)
+                            ulysses, universal, zero_bubble)
 from hybrid_ds.seam.compat import REGISTRY, WRITTEN_FOR, code_count, code_has, require
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -152,6 +152,12 @@ def _send_through_comm(tensor, dest_stage, async_op=False):
     import deepspeed.comm as dist
 
     return dist.isend(tensor, dest_stage)
+
+
+def _all_to_all_by_hand(group, input):
+    output = torch.empty_like(input)
+    torch.distributed.all_to_all_single(output, input, group=group)
+    return output
 
 
 def _exec_reduce_grads_elsewhere(self):
@@ -276,6 +282,7 @@ TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor 
     "zero2.instructions": _set(PipelineEngine, "_INSTRUCTION_MAP", {}),
     "zero2.offsets": _set(DeepSpeedZeroOptimizer, "_build_compact_grad_partition_buffer", _setup_buckets_without_flag),
     "zero2.oversized": _set(DeepSpeedZeroOptimizer, "reduce_ipg_grads", _reduce_ipg_grads_without_oversized),
+    "ulysses.all_to_all": _set(_module("deepspeed.sequence.layer"), "_dim_zero_all_to_all", _all_to_all_by_hand),
     "zero_bubble.backward_calls": _set(PipelineEngine, "train_batch", _train_batch_own_schedule),
     "zero_bubble.sends": _set(_module("deepspeed.runtime.pipe.p2p"), "send", _send_through_comm),
 }
@@ -284,6 +291,7 @@ OTHER_WAYS = [  # more refactors, each refused by the requirement of that key
     ("pipeline.instruction_map", _delete(PipelineEngine, "_INSTRUCTION_MAP")),
     ("universal.ds_to_universal", _delete(_module("deepspeed.checkpoint.ds_to_universal"), "main")),
     ("zero2.epilogue", _delete(DeepSpeedZeroOptimizer, "finalize_gradient_accumulation_boundary")),
+    ("ulysses.all_to_all", _delete(_module("deepspeed.sequence.layer"), "register_all_to_all_group")),
     ("zero_bubble.sends", _delete(_module("deepspeed.runtime.pipe.p2p"), "can_send_recv")),
 ]
 
@@ -385,8 +393,16 @@ ENTRIES = {  # requirement key's prefix -> (tmp_path, the rest of the key) -> (t
                                         (lambda: engines.pipeline_engine_class(1), lambda: True)),
     "reduce": _reduce_entry, "skip": _skip_entry, "universal": _universal_entry, "zero0": _zero0_entry,
     "zero2": _no_state(lambda: engines.pipeline_engine_class(2)),
+    "ulysses": lambda tmp_path, name: _ulysses_entry(),
     "zero_bubble": lambda tmp_path, name: _zero_bubble_entry(),
 }
+
+
+def _ulysses_entry():
+    from deepspeed.sequence import layer
+
+    group = types.SimpleNamespace(group_name="a group")
+    return lambda: ulysses.register_group(group), lambda: "a group" not in layer._all_to_all_groups
 
 
 def _zero_bubble_entry():

@@ -12,7 +12,8 @@ Modules: ``compat`` (the version and the check every item uses), ``pipeline_modu
 per-layer file names), ``engines`` (one backward pass; ZeRO-2 with stages), ``numerics`` (global clip, non-finite
 steps, the dp=1 reduction), ``universal`` (universal checkpoints), ``autoep`` (AutoEP under transformers 5.x),
 ``environment`` (the CPU comm op, CUDA arch list), ``zero_bubble`` (ZB-H1: the backward split into input and
-weight gradients, new instructions, a schedule of our own), ``config_check`` (DeepSpeed's sections checked by its own models
+weight gradients, new instructions, a schedule of our own), ``ulysses`` (DeepSpeed's differentiable all-to-all for sequence
+parallelism), ``config_check`` (DeepSpeed's sections checked by its own models
 and the optimizer and scheduler it builds), ``instruments`` (for bench/ and the test workers). The seam imports
 nothing of hybrid_ds but its errors; the pure layer never imports it.
 
