@@ -185,6 +185,7 @@ class StageBuilder:
         self._built: dict[str, nn.Module] = {}
         self._params: dict[str, nn.Parameter] = {}
         self.shared: dict[str, Any] = {}   # objects the stage's layers share (layers.Derived)
+        self.sequence: Any = None  # this rank's SequenceShard under sequence parallelism (models.sequence_parallel)
 
     def built_modules(self) -> dict[str, nn.Module]:
         """Path -> module for everything this builder materialized (its stage's share of the model)."""

@@ -74,10 +74,12 @@ def materialize(logits: Any) -> torch.Tensor:
     return logits.logits() if isinstance(logits, HeadLogits) else logits
 
 
-def fused_lm_loss(head: HeadLogits, labels: torch.Tensor, shift: bool, block_rows: int | None = None) -> torch.Tensor:
+def fused_lm_loss(head: HeadLogits, labels: torch.Tensor, shift: bool, block_rows: int | None = None,
+                  count: torch.Tensor | None = None) -> torch.Tensor:
     """Hugging Face's ``ForCausalLMLoss`` (``shift``) or ``ForMaskedLMLoss`` of ``head``'s logits, fp32: the mean
     over tokens whose label is not -100 (NaN if there are none, as there), without ``num_items_in_batch``.
-    ``block_rows``: tokens per block (default: ``BLOCK_ELEMENTS`` logits per block)."""
+    ``block_rows``: tokens per block (default: ``BLOCK_ELEMENTS`` logits per block). ``count``: divide the sum by
+    this instead (a shard of a sequence: the whole sequence's predicted tokens)."""
     if shift:  # tokens < n predict n; the last position predicts nothing
         labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
     hidden = head.hidden.reshape(-1, head.hidden.shape[-1])
@@ -85,7 +87,7 @@ def fused_lm_loss(head: HeadLogits, labels: torch.Tensor, shift: bool, block_row
     rows = block_rows or max(1, BLOCK_ELEMENTS // head.weight.shape[0])
     tensors = (hidden, head.weight, head.bias, head.added_bias)
     need_grad = torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
-    return _FusedHeadCrossEntropy.apply(*tensors, targets, head.ops, rows, need_grad)
+    return _FusedHeadCrossEntropy.apply(*tensors, targets, head.ops, rows, need_grad, count)
 
 
 class _FusedHeadCrossEntropy(torch.autograd.Function):
@@ -96,10 +98,11 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, bias, added_bias, targets, ops, block_rows, need_grad):
+    def forward(ctx, hidden, weight, bias, added_bias, targets, ops, block_rows, need_grad, count=None):
         valid = targets != IGNORE_INDEX
         targets = torch.where(valid, targets, torch.zeros_like(targets))  # an index to gather; its row is masked
-        inv_count = 1.0 / valid.sum().float()  # inf without a predicted token: the loss is then NaN, as HF's
+        # inf without a predicted token: the loss is then NaN, as HF's
+        inv_count = 1.0 / (valid.sum() if count is None else count).float()
         row_scale = torch.where(valid, inv_count, 0.0)  # the mean's gradient; 0 on ignored rows
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         trained_bias = any(b is not None and b.requires_grad for b in (bias, added_bias))
@@ -136,7 +139,7 @@ class _FusedHeadCrossEntropy(torch.autograd.Function):
         d_hidden, d_weight, d_bias = grads.scaled(grad_loss)
         needs = ctx.needs_input_grad
         result = (d_hidden if needs[0] else None, d_weight if needs[1] else None, d_bias if needs[2] else None,
-                  d_bias if needs[3] else None, None, None, None, None)
+                  d_bias if needs[3] else None, None, None, None, None, None)
         if _SPLIT_BACKWARD[0]:  # B of pipeline.schedule zb-h1: W calls again for the weight's and bias's
             ctx.result = result
         return result

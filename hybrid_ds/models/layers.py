@@ -15,6 +15,7 @@ once per micro-batch and shared by its blocks (``Derived``), as the Hugging Face
 
 from __future__ import annotations
 
+import copy
 from typing import Any
 
 import torch
@@ -25,17 +26,24 @@ from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.head_loss import HeadLogits, fused_lm_loss, materialize
 from hybrid_ds.models.masks import attention_mask_4d, padding_mask, position_ids
 from hybrid_ds.models.router_loss import add_router_stats, router_aux_loss
+from hybrid_ds.models.sequence_parallel import SequenceShard, use_sequence_parallel
 
 
 class TokenEmbedding(nn.Module):
-    """Token ids -> embeddings. Tied models build it on the first and the last stage (TiedLayerSpec)."""
+    """Token ids -> embeddings. Tied models build it on the first and the last stage (TiedLayerSpec).
+
+    Under sequence parallelism (``builder.sequence``) it embeds this rank's shard of the tokens; the mask stays
+    whole (hybrid_ds.models.sequence_parallel)."""
 
     def __init__(self, builder: StageBuilder):
         super().__init__()
         self.embed = builder.module(builder.family.token_embedding)
+        self.sequence = builder.sequence
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         input_ids, *rest = inputs
+        if self.sequence is not None:
+            input_ids = input_ids[:, self.sequence.of(input_ids.shape[1])]
         return (self.embed(input_ids), *rest)
 
 
@@ -61,14 +69,23 @@ class EmbeddingRest(nn.Module):
             inside = family.token_embedding.startswith(path + ".")  # BERT: embeddings holds word_embeddings
             mods[path.rpartition(".")[2]] = builder.module(path, without=(token_child,) if inside else ())
         self.mods = nn.ModuleDict({k: v for k, v in mods.items() if v is not None})
-        self.family, self.documents = family, builder.documents
+        self.family, self.documents, self.sequence = family, builder.documents, builder.sequence
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
         embeds, attention_mask, *rest = inputs
         token_types = rest[0] if rest else None
-        hidden = self.family.embed(dict(self.mods), embeds, padding_mask(attention_mask, self.documents), token_types,
-                                   position_ids(self.family, attention_mask, self.documents))
+        mask, positions = padding_mask(attention_mask, self.documents), position_ids(self.family, attention_mask,
+                                                                                      self.documents)
+        if self.sequence is not None:  # the shard's own positions, taken from the whole sequence's
+            part = self.sequence.of(attention_mask.shape[1])
+            mask, positions = mask[:, part], _shard_of(positions, part)
+            token_types = token_types[:, part] if token_types is not None else None
+        hidden = self.family.embed(dict(self.mods), embeds, mask, token_types, positions)
         return hidden, attention_mask
+
+
+def _shard_of(positions: torch.Tensor | None, part: slice) -> torch.Tensor | None:
+    return None if positions is None else positions[:, part]
 
 
 class Derived:
@@ -108,6 +125,15 @@ class Block(nn.Module):
         self.mask_kind = layer_types[index] if layer_types else "all"
         self.rotary_kwargs = {"layer_type": self.mask_kind} if self.family.rotary_per_layer_type else {}
         self.derived: Derived = builder.shared.setdefault("derived", Derived())
+        self.sequence = builder.sequence
+        if self.sequence is not None:  # its attention exchanges over the group (a config of the stage's own)
+            attention_config = builder.shared.get("sequence_config")
+            if attention_config is None:
+                attention_config = builder.shared["sequence_config"] = copy.deepcopy(self.config)
+                use_sequence_parallel(attention_config, self.sequence)
+            for module in self.layer.modules():
+                if getattr(module, "config", None) is self.config:
+                    module.config = attention_config
         self.router_logits: list[torch.Tensor] = []
         aux = self.family.router_aux if getattr(self.config, "output_router_logits", False) else None
         self.aux = aux
@@ -117,11 +143,15 @@ class Block(nn.Module):
 
     def forward(self, inputs: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
         hidden, attention_mask, *stats = inputs
-        positions = self.derived.get("positions", attention_mask, hidden,
-                                     lambda: position_ids(self.family, attention_mask, self.documents))
+        whole = self.derived.get("positions", attention_mask, hidden,
+                                 lambda: position_ids(self.family, attention_mask, self.documents))
+        # sequence parallel: the shard's positions; the mask of the whole sequence, which attention sees whole
+        length = attention_mask.shape[1]
+        positions = whole if self.sequence is None else _shard_of(whole, self.sequence.of(length))
+        shape = hidden if self.sequence is None else hidden.new_empty((hidden.shape[0], length, 0))
         kwargs: dict[str, Any] = {"attention_mask": self.derived.get(
             f"mask:{self.mask_kind}", attention_mask, hidden,
-            lambda: attention_mask_4d(self.family, self.config, self.index, hidden, attention_mask, positions,
+            lambda: attention_mask_4d(self.family, self.config, self.index, shape, attention_mask, whole,
                                       self.documents))}
         if positions is not None:
             kwargs["position_ids"] = positions
@@ -195,7 +225,7 @@ class LogitsOps(nn.Module):
         return on_logits(lambda x: x.then(self.ops) if isinstance(x, HeadLogits) else apply_ops(x, self.ops), logits)
 
 
-def loss_function(family: Family, vocab_size: int, fused: bool = True):
+def loss_function(family: Family, vocab_size: int, fused: bool = True, sequence: SequenceShard | None = None):
     """The Hugging Face model's own loss: shifted causal-LM or plain masked-LM cross-entropy, in fp32.
 
     ``fused``: computed from the head's hidden states a block of rows at a time (hybrid_ds.models.head_loss),
@@ -209,10 +239,24 @@ def loss_function(family: Family, vocab_size: int, fused: bool = True):
     def lm_loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
         """The LM loss of the logits, plus ``router_aux_loss_coef`` times the router loss where it came along."""
         logits, *aux = outputs if isinstance(outputs, tuple) else (outputs,)
-        if fused and isinstance(logits, HeadLogits):
+        if sequence is not None:
+            loss = shard_loss(logits, labels)
+        elif fused and isinstance(logits, HeadLogits):
             loss = fused_lm_loss(logits, labels, shift)
         else:
             loss = hf_loss(materialize(logits), labels, vocab_size)
         return loss + family.router_aux.coef * aux[0] if aux else loss
+
+    def shard_loss(logits: Any, labels: torch.Tensor) -> torch.Tensor:
+        """This shard's share of the whole sequence's loss: its tokens' sum over all predicted tokens' count (the
+        labels come whole; the shards' losses add up to the loss, their gradients to its gradient)."""
+        if shift:  # tokens < n predict n; the last position predicts nothing
+            labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
+        count = (labels != -100).sum()
+        labels = labels[:, sequence.of(labels.shape[1])].contiguous()
+        if fused and isinstance(logits, HeadLogits):
+            return fused_lm_loss(logits, labels, shift=False, count=count)
+        kwargs = {"shift_labels": labels} if shift else {}
+        return hf_loss(materialize(logits), None if shift else labels, vocab_size, num_items_in_batch=count, **kwargs)
 
     return lm_loss

@@ -23,6 +23,7 @@ from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, LogitsOps, OutputProjection,
                                     TokenEmbedding, loss_function, project_with_embedding)
 from hybrid_ds.models.resolve import meta_model
+from hybrid_ds.models.sequence_parallel import SequenceShard
 from hybrid_ds.runtime.plan import Plan
 from hybrid_ds.runtime.quiet import deepspeed_prints_off
 
@@ -111,12 +112,13 @@ class SequentialStages:
     For parity checks: the forward runs the stages one after another on the same batch.
     """
 
-    def __init__(self, plan: Plan):
+    def __init__(self, plan: Plan, sequence: SequenceShard | None = None):
         self.plan = plan
         self.layers_per_stage: list[list[tuple[Any, Any]]] = []   # per stage: (callable, module) per layer
         self.builders: list[StageBuilder] = []
         for stage in range(plan.config.pipeline.stages):
             builder = stage_builder(_fresh(plan))
+            builder.sequence = sequence  # this rank's shard of every sequence (models.sequence_parallel)
             specs, units = layer_specs(builder)
             lo, hi = spec_boundaries(plan.boundaries, units)[stage:stage + 2]
             built = {}
@@ -135,7 +137,7 @@ class SequentialStages:
         if plan.config.train.compile:
             compile_blocks(self.modules())
         family, vocab = plan.resolved.family, _vocab(self.builders[0])
-        self.loss_fn = loss_function(family, vocab, plan.config.train.fused_loss)  # as the run computes it
+        self.loss_fn = loss_function(family, vocab, plan.config.train.fused_loss, sequence)  # as the run computes it
         self.hf_loss_fn = loss_function(family, vocab, fused=False)  # Hugging Face's, on the full logits
 
     def modules(self) -> list[torch.nn.Module]:
