@@ -78,7 +78,11 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
         if kind not in kinds:
             kinds[kind] = block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b)
     terms = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
-    saved = [sum(t.values()) + lora_activation_change(run, b, t, runtime) for b, t in zip(held, terms)]
+    # a materialized attention mask is made once for the stage's blocks (models.layers.additive): saved once
+    shared_mask = max((t.get("attention mask", 0.0) for t in terms), default=0.0)
+    saved = [sum(t.values()) - t.get("attention mask", 0.0) + lora_activation_change(run, b, t, runtime)
+             for b, t in zip(held, terms)]
+    saved[:1] = [saved[0] + shared_mask] if saved else []
     frozen = run.lora is not None   # LoRA: the embedding is outside autograd's graph, it saves nothing
     embedding = lo == 0 and not frozen
     per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if embedding else 0.0
