@@ -155,3 +155,22 @@ def test_refused_where_documents_cannot_be_kept_apart(name, stages, zero, says):
     with pytest.raises(UserError, match=says) as err:
         build_plan(cfg, world_size=stages)
     assert err.value.key == "data.document_mask"
+
+
+def test_a_stage_keeps_one_mask_for_all_its_blocks():
+    """sdpa would turn the boolean document mask into an additive one at every block and keep each copy for
+    backward; the stage makes it additive once, so its blocks save one s x s mask between them."""
+    plan = build_plan(config("llama-tiny", stages=1, document_mask=True), world_size=1)
+    pipe = SequentialStages(plan)
+    ids = torch.randint(0, plan.resolved.hf_config.vocab_size, (2, 64), generator=torch.Generator().manual_seed(0))
+    documents = torch.arange(64).div(20, rounding_mode="floor").add(1).expand(2, -1)
+    masks = set()
+
+    def pack(t):
+        if t.dim() == 4 and t.shape[-2:] == (64, 64):
+            masks.add(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        pipe.loss_fn(pipe.forward((ids, documents)), ids)
+    assert plan.resolved.hf_config.num_hidden_layers > 1 and len(masks) == 1
