@@ -119,10 +119,20 @@ def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0, m
 
 
 def assert_params_match(ranks: list[dict], ref_params: dict, atol: float = 1e-5) -> None:
+    """Every parameter within ``atol``, but for GPT-2's key biases (the middle third of ``c_attn.bias``): softmax
+    does not change when a query's scores all move by the same amount, so their gradient is zero in exact arithmetic
+    and what both sides compute is rounding, which Adam turns into steps of up to the learning rate either way (seen
+    1.2e-5 apart after 5 steps on one CPU, 1e-9 for the query and value thirds); those are held to 5 of them."""
     seen = set()
     for rank in ranks:
         for key, value in rank["params"].items():
-            torch.testing.assert_close(value, ref_params[key].detach(), atol=atol, rtol=1e-5, msg=key)
+            ref = ref_params[key].detach()
+            if key.endswith("attn.c_attn.bias"):
+                (q, k, v), (ref_q, ref_k, ref_v) = value.chunk(3, -1), ref.chunk(3, -1)
+                torch.testing.assert_close(torch.cat([q, v]), torch.cat([ref_q, ref_v]), atol=atol, rtol=1e-5, msg=key)
+                assert (k - ref_k).abs().max() <= 5 * ADAMW["lr"], key
+            else:
+                torch.testing.assert_close(value, ref, atol=atol, rtol=1e-5, msg=key)
             seen.add(key)
     assert seen == set(ref_params), set(ref_params) ^ seen  # named_parameters lists a tied weight once
 
