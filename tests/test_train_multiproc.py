@@ -292,14 +292,15 @@ def test_killing_a_rank_ends_the_run(tmp_path):
     env = {**os.environ, "DS_ACCELERATOR": "cpu"}
     proc = subprocess.Popen(command(ROOT / "launch" / "train.py", config, 2), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env=env, cwd=ROOT)
-    pids, output = [], []
+    pids, output, started = [], [], False
     deadline = time.time() + 300
-    for line in proc.stdout:  # wait until training is under way
+    for line in proc.stdout:  # wait until training is under way: the first step's progress line
         output.append(line)
         pids += [int(p) for p in re.findall(r"process (\d+) spawned", line)]
-        if "train:" in line and "loss=" in line or time.time() > deadline:
+        started = re.search(r"step \d+/\d+: loss ", line) is not None
+        if started or time.time() > deadline:
             break
-    assert len(pids) == 2, "".join(output[-20:])
+    assert len(pids) == 2 and started, "".join(output[-20:])
     os.kill(pids[1], signal.SIGKILL)
     killed = time.time()
     try:
