@@ -56,19 +56,37 @@ def run_config(schedule: str, micro_batches: int, seq: int) -> dict:
     return raw
 
 
-def worker(out: Path, steps: int, seq: int) -> None:
+def build_engine(key: tuple[str, int], seq: int, world: int):
+    """The engine of ``key`` (schedule, micro-batches), from the same seed in every process and for every key."""
     import torch
 
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.runtime.engine import build_pipeline_engine, init_distributed
+    from hybrid_ds.runtime.engine import build_pipeline_engine
     from hybrid_ds.runtime.plan import build_plan
+
+    torch.manual_seed(0)
+    return build_pipeline_engine(build_plan(load_config_dict(run_config(*key, seq)), world))
+
+
+def micro_batches(seq: int) -> dict[int, list]:
+    """The same micro-batches for every engine: m -> the first m of 8 (token ids, mask), labels."""
+    import torch
+
+    gen = torch.Generator().manual_seed(1234)
+    batches = [torch.randint(0, MODEL["overrides"]["vocab_size"], (MICRO, seq), generator=gen) for _ in range(8)]
+    return {m: [((ids, torch.ones_like(ids)), ids) for ids in batches[:m]] for _, m in ENGINES}
+
+
+def worker(out: Path, steps: int, seq: int) -> None:
+    import torch
+
+    from hybrid_ds.runtime.engine import init_distributed
     from hybrid_ds.seam.instruments import wrap_pipeline_instructions
 
     world = init_distributed()
     engines, timeline = {}, {}
     for key in ENGINES:
-        torch.manual_seed(0)
-        engines[key] = build_pipeline_engine(build_plan(load_config_dict(run_config(*key, seq)), world))
+        engines[key] = build_engine(key, seq, world)
         timeline[key] = []
 
         def wrap(kind, fn, log=timeline[key]):
@@ -80,18 +98,16 @@ def worker(out: Path, steps: int, seq: int) -> None:
             return timed
 
         wrap_pipeline_instructions(engines[key], wrap)
-    gen = torch.Generator().manual_seed(1234)
-    batches = [torch.randint(0, MODEL["overrides"]["vocab_size"], (MICRO, seq), generator=gen) for _ in range(8)]
+    micro = micro_batches(seq)
     steps_out = {key: [] for key in ENGINES}
     losses = {key: [] for key in ENGINES}
     for step in range(WARMUP + steps):
         order = ENGINES[step % len(ENGINES):] + ENGINES[:step % len(ENGINES)]
         for key in order:
-            micro = [((ids, torch.ones_like(ids)), ids) for ids in batches[:key[1]]]
             torch.distributed.barrier()
             timeline[key].clear()
             start = time.perf_counter()
-            losses[key].append(engines[key].train_batch(iter(micro)).item())
+            losses[key].append(engines[key].train_batch(iter(micro[key[1]])).item())
             end = time.perf_counter()
             if step >= WARMUP:
                 steps_out[key].append({"start": start, "end": end, "instructions": list(timeline[key])})
@@ -109,9 +125,7 @@ def memory_worker(out: Path, seq: int) -> None:
     from torch.profiler import ProfilerActivity, profile
 
     from estimator_accuracy import _walk
-    from hybrid_ds.config import load_config_dict
-    from hybrid_ds.runtime.engine import build_pipeline_engine, init_distributed
-    from hybrid_ds.runtime.plan import build_plan
+    from hybrid_ds.runtime.engine import init_distributed
     from hybrid_ds.seam.instruments import wrap_pipeline_instructions
 
     def annotated(kind, fn):
@@ -121,14 +135,12 @@ def memory_worker(out: Path, seq: int) -> None:
         return run
 
     world = init_distributed()
-    gen = torch.Generator().manual_seed(1234)
-    batches = [torch.randint(0, MODEL["overrides"]["vocab_size"], (MICRO, seq), generator=gen) for _ in range(8)]
+    batches = micro_batches(seq)
     result = {}
     for key in ENGINES:
-        torch.manual_seed(0)
-        engine = build_pipeline_engine(build_plan(load_config_dict(run_config(*key, seq)), world))
+        engine = build_engine(key, seq, world)
         wrap_pipeline_instructions(engine, annotated)
-        micro = [((ids, torch.ones_like(ids)), ids) for ids in batches[:key[1]]]
+        micro = batches[key[1]]
         engine.train_batch(iter(micro))
         torch.distributed.barrier()
         held = _walk([("param", p) for p in engine.module.parameters()] + [("optimizer", engine.optimizer),
@@ -177,7 +189,7 @@ def memory(seq: int) -> None:
     print(f"peak bytes per stage up to the step's reductions, MiB (measured / estimator), seq {seq}, micro-batch {MICRO}")
     for key in predicted:
         rows[key] = []
-        for stage, (measured, guess) in enumerate(zip(raw, predicted[key])):
+        for measured, guess in zip(raw, predicted[key]):
             rows[key].append({**measured[key], "predicted_bytes": guess["bytes"],
                               "predicted_activations": guess["activations"], "in_flight": guess["in_flight"],
                               "error": guess["bytes"] / measured[key]["peak_bytes"] - 1})
@@ -261,7 +273,10 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     if args.worker:
-        (memory_worker(Path(args.out), args.seq) if args.memory else worker(Path(args.out), args.steps, args.seq))
+        if args.memory:
+            memory_worker(Path(args.out), args.seq)
+        else:
+            worker(Path(args.out), args.steps, args.seq)
         return
     if args.memory:
         memory(args.seq)

@@ -82,7 +82,8 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     shared_mask = max((t.get("attention mask", 0.0) for t in terms), default=0.0)
     saved = [sum(t.values()) - t.get("attention mask", 0.0) + lora_activation_change(run, b, t, runtime)
              for b, t in zip(held, terms)]
-    saved[:1] = [saved[0] + shared_mask] if saved else []
+    if saved:
+        saved[0] += shared_mask
     frozen = run.lora is not None   # LoRA: the embedding is outside autograd's graph, it saves nothing
     embedding = lo == 0 and not frozen
     per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if embedding else 0.0

@@ -74,14 +74,19 @@ def materialize(logits: Any) -> torch.Tensor:
     return logits.logits() if isinstance(logits, HeadLogits) else logits
 
 
+def shifted_labels(labels: torch.Tensor) -> torch.Tensor:
+    """A causal LM's targets: the label of token n + 1 at n (tokens < n predict n); the last predicts nothing."""
+    return F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+
+
 def fused_lm_loss(head: HeadLogits, labels: torch.Tensor, shift: bool, block_rows: int | None = None,
                   count: torch.Tensor | None = None) -> torch.Tensor:
     """Hugging Face's ``ForCausalLMLoss`` (``shift``) or ``ForMaskedLMLoss`` of ``head``'s logits, fp32: the mean
     over tokens whose label is not -100 (NaN if there are none, as there), without ``num_items_in_batch``.
     ``block_rows``: tokens per block (default: ``BLOCK_ELEMENTS`` logits per block). ``count``: divide the sum by
     this instead (a shard of a sequence: the whole sequence's predicted tokens)."""
-    if shift:  # tokens < n predict n; the last position predicts nothing
-        labels = F.pad(labels, (0, 1), value=IGNORE_INDEX)[..., 1:]
+    if shift:
+        labels = shifted_labels(labels)
     hidden = head.hidden.reshape(-1, head.hidden.shape[-1])
     targets = labels.reshape(-1).to(hidden.device)
     rows = block_rows or max(1, BLOCK_ELEMENTS // head.weight.shape[0])

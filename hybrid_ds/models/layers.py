@@ -23,7 +23,7 @@ from torch import nn
 
 from hybrid_ds.config.families import Family, apply_ops
 from hybrid_ds.models.build import StageBuilder
-from hybrid_ds.models.head_loss import HeadLogits, fused_lm_loss, materialize
+from hybrid_ds.models.head_loss import IGNORE_INDEX, HeadLogits, fused_lm_loss, materialize, shifted_labels
 from hybrid_ds.models.masks import attention_mask_4d, padding_mask, position_ids
 from hybrid_ds.models.router_loss import add_router_stats, router_aux_loss
 from hybrid_ds.models.sequence_parallel import SequenceShard, use_sequence_parallel
@@ -259,9 +259,9 @@ def loss_function(family: Family, vocab_size: int, fused: bool = True, sequence:
     def shard_loss(logits: Any, labels: torch.Tensor) -> torch.Tensor:
         """This shard's share of the whole sequence's loss: its tokens' sum over all predicted tokens' count (the
         labels come whole; the shards' losses add up to the loss, their gradients to its gradient)."""
-        if shift:  # tokens < n predict n; the last position predicts nothing
-            labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:]
-        count = (labels != -100).sum()
+        if shift:
+            labels = shifted_labels(labels)
+        count = (labels != IGNORE_INDEX).sum()
         labels = labels[:, sequence.of(labels.shape[1])].contiguous()
         if fused and isinstance(logits, HeadLogits):
             return fused_lm_loss(logits, labels, shift=False, count=count)

@@ -55,9 +55,7 @@ def use_sequence_parallel(hf_config: Any, shard: SequenceShard) -> str:
     from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, eager_mask
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
-    core = hf_config._attn_implementation
-    if core.startswith(PREFIX):
-        core = core[len(PREFIX):]
+    core = hf_config._attn_implementation.removeprefix(PREFIX)
     if core not in ("sdpa", "eager"):
         raise ValueError(f"sequence parallelism wraps sdpa or eager attention, not {core!r}")
     name = PREFIX + core

@@ -56,8 +56,7 @@ def check_zero_bubble() -> None:
     """DeepSpeed 0.19.8's ``_exec_backward_pass`` runs the last stage's backward through ``DeepSpeedEngine.backward``
     (which calls ``loss.backward(**backward_kwargs)`` on the scaled loss) and the others' as
     ``outputs.backward(gradient=grad_tensors)``; ``train_batch`` runs the schedule ``_train_schedule()`` returns."""
-    require(BACKWARD_CALLS)
-    require(SENDS)
+    require(BACKWARD_CALLS, SENDS)
 
 
 # ---------------------------------------------------------------- the split of one backward
