@@ -14,6 +14,7 @@ import warm_ranks
 import torch
 
 from hybrid_ds.config import TrainConfig
+from hybrid_ds.models.masks import document_positions
 from hybrid_ds.runtime.engine import parameter_groups
 from hybrid_ds.runtime.parity import sample_batch
 
@@ -85,9 +86,12 @@ def launch(tmp_path: Path, folder: Path, batches, stages: int, nproc: int, steps
     return {"losses": json.loads((run / "losses.json").read_text()), "ranks": ranks}
 
 
-def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0, model=None, dp: int = 1) -> dict:
+def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0, model=None, dp: int = 1,
+              documents: bool = False) -> dict:
     """Plain torch: the HF model (or ``model``: a peft model of it), AdamW (hybrid_ds's default parameter groups),
-    loss / (GAS x dp) per micro-batch (a step of ``dp`` ranks' GAS micro-batches each), optional clip_grad_norm_."""
+    loss / (GAS x dp) per micro-batch (a step of ``dp`` ranks' GAS micro-batches each), optional clip_grad_norm_.
+    ``documents``: the attention masks hold document ids (data.document_mask), given to the model as transformers'
+    packed sequences: positions restarting at each document, no padding mask."""
     import transformers
 
     auto = transformers.AutoModelForMaskedLM if name == "bert-tiny" else transformers.AutoModelForCausalLM
@@ -98,7 +102,9 @@ def reference(name: str, folder: Path, batches, steps: int, clip: float = 0.0, m
 
     def loss_of(b):
         kwargs = {k: v for k, v in b.items() if k != "token_type_ids"}
-        return model(**kwargs).loss
+        if documents:
+            kwargs["position_ids"] = document_positions(kwargs.pop("attention_mask"))
+        return model(**kwargs, **({"use_cache": False} if documents else {})).loss
 
     accum = GAS * dp
     with torch.no_grad():

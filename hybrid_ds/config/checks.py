@@ -56,6 +56,8 @@ def check_cross_section(cfg: Any) -> None:
                                            "from the run's last checkpoint")
     if cfg.pipeline.schedule == "zb-h1":
         check_zero_bubble(cfg)
+    if cfg.pipeline.sequence_parallel > 1:
+        check_sequence_parallel(cfg)
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",
@@ -77,6 +79,23 @@ def check_zero_bubble(cfg: Any) -> None:
         raise UserError("pipeline.schedule", "'zb-h1' is not available with train.compile: a compiled block's backward "
                                              "runs as one step, which cannot be split into input and weight "
                                              "gradients; set train.compile false or use '1f1b'")
+
+
+def check_sequence_parallel(cfg: Any) -> None:
+    """What ``pipeline.sequence_parallel`` > 1 cannot run with, as far as the config alone tells (the model's heads and
+    positions are checked with the model: hybrid_ds.models.sequence_parallel.obstacle)."""
+    sp = cfg.pipeline.sequence_parallel
+    if not cfg.pipeline_engine:
+        raise UserError("pipeline.sequence_parallel", f"{sp} needs the pipeline engine; zero_optimization.stage "
+                                                      f"{cfg.zero_stage} at pipeline.stages 1 trains the plain Hugging "
+                                                      "Face model; use zero_optimization.stage 0 or 1 at one stage "
+                                                      "(0-2 with stages > 1), or sequence_parallel 1")
+    if cfg.data.seq_len % sp:
+        raise UserError("pipeline.sequence_parallel", f"{sp} does not divide data.seq_len {cfg.data.seq_len} into equal "
+                                                      f"shards; use a seq_len that is a multiple of {sp}")
+    if cfg.train.compile:
+        raise UserError("train.compile", f"true is not available with pipeline.sequence_parallel {sp} (the attention "
+                                         "exchange is not compiled); set train.compile false")
 
 
 # Up to 4 micro-batches summed in bf16 lose at most a few of its 8 significant bits; beyond, small gradients vanish.

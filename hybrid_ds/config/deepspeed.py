@@ -60,6 +60,10 @@ def check_deepspeed_keys(ds: dict[str, Any], other_keys: tuple[str, ...] = ()) -
     """DeepSpeed's top-level keys of a run config: known names, and the values hybrid_ds reads before DeepSpeed does
     (``other_keys``: the config's own top-level keys, offered as suggestions for a misspelt one)."""
     for key in ds:
+        if key == "sequence_parallel_size":  # DeepSpeed's plain-engine Ulysses: it divides DeepSpeed's world size
+            raise UserError(key, f"{ds[key]!r}: DeepSpeed's own sequence parallelism (its plain engine's, with "
+                                 "world-size arithmetic of its own) is not how hybrid_ds runs it; set "
+                                 "pipeline.sequence_parallel instead")
         if key not in DEEPSPEED_KEYS:
             valid = [*DEEPSPEED_KEYS, *other_keys]
             raise UserError(key, f"unknown top-level key; {suggest(key, valid)}")
@@ -248,13 +252,14 @@ def effective_deepspeed_config(cfg: Any, layout: Any, device_kind: str, stage_tr
     (4, {'stage': 1, 'reduce_bucket_size': 1000, 'allgather_bucket_size': 1000}, {'lr': 0.001, 'torch_adam': True, 'fused': True})
     """
     ds = deepspeed_sections(cfg, device_kind)
-    ds.update(train_batch_size=layout.train_batch, train_micro_batch_size_per_gpu=layout.micro_batch,
+    # DeepSpeed counts a sequence's sp ranks as data parallel: its train_batch_size is per its data-parallel group
+    ds.update(train_batch_size=layout.train_batch * layout.sp, train_micro_batch_size_per_gpu=layout.micro_batch,
               gradient_accumulation_steps=layout.grad_accum)
     ds["pipeline"] = {**{k: getattr(cfg.pipeline, k) for k in _DS_PIPELINE_KEYS},
                       "activation_checkpoint_interval": cfg.pipeline.activation_checkpoint_interval}
     if "zero_optimization" in ds:
         zero = ds["zero_optimization"] = dict(ds["zero_optimization"])
-        zero["stage"] = cfg.zero_stage_at(layout.dp)
+        zero["stage"] = cfg.zero_stage_at(layout.data_ranks)
         if zero["stage"] in (1, 2) and stage_trainable:
             zero.setdefault("reduce_bucket_size", reduce_bucket_elements(stage_trainable))
             zero.setdefault("allgather_bucket_size", reduce_bucket_elements(stage_trainable))

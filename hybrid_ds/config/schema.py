@@ -116,6 +116,11 @@ class PipelineConfig(_Section):
         "1f1b", description="\"1f1b\" (DeepSpeed's TrainSchedule) or \"zb-h1\" (zero-bubble: each backward split "
                             "into the input gradient and the weight gradient, which fills the pipeline's idle time; "
                             "hybrid_ds.config.schedule)")
+    sequence_parallel: int = Field(
+        1, ge=1, description="Ulysses sequence parallelism inside each stage: N ranks share every micro-batch, each "
+                             "holding 1/N of every sequence's tokens (attention exchanges them for 1/N of the heads "
+                             "over the N ranks); world size = stages x N x data-parallel size. N must divide "
+                             "data.seq_len and the attention and key/value heads (hybrid_ds.models.sequence_parallel)")
     pipe_partitioned: bool = Field(True, description="DeepSpeed: split activations sent between stages over TP")
     grad_partitioned: bool = Field(True, description="DeepSpeed: split gradients sent between stages over TP")
 

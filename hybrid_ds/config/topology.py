@@ -1,11 +1,18 @@
 """Process layout and batch arithmetic: pure functions, no torch.
 
-world size = pipeline stages x data-parallel size, and
+world size = pipeline stages x sequence-parallel size x data-parallel size, and
 train_batch_size = micro-batch x gradient-accumulation steps x data-parallel size.
+
+The sp ranks of a replica share its micro-batches, each holding 1/sp of every sequence's tokens; DeepSpeed sees them
+as data parallel (its data-parallel group is sp x dp ranks: ``Layout.data_ranks``), which is what its gradient
+averaging, ZeRO partitioning and stage-to-stage sends need (hybrid_ds.runtime.pipeline.sequence_shard).
 
 >>> layout = resolve_layout(world_size=4, stages=2, n_layers=12, micro_batch=4, grad_accum=8)
 >>> layout.dp, layout.train_batch, round(layout.bubble, 3)
 (2, 64, 0.111)
+>>> layout = resolve_layout(world_size=8, stages=2, n_layers=12, micro_batch=4, grad_accum=8, sp=2)
+>>> layout.dp, layout.data_ranks, layout.train_batch
+(2, 4, 64)
 """
 
 from __future__ import annotations
@@ -24,6 +31,12 @@ class Layout:
     micro_batch: int
     grad_accum: int
     train_batch: int
+    sp: int = 1          # sequence-parallel ranks per replica (pipeline.sequence_parallel)
+
+    @property
+    def data_ranks(self) -> int:
+        """DeepSpeed's data-parallel size: the sp ranks of every replica (they average and partition like replicas)."""
+        return self.dp * self.sp
 
     @property
     def bubble(self) -> float:
@@ -48,7 +61,7 @@ def bubble_fraction(stages: int, micro_batches: int) -> float:
 
 
 def resolve_layout(world_size: int, stages: int, n_layers: int, micro_batch: int | None = None,
-                   grad_accum: int | None = None, train_batch: int | None = None) -> Layout:
+                   grad_accum: int | None = None, train_batch: int | None = None, sp: int = 1) -> Layout:
     """Check the layout and derive the missing batch number the way DeepSpeed does."""
     if world_size < 1:
         raise UserError("world size", f"must be >= 1, got {world_size}")
@@ -61,9 +74,14 @@ def resolve_layout(world_size: int, stages: int, n_layers: int, micro_batch: int
                if world_size < stages else "")
         raise UserError("pipeline.stages",
                         f"world size {world_size} is not divisible by {stages} stages; valid stages: {valid}{few}")
-    dp = world_size // stages
+    if (world_size // stages) % sp:
+        per_stage = world_size // stages
+        valid = [n for n in range(1, per_stage + 1) if per_stage % n == 0]
+        raise UserError("pipeline.sequence_parallel", f"{sp} does not divide the {per_stage} ranks of each stage (world "
+                                                      f"size {world_size} / {stages} stages); valid: {valid}")
+    dp = world_size // (stages * sp)
     micro_batch, grad_accum, train_batch = _batch_sizes(dp, micro_batch, grad_accum, train_batch)
-    return Layout(world_size, stages, dp, micro_batch, grad_accum, train_batch)
+    return Layout(world_size, stages, dp, micro_batch, grad_accum, train_batch, sp)
 
 
 def _batch_sizes(dp: int, micro: int | None, accum: int | None, total: int | None) -> tuple[int, int, int]:

@@ -26,7 +26,7 @@ from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.head_loss import IGNORE_INDEX, HeadLogits, fused_lm_loss, materialize, shifted_labels
 from hybrid_ds.models.masks import attention_mask_4d, padding_mask, position_ids
 from hybrid_ds.models.router_loss import add_router_stats, router_aux_loss
-from hybrid_ds.models.sequence_parallel import SequenceShard, use_sequence_parallel
+from hybrid_ds.models.sequence_parallel import SequenceShard, check_exchanged, exchanges, use_sequence_parallel
 
 
 class TokenEmbedding(nn.Module):
@@ -162,7 +162,10 @@ class Block(nn.Module):
                 f"rotary:{self.rotary_kwargs.get('layer_type')}", attention_mask, hidden,
                 lambda: self.rotary(hidden, position_ids=positions, **self.rotary_kwargs))
         self.router_logits.clear()  # a recompute (activation checkpointing) may have left some
+        before = exchanges()
         hidden = self.layer(hidden, **kwargs)
+        if self.sequence is not None:
+            check_exchanged(before, self.config.model_type)
         if self.family.block_returns_tuple:  # Bamba: (hidden_states, attention weights the model drops)
             hidden = hidden[0]
         for router_logits in self.router_logits:

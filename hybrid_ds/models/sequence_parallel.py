@@ -24,6 +24,8 @@ from typing import Any, Callable
 
 import torch
 
+from hybrid_ds.errors import UserError
+
 PREFIX = "hybrid_ds_ulysses_"
 
 
@@ -47,6 +49,49 @@ class SequenceShard:
 
 
 _SHARDS: dict[str, SequenceShard] = {}
+_EXCHANGES = [0]  # attention calls that exchanged: a block whose layer made none does not attend through them
+
+
+def check_model(family: Any, hf_config: Any, sp: int) -> None:
+    """One line (``pipeline.sequence_parallel``) when the model cannot be split into ``sp`` shards of every sequence:
+    heads that do not divide, positions its shards cannot be given, a router loss over each shard's tokens."""
+    key, model_type = "pipeline.sequence_parallel", hf_config.model_type
+    heads = getattr(hf_config, "num_attention_heads", None)
+    kv_heads = getattr(hf_config, "num_key_value_heads", None) or heads
+    if heads and heads % sp:
+        raise UserError(key, f"{sp} does not divide {model_type}'s {heads} attention heads (each rank attends with "
+                             f"heads / {sp} of them); use a divisor of {heads}")
+    if kv_heads and kv_heads % sp:
+        raise UserError(key, f"{sp} does not divide {model_type}'s {kv_heads} key/value heads (num_key_value_heads; "
+                             f"each rank attends with kv heads / {sp}); use a divisor of {kv_heads}")
+    if family.positions == "absolute":
+        raise UserError(key, f"{sp} is not available for {model_type}: its embedding makes the positions of the tokens "
+                             "it is given, which for a shard are not their positions in the sequence; use 1")
+    if family.positions == "none":
+        raise UserError(key, f"{sp} is not available for {model_type}: its blocks take no positions (recurrent or "
+                             "state-space layers read the sequence in order), so a shard cannot run on its own; use 1")
+    if family.router_aux is not None and getattr(hf_config, "output_router_logits", False):
+        raise UserError(key, f"{sp} is not available with {model_type}'s router loss (output_router_logits): each "
+                             "rank would balance the experts over its shard's tokens, not the sequence's; use 1 or "
+                             "model.overrides.output_router_logits false")
+    core = getattr(hf_config, "_attn_implementation", None) or "sdpa"
+    if core.removeprefix(PREFIX) not in ("sdpa", "eager"):
+        raise UserError(key, f"{sp} wraps sdpa or eager attention, not {core!r}; set model.attn_implementation")
+
+
+def check_exchanged(before: int, model_type: str) -> int:
+    """After a block's layer ran: raise if its attention made no exchange since ``exchanges()`` was ``before``
+    (attention that does not go through transformers' attention interface, or a block without attention)."""
+    if _EXCHANGES[0] == before:
+        raise UserError("pipeline.sequence_parallel", f"{model_type}'s blocks do not attend through transformers' "
+                                                      "attention interface (or have no attention), which sequence "
+                                                      "parallelism exchanges in; use 1")
+    return _EXCHANGES[0]
+
+
+def exchanges() -> int:
+    """How many attention calls have exchanged so far in this process."""
+    return _EXCHANGES[0]
 
 
 def use_sequence_parallel(hf_config: Any, shard: SequenceShard) -> str:
@@ -79,6 +124,7 @@ def _exchanging(name: str, core: str) -> Callable[..., Any]:
     def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
                   attention_mask: Any, **kwargs: Any) -> tuple[torch.Tensor, None]:
         shard = _SHARDS[name]
+        _EXCHANGES[0] += 1
         # [batch, heads, shard tokens, head dim] -> [batch, heads / sp, all tokens, head dim]
         query, key, value = (_gather_sequence(shard, t) for t in (query, key, value))
         output, _ = _core_attention(core, module)(module, query, key, value, attention_mask, **kwargs)

@@ -274,9 +274,12 @@ def raise_shared(error: UserError | None, patient: bool = False) -> None:
         raise UserError(*first)
 
 
-def data_parallel(engine: Any) -> tuple[int, int, Any]:
-    """(data-parallel rank, size, group) of this rank under either engine."""
+def data_parallel(engine: Any, sp: int = 1) -> tuple[int, int, Any]:
+    """(data-parallel rank, size, group) of this rank under either engine: the rank and number of replicas, which read
+    different micro-batches, and DeepSpeed's data-parallel group, which holds the ``sp`` sequence-parallel ranks of
+    each replica (consecutive: hybrid_ds.runtime.pipeline.sequence_groups)."""
     grid = getattr(engine, "grid", None)
     if grid is not None:
-        return grid.get_data_parallel_rank(), grid.get_data_parallel_world_size(), grid.get_data_parallel_group()
+        return (grid.get_data_parallel_rank() // sp, grid.get_data_parallel_world_size() // sp,
+                grid.get_data_parallel_group())
     return torch.distributed.get_rank(), torch.distributed.get_world_size(), None

@@ -101,7 +101,9 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
     original = cfg.model.name
     # A padded batch of one sequence a row: data.document_mask (tests/test_document_mask.py) would restart the
     # padding's positions and change its logits, which are compared here too.
-    cfg = cfg.replace(pipeline={"stages": stages}, data={"seq_len": seq_len, "document_mask": False},
+    # One process: sequence parallelism (tests/test_sequence_parallel_multiproc.py) off, the weights the same.
+    cfg = cfg.replace(pipeline={"stages": stages, "sequence_parallel": 1},
+                      data={"seq_len": seq_len, "document_mask": False},
                       train_micro_batch_size_per_gpu=1,
                       gradient_accumulation_steps=1, fp16={"enabled": False}, bf16={"enabled": False})
     with tempfile.TemporaryDirectory() as tmp:

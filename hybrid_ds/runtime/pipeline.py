@@ -15,10 +15,12 @@ from typing import Any
 
 import torch
 from deepspeed.pipe import LayerSpec, TiedLayerSpec
+from deepspeed.runtime.pipe.topology import PipeDataParallelTopology
 from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentrant_checkpoint
 
 from hybrid_ds.runtime.compile_blocks import compile_blocks
 from hybrid_ds.seam.pipeline_module import HybridPipelineModule
+from hybrid_ds.seam.ulysses import all_to_all, register_group
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, LogitsOps, OutputProjection,
                                     TokenEmbedding, loss_function, project_with_embedding)
@@ -86,13 +88,16 @@ def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any
     The number of stages and their boundaries are the plan's. ``module.builder.built_modules()`` maps
     Hugging Face module paths to what this rank built.
     """
-    cfg = plan.config
+    cfg, layout = plan.config, plan.layout
     builder = stage_builder(plan, device)
+    topology = PipeDataParallelTopology(num_pp=layout.stages, num_dp=layout.data_ranks)
+    builder.sequence = sequence_shard(topology, layout.sp) if layout.sp > 1 else None
     specs, units = layer_specs(builder)
     with deepspeed_prints_off():  # SEED_LAYERS=... and the topology
         module = HybridPipelineModule(
-            layers=specs, parts=spec_boundaries(plan.boundaries, units), num_stages=plan.layout.stages,
-            loss_fn=loss_function(builder.family, _vocab(builder), cfg.train.fused_loss),
+            layers=specs, parts=spec_boundaries(plan.boundaries, units), topology=topology,
+            loss_fn=data_parallel_loss(loss_function(builder.family, _vocab(builder), cfg.train.fused_loss,
+                                                     builder.sequence), layout.sp),
             partition_method="uniform", activation_checkpoint_interval=cfg.pipeline.activation_checkpoint_interval,
             # Non-reentrant: the reentrant default crashes on the embedding stage, whose inputs need no grad.
             activation_checkpoint_func=non_reentrant_checkpoint, checkpointable_layers=["Block"])
@@ -100,6 +105,44 @@ def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any
     if cfg.train.compile:
         compile_blocks([module])
     return module
+
+
+def sequence_groups(topology: Any, sp: int) -> list[list[int]]:
+    """The ranks of each sequence-parallel group: ``sp`` consecutive data-parallel ranks of one stage (replica r's are
+    DeepSpeed's data ranks r*sp .. r*sp+sp-1), so that a stage sends each shard to the same sp rank of the next.
+
+    >>> sequence_groups(PipeDataParallelTopology(num_pp=2, num_dp=4), 2)
+    [[0, 1], [2, 3], [4, 5], [6, 7]]
+    """
+    data = topology.get_dim("data")
+    return [[topology.get_rank(pipe=stage, data=first + i) for i in range(sp)]
+            for stage in range(topology.get_dim("pipe")) for first in range(0, data, sp)]
+
+
+def sequence_shard(topology: Any, sp: int) -> SequenceShard:
+    """This rank's shard of every sequence, exchanged in its sequence-parallel group (:func:`sequence_groups`, made by
+    every rank in the same order) with DeepSpeed's all-to-all (hybrid_ds.seam.ulysses)."""
+    rank = torch.distributed.get_rank()
+    mine = None
+    for ranks in sequence_groups(topology, sp):
+        group = torch.distributed.new_group(ranks=ranks)
+        if rank in ranks:
+            mine, index = group, ranks.index(rank)
+    register_group(mine)
+    return SequenceShard(mine, index, sp, all_to_all)
+
+
+def data_parallel_loss(loss_fn: Any, sp: int) -> Any:
+    """The loss DeepSpeed is given: under sequence parallelism ``sp`` times the shard's share of the micro-batch's
+    loss, because DeepSpeed averages gradients and the reported loss over its data-parallel group, which holds the
+    ``sp`` shards of each replica: the mean over them of ``sp`` x share is the replica's whole loss."""
+    if sp == 1:
+        return loss_fn
+
+    def loss(outputs: Any, labels: torch.Tensor) -> torch.Tensor:
+        return loss_fn(outputs, labels) * sp
+
+    return loss
 
 
 def _vocab(builder: StageBuilder) -> int:

@@ -15,6 +15,7 @@ from hybrid_ds.config.checks import run_warnings
 from hybrid_ds.errors import UserError
 from hybrid_ds.models.lora import find_targets
 from hybrid_ds.models.masks import document_mask_obstacle
+from hybrid_ds.models.sequence_parallel import check_model as check_sequence_parallel
 from hybrid_ds.models.shape import layer_active_params, model_experts
 from hybrid_ds.models.resolve import (PipelineLayer, ResolvedModel, count_params, meta_model, pipeline_layers,
                                       resolve_model, stage_params, submodule)
@@ -53,29 +54,37 @@ class Plan:
     @property
     def zero_stage(self) -> int:
         """The ZeRO stage the engine runs (``RunConfig.zero_stage_at``), which the config's may not be."""
-        return self.config.zero_stage_at(self.layout.dp)
+        return self.config.zero_stage_at(self.layout.data_ranks)
 
     @property
     def zero_note(self) -> str | None:
         """One line saying that the run's ZeRO stage is not the config's, and why; None when they agree."""
         if self.zero_stage == self.config.zero_stage:
             return None
-        return (f"ZeRO-{self.config.zero_stage} at dp={self.layout.dp} runs as ZeRO-{self.zero_stage}: "
+        return (f"ZeRO-{self.config.zero_stage} at dp={self.layout.data_ranks} runs as ZeRO-{self.zero_stage}: "
                 "same maths, no gradient copies")
 
 
 def default_world_size(cfg: RunConfig) -> int:
     """The world size a config implies: from its batch numbers, else the cluster its description names
-    ("64x A100-80GB"), else one data-parallel replica (stages)."""
+    ("64x A100-80GB"), else one data-parallel replica (stages x sequence_parallel)."""
     from hybrid_ds.estimate.gpus import parse_cluster
 
+    replica = cfg.pipeline.stages * cfg.pipeline.sequence_parallel
     micro, accum, total = cfg.micro_batch, cfg.grad_accum, cfg.train_batch
     if micro and accum and total and total % (micro * accum) == 0:
-        return cfg.pipeline.stages * (total // (micro * accum))
+        return replica * (total // (micro * accum))
     cluster = parse_cluster(cfg.description)
-    if cluster and cluster[0] % cfg.pipeline.stages == 0:
+    if cluster and cluster[0] % replica == 0:
         return cluster[0]
-    return cfg.pipeline.stages
+    return replica
+
+
+def weights_plan(cfg: RunConfig) -> Plan:
+    """The plan of a run's weights alone, for what reads or writes them in one process (an export, a checkpoint's
+    conversion, a parity check): its stages at one rank each, without sequence parallelism (whose ranks share every
+    weight)."""
+    return build_plan(cfg.replace(pipeline={"sequence_parallel": 1}), world_size=cfg.pipeline.stages)
 
 
 def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
@@ -84,8 +93,10 @@ def build_plan(cfg: RunConfig, world_size: int | None = None) -> Plan:
     layers = pipeline_layers(model, resolved.family)
     n_blocks = len(layers) - 2
     layout = resolve_layout(world_size or default_world_size(cfg), cfg.pipeline.stages, n_blocks,
-                            cfg.micro_batch, cfg.grad_accum, cfg.train_batch)
+                            cfg.micro_batch, cfg.grad_accum, cfg.train_batch, cfg.pipeline.sequence_parallel)
     _check_seq_len(cfg, resolved)
+    if cfg.pipeline.sequence_parallel > 1:
+        check_sequence_parallel(resolved.family, resolved.hf_config, cfg.pipeline.sequence_parallel)
     _check_format(cfg, resolved)
     if cfg.expert_parallel:
         _check_expert_parallel(cfg, layout.world_size, model_experts(model, list(submodule(model, resolved.family.blocks))))

@@ -91,8 +91,8 @@ class Trainer:
         self.plan, self.engine, self.data = plan, engine, data
         self.cfg = plan.config
         self.rank = torch.distributed.get_rank()
-        self.dp_rank, _, self.dp_group = data_parallel(engine)
         layout = plan.layout
+        self.dp_rank, _, self.dp_group = data_parallel(engine, layout.sp)
         self.batches = data.train_batches(layout.micro_batch, self.dp_rank, layout.dp, self.cfg.train.seed)
         self.save_dir = Path(self.cfg.train.save_dir) if self.cfg.train.save_dir else None
         self.tokens_per_step = layout.train_batch * self.cfg.data.seq_len
@@ -182,7 +182,8 @@ class Trainer:
         self._compiled(f"step {self.step_count} eval", None)
         totals = torch.stack([loss, loss.new_tensor(predicted_tokens(batches))])  # on the engine's device (NCCL)
         torch.distributed.all_reduce(totals, group=self.dp_group)
-        loss, tokens = totals[0].item() / layout.dp, int(totals[1].item())
+        # every rank of DeepSpeed's data-parallel group holds the mean; the sp ranks of a replica read its tokens
+        loss, tokens = totals[0].item() / layout.data_ranks, int(totals[1].item()) // layout.sp
         if self.engine.monitor.enabled and self.engine.global_rank == 0:  # at the optimizer step (monitor_by_step)
             self.engine.monitor.write_events([("Eval/loss", loss, self.step_count),
                                               ("Eval/perplexity", math.exp(loss), self.step_count)])

@@ -14,7 +14,7 @@ import torch
 
 from hybrid_ds.seam.instruments import gradient_tensors, storage_bytes, wrap_pipeline_instructions
 from hybrid_ds.config import load_config
-from hybrid_ds.runtime.engine import build_pipeline_engine, init_distributed
+from hybrid_ds.runtime.engine import build_pipeline_engine, data_parallel, init_distributed
 from hybrid_ds.runtime.plan import build_plan
 
 
@@ -57,7 +57,17 @@ def main():
                         help="keep the config's ZeRO stage where hybrid_ds would run another (the reference)")
     parser.add_argument("--break-schedule", choices=["skip-w", "repeat-w"],
                         help="pipeline.schedule zb-h1 with micro-batch 1's W left out or run twice (a negative control)")
+    parser.add_argument("--swap-shards", action="store_true",
+                        help="pipeline.sequence_parallel: the last stage's sp ranks swapped, so that each receives the "
+                             "other's shard (a negative control)")
     args = parser.parse_args()
+    if args.swap_shards:
+        import hybrid_ds.runtime.pipeline as pipeline
+
+        groups = pipeline.sequence_groups
+        pipeline.sequence_groups = lambda topology, sp: [
+            ranks[::-1] if topology.get_coord(ranks[0]).pipe == topology.get_dim("pipe") - 1 else ranks
+            for ranks in groups(topology, sp)]
     if args.zero_as_configured:
         import hybrid_ds.config.deepspeed
 
@@ -75,7 +85,7 @@ def main():
     reduce_grads = engine._INSTRUCTION_MAP[ReduceGrads].__name__  # before record_gradient_bytes wraps the map
     batches = torch.load(args.batches)
     gas, dp = plan.layout.grad_accum, plan.layout.dp
-    dp_rank = engine.grid.get_data_parallel_rank()
+    dp_rank = data_parallel(engine, plan.layout.sp)[0]  # the replica: its sequence-parallel ranks share its batches
     losses = [engine.eval_batch(micro_batches(batches, 0, gas, dp, dp_rank)).item()]
     held = record_gradient_bytes(engine)
     norms = []

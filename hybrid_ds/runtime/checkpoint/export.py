@@ -18,7 +18,7 @@ from hybrid_ds.models.resolve import auto_class
 from hybrid_ds.runtime.checkpoint.files import RUN_CONFIG, STATE, export_folder, resolve_checkpoint
 from hybrid_ds.runtime.checkpoint.names import gather_layers
 from hybrid_ds.runtime.pipeline import layer_specs
-from hybrid_ds.runtime.plan import build_plan
+from hybrid_ds.runtime.plan import weights_plan
 
 
 def export(checkpoint: str | Path, out_dir: str | Path, merge: bool = False) -> Path:
@@ -33,7 +33,7 @@ def export(checkpoint: str | Path, out_dir: str | Path, merge: bool = False) -> 
     cfg = load_config_dict(json.loads((folder.parent / RUN_CONFIG).read_text()))
     if merge and not cfg.model.lora:
         raise UserError("--merge", f"{folder} is not of a LoRA run (model.lora): its export is the whole model already")
-    plan = build_plan(cfg, world_size=cfg.pipeline.stages)
+    plan = weights_plan(cfg)
     if not cfg.pipeline_engine:  # the plain HF model: DeepSpeed's own consolidation of ZeRO partitions
         state = get_fp32_state_dict_from_zero_checkpoint(str(folder.parent), tag=folder.name)
     else:  # a PipelineModule: per-layer files, named back through the layer specs on the meta device

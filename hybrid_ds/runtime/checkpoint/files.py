@@ -76,14 +76,16 @@ def check_shared(save_dir: Path, wait_s: float = 5.0) -> None:
 
 
 def layout_of(plan: Any) -> dict[str, Any]:
-    """What a checkpoint's files depend on: which engine, stages, data parallel, ZeRO stage, stage boundaries.
+    """What a checkpoint's files depend on: which engine, stages, data parallel, ZeRO stage, stage boundaries, and
+    sequence parallelism where it is on ("sp": DeepSpeed partitions ZeRO states over its sp x dp ranks).
 
     The ZeRO stage is the one the engine ran (``Plan.zero_stage``: fp32 ZeRO-1 at dp=1 runs as ZeRO-0); checkpoints
     saved before recorded the config's, and resume through the universal form like any other layout change.
     """
     cfg = plan.config
-    return {"engine": "pipeline" if cfg.pipeline_engine else "plain", "stages": plan.layout.stages,
-            "dp": plan.layout.dp, "zero": plan.zero_stage, "boundaries": list(plan.boundaries)}
+    layout = {"engine": "pipeline" if cfg.pipeline_engine else "plain", "stages": plan.layout.stages,
+              "dp": plan.layout.dp, "zero": plan.zero_stage, "boundaries": list(plan.boundaries)}
+    return {**layout, "sp": plan.layout.sp} if plan.layout.sp > 1 else layout
 
 
 def describe_layout(layout: dict[str, Any]) -> str:
@@ -91,10 +93,13 @@ def describe_layout(layout: dict[str, Any]) -> str:
 
     >>> describe_layout({"engine": "pipeline", "stages": 2, "dp": 1, "zero": 1, "boundaries": [0, 2, 4]})
     'pipeline.stages 2 (layers [0, 2, 4]) x dp 1, ZeRO-1'
+    >>> describe_layout({"engine": "pipeline", "stages": 1, "dp": 2, "zero": 1, "boundaries": [0, 4], "sp": 2})
+    'pipeline.stages 1 (layers [0, 4]) x sequence_parallel 2 x dp 2, ZeRO-1'
     """
     stages = (f"pipeline.stages {layout['stages']} (layers {layout['boundaries']})" if layout["engine"] == "pipeline"
               else "the plain Hugging Face engine")
-    return f"{stages} x dp {layout['dp']}, ZeRO-{layout['zero']}"
+    sp = f" x sequence_parallel {layout['sp']}" if layout.get("sp", 1) > 1 else ""
+    return f"{stages}{sp} x dp {layout['dp']}, ZeRO-{layout['zero']}"
 
 
 def base_is_reread(cfg: Any) -> bool:

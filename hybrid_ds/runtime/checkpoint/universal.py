@@ -22,7 +22,7 @@ from hybrid_ds.runtime.checkpoint.files import (COMPLETE, RUN_CONFIG, STATE, UNI
 from hybrid_ds.runtime.checkpoint.names import pipeline_names, saved_weights
 from hybrid_ds.runtime.checkpoint.zero0 import (group_settings, load_universal_zero0, restore_group_settings,
                                                 zero0_to_universal)
-from hybrid_ds.runtime.plan import build_plan
+from hybrid_ds.runtime.plan import weights_plan
 from hybrid_ds.seam import universal as deepspeed_universal
 
 
@@ -74,7 +74,7 @@ def write_universal_of(checkpoint: str | Path) -> Path:
     if layout["zero"] not in (0, 1, 2):
         raise UserError("CHECKPOINT", f"{folder} was saved with zero_optimization.stage {layout['zero']}; "
                                       "universal checkpoints are made of ZeRO-0/1/2 optimizer states")
-    return write_universal(folder, build_plan(cfg, world_size=cfg.pipeline.stages))
+    return write_universal(folder, weights_plan(cfg))
 
 
 def load_universal(engine: Any, folder: Path, names: dict[str, str]) -> Any:
