@@ -89,31 +89,34 @@ def with_documents(batches: list[dict]) -> list[dict]:
     return out
 
 
-SP_RUNS = [  # (model, stages, dp, document mask): 4 processes each
-    ("llama-tiny", 2, 1, False),
-    ("qwen2-tiny", 2, 1, True),
-    ("mistral-tiny", 1, 2, True),
+SP_RUNS = [  # (model, stages, dp, document mask, ZeRO stage, schedule): 4 processes each
+    ("llama-tiny", 2, 1, False, 1, "1f1b"),
+    ("qwen2-tiny", 2, 1, True, 2, "zb-h1"),
+    ("mistral-tiny", 1, 2, True, 1, "1f1b"),
 ]
 
 
-@pytest.mark.parametrize("name,stages,dp,documents", SP_RUNS, ids=[f"{n}-pp{s}-dp{d}{'-documents' if doc else ''}"
-                                                                   for n, s, d, doc in SP_RUNS])
-def test_sequence_parallel_runs_train_as_the_hugging_face_model(name, stages, dp, documents, sp_folders, tmp_path):
-    """pp=2 x sp=2 and pp=1 x sp=2 x dp=2 on 4 gloo processes, ZeRO-1 (partitioned over sp x dp): the eval loss
-    and 4 steps' losses equal the HF model's under torch AdamW within 1e-5, and so does every parameter on every
-    rank after them (gradients summed over the shards and averaged over the replicas)."""
+@pytest.mark.parametrize("name,stages,dp,documents,zero,schedule", SP_RUNS, ids=[
+    f"{n}-pp{s}-dp{d}{'-documents' if doc else ''}-zero{z}-{sc}" for n, s, d, doc, z, sc in SP_RUNS])
+def test_sequence_parallel_runs_train_as_the_hugging_face_model(name, stages, dp, documents, zero, schedule,
+                                                                sp_folders, tmp_path):
+    """pp=2 x sp=2 and pp=1 x sp=2 x dp=2 on 4 gloo processes, ZeRO-1 and ZeRO-2 (partitioned over sp x dp), 1F1B
+    and ZB-H1: the eval loss and 4 steps' losses equal the HF model's under torch AdamW within 1e-5, and so does every
+    parameter on every rank after them (gradients summed over the shards and averaged over the replicas)."""
     from test_pipeline_multiproc import SEQ, assert_params_match, launch, make_batches, reference
 
     steps = 4
     batches = make_batches("llama-tiny", steps * dp)
     batches = with_documents(batches) if documents else batches
     run = launch(tmp_path, sp_folders[name], batches, stages=stages, nproc=4, steps=steps,
-                 pipeline={"stages": stages, "sequence_parallel": 2},
-                 data={"seq_len": SEQ, "document_mask": documents}, zero_optimization={"stage": 1})
+                 pipeline={"stages": stages, "sequence_parallel": 2, "schedule": schedule},
+                 data={"seq_len": SEQ, "document_mask": documents}, zero_optimization={"stage": zero})
     ref = reference(name, sp_folders[name], batches, steps, dp=dp, documents=documents)
     assert run["losses"] == pytest.approx(ref["losses"], abs=1e-5)
     assert_params_match(run["ranks"], ref["params"])
     assert run["ranks"][0]["optimizer"] == "DeepSpeedZeroOptimizer"
+    engine = "PartitionedGradientsPipelineEngine" if zero == 2 else "OneBackwardPipelineEngine"
+    assert {rank["engine"] for rank in run["ranks"]} == {engine}
 
 
 def test_a_shard_received_by_the_wrong_rank_fails_the_comparison(sp_folders, tmp_path):

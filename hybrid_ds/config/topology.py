@@ -51,6 +51,25 @@ class Layout:
         return []
 
 
+def process_groups(layout: Layout) -> dict[str, list[list[int]]]:
+    """The run's process groups by global rank, as DeepSpeed's pipe x data grid lays them out (stage-major: rank =
+    stage x data_ranks + data rank) with a replica's sp ranks consecutive (data rank = replica x sp + shard):
+    "pipeline" (a replica's shard through the stages: activations and gradients are sent along it), "data" (DeepSpeed's
+    data-parallel group of a stage: gradient averaging, ZeRO partitions) and "sequence" (a replica's shards in a stage:
+    attention's all-to-all). hybrid_ds.runtime.pipeline.sequence_groups makes the sequence groups from DeepSpeed's
+    own topology (tests hold the two equal).
+
+    >>> groups = process_groups(resolve_layout(8, 2, 4, 1, sp=2))
+    >>> groups["pipeline"], groups["data"], groups["sequence"]
+    ([[0, 4], [1, 5], [2, 6], [3, 7]], [[0, 1, 2, 3], [4, 5, 6, 7]], [[0, 1], [2, 3], [4, 5], [6, 7]])
+    """
+    d, sp = layout.data_ranks, layout.sp
+    stages = range(layout.stages)
+    return {"pipeline": [[s * d + r for s in stages] for r in range(d)],
+            "data": [[s * d + r for r in range(d)] for s in stages],
+            "sequence": [[s * d + first + i for i in range(sp)] for s in stages for first in range(0, d, sp)]}
+
+
 def bubble_fraction(stages: int, micro_batches: int) -> float:
     """Idle fraction of a 1F1B pipeline step.
 

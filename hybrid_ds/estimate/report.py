@@ -13,7 +13,7 @@ from hybrid_ds.estimate.flops import forward_flops_per_token
 from hybrid_ds.estimate.run import Run
 from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate
 from hybrid_ds.config.schedule import bubble as schedule_bubble
-from hybrid_ds.config.topology import layer_span
+from hybrid_ds.config.topology import layer_span, process_groups
 
 
 def human_bytes(n: float) -> str:
@@ -177,10 +177,12 @@ def format_plan(plan: Any) -> str:
         f"model      {cfg.model.name}: {hf.model_type} {plan.resolved.family.task}, {plan.n_blocks} layers, "
         f"hidden {hf.hidden_size}, {human_count(plan.total_params)} parameters"
         + (" (pretrained)" if cfg.model.pretrained else " (random init)"),
-        f"layout     world size {layout.world_size} = stages={layout.stages} x dp={layout.dp}; "
+        f"layout     world size {layout.world_size} = stages={layout.stages}"
+        + (f" x sp={layout.sp}" if layout.sp > 1 else "") + f" x dp={layout.dp}; "
         f"ZeRO-{cfg.zero_stage}; {cfg.precision}; engine "
         + ("PipelineEngine" if cfg.pipeline_engine else "DeepSpeedEngine (plain HF model)"),
         *([f"           {plan.zero_note}"] if plan.zero_note else []),
+        *groups_text(layout),
         f"batch      train_batch_size {layout.train_batch} = micro {layout.micro_batch} x grad_accum "
         f"{layout.grad_accum} x dp {layout.dp}; {layout.train_batch * cfg.data.seq_len:,} tokens per step "
         f"at seq_len {cfg.data.seq_len}",
@@ -201,6 +203,22 @@ def format_plan(plan: Any) -> str:
     return "\n".join(lines)
 
 
+def groups_text(layout: Any, shown: int = 4) -> list[str]:
+    """The process groups by rank (hybrid_ds.config.topology.process_groups), the first ``shown`` of each kind."""
+    if layout.world_size == 1:
+        return []
+    groups = process_groups(layout)
+    kinds = [("pipeline", "stage to stage"), ("data", "gradients averaged, ZeRO partitions")]
+    if layout.sp > 1:
+        kinds.append(("sequence", f"a replica's {layout.sp} shards of each sequence, attention's all-to-all"))
+    lines = []
+    for kind, does in kinds:
+        listed = " ".join(str(g) for g in groups[kind][:shown])
+        more = f" ... ({len(groups[kind])} groups)" if len(groups[kind]) > shown else ""
+        lines.append(f"{'groups' if not lines else '':<10} {kind} ({does}): {listed}{more}")
+    return lines
+
+
 def documents_text(plan: Any) -> str:
     """What packing does at document boundaries (``data.document_mask``), and why where the default chose."""
     text = ("kept apart: positions restart, attention stays inside each" if plan.document_mask
@@ -219,7 +237,8 @@ def plan_dict(plan: Any) -> dict:
         "config": plan.config.source, "model": plan.config.model.name,
         "model_type": plan.resolved.hf_config.model_type, "task": plan.resolved.family.task,
         "layers": plan.n_blocks, "params": plan.total_params,
-        "world_size": layout.world_size, "stages": layout.stages, "dp": layout.dp,
+        "world_size": layout.world_size, "stages": layout.stages, "sequence_parallel": layout.sp, "dp": layout.dp,
+        "process_groups": process_groups(layout),
         "micro_batch": layout.micro_batch, "grad_accum": layout.grad_accum, "train_batch": layout.train_batch,
         "zero_stage": plan.config.zero_stage, "precision": plan.config.precision, "bubble": layout.bubble,
         "boundaries": plan.boundaries, "document_mask": plan.document_mask,
