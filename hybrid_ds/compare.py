@@ -18,7 +18,7 @@ from hybrid_ds.errors import UserError, at_least, fraction
 from hybrid_ds.plot import pyplot
 from hybrid_ds.estimate.flops import forward_flops_per_token
 from hybrid_ds.estimate.run import run_from_config
-from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate, estimate
+from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate, estimate, longest_sequence
 from hybrid_ds.estimate.gpus import Cluster, get_gpu, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
 from hybrid_ds.estimate.report import estimate_dict, expert_text, human_bytes, human_count, human_time, params_text
@@ -45,6 +45,7 @@ def add_cluster_args(p: argparse.ArgumentParser) -> None:
 
 def _add_layout_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--stages", type=at_least(1), help="pipeline stages")
+    p.add_argument("--sp", type=at_least(1), help="pipeline.sequence_parallel: ranks sharing each sequence")
     p.add_argument("--zero", type=int, choices=(0, 1, 2, 3), help="ZeRO stage")
     p.add_argument("--micro-batch", type=at_least(1), help="train_micro_batch_size_per_gpu")
     p.add_argument("--grad-accum", type=at_least(1), help="gradient_accumulation_steps (micro-batches per step)")
@@ -78,7 +79,8 @@ class Entry:
 
 def _layout_overrides(args: argparse.Namespace) -> list[str]:
     sets = []
-    for flag, key in (("stages", "pipeline.stages"), ("zero", "zero_optimization.stage"),
+    for flag, key in (("stages", "pipeline.stages"), ("sp", "pipeline.sequence_parallel"),
+                      ("zero", "zero_optimization.stage"),
                       ("micro_batch", "train_micro_batch_size_per_gpu"), ("grad_accum", "gradient_accumulation_steps"),
                       ("seq_len", "data.seq_len"), ("checkpoint", "pipeline.activation_checkpoint_interval")):
         if getattr(args, flag, None) is not None:
@@ -110,7 +112,7 @@ def cluster_for(cfg: RunConfig, args: argparse.Namespace) -> Cluster:
     if gpus is None:  # the world size the batch numbers imply (hybrid_ds.runtime.plan.default_world_size)
         micro, accum, total = cfg.micro_batch, cfg.grad_accum, cfg.train_batch
         dp = total // (micro * accum) if micro and accum and total and total % (micro * accum) == 0 else 1
-        gpus = cfg.pipeline.stages * dp
+        gpus = cfg.pipeline.stages * cfg.pipeline.sequence_parallel * dp
     gpu = get_gpu(args.gpu) if args.gpu else (described[1] if described else get_gpu("h100"))
     memory = parse_memory(args.gpu_mem) if args.gpu_mem else (described[2] if described and not args.gpu else None)
     return make_cluster(gpus, gpu, memory, args.nodes)
@@ -138,12 +140,13 @@ def _rows(est: Estimate) -> list[tuple[str, str]]:
     return [
         ("model", f"{run.arch.name} ({params_text(run.arch)})"),
         ("cluster", est.cluster.describe()),
-        ("layout", f"pp{run.stages} x dp{run.dp} ZeRO-{run.zero}"),
+        ("layout", f"pp{run.stages}" + (f" x sp{run.sp}" if run.sp > 1 else "") + f" x dp{run.dp} ZeRO-{run.zero}"),
         ("precision", run.precision + (f", ckpt {run.checkpoint_interval}" if run.checkpoint_interval else "")),
         ("batch", f"{run.micro_batch} x {run.grad_accum} x {run.dp} x {run.seq_len}"),
         ("peak memory", f"{human_bytes(b.total)} (stage {b.stage})"),
         ("of device", f"{b.total / est.cluster.memory:.0%} of {human_bytes(est.cluster.memory)}"),
         ("fits", "yes" if est.fits else "NO"),
+        ("longest seq", f"{longest_sequence(run, est.cluster.memory):,}"),
         ("trainable", f"LoRA r={run.lora.r}: {human_count(b.trainable)} of {human_count(b.params)} (stage {b.stage})"
                       if run.lora else "all"),
         ("model states", human_bytes(b.state.total)),

@@ -18,7 +18,7 @@ from hybrid_ds.config.checks import layout_warnings
 from hybrid_ds.config.topology import resolve_layout
 from hybrid_ds.errors import UserError, at_least
 from hybrid_ds.estimate.run import run_from_config
-from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate, estimate
+from hybrid_ds.estimate.step import COMPUTE_EFFICIENCY, Estimate, estimate, longest_sequence
 from hybrid_ds.estimate.gpus import GIGA, Cluster, make_cluster, parse_cluster, parse_memory
 from hybrid_ds.models.shape import model_arch
 from hybrid_ds.estimate.report import estimate_dict, human_bytes, human_time, params_text
@@ -66,32 +66,36 @@ def _plan_base(args: argparse.Namespace) -> tuple[dict[str, Any], int, int]:
 
 def plan_layouts(raw: dict[str, Any], cluster: Cluster, global_batch: int, precision: str,
                  efficiency: float = COMPUTE_EFFICIENCY) -> list[tuple[dict[str, Any], Estimate]]:
-    """Every (stages, ZeRO stage, micro-batch, checkpointing or ZB-H1) that divides the batch, fits and draws no warning of
-    ``validate`` (a pipeline bubble, bf16 sums over many micro-batches: hybrid_ds.config.checks), fastest first."""
+    """Every (stages, sequence parallelism, ZeRO stage, micro-batch, checkpointing or ZB-H1) that divides the batch,
+    fits and draws no warning of ``validate`` (a pipeline bubble, bf16 sums over many micro-batches:
+    hybrid_ds.config.checks), fastest first. Sequence-parallel groups stay inside a node (their all-to-all is in
+    every block's attention); a size the model's heads do not divide is refused like any other invalid layout."""
     arch = model_arch(ModelConfig(**raw["model"]))   # once: every candidate varies the layout, not the model
     found = []
     for stages in (p for p in _divisors(cluster.gpus) if p <= arch.layers):
-        dp = cluster.gpus // stages
-        for zero in ((0, 1, 2) if stages > 1 else (0, 1, 2, 3)):   # ZeRO-3 partitions parameters: one stage only
-            for micro in (b for b in (1, 2, 4, 8, 16, 32) if global_batch % (b * dp) == 0):
-                for ckpt, schedule in ((0, "1f1b"), (1, "1f1b"), *([(0, "zb-h1")] if stages > 1 else [])):
-                    candidate = _layout_config(raw, stages, zero, micro, global_batch // (micro * dp), ckpt, precision)
-                    candidate["pipeline"]["schedule"] = schedule
-                    try:
-                        cfg = load_config_dict(candidate, source="plan")
-                        est = estimate(run_from_config(cfg, cluster.gpus, arch), cluster, efficiency=efficiency)
-                        layout = resolve_layout(cluster.gpus, stages, arch.layers, micro, cfg.grad_accum)
-                    except UserError:
-                        continue
-                    if est.fits and not layout_warnings(cfg, layout):
-                        found.append((candidate, est))
+        for sp in (n for n in _divisors(cluster.gpus // stages) if n <= cluster.per_node):
+            dp = cluster.gpus // (stages * sp)
+            for zero in ((0, 1, 2) if stages > 1 else (0, 1, 2, 3)):   # ZeRO-3 partitions parameters: one stage only
+                for micro in (b for b in (1, 2, 4, 8, 16, 32) if global_batch % (b * dp) == 0):
+                    for ckpt, schedule in ((0, "1f1b"), (1, "1f1b"), *([(0, "zb-h1")] if stages > 1 else [])):
+                        candidate = _layout_config(raw, stages, zero, micro, global_batch // (micro * dp), ckpt,
+                                                   precision, sp)
+                        candidate["pipeline"]["schedule"] = schedule
+                        try:
+                            cfg = load_config_dict(candidate, source="plan")
+                            est = estimate(run_from_config(cfg, cluster.gpus, arch), cluster, efficiency=efficiency)
+                            layout = resolve_layout(cluster.gpus, stages, arch.layers, micro, cfg.grad_accum, sp=sp)
+                        except UserError:
+                            continue
+                        if est.fits and not layout_warnings(cfg, layout):
+                            found.append((candidate, est))
     return sorted(found, key=lambda item: (item[1].step_time, item[1].binding.total))
 
 
 def _layout_config(raw: dict[str, Any], stages: int, zero: int, micro: int, accum: int, ckpt: int,
-                   precision: str) -> dict[str, Any]:
+                   precision: str, sp: int = 1) -> dict[str, Any]:
     config = json.loads(json.dumps(raw))
-    config["pipeline"].update(stages=stages, activation_checkpoint_interval=ckpt)
+    config["pipeline"].update(stages=stages, activation_checkpoint_interval=ckpt, sequence_parallel=sp)
     if isinstance(config["pipeline"].get("partition"), list):
         config["pipeline"]["partition"] = "flops"
     config["zero_optimization"] = {**config.get("zero_optimization", {}), "stage": zero}
@@ -127,7 +131,7 @@ def write_configs(found: list[tuple[dict[str, Any], Estimate]], folder: Path, to
         run = est.run
         header = [f"// {config['description']}",
                   f"// Layout {i + 1} of {len(found)} that fit, fastest first (hybrid-ds plan). Check it, then launch it on "
-                  f"{run.stages * run.dp} GPUs:",
+                  f"{run.world_size} GPUs:",
                   f"//   hybrid-ds validate {path} --profile gpu",
                   f"//   deepspeed --hostfile hostfile launch/train.py --config {path}",
                   "// Every key, with its type, default and meaning: docs/config.md. (// comments are allowed here.)"]
@@ -139,7 +143,8 @@ def _describe_plan(config: dict[str, Any], est: Estimate) -> str:
     run, cluster = est.run, est.cluster
     gpu = f"{cluster.gpus}x {cluster.gpu.name.split('-')[0].upper()}-{cluster.memory / GIGA:g}GB"
     schedule = ", ZB-H1 schedule" if run.schedule == "zb-h1" else ""
-    return (f"hybrid-ds plan: {run.arch.name} on {gpu} as {run.stages} stages x {run.dp} dp{schedule}, ZeRO-{run.zero}, "
+    sp = f" x sp {run.sp}" if run.sp > 1 else ""
+    return (f"hybrid-ds plan: {run.arch.name} on {gpu} as {run.stages} stages{sp} x {run.dp} dp{schedule}, ZeRO-{run.zero}, "
             f"{run.precision}; estimated peak {human_bytes(est.binding.total)} per GPU, step "
             f"{human_time(est.step_time)}, MFU {est.mfu:.0%}")
 
@@ -170,13 +175,14 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(head + ". None fits: more GPUs, more memory per GPU, a shorter sequence or a smaller batch.")
         return 1
     print(head + ", fastest first\n")
-    print(f"{'rank':>4}  {'stages':>6}  {'schedule':>8}  {'dp':>4}  {'ZeRO':>4}  {'micro':>5}  {'accum':>5}  {'ckpt':>4}  "
-          f"{'peak/GPU':>10}  {'step':>8}  {'MFU':>5}  {'bubble':>6}")
+    print(f"{'rank':>4}  {'stages':>6}  {'schedule':>8}  {'sp':>3}  {'dp':>4}  {'ZeRO':>4}  {'micro':>5}  {'accum':>5}  "
+          f"{'ckpt':>4}  {'peak/GPU':>10}  {'step':>8}  {'MFU':>5}  {'bubble':>6}  {'longest seq':>11}")
     for i, (config, est) in enumerate(found[:max(args.top, 10)]):
         run = est.run
-        print(f"{i + 1:>4}  {run.stages:>6}  {run.schedule:>8}  {run.dp:>4}  {run.zero:>4}  {run.micro_batch:>5}  {run.grad_accum:>5}  "
-              f"{run.checkpoint_interval:>4}  {human_bytes(est.binding.total):>10}  {human_time(est.step_time):>8}  "
-              f"{est.mfu:>5.0%}  {est.bubble:>6.1%}")
+        print(f"{i + 1:>4}  {run.stages:>6}  {run.schedule:>8}  {run.sp:>3}  {run.dp:>4}  {run.zero:>4}  {run.micro_batch:>5}  "
+              f"{run.grad_accum:>5}  {run.checkpoint_interval:>4}  {human_bytes(est.binding.total):>10}  "
+              f"{human_time(est.step_time):>8}  {est.mfu:>5.0%}  {est.bubble:>6.1%}  "
+              f"{longest_sequence(run, cluster.memory):>11,}")
     if args.write:
         for path in write_configs(found, Path(args.write), args.top):
             print(f"wrote {path}: deepspeed launch/train.py --config {path}")

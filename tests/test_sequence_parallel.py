@@ -112,3 +112,36 @@ def test_validate_prints_the_layout_and_its_groups(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "world size 8 = stages=2 x sp=2 x dp=2" in out
     assert "sequence (a replica's 2 shards of each sequence, attention's all-to-all): [0, 1] [2, 3] [4, 5] [6, 7]" in out
+
+
+def test_compare_and_plan_weigh_sequence_parallelism(capsys):
+    """Llama-3-8B on 8x H100 at 32k tokens: sp=4 holds a quarter of the activations, so at pp=2 x sp=4 the longest
+    sequence that fits is about 4x pp=2 x dp=4's; the estimate counts the all-to-alls; ``plan`` searches sp and prints
+    each layout's longest sequence; an sp the heads do not divide is an invalid column, not a crash."""
+    from dataclasses import replace
+
+    from hybrid_ds.cli import main
+    from hybrid_ds.estimate.architecture import arch_from_preset
+    from hybrid_ds.estimate.step import estimate, longest_sequence
+    from hybrid_ds.estimate.gpus import get_gpu, make_cluster
+    from hybrid_ds.estimate.run import Run
+
+    cluster = make_cluster(8, get_gpu("h100"))
+    run = Run(arch_from_preset("llama3-8b"), 8, 2, 1, 1, 16, 32768, zero=1, precision="bf16", checkpoint_interval=1,
+              fused_loss=True, sp=4)
+    sp4, dp4 = estimate(run, cluster), estimate(replace(run, sp=1, dp=4), cluster)
+    assert 0.24 < sp4.binding.activations / dp4.binding.activations < 0.26
+    assert sp4.stages[0].comm["sequence all-to-all"] > 0 and "sequence all-to-all" not in dp4.stages[0].comm
+    assert 3.5 < longest_sequence(run, cluster.memory) / longest_sequence(replace(run, sp=1, dp=4), cluster.memory) < 4.5
+    overrides = ["--set", "model.overrides.max_position_embeddings=131072"]
+    assert main(["compare", "llama3-8b", "--gpus", "8", "--stages", "2", "--sp", "4", "--seq-len", "32768",
+                 "--checkpoint", "1", *overrides]) == 0
+    out = capsys.readouterr().out
+    assert "pp2 x sp4 x dp1 ZeRO-1" in out and "longest seq" in out
+    assert main(["compare", "llama3-8b", "--gpus", "6", "--sp", "3", "--seq-len", "3072"]) == 0
+    assert "does not divide llama3-8b's 32 attention and 8 key/value heads" in capsys.readouterr().out
+    assert main(["plan", "llama3-8b", "--gpus", "8", "--seq-len", "32768", "--global-batch", "64", "--top", "0",
+                 *overrides]) == 0
+    table = capsys.readouterr().out.splitlines()
+    header = next(i for i, line in enumerate(table) if line.split()[:4] == ["rank", "stages", "schedule", "sp"])
+    assert table[header].endswith("longest seq") and {line.split()[3] for line in table[header + 1:] if line} > {"1"}

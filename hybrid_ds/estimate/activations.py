@@ -26,8 +26,12 @@ def korthikanti_layer_bytes(seq: int, batch: int, hidden: int, heads: int) -> fl
 
 
 def block_activation_terms(arch: Arch, seq: int, batch: int, precision: str, attn: str = "sdpa",
-                           runtime: str = "cuda", block: int = 0) -> dict[str, float]:
-    """Bytes autograd saves in block ``block`` for one micro-batch, by term.
+                           runtime: str = "cuda", block: int = 0, sp: int = 1, documents: bool = False
+                           ) -> dict[str, float]:
+    """Bytes autograd saves in block ``block`` for one micro-batch, by term, on one of ``sp`` sequence-parallel ranks
+    (hybrid_ds.models.sequence_parallel): 1/sp of the tokens, and inside attention 1/sp of the heads over all of
+    them; a materialized mask (a sliding window's, or ``documents``: data.document_mask's block-diagonal one) is the
+    whole sequence's on every rank.
 
     ``runtime`` "cuda" assumes what GPUs run: dropout keeps 1-byte masks, ``sdpa`` takes a fused
     (flash / memory-efficient) kernel that saves q, k, v, the output and the log-sum-exp but no s x s
@@ -45,7 +49,7 @@ def block_activation_terms(arch: Arch, seq: int, batch: int, precision: str, att
     >>> sum(terms.values()) - terms["norm statistics"] == korthikanti_layer_bytes(2048, 1, 12288, 96)
     True
     """
-    w, tokens, h = DTYPE_BYTES[precision], seq * batch, arch.hidden
+    w, tokens, h = DTYPE_BYTES[precision], seq * batch / sp, arch.hidden
     mask = 1 if runtime == "cuda" else w
     stat = 4 if runtime == "cuda" else w
     norms = 1 if arch.parallel == "one_norm" else 2
@@ -59,10 +63,10 @@ def block_activation_terms(arch: Arch, seq: int, batch: int, precision: str, att
         terms["norm statistics"] = norms * 4 * tokens
         terms["normalized"] = norms * (4 if arch.norm == "rmsnorm_fp32" else w) * tokens * h
     terms["linear inputs"] = (1 if arch.parallel == "one_norm" else 2) * w * tokens * h
-    terms.update(_attention_terms(arch, seq, batch, w, attn, runtime))
+    terms.update(_attention_terms(arch, seq, batch, w, attn, runtime, sp, documents))
     terms["output projection input"] = w * tokens * arch.heads * arch.head_dim
     if arch.rotary_dim:
-        terms["rotary cos/sin"] = 2 * seq * arch.rotary_dim * w
+        terms["rotary cos/sin"] = 2 * seq / sp * arch.rotary_dim * w
     act = _ACT_SAVES.get(arch.act, 1)
     if arch.experts and arch.experts.routed[block]:
         terms.update(_expert_terms(arch, block, tokens, w, act))
@@ -89,13 +93,14 @@ def _expert_terms(arch: Arch, block: int, tokens: int, w: int, act: int) -> dict
     return terms
 
 
-def _attention_terms(arch: Arch, seq: int, batch: int, w: int, attn: str, runtime: str) -> dict[str, float]:
-    tokens, q_width = seq * batch, arch.heads * arch.head_dim
-    scores = arch.heads * seq * seq * batch
+def _attention_terms(arch: Arch, seq: int, batch: int, w: int, attn: str, runtime: str, sp: int = 1,
+                     documents: bool = False) -> dict[str, float]:
+    tokens, q_width = seq * batch / sp, arch.heads * arch.head_dim  # sp: all tokens of heads / sp, the same bytes
+    scores = arch.heads * seq * seq * batch / sp
     if attn == "sdpa" and (runtime == "cuda" or arch.attn_dropout == 0):
         kv_width = arch.kv_heads * arch.head_dim
         out = {"softmax log-sum-exp": 4 * arch.heads * tokens}
-        if 0 < arch.sliding_window < seq:  # a materialized mask: sdpa saves it, and k, v are repeated to all heads
+        if 0 < arch.sliding_window < seq or documents:  # a materialized mask: sdpa saves it, k, v repeated to all heads
             out["attention mask"] = w * batch * seq * seq
             kv_width = q_width
         qkv = q_width + 2 * kv_width

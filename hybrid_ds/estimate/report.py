@@ -68,7 +68,8 @@ def expert_text(est: Estimate, stage: Any) -> str:
 
 def layout_text(run: Run) -> str:
     ckpt = f", recompute every {run.checkpoint_interval}" if run.checkpoint_interval else ""
-    return (f"{run.stages} stages x {run.dp} dp, ZeRO-{run.zero}, {run.precision}, micro-batch {run.micro_batch} "
+    sp = f" x sp {run.sp}" if run.sp > 1 else ""
+    return (f"{run.stages} stages{sp} x {run.dp} dp, ZeRO-{run.zero}, {run.precision}, micro-batch {run.micro_batch} "
             f"x {run.grad_accum} accumulation, seq {run.seq_len}{ckpt}")
 
 
@@ -159,7 +160,7 @@ def estimate_dict(est: Estimate) -> dict[str, Any]:
             "forward_flops_per_token": forward_flops_per_token(run.arch, run.seq_len),
             "cluster": est.cluster.describe() if est.cluster else None,
             "device_memory": est.device_memory, "world_size": run.world_size, "stages": run.stages, "dp": run.dp,
-            "zero": run.zero, "precision": run.precision, "micro_batch": run.micro_batch,
+            "sequence_parallel": run.sp, "zero": run.zero, "precision": run.precision, "micro_batch": run.micro_batch,
             "grad_accum": run.grad_accum, "seq_len": run.seq_len, "checkpoint_interval": run.checkpoint_interval,
             "model_flops_per_step": est.model_flops, "hardware_flops_per_step": est.hardware_flops,
             "bubble": est.bubble, "comm_bytes_per_rank": est.comm_per_rank, "step_time_s": est.step_time,

@@ -42,10 +42,22 @@ class Run:
     source: str = ""
     description: str = ""
     schedule: str = "1f1b"                 # pipeline.schedule (hybrid_ds.config.schedule)
+    sp: int = 1                            # pipeline.sequence_parallel: ranks sharing each sequence
+    documents: bool = False                # data.document_mask: a block-diagonal mask, materialized
 
     @property
     def tokens_per_step(self) -> int:
         return self.micro_batch * self.grad_accum * self.dp * self.seq_len
+
+    @property
+    def data_ranks(self) -> int:
+        """Ranks a stage's gradients are averaged and its ZeRO states partitioned over: sp x dp."""
+        return self.dp * self.sp
+
+    @property
+    def shard_tokens(self) -> float:
+        """Tokens of one micro-batch that one rank holds: 1/sp of each sequence."""
+        return self.seq_len * self.micro_batch / self.sp
 
 
 _DTYPE_NAMES = {"fp32": "fp32", "float32": "fp32", "bf16": "bf16", "bfloat16": "bf16", "fp16": "fp16",
@@ -61,7 +73,11 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
     """
     arch = arch or arch_from_model(cfg.model.name, cfg.model.pretrained, cfg.model.overrides)
     layout = resolve_layout(world_size, cfg.pipeline.stages, arch.layers, cfg.micro_batch, cfg.grad_accum,
-                            cfg.train_batch)
+                            cfg.train_batch, cfg.pipeline.sequence_parallel)
+    sp = cfg.pipeline.sequence_parallel
+    if sp > 1 and (arch.heads % sp or arch.kv_heads % sp):  # as hybrid_ds.models.sequence_parallel.check_model
+        raise UserError("pipeline.sequence_parallel", f"{sp} does not divide {arch.name}'s {arch.heads} attention and "
+                                                      f"{arch.kv_heads} key/value heads")
     if cfg.data.seq_len > arch.max_positions:
         raise UserError("data.seq_len", f"{cfg.data.seq_len} exceeds the model's {arch.max_positions} positions "
                                         f"(max_position_embeddings); use at most {arch.max_positions}")
@@ -74,7 +90,13 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
                cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation or "sdpa",
                cfg.train.fused_loss and cfg.pipeline_engine, zero.reduce_bucket, zero.contiguous_gradients,
                zero.overlap_comm, zero.persistence_threshold, zero.prefetch_bucket, cfg.model.lora, cfg.source,
-               cfg.description, cfg.pipeline.schedule)
+               cfg.description, cfg.pipeline.schedule, layout.sp, document_mask_on(cfg))
+
+
+def document_mask_on(cfg: Any) -> bool:
+    """``data.document_mask`` as a run applies it: as set, or (null) on when fine-tuning (hybrid_ds.runtime.plan's
+    document_mask, but for the models that cannot keep documents apart, which only the model itself tells)."""
+    return cfg.model.pretrained if cfg.data.document_mask is None else cfg.data.document_mask
 
 
 def partition(run: Run) -> list[int]:

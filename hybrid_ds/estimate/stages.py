@@ -70,13 +70,14 @@ class StageEstimate:
 def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cuda") -> tuple[float, int, float, float]:
     """(activations, micro-batches in flight, logits, pipeline buffers) of the stage holding layers [lo, hi)."""
     arch, p, w = run.arch, run.stages, DTYPE_BYTES[run.precision]
-    seq, batch, tokens = run.seq_len, run.micro_batch, run.seq_len * run.micro_batch
+    seq, batch, tokens, sp = run.seq_len, run.micro_batch, run.shard_tokens, run.sp
     held = [layer - 1 for layer in range(lo, hi) if 1 <= layer <= arch.layers]
     blocks, kinds = len(held), {}  # a dense block and an MoE block save different tensors; compute each kind once
     for b in held:
         kind = (arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0
         if kind not in kinds:
-            kinds[kind] = block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b)
+            kinds[kind] = block_activation_terms(arch, seq, batch, run.precision, run.attn, runtime, b, sp,
+                                                 run.documents)
     terms = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
     # a materialized attention mask is made once for the stage's blocks (models.layers.additive): saved once
     shared_mask = max((t.get("attention mask", 0.0) for t in terms), default=0.0)
@@ -86,9 +87,10 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
         saved[0] += shared_mask
     frozen = run.lora is not None   # LoRA: the embedding is outside autograd's graph, it saves nothing
     embedding = lo == 0 and not frozen
-    per_micro_batch = embedding_activation_bytes(arch, seq, batch, run.precision, runtime) if embedding else 0.0
+    # sp: the embedding and head work on the shard's tokens alone (seq / sp of each sequence)
+    per_micro_batch = embedding_activation_bytes(arch, seq / sp, batch, run.precision, runtime) if embedding else 0.0
     if hi == arch.layers + 2:
-        per_micro_batch += head_activation_bytes(arch, seq, batch, run.precision, runtime, run.fused_loss, frozen)
+        per_micro_batch += head_activation_bytes(arch, seq / sp, batch, run.precision, runtime, run.fused_loss, frozen)
     interval, working = run.checkpoint_interval, 0.0
     if interval and blocks:  # each chunk of `interval` blocks keeps its input; backward recomputes one chunk at a time
         per_micro_batch += math.ceil(blocks / interval) * w * tokens * arch.hidden + 8 * tokens
@@ -136,7 +138,7 @@ def weight_path_gradients(run: Run, blocks: list[int], head: bool) -> float:
             width += sum(layer.n_out for layer in arch.block_linears(b)) + norms * arch.hidden
     if head and not lora:
         width += arch.hidden + sum(layer.n_out for layer in arch.head_linears) + (0 if run.fused_loss else arch.vocab)
-    return DTYPE_BYTES[run.precision] * run.seq_len * run.micro_batch * width
+    return DTYPE_BYTES[run.precision] * run.shard_tokens * width
 
 
 def lora_activation_change(run: Run, block: int, terms: dict[str, float], runtime: str = "cuda") -> float:
@@ -160,7 +162,7 @@ def lora_activation_change(run: Run, block: int, terms: dict[str, float], runtim
     lora, arch = run.lora, run.arch
     if lora is None:
         return 0.0
-    w, tokens = DTYPE_BYTES[run.precision], run.seq_len * run.micro_batch
+    w, tokens = DTYPE_BYTES[run.precision], run.shard_tokens
     layers = arch.block_linears(block)
     targets = adapted(layers, lora.target_modules)
     inputs = (terms.get("linear inputs", 0.0) + terms.get("output projection input", 0.0)
@@ -174,12 +176,12 @@ def lora_activation_change(run: Run, block: int, terms: dict[str, float], runtim
 def stage_flops(run: Run, lo: int, hi: int) -> float:
     """Hardware FLOPs of one micro-batch on the stage holding layers [lo, hi): forward and backward
     (:func:`training_flops`), plus recompute."""
-    arch, tokens = run.arch, run.seq_len * run.micro_batch
+    arch, tokens = run.arch, run.shard_tokens  # sp: each rank attends over the whole sequence with 1/sp of the heads
     recompute = blocks_flops(arch, run.seq_len, lo, hi) if run.checkpoint_interval else 0.0
     return tokens * (training_flops(arch, run.seq_len, lo, hi, frozen=run.lora is not None) + recompute)
 
 
-def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, float]:
+def stage_comm(run: Run, stage: int, params: int, persistent: int, blocks: int = 0) -> dict[str, float]:
     """Bytes one rank of ``stage`` sends per step (ring collectives: 2(d-1)/d of the buffer for an all-reduce).
 
     ZeRO-1/2: DeepSpeed's ZeRO optimizer all-reduces its gradient buckets over data parallel and keeps its
@@ -188,6 +190,8 @@ def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, 
     A tied weight's gradient is summed once per step over the stages that share it: its two tie ranks at
     ZeRO 0/1, in the model dtype; every rank of both stages at ZeRO-2, in fp32
     (``PartitionedGradientsPipelineEngine``: the stages partition the weight at different offsets).
+    Data parallel here is DeepSpeed's: sp x dp ranks. Sequence parallelism adds, in each of the stage's ``blocks``
+    and micro-batches, attention's all-to-alls (:func:`all_to_all_bytes`).
 
     >>> from hybrid_ds.estimate.architecture import arch_from_preset
     >>> run = Run(arch_from_preset("gpt2-tiny"), world_size=4, stages=2, dp=2, micro_batch=1, grad_accum=4,
@@ -196,7 +200,7 @@ def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, 
     >>> comm["gradient all-reduce"], comm["parameter all-gather"], comm["tied gradients"]  # tied: 2 x 3/4 x 65,536 B
     (16000.0, 2000.0, 98304.0)
     """
-    d, p, m, w = run.dp, run.stages, run.grad_accum, DTYPE_BYTES[run.precision]
+    d, p, m, w = run.data_ranks, run.stages, run.grad_accum, DTYPE_BYTES[run.precision]
     share = (d - 1) / d
     comm: dict[str, float] = {}
     if d > 1:
@@ -207,14 +211,35 @@ def stage_comm(run: Run, stage: int, params: int, persistent: int) -> dict[str, 
             comm["gradient all-reduce"] = (m if run.zero == 2 else 1) * 2 * share * params * w
             if run.zero:
                 comm["parameter all-gather"] = share * params * w
-    activation = w * run.seq_len * run.micro_batch * run.arch.hidden
+    activation = w * run.shard_tokens * run.arch.hidden
     sends = (stage < p - 1) + (stage > 0)   # activations forward, their gradients backward
     if sends:
         comm["pipeline p2p"] = m * sends * activation
+    if run.sp > 1 and blocks:
+        comm["sequence all-to-all"] = m * blocks * all_to_all_bytes(run)
     if p > 1 and run.arch.tied and stage in (0, p - 1) and not run.lora:  # LoRA leaves the tied weight frozen
         ranks = 2 * d if run.zero == 2 else 2
         comm["tied gradients"] = 2 * (ranks - 1) / ranks * run.arch.tied * (4 if run.zero == 2 else w)
     return comm
+
+
+def all_to_all_bytes(run: Run) -> float:
+    """Bytes one rank sends in one block's attention for one micro-batch under sequence parallelism: q, k and v
+    exchanged for heads before attention and its output back after, (sp - 1)/sp of each, in forward and again in
+    backward (and in the recomputed forward with activation checkpointing).
+
+    >>> from hybrid_ds.estimate.architecture import arch_from_preset
+    >>> run = Run(arch_from_preset("llama3-8b"), world_size=4, stages=1, dp=1, micro_batch=1, grad_accum=1,
+    ...           seq_len=8192, precision="bf16", sp=4)
+    >>> all_to_all_bytes(run) / 2**20  # 2 passes x 3/4 x 2 B x 2,048 tokens x (2 x 4,096 + 2 x 1,024)
+    60.0
+    """
+    arch, sp = run.arch, run.sp
+    if sp == 1:
+        return 0.0
+    widths = 2 * arch.heads * arch.head_dim + 2 * arch.kv_heads * arch.head_dim  # q and output, k and v
+    passes = 3 if run.checkpoint_interval else 2
+    return passes * (sp - 1) / sp * DTYPE_BYTES[run.precision] * run.shard_tokens * widths
 
 
 def stage_largest_param(arch: Arch, lo: int, hi: int, lora: Any = None) -> int:
@@ -243,7 +268,7 @@ def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = No
                                    else DEEPSPEED_REDUCE_BUCKET)
     for s, (lo, hi, n_trainable) in enumerate(zip(parts, parts[1:], trainable)):
         shares_tie = run.stages > 1 and s in (0, run.stages - 1) and not run.lora  # the tied weight's sum
-        state = model_state(n_trainable, run.dp, run.zero, run.precision, run.grad_accum_dtype, persistent,
+        state = model_state(n_trainable, run.data_ranks, run.zero, run.precision, run.grad_accum_dtype, persistent,
                             largest if largest > run.persistence_threshold else 0, bucket,
                             run.contiguous_gradients, run.prefetch_bucket, stage_largest_param(arch, lo, hi, run.lora),
                             arch.tied if shares_tie else 0, run.overlap_comm, frozen[s])
@@ -251,7 +276,7 @@ def stage_estimates(run: Run, runtime: str = "cuda", overhead: float | None = No
         blocks = sum(1 for layer in range(lo, hi) if 1 <= layer <= arch.layers)
         out.append(StageEstimate(s, lo, hi - 1, blocks, n_trainable + frozen[s], state, activations, in_flight, logits,
                                  buffers, RUNTIME_OVERHEAD if overhead is None else overhead, stage_flops(run, lo, hi),
-                                 stage_comm(run, s, n_trainable, persistent), experts[s], frozen[s]))
+                                 stage_comm(run, s, n_trainable, persistent, blocks), experts[s], frozen[s]))
     return out
 
 

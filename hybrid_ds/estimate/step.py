@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from hybrid_ds.config.schedule import bubble as schedule_bubble
@@ -76,9 +77,10 @@ def _step_time(est: Estimate, cluster: Any, efficiency: float) -> None:
         est.warnings.append("V100 has no bf16 units: bf16 runs at about the fp32 rate; use fp16 or fp32")
     node = cluster.per_node
     inter = gpu.inter_node * LINK_EFFICIENCY if cluster.nodes > 1 else gpu.intra_node * LINK_EFFICIENCY
-    dp_bw = gpu.intra_node * LINK_EFFICIENCY if run.dp <= node else inter
-    p2p_bw = gpu.intra_node * LINK_EFFICIENCY if run.dp * run.stages <= node else inter
-    activation = DTYPE_BYTES[run.precision] * run.seq_len * run.micro_batch * run.arch.hidden
+    dp_bw = gpu.intra_node * LINK_EFFICIENCY if run.data_ranks <= node else inter
+    p2p_bw = gpu.intra_node * LINK_EFFICIENCY if run.data_ranks * run.stages <= node else inter
+    sp_bw = gpu.intra_node * LINK_EFFICIENCY if run.sp <= node else inter  # a replica's sp ranks are consecutive
+    activation = DTYPE_BYTES[run.precision] * run.shard_tokens * run.arch.hidden
     per_micro_batch, after_flush = [], []
     for s in est.stages:
         compute = s.flops_per_micro_batch / (peak * efficiency)
@@ -87,6 +89,8 @@ def _step_time(est: Estimate, cluster: Any, efficiency: float) -> None:
         in_micro_batch = (s.comm.get("zero-3 gathers", 0) + s.comm.get("gradient reduce-scatter", 0)
                           + (s.comm.get("gradient all-reduce", 0) if run.zero == 2 else 0)) / run.grad_accum / dp_bw
         compute = max(compute, in_micro_batch) if run.overlap_comm else compute + in_micro_batch
+        # sequence parallelism: attention waits for its all-to-alls (on the critical path, not overlapped)
+        compute += s.comm.get("sequence all-to-all", 0) / run.grad_accum / sp_bw
         sends = (s.stage < run.stages - 1) + (s.stage > 0)
         per_micro_batch.append(compute + sends * activation / p2p_bw)
         once = s.comm.get("parameter all-gather", 0) + (s.comm.get("gradient all-reduce", 0) if run.zero < 2 else 0)
@@ -97,6 +101,37 @@ def _step_time(est: Estimate, cluster: Any, efficiency: float) -> None:
                       "gradient sync": max(after_flush)}
     est.step_time = pipeline + max(after_flush)
     est.mfu = est.model_flops / (cluster.gpus * peak * est.step_time)
+
+
+def longest_sequence(run: Run, memory: float, runtime: str = "cuda", granularity: int = 1024,
+                     limit: int = 1 << 24) -> int:
+    """The longest ``seq_len`` (a multiple of ``granularity`` and of the sequence-parallel size, at most ``limit``)
+    whose every stage fits ``memory`` bytes at ``run``'s layout; 0 where not even the shortest fits. The model's
+    ``max_position_embeddings`` is not a bound here (a long-context fine-tune raises it).
+
+    >>> from hybrid_ds.estimate.architecture import arch_from_preset
+    >>> run = Run(arch_from_preset("llama3-8b"), world_size=8, stages=2, dp=1, micro_batch=1, grad_accum=8,
+    ...           seq_len=8192, zero=1, precision="bf16", checkpoint_interval=1, sp=4)
+    >>> longest_sequence(run, 80e9), longest_sequence(replace(run, dp=4, sp=1), 80e9)  # pp=2 x sp=4 | x dp=4
+    (101376, 25600)
+    """
+    step = granularity * run.sp // math.gcd(granularity, run.sp)
+    overhead = RUNTIME_OVERHEAD if runtime == "cuda" else 0.0
+
+    def fits(units: int) -> bool:
+        stages = stage_estimates(replace(run, seq_len=units * step), runtime, overhead)
+        return max(s.total for s in stages) <= memory
+
+    if not fits(1):
+        return 0
+    lo, hi = 1, 2  # fits(lo); find hi that does not, then bisect
+    while hi * step <= limit and fits(hi):
+        lo, hi = hi, 2 * hi
+    hi = min(hi, limit // step + 1)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return lo * step
 
 
 def training_days(est: Estimate, tokens: float) -> float:
