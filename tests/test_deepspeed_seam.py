@@ -160,6 +160,16 @@ def _all_to_all_by_hand(group, input):
     return output
 
 
+@staticmethod
+def _tiled_backward_without_holding_hooks(ctx, *grads):  # each tile's weight gradients reach ZeRO's hooks at once
+    (x,) = ctx.saved_tensors
+    x = x.detach().requires_grad_(x.requires_grad)
+    with torch.enable_grad():
+        output = ctx.fn(ctx.self, x)
+    torch.autograd.backward(output, grads[0])
+    return None, None, x.grad, None, None
+
+
 def _exec_reduce_grads_elsewhere(self):
     self.optimizer.reduce_everything()
 
@@ -283,6 +293,8 @@ TAKE_AWAY = {  # requirement key -> what takes it away, as a DeepSpeed refactor 
     "zero2.offsets": _set(DeepSpeedZeroOptimizer, "_build_compact_grad_partition_buffer", _setup_buckets_without_flag),
     "zero2.oversized": _set(DeepSpeedZeroOptimizer, "reduce_ipg_grads", _reduce_ipg_grads_without_oversized),
     "ulysses.all_to_all": _set(_module("deepspeed.sequence.layer"), "_dim_zero_all_to_all", _all_to_all_by_hand),
+    "ulysses.tiled_mlp": _set(lambda: _module("deepspeed.runtime.sequence_parallel.ulysses_sp")().TiledMLP, "backward",
+                              _tiled_backward_without_holding_hooks),
     "zero_bubble.backward_calls": _set(PipelineEngine, "train_batch", _train_batch_own_schedule),
     "zero_bubble.sends": _set(_module("deepspeed.runtime.pipe.p2p"), "send", _send_through_comm),
 }
@@ -393,7 +405,7 @@ ENTRIES = {  # requirement key's prefix -> (tmp_path, the rest of the key) -> (t
                                         (lambda: engines.pipeline_engine_class(1), lambda: True)),
     "reduce": _reduce_entry, "skip": _skip_entry, "universal": _universal_entry, "zero0": _zero0_entry,
     "zero2": _no_state(lambda: engines.pipeline_engine_class(2)),
-    "ulysses": lambda tmp_path, name: _ulysses_entry(),
+    "ulysses": lambda tmp_path, name: _ulysses_entry() if name == "all_to_all" else _tiled_mlp_entry(),
     "zero_bubble": lambda tmp_path, name: _zero_bubble_entry(),
 }
 
@@ -403,6 +415,11 @@ def _ulysses_entry():
 
     group = types.SimpleNamespace(group_name="a group")
     return lambda: ulysses.register_group(group), lambda: "a group" not in layer._all_to_all_groups
+
+
+def _tiled_mlp_entry():
+    mlp = torch.nn.Linear(4, 4)
+    return lambda: ulysses.tiled_mlp(lambda module, x: module(x), mlp, torch.ones(1, 4, 4), 2), lambda: True
 
 
 def _zero_bubble_entry():

@@ -25,6 +25,7 @@ from pathlib import Path
 
 import pytest
 import torch
+import warm_ranks
 
 from test_train_multiproc import summary, tiny_config, train
 
@@ -36,14 +37,16 @@ NO_DROPOUT = {"gpt2-tiny": {"resid_pdrop": 0.0, "embd_pdrop": 0.0, "attn_pdrop":
 
 
 def layout_config(tmp_path: Path, name: str, stages: int, zero: int = 1, partition=None, lora=None, nproc: int = 2,
-                  **train) -> Path:
-    config = tiny_config(tmp_path, name, stages, zero=zero, save_interval=4, eval_interval=0, **train)
+                  sp: int = 1, eval_interval: int = 0, **train) -> Path:
+    config = tiny_config(tmp_path, name, stages, zero=zero, save_interval=4, eval_interval=eval_interval, **train)
     raw = json.loads(config.read_text())
     raw["model"]["overrides"] = NO_DROPOUT[name]
     if lora:  # a pretrained base, one folder for the session's runs, which LoRA checkpoints leave out
         raw["model"] = {"name": str(saved_base(tmp_path.parent / f"base-{name}", name)), "pretrained": True,
                         "lora": lora}
-    raw["gradient_accumulation_steps"] = 4 * stages // nproc  # micro 2 x dp: a global batch of 8 at every layout
+    raw["pipeline"]["sequence_parallel"] = sp
+    # micro 2 x dp = nproc / (stages x sp): a global batch of 8 at every layout
+    raw["gradient_accumulation_steps"] = 4 * stages * sp // nproc
     if partition is not None:
         raw["pipeline"]["partition"] = partition
     config.write_text(json.dumps(raw))
@@ -68,12 +71,13 @@ _STRAIGHT: dict[tuple, Path] = {}
 
 def straight_run(tmp_path_factory, name: str, stages: int, zero: int = 1, partition=None, lora=None,
                  nproc: int = 2) -> Path:
-    """The config of run A: 8 uninterrupted steps at this layout, saved after 4 and 8 and exported (one run
-    per layout, shared by the tests that start from it)."""
+    """The config of run A: 8 uninterrupted steps at this layout, saved after 4 and 8, evaluated at both and exported
+    (one run per layout, shared by the tests that start from it)."""
     key = (name, stages, zero, str(partition), str(lora), nproc)
     if key not in _STRAIGHT:
         folder = tmp_path_factory.mktemp("straight")
-        config = layout_config(folder, name, stages, zero, partition, lora, nproc, export_hf=str(folder / "hf"))
+        config = layout_config(folder, name, stages, zero, partition, lora, nproc, eval_interval=4,
+                               export_hf=str(folder / "hf"))
         train(config, nproc)
         _STRAIGHT[key] = config
     return _STRAIGHT[key]
@@ -115,6 +119,29 @@ def test_a_run_continues_on_another_layout(tmp_path, tmp_path_factory, transitio
     assert len(want) == 8 and len(got) == 4, (want, got)
     assert max(abs(a - b) for a, b in zip(want[4:], got)) < 1e-5, (want[4:], got)
     assert want[-1] < want[0] - 0.1, want  # it learns: equal losses are not a flat line
+
+
+def test_a_run_continues_with_sequence_parallelism_and_its_export_holds_the_same_weights(tmp_path, tmp_path_factory):
+    """pipeline.sequence_parallel: Llama saved at pp=2 x dp=1 continues at pp=2 x sp=2 (4 processes; ZeRO-1 over the
+    stage's 2 sp ranks where it ran as ZeRO-0): steps 5-8, the evaluation loss and its token count at step 8 within
+    1e-5 of the uninterrupted run's, and the export of its last checkpoint (saved at sp=2) holds the uninterrupted
+    run's exported weights within 1e-5."""
+    from safetensors.torch import load_file
+
+    first = dict(stages=2, partition=[1, 3])
+    want, got = continue_elsewhere(tmp_path, tmp_path_factory, "llama-tiny", first,
+                                   dict(first, sp=2, nproc=4, eval_interval=4))
+    assert max(abs(a - b) for a, b in zip(want[4:], got)) < 1e-5, (want[4:], got)
+    straight, resumed = summary(straight_run(tmp_path_factory, "llama-tiny", **first)), summary(tmp_path / "config.json")
+    assert abs(straight["eval_loss"] - resumed["eval_loss"]) < 1e-5 and straight["eval_tokens"] == resumed["eval_tokens"]
+    assert json.loads((tmp_path / "run" / "step_8" / "hybrid_ds.json").read_text())["layout"]["sp"] == 2
+    proc = warm_ranks.cli("export", tmp_path / "run" / "step_8", tmp_path / "hf")
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    exported = load_file(tmp_path / "hf" / "model.safetensors")
+    expected = load_file(Path(json.loads(straight_run(tmp_path_factory, "llama-tiny", **first).read_text())["train"]
+                              ["export_hf"]) / "model.safetensors")
+    assert exported.keys() == expected.keys()
+    assert all(torch.allclose(exported[k], expected[k], atol=1e-5, rtol=0) for k in expected)
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:

@@ -58,6 +58,8 @@ def check_cross_section(cfg: Any) -> None:
         check_zero_bubble(cfg)
     if cfg.pipeline.sequence_parallel > 1:
         check_sequence_parallel(cfg)
+    if cfg.train.tiled_mlp:
+        check_tiled_mlp(cfg)
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",
@@ -79,6 +81,23 @@ def check_zero_bubble(cfg: Any) -> None:
         raise UserError("pipeline.schedule", "'zb-h1' is not available with train.compile: a compiled block's backward "
                                              "runs as one step, which cannot be split into input and weight "
                                              "gradients; set train.compile false or use '1f1b'")
+
+
+def check_tiled_mlp(cfg: Any) -> None:
+    """What ``train.tiled_mlp`` cannot run with: the plain engine (it wraps the pipeline's blocks), ZB-H1 (a tiled
+    MLP's backward computes its weight gradients with its input gradient, one opaque step) and train.compile."""
+    tiles = cfg.train.tiled_mlp
+    if not cfg.pipeline_engine:
+        raise UserError("train.tiled_mlp", f"{tiles} needs the pipeline engine; zero_optimization.stage "
+                                           f"{cfg.zero_stage} at pipeline.stages 1 trains the plain Hugging Face "
+                                           "model; use zero_optimization.stage 0 or 1 at one stage (0-2 with stages "
+                                           "> 1), or tiled_mlp 0")
+    if cfg.pipeline.schedule == "zb-h1":
+        raise UserError("pipeline.schedule", f"'zb-h1' is not available with train.tiled_mlp {tiles}: a tiled MLP's "
+                                             "backward computes its weight gradients with its input gradient, in one "
+                                             "step that cannot be split; set tiled_mlp 0 or use '1f1b'")
+    if cfg.train.compile:
+        raise UserError("train.compile", f"true is not available with train.tiled_mlp {tiles}; set one of them off")
 
 
 def check_sequence_parallel(cfg: Any) -> None:

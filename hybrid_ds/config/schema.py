@@ -153,6 +153,11 @@ class TrainConfig(_Section):
     resume: bool | Literal["auto"] = Field(False, description="true/\"auto\": continue from the latest checkpoint")
     export_hf: str | None = Field(None, description="write a Hugging Face folder here at the end of the run (with "
                                                      "model.lora: peft's adapter folder)")
+    tiled_mlp: int = Field(0, ge=0, description="N > 0: each block's MLP runs on N tiles of the sequence, one after "
+                                               "another (DeepSpeed's TiledMLP: its forward under no_grad, recomputed a "
+                                               "tile at a time in backward), so its intermediate activations (the "
+                                               "ffn-wide ones) exist for one tile at a time, for long sequences where "
+                                               "they dominate; costs a second MLP forward; 0 = off")
     fused_loss: bool = Field(True, description="compute the LM loss from the last hidden states a block of rows at "
                                                "a time (hybrid_ds.models.head_loss): no [tokens, vocab] fp32 logits, "
                                                "their log-softmax or gradient; loss and gradients within 1e-5 of "

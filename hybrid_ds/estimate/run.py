@@ -44,6 +44,7 @@ class Run:
     schedule: str = "1f1b"                 # pipeline.schedule (hybrid_ds.config.schedule)
     sp: int = 1                            # pipeline.sequence_parallel: ranks sharing each sequence
     documents: bool = False                # data.document_mask: a block-diagonal mask, materialized
+    tiled_mlp: int = 0                     # train.tiled_mlp: tiles each block's MLP runs in (0: whole)
 
     @property
     def tokens_per_step(self) -> int:
@@ -90,7 +91,7 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
                cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation or "sdpa",
                cfg.train.fused_loss and cfg.pipeline_engine, zero.reduce_bucket, zero.contiguous_gradients,
                zero.overlap_comm, zero.persistence_threshold, zero.prefetch_bucket, cfg.model.lora, cfg.source,
-               cfg.description, cfg.pipeline.schedule, layout.sp, document_mask_on(cfg))
+               cfg.description, cfg.pipeline.schedule, layout.sp, document_mask_on(cfg), cfg.train.tiled_mlp)
 
 
 def document_mask_on(cfg: Any) -> bool:

@@ -81,8 +81,12 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     terms = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
     # a materialized attention mask is made once for the stage's blocks (models.layers.additive): saved once
     shared_mask = max((t.get("attention mask", 0.0) for t in terms), default=0.0)
-    saved = [sum(t.values()) - t.get("attention mask", 0.0) + lora_activation_change(run, b, t, runtime)
-             for b, t in zip(held, terms)]
+    # train.tiled_mlp: an MLP keeps only its input (counted with the linear inputs); its intermediates exist for one
+    # tile at a time, while that block's backward recomputes it
+    mlp_terms = ("mlp", "experts", "shared experts") if run.tiled_mlp else ()
+    tile = max((sum(t.get(k, 0.0) for k in mlp_terms) / run.tiled_mlp for t in terms), default=0.0) if mlp_terms else 0.0
+    saved = [sum(t.values()) - t.get("attention mask", 0.0) - sum(t.get(k, 0.0) for k in mlp_terms)
+             + lora_activation_change(run, b, t, runtime) for b, t in zip(held, terms)]
     if saved:
         saved[0] += shared_mask
     frozen = run.lora is not None   # LoRA: the embedding is outside autograd's graph, it saves nothing
@@ -97,6 +101,7 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
         working = sum(sorted(saved)[-interval:])
     else:
         per_micro_batch += sum(saved)
+    working = max(working, tile)
     # 1F1B: stage s runs min(p - s, m) forwards before its first backward; ZB-H1 keeps p until their W.
     in_flight = schedule_in_flight(run.schedule, p, run.grad_accum, stage)
     # ZB-H1: those past B also keep the gradients W starts from (none on the first stage: its inputs are token ids,

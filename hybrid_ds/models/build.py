@@ -186,6 +186,8 @@ class StageBuilder:
         self._params: dict[str, nn.Parameter] = {}
         self.shared: dict[str, Any] = {}   # objects the stage's layers share (layers.Derived)
         self.sequence: Any = None  # this rank's SequenceShard under sequence parallelism (models.sequence_parallel)
+        # train.tiled_mlp: (tiles, tiled(fn, module, x, tiles)) running each block's MLP a tile at a time
+        self.tiled_mlp: tuple[int, Any] | None = None
 
     def built_modules(self) -> dict[str, nn.Module]:
         """Path -> module for everything this builder materialized (its stage's share of the model)."""

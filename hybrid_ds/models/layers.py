@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from hybrid_ds.config.families import Family, apply_ops
+from hybrid_ds.errors import UserError
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.head_loss import IGNORE_INDEX, HeadLogits, fused_lm_loss, materialize, shifted_labels
 from hybrid_ds.models.masks import attention_mask_4d, padding_mask, position_ids
@@ -134,6 +135,8 @@ class Block(nn.Module):
             for module in self.layer.modules():
                 if getattr(module, "config", None) is self.config:
                     module.config = attention_config
+        if builder.tiled_mlp:
+            tile_mlp(self.layer, self.config, *builder.tiled_mlp)
         self.router_logits: list[torch.Tensor] = []
         aux = self.family.router_aux if getattr(self.config, "output_router_logits", False) else None
         self.aux = aux
@@ -173,6 +176,28 @@ class Block(nn.Module):
                                       padding_mask(attention_mask, self.documents), self.aux)]
         self.router_logits.clear()
         return (hidden, attention_mask, *stats)
+
+
+def tile_mlp(layer: nn.Module, config: Any, tiles: int, tiled: Any) -> None:
+    """``train.tiled_mlp``: the block's ``mlp`` runs ``tiles`` tiles of the sequence at a time through ``tiled`` (the
+    runtime's: DeepSpeed's TiledMLP), its forward recomputed tile by tile in backward. Refused with one line for a
+    block without an ``mlp`` module and with a Mixture-of-Experts router loss (the router logits it adds up would come
+    from the forward without gradients)."""
+    mlp = getattr(layer, "mlp", None)
+    if not isinstance(mlp, nn.Module):
+        raise UserError("train.tiled_mlp", f"{tiles} is not available for {config.model_type}: its blocks have no "
+                                           "`mlp` module to tile; set tiled_mlp 0")
+    if getattr(config, "output_router_logits", False):
+        raise UserError("train.tiled_mlp", f"{tiles} is not available with {config.model_type}'s router loss "
+                                           "(output_router_logits); set tiled_mlp 0 or output_router_logits false")
+    forward = mlp.forward
+
+    def on_tile(module: nn.Module, tile: torch.Tensor) -> torch.Tensor:
+        # TiledMLP hands a [batch, seq / tiles, hidden] chunk in forward (not contiguous at batch > 1) and [rows, hidden]
+        # in backward: one contiguous sequence of its rows for every MLP (an MoE layer reads [batch, seq, hidden])
+        return forward(tile.reshape(1, -1, tile.shape[-1])).reshape(tile.shape)
+
+    mlp.forward = lambda x: tiled(on_tile, mlp, x, tiles)
 
 
 def additive(mask: Any, dtype: torch.dtype) -> Any:

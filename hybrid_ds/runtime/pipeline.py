@@ -20,7 +20,7 @@ from deepspeed.runtime.activation_checkpointing.checkpointing import non_reentra
 
 from hybrid_ds.runtime.compile_blocks import compile_blocks
 from hybrid_ds.seam.pipeline_module import HybridPipelineModule
-from hybrid_ds.seam.ulysses import all_to_all, register_group
+from hybrid_ds.seam.ulysses import all_to_all, register_group, tiled_mlp
 from hybrid_ds.models.build import StageBuilder
 from hybrid_ds.models.layers import (Block, EmbeddingRest, FinalNorm, LogitsBias, LogitsOps, OutputProjection,
                                     TokenEmbedding, loss_function, project_with_embedding)
@@ -77,9 +77,12 @@ def spec_boundaries(unit_boundaries: list[int], units: list[int]) -> list[int]:
 
 def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilder:
     cfg = plan.config
-    return StageBuilder(plan.resolved, cfg.model.pretrained, cfg.train.seed, DTYPES[cfg.precision], device,
-                        cfg.model.revision, skeleton=plan.skeleton, documents=plan.document_mask, lora=cfg.model.lora,
-                        lora_targets=plan.lora_targets)
+    builder = StageBuilder(plan.resolved, cfg.model.pretrained, cfg.train.seed, DTYPES[cfg.precision], device,
+                           cfg.model.revision, skeleton=plan.skeleton, documents=plan.document_mask,
+                           lora=cfg.model.lora, lora_targets=plan.lora_targets)
+    if cfg.train.tiled_mlp:
+        builder.tiled_mlp = (cfg.train.tiled_mlp, tiled_mlp)
+    return builder
 
 
 def build_pipeline_module(plan: Plan, device: str | torch.device = "cpu") -> Any:

@@ -31,6 +31,29 @@ ALL_TO_ALL = requirement(
     and callable(_layer().register_all_to_all_group), _WHY)
 
 
+def _tiled() -> Any:
+    from deepspeed.runtime.sequence_parallel.ulysses_sp import TiledMLP
+
+    return TiledMLP
+
+
+TILED_MLP = requirement(
+    "ulysses.tiled_mlp", "deepspeed.runtime.sequence_parallel.ulysses_sp.TiledMLP.apply(fn, module, x, shards, "
+    "compute_params): fn(module, tile) under no_grad for each of `shards` chunks of x's dimension -2, recomputed a "
+    "tile at a time in backward, holding back ZeRO's gradient hooks (ds_grad_is_ready) until the last tile",
+    lambda: code_has(_tiled().forward, "torch.chunk(x, chunks=shards, dim=-2)", "fn(self, x_shard)")
+    and code_has(_tiled().backward, "param.ds_grad_is_ready = False", "torch.autograd.backward(output, "
+                                                                        "incoming_grad_shard)"),
+    "train.tiled_mlp runs each block's MLP a tile of the sequence at a time with DeepSpeed's TiledMLP")
+
+
+def tiled_mlp(fn: Any, module: torch.nn.Module, x: torch.Tensor, tiles: int) -> torch.Tensor:
+    """``fn(module, x)`` computed ``tiles`` chunks of the sequence at a time, forward and backward (DeepSpeed's
+    TiledMLP); the gradients of ``module``'s trainable parameters reach ZeRO's hooks once, after the last tile."""
+    require(TILED_MLP)
+    return _tiled().apply(fn, module, x, tiles, [p for p in module.parameters() if p.requires_grad])
+
+
 def register_group(group: Any) -> None:
     """Make ``group`` usable by :func:`all_to_all` (outside any compiled region, before the first exchange)."""
     require(ALL_TO_ALL)
