@@ -194,3 +194,21 @@ def test_the_estimator_predicts_the_measured_sequence_parallel_activations(monke
             assert abs(guess / bytes_ - 1) <= 0.05, (row, sp, guess)
         assert (max(row["sp2_bytes"]) <= 0.55 * row["sp1_bytes"]) == (not row["documents"]), row
     assert measured["provenance"]["versions"]["deepspeed"] == "0.19.8"
+
+
+def test_the_sequence_parallel_page_quotes_the_committed_results():
+    """docs/sequence-parallel.md's two tables are bench/results/sequence_parallel_memory.json's and
+    tiled_mlp_memory.json's rows: a rerun that moves them fails here until the page follows."""
+    page = (BENCH.parent / "docs" / "sequence-parallel.md").read_text()
+    sp = json.loads((BENCH / "results" / "sequence_parallel_memory.json").read_text())
+    tiled = json.loads((BENCH / "results" / "tiled_mlp_memory.json").read_text())
+    expected = [f"| {r['seq_len']:,} | {'documents' if r['documents'] else 'causal'} | {r['sp1_bytes'] / 2**20:.1f} MiB | "
+                f"{max(r['sp2_bytes']) / 2**20:.1f} MiB | {r['ratio']:.3f} | "
+                + ", ".join(f"{x:+.1%}" for x in r["estimate_error"]) + " |" for r in sp["rows"]]
+    for r in tiled["rows"]:
+        cells = ["untiled", f"{r['peak_bytes'] / 2**20:.1f} MiB", "", ""] if r["tiles"] == 0 else [
+            str(r["tiles"]), f"{r['peak_bytes'] / 2**20:.1f} MiB", f"{r['peak_ratio']:.2f}x", f"{r['time_ratio']:.2f}x"]
+        expected.append(f"| {r['seq_len']:,} | " + " | ".join(cells) + " |")
+    missing = [line for line in expected if line not in page]
+    assert not missing, missing
+    assert len(tiled["rows"]) == 6 and tiled["provenance"]["versions"]["deepspeed"] == "0.19.8"

@@ -83,15 +83,20 @@ def check_zero_bubble(cfg: Any) -> None:
                                              "gradients; set train.compile false or use '1f1b'")
 
 
+def pipeline_engine_only(cfg: Any, key: str, value: Any, off: str) -> None:
+    """One line for a feature of the pipeline's layers (``key`` set to ``value``) where the run trains the plain
+    Hugging Face model; ``off`` says how to turn the feature off."""
+    if not cfg.pipeline_engine:
+        raise UserError(key, f"{value} needs the pipeline engine; zero_optimization.stage {cfg.zero_stage} at "
+                             "pipeline.stages 1 trains the plain Hugging Face model; use zero_optimization.stage 0 or "
+                             f"1 at one stage (0-2 with stages > 1), or {off}")
+
+
 def check_tiled_mlp(cfg: Any) -> None:
     """What ``train.tiled_mlp`` cannot run with: the plain engine (it wraps the pipeline's blocks), ZB-H1 (a tiled
     MLP's backward computes its weight gradients with its input gradient, one opaque step) and train.compile."""
     tiles = cfg.train.tiled_mlp
-    if not cfg.pipeline_engine:
-        raise UserError("train.tiled_mlp", f"{tiles} needs the pipeline engine; zero_optimization.stage "
-                                           f"{cfg.zero_stage} at pipeline.stages 1 trains the plain Hugging Face "
-                                           "model; use zero_optimization.stage 0 or 1 at one stage (0-2 with stages "
-                                           "> 1), or tiled_mlp 0")
+    pipeline_engine_only(cfg, "train.tiled_mlp", tiles, "tiled_mlp 0")
     if cfg.pipeline.schedule == "zb-h1":
         raise UserError("pipeline.schedule", f"'zb-h1' is not available with train.tiled_mlp {tiles}: a tiled MLP's "
                                              "backward computes its weight gradients with its input gradient, in one "
@@ -102,13 +107,9 @@ def check_tiled_mlp(cfg: Any) -> None:
 
 def check_sequence_parallel(cfg: Any) -> None:
     """What ``pipeline.sequence_parallel`` > 1 cannot run with, as far as the config alone tells (the model's heads and
-    positions are checked with the model: hybrid_ds.models.sequence_parallel.obstacle)."""
+    positions are checked with the model: hybrid_ds.models.sequence_parallel.check_model)."""
     sp = cfg.pipeline.sequence_parallel
-    if not cfg.pipeline_engine:
-        raise UserError("pipeline.sequence_parallel", f"{sp} needs the pipeline engine; zero_optimization.stage "
-                                                      f"{cfg.zero_stage} at pipeline.stages 1 trains the plain Hugging "
-                                                      "Face model; use zero_optimization.stage 0 or 1 at one stage "
-                                                      "(0-2 with stages > 1), or sequence_parallel 1")
+    pipeline_engine_only(cfg, "pipeline.sequence_parallel", sp, "sequence_parallel 1")
     if cfg.data.seq_len % sp:
         raise UserError("pipeline.sequence_parallel", f"{sp} does not divide data.seq_len {cfg.data.seq_len} into equal "
                                                       f"shards; use a seq_len that is a multiple of {sp}")
