@@ -405,7 +405,7 @@ def test_plan_json_into_a_closed_pipe_ends_quietly():
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.stem)
 def test_dry_run_estimate_of_every_config(path):
     cfg = load_config(path, profile="cpu")
-    est = estimate_for_config(cfg, cfg.pipeline.stages * 2, runtime="cpu")
+    est = estimate_for_config(cfg, cfg.pipeline.stages * cfg.pipeline.sequence_parallel * 2, runtime="cpu")
     assert len(est.stages) == cfg.pipeline.stages and est.fits is None
     text = format_estimate(est)
     assert all(f"\n{s:>5}  " in text for s in range(cfg.pipeline.stages))

@@ -28,7 +28,7 @@ def test_smollm2_lora_config_fine_tunes_and_exports(tmp_path):
                  "--set", f"train.export_hf={tmp_path / 'adapter'}", "--set", f"data.cache_dir={tmp_path / 'data'}")
     result = json.loads((run / "summary.json").read_text())
     losses = result["losses"]
-    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0, losses  # from ~5 to ~2 in 16 steps
+    assert sum(losses[-4:]) / 4 < sum(losses[:4]) / 4 - 1.0, losses  # from ~5 to ~2.5 in 10 steps
     evals = [float(v) for v in re.findall(r"step \d+: eval loss ([\d.]+)", proc.stdout + proc.stderr)]
     assert len(evals) >= 2 and evals[-1] < evals[0], evals
 

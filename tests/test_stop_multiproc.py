@@ -209,7 +209,8 @@ def test_non_finite_steps_are_skipped_exactly_and_enough_in_a_row_stop_the_run(t
     stop the run (exit 2, one line) with the state after step 4 saved as latest. Every checkpoint equals that of a run
     that left steps 3, 5 and 6 out (no parameter, optimizer-state or learning-rate change from a skipped step)."""
     stages, zero = ENGINES[engine]
-    bad = nan_steps_run(tmp_path / "nan", stages, zero, "--nan-steps", "3,5,6", launcher=True)
+    # the launcher's exit code and lines once; the engines differ in what they skip, not in how the run stops
+    bad = nan_steps_run(tmp_path / "nan", stages, zero, "--nan-steps", "3,5,6", launcher=engine == "zero1-pipeline")
     reference = nan_steps_run(tmp_path / "dropped", stages, zero, "--drop-steps", "3,5,6", launcher=False)
     assert reference.returncode == 0, reference.stderr[-3000:]
     output = bad.stdout + bad.stderr
