@@ -70,17 +70,13 @@ def worker(out: Path, lengths: list[int]) -> None:
     import torch
     import torch.distributed as dist
 
-    from hybrid_ds.models.sequence_parallel import SequenceShard
     from hybrid_ds.runtime.engine import init_distributed
-    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.pipeline import SequentialStages, world_shard
     from hybrid_ds.runtime.plan import build_plan
-    from hybrid_ds.seam.ulysses import all_to_all, register_group
 
     init_distributed()  # hybrid_ds's: gloo on CPU, without compiling DeepSpeed's shm op
     torch.set_num_threads(1)
-    group = dist.new_group([0, 1])
-    register_group(group)
-    shard = SequenceShard(group, dist.get_rank(), 2, all_to_all)
+    shard = world_shard()
     rows = []
     for length in lengths:
         for documents in (False, True) if length <= DOCUMENTS_UP_TO else (False,):

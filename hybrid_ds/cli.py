@@ -90,8 +90,25 @@ def cmd_parity(args: argparse.Namespace) -> int:
     else:  # a model: preset (random init), folder or hub name (its weights)
         model = {"name": args.target, "pretrained": not presets.is_preset(args.target)}
         cfg = load_config_dict({"model": model, "train_micro_batch_size_per_gpu": 1}, args.set)
-    report = check_parity(cfg, args.stages or cfg.pipeline.stages, args.seq_len)
-    print("\n".join(report.lines()))
+    sp, launched = cfg.pipeline.sequence_parallel, int(os.environ.get("WORLD_SIZE", "1"))
+    sequence = None
+    if launched > 1:  # under the launcher: each rank checks its shard of every sequence
+        if launched != sp:
+            raise UserError("pipeline.sequence_parallel", f"{sp}, but parity runs on {launched} processes, which share "
+                                                          f"each sequence; launch {sp} (--num_gpus {sp}), or set "
+                                                          f"pipeline.sequence_parallel={launched}")
+        from hybrid_ds.runtime.engine import init_distributed
+        from hybrid_ds.runtime.pipeline import world_shard
+
+        def sequence():
+            init_distributed()
+            return world_shard()
+    elif sp > 1:
+        print(f"pipeline.sequence_parallel {sp}: checked in one process without it; `deepspeed --num_gpus {sp} "
+              f"--no_local_rank --module hybrid_ds.cli parity ...` checks each rank's shard", flush=True)
+    report = check_parity(cfg, args.stages or cfg.pipeline.stages, args.seq_len, sequence)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print("\n".join(report.lines()))
     return 0 if report.ok else 1
 
 
@@ -181,6 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--stages", type=at_least(1), help="stages to split into (default: the config's pipeline.stages)")
     p.add_argument("--seq-len", type=at_least(8), default=32, help="tokens per sequence of the test batch")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)  # sp: launched
     p.set_defaults(func=cmd_parity)
 
     p = sub.add_parser("train", help="train (what launch/train.py runs)")

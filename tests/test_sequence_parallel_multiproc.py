@@ -134,3 +134,19 @@ def test_a_shard_received_by_the_wrong_rank_fails_the_comparison(sp_folders, tmp
     ref = reference("llama-tiny", sp_folders["llama-tiny"], batches, 1)
     assert abs(run["losses"][0] - ref["losses"][0]) > 1e-3
 
+
+
+def test_parity_checks_each_ranks_shard_under_the_launcher(tmp_path):
+    """``hybrid-ds parity`` of an sp=2 config on 2 ranks (as ``deepspeed --num_gpus 2 --no_local_rank --module
+    hybrid_ds.cli parity`` starts it): each rank's shard of a padded batch through the stages, the shards' losses and gradients summed,
+    against the Hugging Face model (Llama at 2 stages, the fused loss too); on 4 ranks it is one line naming the key."""
+    config = tmp_path / "sp.json"
+    config.write_text(json.dumps({"model": {"name": "llama-tiny"}, "pipeline": {"stages": 2, "sequence_parallel": 2},
+                                  "train_micro_batch_size_per_gpu": 1}))
+    cli = Path(__file__).resolve().parents[1] / "hybrid_ds" / "cli.py"
+    done = warm_ranks.run(cli, ["parity", config], nproc=2)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "llama-tiny (2 stages x sequence_parallel 2)" in done.stdout and "parity          OK" in done.stdout
+    assert done.stdout.count("parity          OK") == 1  # rank 0 reports
+    done = warm_ranks.run(cli, ["parity", config], nproc=4)
+    assert done.returncode == 2 and "pipeline.sequence_parallel: 2, but parity runs on 4 processes" in done.stderr

@@ -7,6 +7,10 @@ difference relative to the gradient's scale, and parameters whose gradient one s
 Hugging Face's loss on the pipeline's logits, which is bit for bit the model's; with ``train.fused_loss``
 the fused loss (hybrid_ds.models.head_loss, a different summation) runs too, and its loss and gradients must
 be within the tolerance of Hugging Face's.
+
+Under sequence parallelism (launched on ``pipeline.sequence_parallel`` processes) each rank runs the stages on its
+shard of the batch's tokens, the shards' losses and gradients are summed over the ranks, and each rank's logits are
+compared with the Hugging Face model's rows of its shard.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -24,6 +29,7 @@ from hybrid_ds.models.build import checkpoint_folder
 from hybrid_ds.models.head_loss import materialize
 from hybrid_ds.models.lora import PEFT_PREFIX, is_adapter, with_peft
 from hybrid_ds.models.resolve import auto_class, resolve_model
+from hybrid_ds.models.sequence_parallel import SequenceShard, check_model
 from hybrid_ds.runtime.pipeline import SequentialStages
 from hybrid_ds.runtime.plan import build_plan
 
@@ -46,6 +52,7 @@ class ParityReport:
     # diff): the rounding any other summation order may show, which grows with depth (~1e-4 at SmolLM2-135M)
     rounding_loss: float = 0.0
     rounding_grad_diff: float = 0.0
+    sequence_parallel: int = 1            # ranks the batch's tokens were sharded over (their results summed)
 
     @property
     def fused_ok(self) -> bool:
@@ -68,16 +75,18 @@ class ParityReport:
                 and not self.unmatched_grads and self.fused_ok)
 
     def lines(self) -> list[str]:
-        return [f"model           {self.model} ({self.stages} stages)",
+        sp = f" x sequence_parallel {self.sequence_parallel}" if self.sequence_parallel > 1 else ""
+        return [f"model           {self.model} ({self.stages} stages{sp})",
                 f"loss            hf {self.hf_loss:.8f}   pipeline {self.pipeline_loss:.8f}   "
                 f"diff {abs(self.hf_loss - self.pipeline_loss):.3g}",
                 f"max |logit diff| {self.max_logit_diff:.3g}",
                 f"max grad diff   {self.max_grad_diff:.3g} (relative, worst: {self.worst_grad})",
                 *([f"unmatched grads {self.unmatched_grads[:5]}"] if self.unmatched_grads else []),
                 *([f"fused loss      {self.fused_loss:.8f}   diff {abs(self.hf_loss - self.fused_loss):.3g}   "
-                   f"max grad diff {self.fused_grad_diff:.3g}",
-                   f"fp32 rounding   Hugging Face's loss in float64: diff {self.rounding_loss:.3g}   "
-                   f"max grad diff {self.rounding_grad_diff:.3g}"] if self.fused_loss is not None else []),
+                   f"max grad diff {self.fused_grad_diff:.3g}"] if self.fused_loss is not None else []),
+                *([f"fp32 rounding   Hugging Face's loss in float64: diff {self.rounding_loss:.3g}   "
+                   f"max grad diff {self.rounding_grad_diff:.3g}"]
+                  if self.fused_loss is not None and self.sequence_parallel == 1 else []),
                 f"parity          {'OK' if self.ok else 'FAILED'} "
                 f"({'bit for bit' if self.exact else f'tolerance {TOLERANCE:g}'})"]
 
@@ -96,8 +105,12 @@ def sample_batch(vocab_size: int, seq_len: int, task: str, batch: int = 2, seed:
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.zeros_like(ids), "labels": labels}
 
 
-def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport:
-    """Compare the HF model and the pipeline on one padded batch (fp32, dropout off)."""
+def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16,
+                 sequence: Callable[[], SequenceShard] | None = None) -> ParityReport:
+    """Compare the HF model and the pipeline on one padded batch (fp32, dropout off); with ``sequence``, on the shard
+    of the batch's tokens it returns for this rank (every rank calls it; the sequence rounded up to a multiple of the
+    shards). ``sequence`` is called once the model's folder is written: transformers writes a model only on the first
+    rank of an initialized process group, and each rank writes its own."""
     original = cfg.model.name
     # A padded batch of one sequence a row: data.document_mask (tests/test_document_mask.py) would restart the
     # padding's positions and change its logits, which are compared here too.
@@ -108,10 +121,15 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
                       gradient_accumulation_steps=1, fp16={"enabled": False}, bf16={"enabled": False})
     with tempfile.TemporaryDirectory() as tmp:
         folder = _checkpoint_folder(cfg, Path(tmp))
-        cfg = cfg.replace(model={"name": folder, "pretrained": True})
+        shard = sequence() if sequence is not None else None
+        if shard is not None:
+            seq_len = -(-seq_len // shard.size) * shard.size
+        cfg = cfg.replace(model={"name": folder, "pretrained": True}, data={"seq_len": seq_len})
         plan = build_plan(cfg, world_size=stages)
         family = plan.resolved.family
-        pipe = SequentialStages(plan)
+        if shard is not None:
+            check_model(family, plan.resolved.hf_config, shard.size)
+        pipe = SequentialStages(plan, sequence=shard)
         hf = auto_class(family).from_pretrained(folder, config=copy.deepcopy(plan.resolved.hf_config),  # overrides
                                                 attn_implementation=cfg.model.attn_implementation,
                                                 dtype=torch.float32).eval()
@@ -131,14 +149,19 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
         loss = pipe.hf_loss_fn(outputs, batch["labels"])
         logits = materialize(outputs[0] if isinstance(outputs, tuple) else outputs)
         loss.backward()
-        report = _report(original, stages, out, logits, loss, hf, pipe)
+        loss = _summed_over_shards(shard, pipe, loss)
+        rows = slice(None) if shard is None else shard.of(seq_len)
+        report = _report(original, stages, out, logits, loss, hf, pipe, rows)
+        report.sequence_parallel = 1 if shard is None else shard.size
         if cfg.train.fused_loss:
             for module in pipe.modules():
                 module.zero_grad(set_to_none=True)
             fused = pipe.loss_fn(pipe.forward(inputs), batch["labels"])
             fused.backward()
-            report.fused_loss = fused.item()
+            report.fused_loss = _summed_over_shards(shard, pipe, fused).item()
             report.fused_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
+            if shard is not None:  # the float64 loss below is of whole logits
+                return report
             for module in pipe.modules():
                 module.zero_grad(set_to_none=True)
             exact = _float64_loss(pipe.forward(inputs), batch["labels"], family)
@@ -146,6 +169,19 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16) -> ParityReport
             report.rounding_loss = abs(report.hf_loss - exact.item())
             report.rounding_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
         return report
+
+
+def _summed_over_shards(shard: SequenceShard | None, pipe: SequentialStages, loss: torch.Tensor) -> torch.Tensor:
+    """The loss and every gradient of ``pipe`` summed over the ranks of ``shard`` (each rank computed its share)."""
+    loss = loss.detach().clone()
+    if shard is None:
+        return loss
+    torch.distributed.all_reduce(loss, group=shard.group)
+    params = {id(p): p for module in pipe.modules() for p in module.parameters()}  # a tied layer is listed twice
+    for param in params.values():
+        if param.grad is not None:
+            torch.distributed.all_reduce(param.grad, group=shard.group)
+    return loss
 
 
 def _float64_loss(outputs, labels: torch.Tensor, family) -> torch.Tensor:
@@ -211,9 +247,9 @@ def _max_grad_diff(hf, pipe, floor: float = 0.0) -> tuple[float, str]:
     return worst, worst_name
 
 
-def _report(name, stages, out, logits, loss, hf, pipe) -> ParityReport:
+def _report(name, stages, out, logits, loss, hf, pipe, rows: slice = slice(None)) -> ParityReport:
     hf_grads = {n for n, p in hf_named_parameters(hf) if p.grad is not None}
     worst, worst_name = _max_grad_diff(hf, pipe)
     unmatched = sorted(hf_grads ^ set(pipe.named_gradients()))
-    return ParityReport(name, stages, out.loss.item(), loss.item(), (logits - out.logits).abs().max().item(),
+    return ParityReport(name, stages, out.loss.item(), loss.item(), (logits - out.logits[:, rows]).abs().max().item(),
                         worst, worst_name, unmatched)

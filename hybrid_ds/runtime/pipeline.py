@@ -135,6 +135,15 @@ def sequence_shard(topology: Any, sp: int) -> SequenceShard:
     return SequenceShard(mine, index, sp, all_to_all)
 
 
+def world_shard() -> SequenceShard:
+    """This rank's shard when every rank of the process group shares each sequence (``hybrid-ds parity`` under sequence
+    parallelism, its tests and benchmarks): one group of the whole world, registered for DeepSpeed's all-to-all."""
+    world = torch.distributed.get_world_size()
+    group = torch.distributed.new_group(list(range(world)))
+    register_group(group)
+    return SequenceShard(group, torch.distributed.get_rank(), world, all_to_all)
+
+
 def data_parallel_loss(loss_fn: Any, sp: int) -> Any:
     """The loss DeepSpeed is given: under sequence parallelism ``sp`` times the shard's share of the micro-batch's
     loss, because DeepSpeed averages gradients and the reported loss over its data-parallel group, which holds the
@@ -184,7 +193,8 @@ class SequentialStages:
             compile_blocks(self.modules())
         family, vocab = plan.resolved.family, _vocab(self.builders[0])
         self.loss_fn = loss_function(family, vocab, plan.config.train.fused_loss, sequence)  # as the run computes it
-        self.hf_loss_fn = loss_function(family, vocab, fused=False)  # Hugging Face's, on the full logits
+        # Hugging Face's, on the full logits (with a shard: the shard's share of it, on its logits)
+        self.hf_loss_fn = loss_function(family, vocab, fused=False, sequence=sequence)
 
     def modules(self) -> list[torch.nn.Module]:
         return [m for layers in self.layers_per_stage for _, m in layers]

@@ -21,7 +21,7 @@ from hybrid_ds.config.families import FAMILIES
 from hybrid_ds.models.masks import attention_mask_4d, position_ids
 from hybrid_ds.models.sequence_parallel import SequenceShard, use_sequence_parallel
 from hybrid_ds.runtime.engine import init_distributed
-from hybrid_ds.seam.ulysses import all_to_all, register_group
+from hybrid_ds.runtime.pipeline import world_shard
 
 CASES = [  # (model type, attention, documents, extra config)
     ("llama", "sdpa", False, {}),
@@ -98,9 +98,7 @@ def main() -> None:
     parser.add_argument("--local_rank", type=int, default=0)
     args = parser.parse_args()
     init_distributed()  # hybrid_ds's: gloo on CPU, without compiling DeepSpeed's shm op
-    group = dist.new_group(list(range(dist.get_world_size())))
-    register_group(group)
-    shard = SequenceShard(group, dist.get_rank(), dist.get_world_size(), all_to_all)
+    shard = world_shard()
     torch.set_num_threads(1)
     results = [case(*c, shard, args.broken, args.kv_heads) for c in CASES]
     worst = [max(r[k] for r in results) for k in ("output", "input_grad", "weight_grads")]

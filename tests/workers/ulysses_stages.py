@@ -20,9 +20,8 @@ from hybrid_ds.models.head_loss import materialize
 from hybrid_ds.models.sequence_parallel import SequenceShard
 from hybrid_ds.runtime.engine import init_distributed
 from hybrid_ds.runtime.parity import sample_batch
-from hybrid_ds.runtime.pipeline import SequentialStages
+from hybrid_ds.runtime.pipeline import SequentialStages, world_shard
 from hybrid_ds.runtime.plan import build_plan
-from hybrid_ds.seam.ulysses import all_to_all, register_group
 
 CASES = [  # (preset, stages, document mask, fused loss); mistral with a window of 8 tokens, a quarter of the sequence
     ("llama-tiny", 2, False, True),
@@ -82,9 +81,7 @@ def main() -> None:
     torch.set_num_threads(1)
     if args.broken == "positions":
         layers._shard_of = lambda positions, part: None if positions is None else positions[:, :part.stop - part.start]
-    group = dist.new_group(list(range(dist.get_world_size())))
-    register_group(group)
-    shard = SequenceShard(group, dist.get_rank(), dist.get_world_size(), all_to_all)
+    shard = world_shard()
     results = [case(*c, shard) for c in CASES]
     gathered = [None] * dist.get_world_size()
     dist.all_gather_object(gathered, results)
