@@ -154,21 +154,28 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16,
         report = _report(original, stages, out, logits, loss, hf, pipe, rows)
         report.sequence_parallel = 1 if shard is None else shard.size
         if cfg.train.fused_loss:
-            for module in pipe.modules():
-                module.zero_grad(set_to_none=True)
-            fused = pipe.loss_fn(pipe.forward(inputs), batch["labels"])
-            fused.backward()
-            report.fused_loss = _summed_over_shards(shard, pipe, fused).item()
-            report.fused_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
-            if shard is not None:  # the float64 loss below is of whole logits
-                return report
-            for module in pipe.modules():
-                module.zero_grad(set_to_none=True)
-            exact = _float64_loss(pipe.forward(inputs), batch["labels"], family)
-            exact.backward()
-            report.rounding_loss = abs(report.hf_loss - exact.item())
-            report.rounding_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
+            _check_fused_loss(report, pipe, hf, inputs, batch["labels"], shard)
         return report
+
+
+def _check_fused_loss(report: ParityReport, pipe: SequentialStages, hf: torch.nn.Module, inputs: tuple,
+                      labels: torch.Tensor, shard: SequenceShard | None) -> None:
+    """``train.fused_loss``: its loss and gradients into ``report``, and (unsharded) how far Hugging Face's own fp32
+    loss is from the same loss in float64, the rounding any other summation may show."""
+    for module in pipe.modules():
+        module.zero_grad(set_to_none=True)
+    fused = pipe.loss_fn(pipe.forward(inputs), labels)
+    fused.backward()
+    report.fused_loss = _summed_over_shards(shard, pipe, fused).item()
+    report.fused_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
+    if shard is not None:  # the float64 loss is of whole logits
+        return
+    for module in pipe.modules():
+        module.zero_grad(set_to_none=True)
+    exact = _float64_loss(pipe.forward(inputs), labels, pipe.plan.resolved.family)
+    exact.backward()
+    report.rounding_loss = abs(report.hf_loss - exact.item())
+    report.rounding_grad_diff = _max_grad_diff(hf, pipe, floor=1e-3)[0]
 
 
 def _summed_over_shards(shard: SequenceShard | None, pipe: SequentialStages, loss: torch.Tensor) -> torch.Tensor:
