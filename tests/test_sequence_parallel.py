@@ -140,6 +140,8 @@ def test_compare_and_plan_weigh_sequence_parallelism(capsys):
     assert "pp2 x sp4 x dp1 ZeRO-1" in out and "longest seq" in out
     assert main(["compare", "llama3-8b", "--gpus", "6", "--sp", "3", "--seq-len", "3072"]) == 0
     assert "does not divide llama3-8b's 32 attention and 8 key/value heads" in capsys.readouterr().out
+    assert main(["compare", "bert-large", "--gpus", "2", "--sp", "2", "--seq-len", "512"]) == 0  # refused at run time
+    assert "2 is not available for bert-large: its embedding makes the positions" in capsys.readouterr().out
     assert main(["plan", "llama3-8b", "--gpus", "8", "--seq-len", "32768", "--global-batch", "64", "--top", "0",
                  *overrides]) == 0
     table = capsys.readouterr().out.splitlines()

@@ -79,6 +79,9 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
     if sp > 1 and (arch.heads % sp or arch.kv_heads % sp):  # as hybrid_ds.models.sequence_parallel.check_model
         raise UserError("pipeline.sequence_parallel", f"{sp} does not divide {arch.name}'s {arch.heads} attention and "
                                                       f"{arch.kv_heads} key/value heads")
+    if sp > 1 and arch.task == "masked_lm":  # BERT: its embedding makes the positions of the tokens it is given
+        raise UserError("pipeline.sequence_parallel", f"{sp} is not available for {arch.name}: its embedding makes "
+                                                      "the positions of the tokens it is given; use 1")
     if cfg.data.seq_len > arch.max_positions:
         raise UserError("data.seq_len", f"{cfg.data.seq_len} exceeds the model's {arch.max_positions} positions "
                                         f"(max_position_embeddings); use at most {arch.max_positions}")
