@@ -83,10 +83,10 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     shared_mask = max((t.get("attention mask", 0.0) for t in terms), default=0.0)
     # train.tiled_mlp: an MLP keeps only its input (counted with the linear inputs); its intermediates exist for one
     # tile at a time, while that block's backward recomputes it
-    mlp_terms = ("mlp", "experts", "shared experts") if run.tiled_mlp else ()
-    tile = max((sum(t.get(k, 0.0) for k in mlp_terms) / run.tiled_mlp for t in terms), default=0.0) if mlp_terms else 0.0
-    saved = [sum(t.values()) - t.get("attention mask", 0.0) - sum(t.get(k, 0.0) for k in mlp_terms)
-             + lora_activation_change(run, b, t, runtime) for b, t in zip(held, terms)]
+    mlp = [sum(t.get(k, 0.0) for k in ("mlp", "experts", "shared experts")) if run.tiled_mlp else 0.0 for t in terms]
+    tile = max(mlp, default=0.0) / run.tiled_mlp if run.tiled_mlp else 0.0
+    saved = [sum(t.values()) - t.get("attention mask", 0.0) - m + lora_activation_change(run, b, t, runtime)
+             for b, t, m in zip(held, terms, mlp)]
     if saved:
         saved[0] += shared_mask
     frozen = run.lora is not None   # LoRA: the embedding is outside autograd's graph, it saves nothing

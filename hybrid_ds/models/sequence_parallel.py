@@ -27,6 +27,7 @@ import torch
 from hybrid_ds.errors import UserError
 
 PREFIX = "hybrid_ds_ulysses_"
+CORES = ("sdpa", "eager")  # the attention implementations the exchange wraps
 
 
 @dataclass(frozen=True)
@@ -75,18 +76,17 @@ def check_model(family: Any, hf_config: Any, sp: int) -> None:
                              "rank would balance the experts over its shard's tokens, not the sequence's; use 1 or "
                              "model.overrides.output_router_logits false")
     core = getattr(hf_config, "_attn_implementation", None) or "sdpa"
-    if core.removeprefix(PREFIX) not in ("sdpa", "eager"):
+    if core.removeprefix(PREFIX) not in CORES:
         raise UserError(key, f"{sp} wraps sdpa or eager attention, not {core!r}; set model.attn_implementation")
 
 
-def check_exchanged(before: int, model_type: str) -> int:
+def check_exchanged(before: int, model_type: str) -> None:
     """After a block's layer ran: raise if its attention made no exchange since ``exchanges()`` was ``before``
     (attention that does not go through transformers' attention interface, or a block without attention)."""
     if _EXCHANGES[0] == before:
         raise UserError("pipeline.sequence_parallel", f"{model_type}'s blocks do not attend through transformers' "
                                                       "attention interface (or have no attention), which sequence "
                                                       "parallelism exchanges in; use 1")
-    return _EXCHANGES[0]
 
 
 def exchanges() -> int:
@@ -101,7 +101,7 @@ def use_sequence_parallel(hf_config: Any, shard: SequenceShard) -> str:
     from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
     core = hf_config._attn_implementation.removeprefix(PREFIX)
-    if core not in ("sdpa", "eager"):
+    if core not in CORES:
         raise ValueError(f"sequence parallelism wraps sdpa or eager attention, not {core!r}")
     name = PREFIX + core
     _SHARDS[name] = shard

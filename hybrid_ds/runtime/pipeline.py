@@ -137,11 +137,9 @@ def sequence_shard(topology: Any, sp: int) -> SequenceShard:
 
 def world_shard() -> SequenceShard:
     """This rank's shard when every rank of the process group shares each sequence (``hybrid-ds parity`` under sequence
-    parallelism, its tests and benchmarks): one group of the whole world, registered for DeepSpeed's all-to-all."""
+    parallelism, its tests and benchmarks): the one sequence group of a single stage whose data ranks are the world."""
     world = torch.distributed.get_world_size()
-    group = torch.distributed.new_group(list(range(world)))
-    register_group(group)
-    return SequenceShard(group, torch.distributed.get_rank(), world, all_to_all)
+    return sequence_shard(PipeDataParallelTopology(num_pp=1, num_dp=world), world)
 
 
 def data_parallel_loss(loss_fn: Any, sp: int) -> Any:
