@@ -115,9 +115,11 @@ def cmd_parity(args: argparse.Namespace) -> int:
 def check_with_deepspeed(cfg: Any, device_kind: str) -> None:
     """DeepSpeed's sections of ``cfg`` as a run on ``device_kind`` hands them over, checked by DeepSpeed's own config
     models and the optimizer and scheduler it builds (hybrid_ds.seam.config_check)."""
+    from hybrid_ds.config.checks import check_device
     from hybrid_ds.config.deepspeed import deepspeed_sections
     from hybrid_ds.seam.config_check import check_deepspeed_sections
 
+    check_device(cfg, device_kind)
     check_deepspeed_sections(deepspeed_sections(cfg, device_kind))
 
 

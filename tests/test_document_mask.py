@@ -174,3 +174,23 @@ def test_a_stage_keeps_one_mask_for_all_its_blocks():
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         pipe.loss_fn(pipe.forward((ids, documents)), ids)
     assert plan.resolved.hf_config.num_hidden_layers > 1 and len(masks) == 1
+
+
+def test_flex_attention_computes_the_documents_alone_in_forward():
+    """model.attn_implementation "flex_attention": transformers' FlexAttention block mask of the packed documents
+    (sliding-window and full layers of qwen2) gives sdpa's dense-mask losses, each document as if alone. Forward only:
+    torch has no CPU backward for FlexAttention (the run refuses it on CPU; tests/test_gpu.py checks gradients)."""
+    hf, cfg = saved("qwen2-tiny")
+    docs = documents()
+    (ids, mask), labels = packed_batch(docs, document_mask=True)
+    losses = {}
+    for kernel in ("sdpa", "flex_attention"):
+        stages = SequentialStages(build_plan(cfg.replace(data={"document_mask": True},
+                                                         model={"attn_implementation": kernel}), world_size=2))
+        assert stages.plan.resolved.hf_config._attn_implementation == kernel
+        with torch.no_grad():
+            losses[kernel] = per_token_losses(stages.forward((ids, mask)), labels)
+    with torch.no_grad():
+        expected = alone(hf, docs)
+    torch.testing.assert_close(losses["flex_attention"], expected, atol=1e-5, rtol=0, equal_nan=True)
+    torch.testing.assert_close(losses["flex_attention"], losses["sdpa"], atol=1e-6, rtol=0, equal_nan=True)

@@ -60,6 +60,8 @@ def check_cross_section(cfg: Any) -> None:
         check_sequence_parallel(cfg)
     if cfg.train.tiled_mlp:
         check_tiled_mlp(cfg)
+    if cfg.train.selective_checkpoint:
+        check_selective_checkpoint(cfg)
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",
@@ -103,6 +105,40 @@ def check_tiled_mlp(cfg: Any) -> None:
                                              "step that cannot be split; set tiled_mlp 0 or use '1f1b'")
     if cfg.train.compile:
         raise UserError("train.compile", f"true is not available with train.tiled_mlp {tiles}; set one of them off")
+
+
+def check_selective_checkpoint(cfg: Any) -> None:
+    """What ``train.selective_checkpoint`` cannot run with: the plain engine (it wraps the pipeline's blocks), whole
+    layers recomputed already, ZB-H1 (a recomputed part's backward is one step that cannot be split), a tiled MLP
+    (recomputed tile by tile already) and, for the attention, sequence parallelism (its all-to-alls would run again)."""
+    part = cfg.train.selective_checkpoint
+    pipeline_engine_only(cfg, "train.selective_checkpoint", repr(part), "selective_checkpoint null")
+    off = f"set train.selective_checkpoint null or {{}}"
+    if cfg.pipeline.activation_checkpoint_interval:
+        raise UserError("train.selective_checkpoint", f"{part!r} is not available with "
+                                                      "pipeline.activation_checkpoint_interval "
+                                                      f"{cfg.pipeline.activation_checkpoint_interval}, which recomputes "
+                                                      "whole layers already; "
+                                                      + off.format("activation_checkpoint_interval 0"))
+    if cfg.pipeline.schedule == "zb-h1":
+        raise UserError("train.selective_checkpoint", f"{part!r} is not available with pipeline.schedule 'zb-h1': a "
+                                                      "recomputed part's backward runs as one step, which cannot be split "
+                                                      "into input and weight gradients; " + off.format("'1f1b'"))
+    if part == "mlp" and cfg.train.tiled_mlp:
+        raise UserError("train.selective_checkpoint", f"'mlp' is not available with train.tiled_mlp "
+                                                      f"{cfg.train.tiled_mlp}, which recomputes the MLP tile by tile "
+                                                      "already; " + off.format("'attention'"))
+    if part == "attention" and cfg.pipeline.sequence_parallel > 1:
+        raise UserError("train.selective_checkpoint", "'attention' is not available with pipeline.sequence_parallel "
+                                                      f"{cfg.pipeline.sequence_parallel}: its recompute would repeat the "
+                                                      "attention's two all-to-all exchanges; " + off.format("'mlp'"))
+
+
+def check_device(cfg: Any, kind: str) -> None:
+    """What a run on a ``kind`` ("cpu" or "gpu") machine cannot train: FlexAttention has no CPU backward in torch."""
+    if kind == "cpu" and cfg.model.attn_implementation == "flex_attention":
+        raise UserError("model.attn_implementation", "'flex_attention' trains on GPUs only (torch has no CPU backward "
+                                                     "for FlexAttention); on CPU use 'sdpa' or 'eager'")
 
 
 def check_sequence_parallel(cfg: Any) -> None:

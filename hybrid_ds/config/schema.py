@@ -50,9 +50,11 @@ class ModelConfig(_Section):
     pretrained: bool = Field(False, description="load the checkpoint's weights; false = the model's own random init")
     revision: str | None = Field(None, description="hub revision (branch, tag or commit) when name is a hub name")
     trust_remote_code: bool = Field(False, description="allow a hub model's own Python code; off by default")
-    attn_implementation: Literal["sdpa", "eager"] | None = Field(
+    attn_implementation: Literal["sdpa", "eager", "flex_attention"] | None = Field(
         None, description="attention kernel of the HF layers; null: what Hugging Face picks (sdpa where the model "
-                          "supports it, eager otherwise)")
+                          "supports it, eager otherwise). \"flex_attention\" (torch's FlexAttention, GPU only: torch "
+                          "has no CPU backward for it) skips the masked-out blocks of packed documents "
+                          "(data.document_mask), where sdpa's dense mask rules its flash kernel out")
     overrides: dict[str, Any] = Field(default_factory=dict,
                                       description="HF config fields to change, e.g. {\"n_layer\": 6}")
     vocab_from_tokenizer: bool = Field(False, description="size the vocabulary from the tokenizer, padded to a "
@@ -158,6 +160,12 @@ class TrainConfig(_Section):
                                                "tile at a time in backward), so its intermediate activations (the "
                                                "ffn-wide ones) exist for one tile at a time, for long sequences where "
                                                "they dominate; costs a second MLP forward; 0 = off")
+    selective_checkpoint: Literal["attention", "mlp"] | None = Field(
+        None, description="recompute one part of every block in backward (selective activation checkpointing, "
+                          "torch.utils.checkpoint): \"attention\" (the attention module) or \"mlp\" (its ffn-wide "
+                          "activations); the rest of the block keeps its activations, so memory falls by that part's "
+                          "share for one more forward of it. Pipeline engine only; not with "
+                          "pipeline.activation_checkpoint_interval (whole layers recomputed) or zb-h1; null = off")
     fused_loss: bool = Field(True, description="compute the LM loss from the last hidden states a block of rows at "
                                                "a time (hybrid_ds.models.head_loss): no [tokens, vocab] fp32 logits, "
                                                "their log-softmax or gradient; loss and gradients within 1e-5 of "

@@ -97,10 +97,12 @@ def _attention_terms(arch: Arch, seq: int, batch: int, w: int, attn: str, runtim
                      documents: bool = False) -> dict[str, float]:
     tokens, q_width = seq * batch / sp, arch.heads * arch.head_dim  # sp: all tokens of heads / sp, the same bytes
     scores = arch.heads * seq * seq * batch / sp
-    if attn == "sdpa" and (runtime == "cuda" or arch.attn_dropout == 0):
+    if attn == "flex_attention" or (attn == "sdpa" and (runtime == "cuda" or arch.attn_dropout == 0)):
         kv_width = arch.kv_heads * arch.head_dim
         out = {"softmax log-sum-exp": 4 * arch.heads * tokens}
-        if 0 < arch.sliding_window < seq or documents:  # a materialized mask: sdpa saves it, k, v repeated to all heads
+        # a materialized mask: sdpa saves it, k, v repeated to all heads (FlexAttention's block mask is a few indices
+        # per 128 x 128 tile: no mask)
+        if attn == "sdpa" and (0 < arch.sliding_window < seq or documents):
             out["attention mask"] = w * batch * seq * seq
             kv_width = q_width
         qkv = q_width + 2 * kv_width

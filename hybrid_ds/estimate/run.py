@@ -45,6 +45,7 @@ class Run:
     sp: int = 1                            # pipeline.sequence_parallel: ranks sharing each sequence
     documents: bool = False                # data.document_mask: a block-diagonal mask, materialized
     tiled_mlp: int = 0                     # train.tiled_mlp: tiles each block's MLP runs in (0: whole)
+    selective_checkpoint: str | None = None  # train.selective_checkpoint: "attention" or "mlp" recomputed
 
     @property
     def tokens_per_step(self) -> int:
@@ -94,7 +95,8 @@ def run_from_config(cfg: Any, world_size: int, arch: Arch | None = None) -> Run:
                cfg.pipeline.activation_checkpoint_interval, cfg.pipeline.partition, cfg.model.attn_implementation or "sdpa",
                cfg.train.fused_loss and cfg.pipeline_engine, zero.reduce_bucket, zero.contiguous_gradients,
                zero.overlap_comm, zero.persistence_threshold, zero.prefetch_bucket, cfg.model.lora, cfg.source,
-               cfg.description, cfg.pipeline.schedule, layout.sp, document_mask_on(cfg), cfg.train.tiled_mlp)
+               cfg.description, cfg.pipeline.schedule, layout.sp, document_mask_on(cfg), cfg.train.tiled_mlp,
+               cfg.train.selective_checkpoint)
 
 
 def document_mask_on(cfg: Any) -> bool:

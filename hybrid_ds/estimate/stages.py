@@ -67,6 +67,15 @@ class StageEstimate:
                 + max(in_backward, self.state.transient))
 
 
+# The terms of block_activation_terms that a recomputed part of a block (train.selective_checkpoint, and the MLP of
+# train.tiled_mlp) no longer keeps: what its module saves inside it (its input is another block tensor's too).
+RECOMPUTED_TERMS = {
+    "attention": ("softmax log-sum-exp", "q, k, v", "attention output", "attention scores", "attention dropout",
+                  "output projection input"),
+    "mlp": ("mlp", "router", "experts", "shared experts"),
+}
+
+
 def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cuda") -> tuple[float, int, float, float]:
     """(activations, micro-batches in flight, logits, pipeline buffers) of the stage holding layers [lo, hi)."""
     arch, p, w = run.arch, run.stages, DTYPE_BYTES[run.precision]
@@ -81,10 +90,13 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     terms = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
     # a materialized attention mask is made once for the stage's blocks (models.layers.additive): saved once
     shared_mask = max((t.get("attention mask", 0.0) for t in terms), default=0.0)
-    # train.tiled_mlp: an MLP keeps only its input (counted with the linear inputs); its intermediates exist for one
-    # tile at a time, while that block's backward recomputes it
-    mlp = [sum(t.get(k, 0.0) for k in ("mlp", "experts", "shared experts")) if run.tiled_mlp else 0.0 for t in terms]
-    tile = max(mlp, default=0.0) / run.tiled_mlp if run.tiled_mlp else 0.0
+    # Parts recomputed in backward, one block at a time: train.tiled_mlp's MLP (a tile of it at a time) and the part
+    # of train.selective_checkpoint. Each keeps only its input (counted with the linear inputs).
+    parts = ([(RECOMPUTED_TERMS["mlp"], run.tiled_mlp)] if run.tiled_mlp else []) + (
+        [(RECOMPUTED_TERMS[run.selective_checkpoint], 1)] if run.selective_checkpoint else [])
+    mlp = [sum(t.get(k, 0.0) for names, _ in parts for k in names) for t in terms]
+    tile = max((max(sum(t.get(k, 0.0) for k in names) for t in terms) / pieces for names, pieces in parts if terms),
+               default=0.0)
     saved = [sum(t.values()) - t.get("attention mask", 0.0) - m + lora_activation_change(run, b, t, runtime)
              for b, t, m in zip(held, terms, mlp)]
     if saved:

@@ -188,6 +188,7 @@ class StageBuilder:
         self.sequence: Any = None  # this rank's SequenceShard under sequence parallelism (models.sequence_parallel)
         # train.tiled_mlp: (tiles, tiled(fn, module, x, tiles)) running each block's MLP a tile at a time
         self.tiled_mlp: tuple[int, Any] | None = None
+        self.selective_checkpoint: str | None = None  # train.selective_checkpoint: "attention" or "mlp" recomputed
 
     def built_modules(self) -> dict[str, nn.Module]:
         """Path -> module for everything this builder materialized (its stage's share of the model)."""

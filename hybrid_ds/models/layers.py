@@ -16,9 +16,11 @@ once per micro-batch and shared by its blocks (``Derived``), as the Hugging Face
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 from hybrid_ds.config.families import Family, apply_ops
@@ -137,6 +139,8 @@ class Block(nn.Module):
                     module.config = attention_config
         if builder.tiled_mlp:
             tile_mlp(self.layer, self.config, *builder.tiled_mlp)
+        if builder.selective_checkpoint:
+            checkpoint_part(self.layer, self.config, builder.selective_checkpoint)
         self.router_logits: list[torch.Tensor] = []
         aux = self.family.router_aux if getattr(self.config, "output_router_logits", False) else None
         self.aux = aux
@@ -198,6 +202,24 @@ def tile_mlp(layer: nn.Module, config: Any, tiles: int, tiled: Any) -> None:
         return forward(tile.reshape(1, -1, tile.shape[-1])).reshape(tile.shape)
 
     mlp.forward = lambda x: tiled(on_tile, mlp, x, tiles)
+
+
+# The module of a block that each part of train.selective_checkpoint recomputes, by its name in the block.
+PARTS = {"attention": ("self_attn", "attn", "attention", "self_attention"), "mlp": ("mlp",)}
+
+
+def checkpoint_part(layer: nn.Module, config: Any, part: str) -> None:
+    """``train.selective_checkpoint``: the block's attention or MLP module keeps no activations for backward and runs
+    its forward again there (torch.utils.checkpoint, non-reentrant: keyword arguments pass, dropout's random state is
+    restored, and a tensor it makes beside its output, a router's logits, still gets its gradient). Refused with one
+    line for a block without that module (BERT's and OPT's MLPs are loose layers)."""
+    module = next((m for name in PARTS[part] if isinstance(m := getattr(layer, name, None), nn.Module)), None)
+    if module is None:
+        other = next(p for p in PARTS if p != part)
+        raise UserError("train.selective_checkpoint", f"{part!r} is not available for {config.model_type}: its blocks "
+                                                      f"have no {' or '.join(PARTS[part])} module; use {other!r} or "
+                                                      "null")
+    module.forward = functools.partial(torch.utils.checkpoint.checkpoint, module.forward, use_reentrant=False)
 
 
 def additive(mask: Any, dtype: torch.dtype) -> Any:

@@ -82,6 +82,7 @@ def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilde
                            lora=cfg.model.lora, lora_targets=plan.lora_targets)
     if cfg.train.tiled_mlp:
         builder.tiled_mlp = (cfg.train.tiled_mlp, tiled_mlp)
+    builder.selective_checkpoint = cfg.train.selective_checkpoint
     return builder
 
 

@@ -20,6 +20,7 @@ import torch
 from hybrid_ds import plot
 from hybrid_ds.runtime import checkpoint, compile_blocks
 from hybrid_ds.config import RunConfig
+from hybrid_ds.config.checks import check_device
 from hybrid_ds.config.deepspeed import deepspeed_sections
 from hybrid_ds.data import Data, check_vocab, load_data, load_tokenizer, padded_vocab_size, predicted_tokens
 from hybrid_ds.runtime.engine import build_engine, data_parallel, device, init_distributed, raise_shared
@@ -69,7 +70,9 @@ def prepare(cfg: RunConfig, world_size: int) -> tuple[Plan, Data]:
 def run(cfg: RunConfig, resume: bool | str | None = None) -> Summary:
     """Train ``cfg`` in this process group (every rank calls it)."""
     world_size = init_distributed()
-    check_deepspeed_sections(deepspeed_sections(cfg, device().type))  # every rank: a misspelt key costs no packing
+    kind = "cpu" if device().type == "cpu" else "gpu"
+    check_device(cfg, kind)
+    check_deepspeed_sections(deepspeed_sections(cfg, kind))  # every rank: a misspelt key costs no packing
     if cfg.train.save_dir and world_size > 1:  # before packing and building: a mistake costs seconds
         checkpoint.check_shared(Path(cfg.train.save_dir))
     torch.manual_seed(cfg.train.seed)
