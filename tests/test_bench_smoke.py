@@ -49,6 +49,28 @@ def test_gpu_bench_runs_on_cpu(tmp_path):
     assert stamp["versions"]["torch"] == installed_version("torch") and stamp["machine"]["cores"] >= 1
 
 
+def test_gpu_mfu_bench_runs_on_cpu(tmp_path):
+    """bench/gpu_mfu.py (issue 30's GPU run) end to end on the CPU at its tiny settings: the three engines, the
+    profile, a lever against its reference (selective MLP recompute: the same first loss, bit for bit in fp32), the
+    estimator's memory beside each phase, and the GPU-only lever skipped with its reason."""
+    out = tmp_path / "mfu.json"
+    args = ["--device", "cpu", "--tiny", "--models", "llama-1b", "--only", "deepspeed-hf,plain,selective-mlp,documents-flex",
+            "--steps", "1", "--warmup", "0", "--out", out]
+    proc = warm_ranks.script(BENCH / "gpu_mfu.py", *args, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    written = json.loads(out.read_text())
+    results = {r["phase"]: r for r in written["results"]}
+    assert list(results) == ["pipeline", "deepspeed-hf", "plain", "selective-mlp", "documents-flex"]
+    for phase in ("pipeline", "deepspeed-hf", "plain", "selective-mlp"):
+        assert results[phase]["tokens_per_s"] > 0 and results[phase]["estimated_memory_gib"] > 0, results[phase]
+    profile = results["pipeline"]["profile"]
+    assert profile["top"] and 0 < profile["optimizer_share"] < 1, profile
+    lever = results["selective-mlp"]
+    assert lever["reference"] == "pipeline" and lever["first_loss_diff"] == 0 and lever["speedup"] > 0
+    assert results["documents-flex"]["skipped"].startswith("GPU only")
+    assert written["provenance"]["command"].startswith("python bench/gpu_mfu.py --device cpu")
+
+
 def test_adapter_sweep_classifies_accepted_and_refused_types(tmp_path):
     """bench/adapter_sweep.py on two types with the locked transformers (5.24.0, requirements-lock.txt): qwen3
     through the generic adapter bit for bit, falcon refused with its cause (ALiBi, as 5.24.0's FalconDecoderLayer

@@ -167,3 +167,63 @@ def test_a_resume_on_the_gpu_continues_exactly_with_dropout(tmp_path):
     assert len(results["resumed"]) == 4 and results["resumed"][:2] == straight[:2]  # the summary: the whole run
     assert max(abs(a - b) for a, b in zip(straight[2:], results["resumed"][2:])) < 1e-5, (straight, results)
     assert max(abs(a - b) for a, b in zip(straight[2:], results["without-device-state"][2:])) > 1e-4, (straight, results)
+
+
+def _stages_on_cuda(name: str, inputs: tuple, labels: torch.Tensor, **model: str) -> tuple[float, dict]:
+    """Loss and gradients of ``name`` (random init of train.seed: the same weights every call) in 2 bf16 stages on
+    CUDA, packed documents on (data.document_mask), dropout off."""
+    from hybrid_ds.config import load_config_dict
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
+
+    overrides = {"qwen2-tiny": {"use_sliding_window": True, "sliding_window": 8,
+                                "layer_types": ["sliding_attention", "full_attention"]}}.get(name, {})
+    cfg = load_config_dict({"model": {"name": name, "overrides": overrides, **model}, "pipeline": {"stages": 2},
+                            "data": {"seq_len": inputs[0].shape[1], "document_mask": True},
+                            "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}})
+    pipe = SequentialStages(build_plan(cfg, world_size=2))
+    for module in pipe.modules():
+        module.to("cuda").eval()
+    loss = pipe.loss_fn(pipe.forward(tuple(t.cuda() for t in inputs)), labels.cuda())
+    loss.backward()
+    return loss.item(), pipe.named_gradients()
+
+
+def _close_in_bf16(a: tuple[float, dict], b: tuple[float, dict]) -> None:
+    """Loss within 1e-2 and every gradient within 5e-2 of its largest element: bf16 rounding (8 significant bits),
+    the tolerance of test_bf16_pipeline_matches_hf_on_cuda."""
+    assert abs(a[0] - b[0]) <= 1e-2, (a[0], b[0])
+    assert a[1].keys() == b[1].keys()
+    for key, g in a[1].items():
+        scale = g.float().abs().max().clamp_min(1e-12)
+        assert ((b[1][key].float() - g.float()).abs().max() / scale).item() <= 5e-2, key
+
+
+@pytest.mark.parametrize("name", ["llama-tiny", "qwen2-tiny"])
+def test_flex_attention_trains_packed_documents_as_sdpa_does(name):
+    """model.attn_implementation flex_attention (FlexAttention's block mask of the documents, qwen2's sliding-window
+    layers too) against sdpa's dense mask: the same loss and gradients within bf16 rounding."""
+    from test_document_mask import documents, packed_batch
+
+    inputs, labels = packed_batch(documents(), document_mask=True)
+    _close_in_bf16(_stages_on_cuda(name, inputs, labels, attn_implementation="sdpa"),
+                   _stages_on_cuda(name, inputs, labels, attn_implementation="flex_attention"))
+
+
+def test_liger_kernels_train_llama_as_its_own_layers_do(monkeypatch):
+    """bench/gpu_mfu.py's "liger" lever: Liger's RMSNorm, rotary and SwiGLU kernels patched into transformers' Llama
+    classes (undone after the test) give the HF layers' loss and gradients within bf16 rounding."""
+    pytest.importorskip("liger_kernel")
+    from liger_kernel.transformers import apply_liger_kernel_to_llama
+    from transformers.models.llama import modeling_llama
+
+    from test_document_mask import documents, packed_batch
+
+    inputs, labels = packed_batch(documents(), document_mask=True)
+    plain = _stages_on_cuda("llama-tiny", inputs, labels)
+    for name in ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb"):
+        monkeypatch.setattr(modeling_llama, name, getattr(modeling_llama, name))  # restored at teardown
+    apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
+                                fused_linear_cross_entropy=False)
+    assert modeling_llama.LlamaRMSNorm.__module__.startswith("liger_kernel")
+    _close_in_bf16(plain, _stages_on_cuda("llama-tiny", inputs, labels))
