@@ -11,6 +11,7 @@ import torch
 from hybrid_ds.config import load_config_dict
 from hybrid_ds.config.checks import check_device
 from hybrid_ds.errors import UserError
+from hybrid_ds.runtime.parity import check_parity
 from hybrid_ds.runtime.plan import build_plan
 
 
@@ -74,6 +75,9 @@ def test_a_recomputed_part_computes_what_the_block_computes(name, part, override
     (lambda: check_device(config("llama-tiny", None, model={"name": "llama-tiny",
                                                              "attn_implementation": "flex_attention"}), "cpu"),
      "model.attn_implementation", "GPUs only"),
+    (lambda: check_parity(config("llama-tiny", None, model={"name": "llama-tiny",
+                                                             "attn_implementation": "flex_attention"}), 1),
+     "model.attn_implementation", "GPUs only"),  # hybrid-ds parity runs on the CPU
 ])
 def test_what_cannot_be_recomputed_is_one_line(make, key, says):
     with pytest.raises(UserError) as err:

@@ -25,6 +25,7 @@ from typing import Callable
 import torch
 
 from hybrid_ds.config import RunConfig
+from hybrid_ds.config.checks import check_device
 from hybrid_ds.models.build import checkpoint_folder
 from hybrid_ds.models.head_loss import materialize
 from hybrid_ds.models.lora import PEFT_PREFIX, is_adapter, with_peft
@@ -111,6 +112,7 @@ def check_parity(cfg: RunConfig, stages: int, seq_len: int = 16,
     of the batch's tokens it returns for this rank (every rank calls it; the sequence rounded up to a multiple of the
     shards). ``sequence`` is called once the model's folder is written: transformers writes a model only on the first
     rank of an initialized process group, and each rank writes its own."""
+    check_device(cfg, "cpu")  # the check runs on the CPU, backward included
     original = cfg.model.name
     # A padded batch of one sequence a row: data.document_mask (tests/test_document_mask.py) would restart the
     # padding's positions and change its logits, which are compared here too.
