@@ -11,15 +11,16 @@ Phases, each a fresh engine built, warmed up, timed and freed (peak memory per p
    GEMM measured here, peak memory and the estimator's prediction of it.
 2. **profile**: two more steps of the first model's pipeline phase under ``torch.profiler``: the top kernels by GPU
    time, the share of the step the GPU was idle, the optimizer step's share.
-3. **levers** on the 1.1B pipeline run, each against the phase it changes (``LEVERS``): train.compile (with and
-   without activation checkpointing), train.selective_checkpoint attention / mlp, the foreach AdamW, the loss on
-   full logits instead of the fused one, packed documents under sdpa's dense mask against FlexAttention's block
-   mask, and Liger's RMSNorm / rotary / SwiGLU kernels where ``liger-kernel`` is installed (measured last: its patch
-   of transformers' Llama classes holds for the rest of the process). Each lever's first-step loss is compared
-   with its reference's: the same seed builds the same weights, so they differ by bf16 rounding alone.
+3. **levers** on the first model's pipeline run, each against the phase it changes (``LEVERS``): train.compile (with
+   and without activation checkpointing), packed documents under sdpa's dense mask and under FlexAttention's block
+   mask, Liger's RMSNorm / rotary / SwiGLU kernels where liger-kernel is installed (patched into transformers' Llama
+   classes for that phase alone), the foreach AdamW, train.selective_checkpoint attention / mlp, and the loss on full
+   logits instead of the fused one. Each lever's losses are compared step by step with its reference's: the same seed
+   builds the same weights and the same batches come, so a lever that keeps the maths differs by rounding alone.
 
-Results are written after every phase (a run cut short keeps what it measured), with the device, the versions, the
-date and the command. ``--budget-s`` skips a phase that would not end in time (its estimate: the longest phase so far).
+The first model's engines and the first five levers run before the other models' engines, so that a short budget
+drops the least telling phases. Results are written after every phase (a run cut short keeps what it measured), with
+the device, the versions, the date and the command. ``--budget-s`` skips a phase that would not end in time (its estimate: the longest phase so far).
 ``--tiny`` runs every phase on tiny models at seq 128 (the 1-minute smoke check on a GPU; ``--device cpu`` in fp32
 checks the script itself; FlexAttention and Liger phases are skipped on CPU, which cannot train them).
 """
@@ -27,6 +28,7 @@ checks the script itself; FlexAttention and Liger phases are skipped on CPU, whi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import sys
@@ -46,19 +48,21 @@ MODELS = {"llama-1b": (LLAMA_1B, 4, {"name": "llama-tiny"}), "gpt2": ({"name": "
 # lever: (its reference phase, the config it changes); "documents" phases feed packed documents
 LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "compile": ("pipeline", {"train": {"compile": True}}),
-    "checkpoint": ("pipeline", {"pipeline": {"activation_checkpoint_interval": 1}}),
-    "compile+checkpoint": ("checkpoint", {"train": {"compile": True},
-                                          "pipeline": {"activation_checkpoint_interval": 1}}),
-    "selective-attention": ("pipeline", {"train": {"selective_checkpoint": "attention"}}),
-    "selective-mlp": ("pipeline", {"train": {"selective_checkpoint": "mlp"}}),
-    "adamw-foreach": ("pipeline", {"optimizer": {"params": {"fused": False, "foreach": True}}}),
-    "full-logits-loss": ("pipeline", {"train": {"fused_loss": False}}),
     "documents-sdpa": ("pipeline", {"data": {"document_mask": True}}),
     "documents-flex": ("documents-sdpa", {"data": {"document_mask": True},
                                           "model": {"attn_implementation": "flex_attention"}}),
     "liger": ("pipeline", {}),
+    "adamw-foreach": ("pipeline", {"optimizer": {"params": {"fused": False, "foreach": True}}}),
+    "selective-attention": ("pipeline", {"train": {"selective_checkpoint": "attention"}}),
+    "selective-mlp": ("pipeline", {"train": {"selective_checkpoint": "mlp"}}),
+    "checkpoint": ("pipeline", {"pipeline": {"activation_checkpoint_interval": 1}}),
+    "compile+checkpoint": ("checkpoint", {"train": {"compile": True},
+                                          "pipeline": {"activation_checkpoint_interval": 1}}),
+    "full-logits-loss": ("pipeline", {"train": {"fused_loss": False}}),
 }
-GPU_ONLY = {"documents-flex", "liger"}
+FIRST_LEVERS = 5  # run before the other models' engines
+GPU_ONLY = {"documents-flex": "GPU only: torch has no CPU backward for FlexAttention",
+            "liger": "GPU only: Liger's kernels are Triton's"}
 OTHER_MATHS = {"documents-sdpa"}  # another computation than its reference's: its first loss is not compared
 
 
@@ -193,29 +197,44 @@ def profiled(engine: Any, step: Any, batches: Iterator[Any], grad_accum: int, de
                      "share": getattr(e, own) / kernels_us} for e in top]}
 
 
-def liger_patch(model: str) -> str | None:
-    """Liger's RMSNorm, rotary and SwiGLU kernels patched into transformers' Llama classes (not its losses: the
-    fused loss is hybrid_ds's own); None where liger-kernel is missing or the model is not a llama."""
+LIGER_PATCHED = ("LlamaRMSNorm", "LlamaMLP", "apply_rotary_pos_emb")  # what apply_liger_kernel_to_llama replaces
+
+
+@contextlib.contextmanager
+def liger_kernels(model: str) -> Iterator[str | None]:
+    """Liger's RMSNorm, rotary and SwiGLU kernels patched into transformers' Llama classes while the phase runs (not
+    its losses: the fused loss is hybrid_ds's own); yields why not where liger-kernel is missing or the model is not a
+    llama."""
     try:
         from liger_kernel.transformers import apply_liger_kernel_to_llama
     except ImportError as err:
-        return f"not measured: {err}"
-    if model != "llama-1b":
-        return "not measured: a llama lever"
+        yield f"not measured: {err}"
+        return
+    if MODELS[model][0]["name"] != "llama-tiny":
+        yield "not measured: a llama lever"
+        return
+    from transformers.models.llama import modeling_llama
+
+    saved = {name: getattr(modeling_llama, name) for name in LIGER_PATCHED}
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False)
-    return None
+    try:
+        yield None
+    finally:
+        for name, value in saved.items():
+            setattr(modeling_llama, name, value)
 
 
 def phases(args: argparse.Namespace) -> list[tuple[str, str, str, dict[str, Any]]]:
     """(phase, model, engine kind, config change) in the order run."""
-    out = []
-    for model in args.models.split(","):
-        out += [("pipeline", model, "pipeline", {})]
-        if args.baseline:
-            out += [("deepspeed-hf", model, "deepspeed-hf", {}), ("plain", model, "plain", {})]
-    lever_model = args.models.split(",")[0]
-    out += [(lever, lever_model, "pipeline", change) for lever, (_, change) in LEVERS.items()]
+    first, *others = args.models.split(",")
+    engines = [("pipeline", "pipeline")] + ([("deepspeed-hf", "deepspeed-hf"), ("plain", "plain")] if args.baseline
+                                            else [])
+    levers = [(lever, first, "pipeline", change) for lever, (_, change) in LEVERS.items()]
+    # By what a short budget must not miss: the first model's engines and the levers that may pay most, then the other
+    # models' engines, then the rest of the levers.
+    out = ([(phase, first, kind, {}) for phase, kind in engines] + levers[:FIRST_LEVERS]
+           + [(phase, model, kind, {}) for model in others for phase, kind in engines] + levers[FIRST_LEVERS:])
     return [p for p in out if not args.only or p[0] in args.only.split(",") or p[0] == "pipeline"]
 
 
@@ -242,12 +261,13 @@ def run_phase(phase: tuple[str, str, str, dict[str, Any]], args: argparse.Namesp
     name, model, kind, change = phase
     out: dict[str, Any] = {"phase": name, "model": model}
     if name in GPU_ONLY and device.type != "cuda":
-        return {**out, "skipped": "GPU only (torch has no CPU backward for FlexAttention; Liger's kernels are Triton)"}
-    if name == "liger" and (why := liger_patch(model)):
-        return {**out, "skipped": why}
+        return {**out, "skipped": GPU_ONLY[name]}
     try:
-        cfg = run_config(model, args, change)
-        return {**out, **measure(name, kind, cfg, args, device, keep, profile=first)}
+        with liger_kernels(model) if name == "liger" else contextlib.nullcontext() as why:
+            if why:
+                return {**out, "skipped": why}
+            cfg = run_config(model, args, change)
+            return {**out, **measure(name, kind, cfg, args, device, keep, profile=first)}
     except Exception as err:  # noqa: BLE001 - recorded, and the next phase runs
         keep.clear()
         if device.type == "cuda":
