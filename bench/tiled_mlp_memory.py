@@ -27,23 +27,27 @@ from common import write_result  # noqa: E402
 INTERMEDIATE = 2048
 
 
-def stages(length: int, tiles: int):
+def run_config(length: int, train: dict, intermediate: int | None = INTERMEDIATE):
+    """llama-tiny at ``length`` tokens (its MLP ``intermediate`` wide; None: the preset's), fp32, micro-batch 1."""
     from hybrid_ds.config import load_config_dict
-    from hybrid_ds.runtime.pipeline import SequentialStages
-    from hybrid_ds.runtime.plan import build_plan
 
-    raw = {"model": {"name": "llama-tiny", "overrides": {"max_position_embeddings": length,
-                                                         "intermediate_size": INTERMEDIATE}},
-           "data": {"seq_len": length}, "train": {"tiled_mlp": tiles}, "train_micro_batch_size_per_gpu": 1}
-    return SequentialStages(build_plan(load_config_dict(raw), world_size=1))
+    overrides = {"max_position_embeddings": length, **({"intermediate_size": intermediate} if intermediate else {})}
+    return load_config_dict({"model": {"name": "llama-tiny", "overrides": overrides}, "data": {"seq_len": length},
+                             "train": train, "train_micro_batch_size_per_gpu": 1})
 
 
-def measure(length: int, tiles: int, repeat: int) -> dict:
+def measure(length: int, tiles: int, repeat: int, train: dict | None = None,
+            intermediate: int | None = INTERMEDIATE) -> dict:
+    """Peak live bytes of a forward + backward and its median seconds, with ``tiles`` (and the ``train`` keys)."""
     import torch
     from torch.profiler import ProfilerActivity, profile
 
+    from hybrid_ds.runtime.pipeline import SequentialStages
+    from hybrid_ds.runtime.plan import build_plan
+
     torch.manual_seed(0)
-    pipe = stages(length, tiles)
+    pipe = SequentialStages(build_plan(run_config(length, {"tiled_mlp": tiles, **(train or {})}, intermediate),
+                                       world_size=1))
     ids = torch.randint(0, pipe.plan.resolved.hf_config.vocab_size, (1, length))
     inputs, labels = (ids, torch.ones_like(ids)), ids
 

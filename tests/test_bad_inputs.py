@@ -126,7 +126,7 @@ ROWS = [
     ("eval-fraction-one", ("config", {"data": {"eval_fraction": 1.0}}),
      E + "data.eval_fraction: Input should be less than 1, got 1.0"),
     ("attention-kernel", ("config", {"model": {"name": "gpt2-tiny", "attn_implementation": "flash_attention_2"}}),
-     E + "model.attn_implementation: Input should be 'sdpa' or 'eager', got 'flash_attention_2'"),
+     E + "model.attn_implementation: Input should be 'sdpa', 'eager' or 'flex_attention', got 'flash_attention_2'"),
     ("model-name-empty", ("config", {"model": {"name": ""}}),
      E + "model.name: String should have at least 1 character, got ''"),
     ("model-name-a-file", ("config", {"model": {"name": "{tmp}/notes.txt"}}),
