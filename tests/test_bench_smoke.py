@@ -239,3 +239,23 @@ def test_the_sequence_parallel_page_quotes_the_committed_results():
     missing = [line for line in expected if line not in page]
     assert not missing, missing
     assert len(tiled["rows"]) == 6 and tiled["provenance"]["versions"]["deepspeed"] == "0.19.8"
+
+
+def test_the_performance_page_quotes_the_selective_checkpoint_results():
+    """docs/performance.md's selective-checkpointing table is bench/results/selective_checkpoint_memory.json's rows;
+    the MLP saves at least a third of the peak, the attention less, and the estimator's saving errs as the page says."""
+    page = (BENCH.parent / "docs" / "performance.md").read_text()
+    measured = json.loads((BENCH / "results" / "selective_checkpoint_memory.json").read_text())
+    expected = []
+    for r in measured["rows"]:
+        cells = ["none", f"{r['peak_bytes'] / 2**20:.1f} MiB", "", "", "", ""] if r["part"] is None else [
+            r["part"], f"{r['peak_bytes'] / 2**20:.1f} MiB", f"{r['peak_ratio']:.2f}x", f"{r['time_ratio']:.2f}x",
+            f"{r['measured_saving'] / 2**20:.1f} MiB", f"{r['estimated_saving'] / 2**20:.1f} MiB ({r['saving_error']:+.1%})"]
+        expected.append(f"| {r['seq_len']:,} | " + " | ".join(cells) + " |")
+    missing = [line for line in expected if line not in page]
+    assert not missing, missing
+    parts = {(r["seq_len"], r["part"]): r for r in measured["rows"]}
+    for length in (2048, 8192):
+        assert parts[length, "mlp"]["peak_ratio"] < 0.67 and 0.67 < parts[length, "attention"]["peak_ratio"] < 1
+        assert parts[length, "mlp"]["goal_met"] and not parts[length, "attention"]["goal_met"]
+    assert measured["provenance"]["versions"]["deepspeed"] == "0.19.8"
