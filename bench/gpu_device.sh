@@ -13,6 +13,6 @@ export PYTHONPATH=/tmp/site:$PWD HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1 DS_ACCELERA
 OUT=${OUT:-bench/measured}
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv | tee "$OUT/nvidia-smi.txt"
 timeout 150 python3 -m pytest -q -x -m gpu -p no:cacheprovider tests/test_gpu.py \
-  -k "flex or liger or bf16_pipeline_matches_hf_on_cuda and llama" 2>&1 | tail -15 | tee "$OUT/gpu-tests.txt"
+  -k "flex or liger or float8 or bf16_pipeline_matches_hf_on_cuda and llama" 2>&1 | tail -15 | tee "$OUT/gpu-tests.txt"
 timeout 120 python3 bench/gpu_mfu.py --tiny --no-baseline --out "$OUT/gpu-mfu-smoke.json" || exit 3
 timeout $(( ${BUDGET_S:-240} + 60 )) python3 bench/gpu_mfu.py --budget-s "${BUDGET_S:-240}" --out "$OUT/gpu-mfu.json"

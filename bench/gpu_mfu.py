@@ -14,7 +14,7 @@ Phases, each a fresh engine built, warmed up, timed and freed (peak memory per p
 3. **levers** on the first model's pipeline run, each against the phase it changes (``LEVERS``): train.compile (with
    and without activation checkpointing), packed documents under sdpa's dense mask and under FlexAttention's block
    mask, Liger's RMSNorm / rotary / SwiGLU kernels where liger-kernel is installed (patched into transformers' Llama
-   classes for that phase alone), the foreach AdamW, train.selective_checkpoint attention / mlp, and the loss on full
+   classes for that phase alone), the foreach AdamW, train.float8, train.selective_checkpoint attention / mlp, and the loss on full
    logits instead of the fused one. Each lever's losses are compared step by step with its reference's: the same seed
    builds the same weights and the same batches come, so a lever that keeps the maths differs by rounding alone.
 
@@ -53,6 +53,7 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
                                           "model": {"attn_implementation": "flex_attention"}}),
     "liger": ("pipeline", {}),
     "adamw-foreach": ("pipeline", {"optimizer": {"params": {"fused": False, "foreach": True}}}),
+    "float8": ("pipeline", {"train": {"float8": True}}),
     "selective-attention": ("pipeline", {"train": {"selective_checkpoint": "attention"}}),
     "selective-mlp": ("pipeline", {"train": {"selective_checkpoint": "mlp"}}),
     "checkpoint": ("pipeline", {"pipeline": {"activation_checkpoint_interval": 1}}),

@@ -259,3 +259,16 @@ def test_the_performance_page_quotes_the_selective_checkpoint_results():
         assert parts[length, "mlp"]["peak_ratio"] < 0.67 and 0.67 < parts[length, "attention"]["peak_ratio"] < 1
         assert parts[length, "mlp"]["goal_met"] and not parts[length, "attention"]["goal_met"]
     assert measured["provenance"]["versions"]["deepspeed"] == "0.19.8"
+
+
+def test_the_performance_page_quotes_the_float8_loss_results():
+    """docs/performance.md's Float8 row is bench/results/float8_loss.json's: 50 bf16 steps at 2 stages, every step's
+    loss within 1% of bf16's, and float8 really on (the two runs' losses differ)."""
+    page = (BENCH.parent / "docs" / "performance.md").read_text()
+    measured = json.loads((BENCH / "results" / "float8_loss.json").read_text())
+    assert (f"over {measured['steps']} bf16 training steps at 2 stages the loss within "
+            f"{measured['max_relative_diff']:.2%} of bf16's at every step, {measured['last10_mean_relative_diff']:.2%} "
+            "over the last 10") in page
+    assert measured["steps"] == 50 and measured["goal_met"] and 0 < measured["max_relative_diff"] <= 0.01
+    assert measured["losses_float8"][-1] < measured["losses_float8"][0] - 3  # it trained
+    assert measured["provenance"]["versions"]["deepspeed"] == "0.19.8"

@@ -169,7 +169,8 @@ def test_a_resume_on_the_gpu_continues_exactly_with_dropout(tmp_path):
     assert max(abs(a - b) for a, b in zip(straight[2:], results["without-device-state"][2:])) > 1e-4, (straight, results)
 
 
-def _stages_on_cuda(name: str, inputs: tuple, labels: torch.Tensor, **model: str) -> tuple[float, dict]:
+def _stages_on_cuda(name: str, inputs: tuple, labels: torch.Tensor, train: dict | None = None,
+                    **model: str) -> tuple[float, dict]:
     """Loss and gradients of ``name`` (random init of train.seed: the same weights every call) in 2 bf16 stages on
     CUDA, packed documents on (data.document_mask), dropout off."""
     from hybrid_ds.config import load_config_dict
@@ -180,7 +181,7 @@ def _stages_on_cuda(name: str, inputs: tuple, labels: torch.Tensor, **model: str
                                 "layer_types": ["sliding_attention", "full_attention"]}}.get(name, {})
     cfg = load_config_dict({"model": {"name": name, "overrides": overrides, **model}, "pipeline": {"stages": 2},
                             "data": {"seq_len": inputs[0].shape[1], "document_mask": True},
-                            "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}})
+                            "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "train": train or {}})
     pipe = SequentialStages(build_plan(cfg, world_size=2))
     for module in pipe.modules():
         module.to("cuda").eval()
@@ -227,3 +228,18 @@ def test_liger_kernels_train_llama_as_its_own_layers_do(monkeypatch):
                                 fused_linear_cross_entropy=False)
     assert modeling_llama.LlamaRMSNorm.__module__.startswith("liger_kernel")
     _close_in_bf16(plain, _stages_on_cuda("llama-tiny", inputs, labels))
+
+
+def test_float8_trains_llama_within_float8_rounding_on_cuda():
+    """train.float8 on CUDA (torchao's float8 matmuls, Hopper): the loss within 1e-2 of bf16's and every gradient at
+    cosine >= 0.98 (tests/test_float8.py holds the CPU path to the same)."""
+    pytest.importorskip("torchao")
+    from test_document_mask import documents, packed_batch
+
+    inputs, labels = packed_batch(documents(), document_mask=True)
+    loss, grads = _stages_on_cuda("llama-tiny", inputs, labels)
+    loss8, grads8 = _stages_on_cuda("llama-tiny", inputs, labels, train={"float8": True})
+    assert abs(loss8 - loss) <= 1e-2 and grads.keys() == grads8.keys()
+    for key, g in grads.items():
+        cosine = torch.nn.functional.cosine_similarity(g.float().flatten(), grads8[key].float().flatten(), dim=0)
+        assert cosine >= 0.98, key

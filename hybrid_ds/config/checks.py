@@ -62,6 +62,8 @@ def check_cross_section(cfg: Any) -> None:
         check_tiled_mlp(cfg)
     if cfg.train.selective_checkpoint:
         check_selective_checkpoint(cfg)
+    if cfg.train.float8:
+        check_float8(cfg)
     partition = cfg.pipeline.partition
     if isinstance(partition, list) and len(partition) != cfg.pipeline.stages:
         raise UserError("pipeline.partition",
@@ -132,6 +134,25 @@ def check_selective_checkpoint(cfg: Any) -> None:
         raise UserError("train.selective_checkpoint", "'attention' is not available with pipeline.sequence_parallel "
                                                       f"{cfg.pipeline.sequence_parallel}: its recompute would repeat the "
                                                       "attention's two all-to-all exchanges; " + off.format("'mlp'"))
+
+
+def check_float8(cfg: Any) -> None:
+    """What ``train.float8`` cannot run with: the plain engine (it converts the pipeline's blocks), LoRA (peft wraps the
+    linear layers it would convert), ZB-H1 (a float8 linear's backward computes both its gradients in one step), and a
+    Python without torchao."""
+    import importlib.util
+
+    pipeline_engine_only(cfg, "train.float8", "true", "float8 false")
+    if cfg.model.lora:
+        raise UserError("train.float8", "true is not available with model.lora: peft wraps the linear layers float8 "
+                                        "would convert; set train.float8 false")
+    if cfg.pipeline.schedule == "zb-h1":
+        raise UserError("pipeline.schedule", "'zb-h1' is not available with train.float8: a float8 linear's backward "
+                                             "computes its input and weight gradients in one step, which cannot be "
+                                             "split; set train.float8 false or use '1f1b'")
+    if importlib.util.find_spec("torchao") is None:
+        raise UserError("train.float8", "true needs torchao, which is not installed: pip install 'hybrid_ds[float8]' "
+                                        "(torchao), or set train.float8 false")
 
 
 def check_device(cfg: Any, kind: str) -> None:

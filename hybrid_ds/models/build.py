@@ -189,6 +189,7 @@ class StageBuilder:
         # train.tiled_mlp: (tiles, tiled(fn, module, x, tiles)) running each block's MLP a tile at a time
         self.tiled_mlp: tuple[int, Any] | None = None
         self.selective_checkpoint: str | None = None  # train.selective_checkpoint: "attention" or "mlp" recomputed
+        self.float8 = False  # train.float8: the blocks' linear layers trained in float8 (models.layers.to_float8)
 
     def built_modules(self) -> dict[str, nn.Module]:
         """Path -> module for everything this builder materialized (its stage's share of the model)."""

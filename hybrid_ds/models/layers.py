@@ -141,6 +141,8 @@ class Block(nn.Module):
             tile_mlp(self.layer, self.config, *builder.tiled_mlp)
         if builder.selective_checkpoint:
             checkpoint_part(self.layer, self.config, builder.selective_checkpoint)
+        if builder.float8:
+            to_float8(self.layer, self.config)
         self.router_logits: list[torch.Tensor] = []
         aux = self.family.router_aux if getattr(self.config, "output_router_logits", False) else None
         self.aux = aux
@@ -222,6 +224,21 @@ def checkpoint_part(layer: nn.Module, config: Any, part: str) -> None:
     # The class's forward (train.tiled_mlp, the one other wrapper of a part, is refused with "mlp") through one
     # function for every block: compiled blocks (train.compile) then share one graph instead of one each.
     module.forward = types.MethodType(_recomputed_forward, module)
+
+
+def to_float8(layer: nn.Module, config: Any) -> None:
+    """``train.float8``: the block's ``nn.Linear`` layers become torchao's ``Float8Linear`` (the same weight and bias
+    parameters, so checkpoints and exports are unchanged), those whose widths float8 matmuls take (multiples of 16).
+    Refused with one line for a block with none (GPT-2's layers are ``Conv1D``)."""
+    from torchao.float8 import convert_to_float8_training
+
+    def fits(module: nn.Module, name: str) -> bool:
+        return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
+
+    if not any(fits(module, name) for name, module in layer.named_modules()):
+        raise UserError("train.float8", f"true is not available for {config.model_type}: its blocks have no "
+                                        "nn.Linear layer whose widths are multiples of 16; set train.float8 false")
+    convert_to_float8_training(layer, module_filter_fn=fits)
 
 
 def _recomputed_forward(module: nn.Module, *args: Any, **kwargs: Any) -> Any:

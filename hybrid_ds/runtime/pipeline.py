@@ -83,6 +83,7 @@ def stage_builder(plan: Plan, device: str | torch.device = "cpu") -> StageBuilde
     if cfg.train.tiled_mlp:
         builder.tiled_mlp = (cfg.train.tiled_mlp, tiled_mlp)
     builder.selective_checkpoint = cfg.train.selective_checkpoint
+    builder.float8 = cfg.train.float8
     return builder
 
 
