@@ -62,7 +62,7 @@ def test_gpu_mfu_bench_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     written = json.loads(out.read_text())
     results = {r["phase"]: r for r in written["results"]}
-    assert list(results) == ["pipeline", "deepspeed-hf", "plain", "selective-mlp", "adamw-foreach", "documents-flex"]
+    assert list(results) == ["pipeline", "deepspeed-hf", "plain", "documents-flex", "adamw-foreach", "selective-mlp"]
     for phase in ("pipeline", "deepspeed-hf", "plain", "selective-mlp", "adamw-foreach"):
         assert results[phase]["tokens_per_s"] > 0 and results[phase]["estimated_memory_gib"] > 0, results[phase]
     profile = results["pipeline"]["profile"]
