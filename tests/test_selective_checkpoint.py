@@ -105,3 +105,23 @@ def test_the_estimator_drops_the_recomputed_part():
             assert whole.activations - selective.activations == pytest.approx(
                 whole.blocks * whole.in_flight * dropped - dropped)
     assert run_from_config(config("llama-tiny", "mlp"), 1).selective_checkpoint == "mlp"
+
+
+def test_the_estimator_counts_the_recomputed_forward():
+    """The step's hardware FLOPs grow by the recomputed part's forward: each block's MLP (or attention) once more per
+    token; whole blocks with activation checkpointing, the MLP with train.tiled_mlp."""
+    from dataclasses import replace
+
+    from hybrid_ds.estimate.architecture import arch_from_preset
+    from hybrid_ds.estimate.flops import block_flops
+    from hybrid_ds.estimate.run import Run
+    from hybrid_ds.estimate.step import estimate
+
+    arch = arch_from_preset("llama3-8b")
+    run = Run(arch, 2, 2, 1, 1, 8, 8192, zero=1, precision="bf16", fused_loss=True)
+    base = estimate(run)
+    assert base.hardware_flops == base.model_flops
+    for change, part in (({"selective_checkpoint": "mlp"}, "mlp"), ({"selective_checkpoint": "attention"}, "attention"),
+                         ({"tiled_mlp": 4}, "mlp"), ({"checkpoint_interval": 1}, None)):
+        extra = estimate(replace(run, **change)).hardware_flops - base.hardware_flops
+        assert extra == pytest.approx(run.tokens_per_step * arch.layers * block_flops(arch, 8192, 0, part)), change

@@ -15,27 +15,34 @@ from hybrid_ds.estimate.architecture import Arch, arch_from_preset  # noqa: F401
 # ---------------------------------------------------------------- FLOPs
 
 
-def block_flops(arch: Arch, seq: int, block: int = 0) -> float:
+def block_flops(arch: Arch, seq: int, block: int = 0, part: str | None = None) -> float:
     """Forward matmul FLOPs per token of block ``block``. Causal attention is counted as the full s x s product,
     as Narayanan et al. 2021 (eq. 3) and Megatron-LM count it, not halved as FlashAttention papers do.
     A Mixture-of-Experts layer costs 2 FLOPs per element a token passes: its router, its shared experts and
     the top-k routed experts it is sent to (:meth:`hybrid_ds.estimate.architecture.Experts.active`).
 
+    ``part`` "attention" or "mlp": that module's share alone (what train.selective_checkpoint recomputes).
+
     >>> a = arch_from_preset("gpt3-175b")
     >>> math.isclose(block_flops(a, 2048), 24 * a.hidden**2 * (1 + 2048 / (6 * a.hidden)))
+    True
+    >>> block_flops(a, 2048, part="attention") + block_flops(a, 2048, part="mlp") == block_flops(a, 2048)
     True
     """
     h, q, kv = arch.hidden, arch.heads * arch.head_dim, arch.kv_heads * arch.head_dim
     attention = 2 * h * (q + 2 * kv) + 2 * q * h + 4 * seq * q
     if arch.experts and arch.experts.routed[block]:
-        return attention + 2 * arch.experts.active(block)
-    return attention + 2 * h * arch.ffn * (3 if arch.gated else 2)
+        mlp = 2 * arch.experts.active(block)
+    else:
+        mlp = 2 * h * arch.ffn * (3 if arch.gated else 2)
+    return {"attention": attention, "mlp": mlp}.get(part, attention + mlp) if part else attention + mlp
 
 
-def blocks_flops(arch: Arch, seq: int, lo: int = 0, hi: int | None = None) -> float:
-    """Forward FLOPs per token of the blocks among pipeline layers [lo, hi) (default: every block)."""
+def blocks_flops(arch: Arch, seq: int, lo: int = 0, hi: int | None = None, part: str | None = None) -> float:
+    """Forward FLOPs per token of the blocks among pipeline layers [lo, hi) (default: every block; ``part``: of
+    their attention or MLP alone)."""
     hi = arch.layers + 2 if hi is None else hi
-    return sum(block_flops(arch, seq, layer - 1) for layer in range(max(lo, 1), min(hi, arch.layers + 1)))
+    return sum(block_flops(arch, seq, layer - 1, part) for layer in range(max(lo, 1), min(hi, arch.layers + 1)))
 
 
 def forward_flops_per_token(arch: Arch, seq: int) -> float:

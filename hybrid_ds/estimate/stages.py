@@ -194,8 +194,18 @@ def stage_flops(run: Run, lo: int, hi: int) -> float:
     """Hardware FLOPs of one micro-batch on the stage holding layers [lo, hi): forward and backward
     (:func:`training_flops`), plus recompute."""
     arch, tokens = run.arch, run.shard_tokens  # sp: each rank attends over the whole sequence with 1/sp of the heads
-    recompute = blocks_flops(arch, run.seq_len, lo, hi) if run.checkpoint_interval else 0.0
-    return tokens * (training_flops(arch, run.seq_len, lo, hi, frozen=run.lora is not None) + recompute)
+    return tokens * (training_flops(arch, run.seq_len, lo, hi, frozen=run.lora is not None)
+                     + recompute_flops(run, lo, hi))
+
+
+def recompute_flops(run: Run, lo: int = 0, hi: int | None = None) -> float:
+    """Forward FLOPs per token that backward runs again in the blocks among layers [lo, hi): whole blocks with
+    activation checkpointing, else train.selective_checkpoint's part and train.tiled_mlp's MLP."""
+    arch, seq = run.arch, run.seq_len
+    if run.checkpoint_interval:
+        return blocks_flops(arch, seq, lo, hi)
+    parts = {run.selective_checkpoint} | ({"mlp"} if run.tiled_mlp else set())
+    return sum(blocks_flops(arch, seq, lo, hi, part) for part in sorted(parts - {None}))
 
 
 def stage_comm(run: Run, stage: int, params: int, persistent: int, blocks: int = 0) -> dict[str, float]:

@@ -10,9 +10,9 @@ from hybrid_ds.config.schedule import bubble as schedule_bubble
 from hybrid_ds.errors import UserError
 from hybrid_ds.estimate.activations import DTYPE_BYTES
 from hybrid_ds.estimate.architecture import Arch
-from hybrid_ds.estimate.flops import blocks_flops, training_flops
+from hybrid_ds.estimate.flops import training_flops
 from hybrid_ds.estimate.run import Run, run_from_config
-from hybrid_ds.estimate.stages import RUNTIME_OVERHEAD, StageEstimate, stage_estimates
+from hybrid_ds.estimate.stages import RUNTIME_OVERHEAD, StageEstimate, recompute_flops, stage_estimates
 
 COMPUTE_EFFICIENCY = 0.45      # achieved / peak matmul FLOP/s: Narayanan et al. 2021 reach 140-163 of 312
 LINK_EFFICIENCY = 0.7          # achieved / peak bus bandwidth of NCCL collectives and p2p
@@ -60,7 +60,7 @@ def estimate(run: Run, cluster: Any = None, runtime: str = "cuda", efficiency: f
     stages = stage_estimates(run, runtime, overhead=RUNTIME_OVERHEAD if runtime == "cuda" else 0.0)
     arch, tokens = run.arch, run.tokens_per_step
     model_flops = tokens * training_flops(arch, run.seq_len, frozen=run.lora is not None)
-    recompute = tokens * blocks_flops(arch, run.seq_len) if run.checkpoint_interval else 0.0
+    recompute = tokens * recompute_flops(run)
     est = Estimate(run, stages, cluster, runtime, model_flops, model_flops + recompute,
                    schedule_bubble(run.schedule, run.stages, run.grad_accum))
     if run.stages > 1 and run.grad_accum < 4 * run.stages:
