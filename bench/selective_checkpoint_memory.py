@@ -5,8 +5,9 @@ One process on CPU, as bench/tiled_mlp_memory.py (whose measurement this reuses)
 widths (hidden 64, MLP 176, 4 heads, 2 key/value heads, 4 blocks), fp32, micro-batch 1, the fused loss, one stage.
 For each length and part: the peak of live tensor bytes from the start of the forward to the end of the backward, the
 seconds of that pass (median of ``--repeat``), and the estimator's activation bytes (hybrid_ds.estimate, runtime
-"cpu") with and without the part. Both count the same saving: every block's part no longer kept, less the one block's
-part that exists again while its backward recomputes it. Goal: the estimator's saving within 10% of the measured one.
+"cpu") with and without the part. The estimator's saving is every block's part no longer kept, less the one block's
+part that exists again while its backward recomputes it (counted on top of the peak); the measured one is where the
+peak really falls. Goal: the estimator's saving within 10% of the measured one.
 The loss and gradients are held bit for bit to the ones without by tests/test_selective_checkpoint.py.
 
 Usage: ``python bench/selective_checkpoint_memory.py [--lengths 2048 8192]``; prints a table and writes

@@ -62,7 +62,7 @@ def test_gpu_mfu_bench_runs_on_cpu(tmp_path):
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     written = json.loads(out.read_text())
     results = {r["phase"]: r for r in written["results"]}
-    assert list(results) == ["pipeline", "deepspeed-hf", "plain", "documents-flex", "adamw-foreach", "selective-mlp"]
+    assert list(results) == ["pipeline", "deepspeed-hf", "plain", "documents-flex", "selective-mlp", "adamw-foreach"]
     for phase in ("pipeline", "deepspeed-hf", "plain", "selective-mlp", "adamw-foreach"):
         assert results[phase]["tokens_per_s"] > 0 and results[phase]["estimated_memory_gib"] > 0, results[phase]
     profile = results["pipeline"]["profile"]
@@ -72,6 +72,9 @@ def test_gpu_mfu_bench_runs_on_cpu(tmp_path):
     assert len(lever["losses"]) == 2
     foreach = results["adamw-foreach"]  # torch's foreach AdamW takes the step the fused one takes, within rounding
     assert foreach["first_loss_diff"] == 0 and 0 <= foreach["max_loss_diff"] < 1e-5, foreach["losses"]
+    assert foreach["optimizer"] == {"class": "AdamW", "fused": False, "foreach": True}
+    for phase in ("pipeline", "deepspeed-hf", "plain"):  # every engine on torch's fused AdamW
+        assert results[phase]["optimizer"]["class"] == "AdamW" and results[phase]["optimizer"]["fused"], phase
     assert results["documents-flex"]["skipped"].startswith("GPU only")
     assert written["provenance"]["command"].startswith("python bench/gpu_mfu.py --device cpu")
 

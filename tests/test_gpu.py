@@ -170,9 +170,9 @@ def test_a_resume_on_the_gpu_continues_exactly_with_dropout(tmp_path):
 
 
 def _stages_on_cuda(name: str, inputs: tuple, labels: torch.Tensor, train: dict | None = None,
-                    **model: str) -> tuple[float, dict]:
-    """Loss and gradients of ``name`` (random init of train.seed: the same weights every call) in 2 bf16 stages on
-    CUDA, packed documents on (data.document_mask), dropout off."""
+                    **model: str) -> tuple[float, dict, list[str]]:
+    """Loss, gradients and the classes of the modules built, of ``name`` (random init of train.seed: the same weights
+    every call) in 2 bf16 stages on CUDA, packed documents on (data.document_mask), dropout off."""
     from hybrid_ds.config import load_config_dict
     from hybrid_ds.runtime.pipeline import SequentialStages
     from hybrid_ds.runtime.plan import build_plan
@@ -183,14 +183,16 @@ def _stages_on_cuda(name: str, inputs: tuple, labels: torch.Tensor, train: dict 
                             "data": {"seq_len": inputs[0].shape[1], "document_mask": True},
                             "train_micro_batch_size_per_gpu": 1, "bf16": {"enabled": True}, "train": train or {}})
     pipe = SequentialStages(build_plan(cfg, world_size=2))
+    assert pipe.plan.resolved.hf_config._attn_implementation == model.get("attn_implementation", "sdpa")
     for module in pipe.modules():
         module.to("cuda").eval()
     loss = pipe.loss_fn(pipe.forward(tuple(t.cuda() for t in inputs)), labels.cuda())
     loss.backward()
-    return loss.item(), pipe.named_gradients()
+    built = [f"{type(m).__module__}.{type(m).__name__}" for module in pipe.modules() for m in module.modules()]
+    return loss.item(), pipe.named_gradients(), built
 
 
-def _close_in_bf16(a: tuple[float, dict], b: tuple[float, dict]) -> None:
+def _close_in_bf16(a: tuple, b: tuple) -> None:
     """Loss within 1e-2 and every gradient within 5e-2 of its largest element: bf16 rounding (8 significant bits),
     the tolerance of test_bf16_pipeline_matches_hf_on_cuda."""
     assert abs(a[0] - b[0]) <= 1e-2, (a[0], b[0])
@@ -227,19 +229,24 @@ def test_liger_kernels_train_llama_as_its_own_layers_do(monkeypatch):
     apply_liger_kernel_to_llama(rope=True, rms_norm=True, swiglu=True, cross_entropy=False,
                                 fused_linear_cross_entropy=False)
     assert modeling_llama.LlamaRMSNorm.__module__.startswith("liger_kernel")
-    _close_in_bf16(plain, _stages_on_cuda("llama-tiny", inputs, labels))
+    patched = _stages_on_cuda("llama-tiny", inputs, labels)
+    assert not any(name.startswith("liger_kernel") for name in plain[2])
+    assert sum(name.startswith("liger_kernel") for name in patched[2]) >= 4 * 3  # per block: 2 norms and the MLP
+    _close_in_bf16(plain, patched)
 
 
 def test_float8_trains_llama_within_float8_rounding_on_cuda():
-    """train.float8 on CUDA (torchao's float8 matmuls, Hopper): the loss within 1e-2 of bf16's and every gradient at
-    cosine >= 0.98 (tests/test_float8.py holds the CPU path to the same)."""
+    """train.float8 on CUDA (torchao's float8 matmuls, Hopper): every linear layer of the blocks converted (7 in each
+    of 4), the loss within 1e-2 of bf16's but not equal to it, and every gradient at cosine >= 0.98 (the CPU check,
+    tests/float8_checks.py, holds fp32 to 1e-3 relative and the same cosine)."""
     pytest.importorskip("torchao")
     from test_document_mask import documents, packed_batch
 
     inputs, labels = packed_batch(documents(), document_mask=True)
-    loss, grads = _stages_on_cuda("llama-tiny", inputs, labels)
-    loss8, grads8 = _stages_on_cuda("llama-tiny", inputs, labels, train={"float8": True})
-    assert abs(loss8 - loss) <= 1e-2 and grads.keys() == grads8.keys()
+    loss, grads, _ = _stages_on_cuda("llama-tiny", inputs, labels)
+    loss8, grads8, built = _stages_on_cuda("llama-tiny", inputs, labels, train={"float8": True})
+    assert sum(name.endswith(".Float8Linear") for name in built) == 4 * 7, built
+    assert abs(loss8 - loss) <= 1e-2 and loss8 != loss and grads.keys() == grads8.keys()
     for key, g in grads.items():
         cosine = torch.nn.functional.cosine_similarity(g.float().flatten(), grads8[key].float().flatten(), dim=0)
         assert cosine >= 0.98, key

@@ -114,26 +114,23 @@ def check_selective_checkpoint(cfg: Any) -> None:
     layers recomputed already, ZB-H1 (a recomputed part's backward is one step that cannot be split), a tiled MLP
     (recomputed tile by tile already) and, for the attention, sequence parallelism (its all-to-alls would run again)."""
     part = cfg.train.selective_checkpoint
-    pipeline_engine_only(cfg, "train.selective_checkpoint", repr(part), "selective_checkpoint null")
-    off = f"set train.selective_checkpoint null or {{}}"
-    if cfg.pipeline.activation_checkpoint_interval:
-        raise UserError("train.selective_checkpoint", f"{part!r} is not available with "
-                                                      "pipeline.activation_checkpoint_interval "
-                                                      f"{cfg.pipeline.activation_checkpoint_interval}, which recomputes "
-                                                      "whole layers already; "
-                                                      + off.format("activation_checkpoint_interval 0"))
+    key = "train.selective_checkpoint"
+    pipeline_engine_only(cfg, key, repr(part), "selective_checkpoint null")
+    interval = cfg.pipeline.activation_checkpoint_interval
+    if interval:
+        raise UserError(key, f"{part!r} is not available with pipeline.activation_checkpoint_interval {interval}, "
+                             "which recomputes whole layers already; set one of them off (null, 0)")
     if cfg.pipeline.schedule == "zb-h1":
-        raise UserError("train.selective_checkpoint", f"{part!r} is not available with pipeline.schedule 'zb-h1': a "
-                                                      "recomputed part's backward runs as one step, which cannot be split "
-                                                      "into input and weight gradients; " + off.format("'1f1b'"))
+        raise UserError("pipeline.schedule", f"'zb-h1' is not available with train.selective_checkpoint {part!r}: a "
+                                             "recomputed part's backward runs as one step, which cannot be split into "
+                                             "input and weight gradients; set selective_checkpoint null or use '1f1b'")
     if part == "mlp" and cfg.train.tiled_mlp:
-        raise UserError("train.selective_checkpoint", f"'mlp' is not available with train.tiled_mlp "
-                                                      f"{cfg.train.tiled_mlp}, which recomputes the MLP tile by tile "
-                                                      "already; " + off.format("'attention'"))
+        raise UserError(key, f"'mlp' is not available with train.tiled_mlp {cfg.train.tiled_mlp}, which recomputes the "
+                             "MLP tile by tile already; use 'attention' or null")
     if part == "attention" and cfg.pipeline.sequence_parallel > 1:
-        raise UserError("train.selective_checkpoint", "'attention' is not available with pipeline.sequence_parallel "
-                                                      f"{cfg.pipeline.sequence_parallel}: its recompute would repeat the "
-                                                      "attention's two all-to-all exchanges; " + off.format("'mlp'"))
+        raise UserError(key, f"'attention' is not available with pipeline.sequence_parallel "
+                             f"{cfg.pipeline.sequence_parallel}: its recompute would repeat the attention's two "
+                             "all-to-all exchanges; use 'mlp' or null")
 
 
 def check_float8(cfg: Any) -> None:

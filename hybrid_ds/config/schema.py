@@ -165,14 +165,16 @@ class TrainConfig(_Section):
                           "torch.utils.checkpoint): \"attention\" (the attention module) or \"mlp\" (its ffn-wide "
                           "activations); the rest of the block keeps its activations, so memory falls by that part's "
                           "share for one more forward of it. Pipeline engine only; not with "
-                          "pipeline.activation_checkpoint_interval (whole layers recomputed) or zb-h1; null = off")
+                          "pipeline.activation_checkpoint_interval (whole layers recomputed) or zb-h1, \"mlp\" not "
+                          "with train.tiled_mlp, \"attention\" not with pipeline.sequence_parallel; null = off")
     float8: bool = Field(False, description="train the blocks' linear layers in float8 (torchao's "
                                             "convert_to_float8_training: each matmul's inputs scaled per tensor to "
                                             "e4m3, its output gradient to e5m2; the weights stay in the run's "
                                             "precision): for Hopper GPUs, where float8 matmuls run at twice bf16's "
                                             "rate; layers whose widths are not multiples of 16, the embedding and the "
                                             "output projection stay as they are. Needs torchao (pip install "
-                                            "'hybrid_ds[float8]'); not with model.lora or zb-h1")
+                                            "'hybrid_ds[float8]') and a GPU of compute capability 8.9+ (or the CPU); pipeline "
+                                            "engine only; not with model.lora or zb-h1")
     fused_loss: bool = Field(True, description="compute the LM loss from the last hidden states a block of rows at "
                                                "a time (hybrid_ds.models.head_loss): no [tokens, vocab] fp32 logits, "
                                                "their log-softmax or gradient; loss and gradients within 1e-5 of "

@@ -35,7 +35,7 @@ def block_flops(arch: Arch, seq: int, block: int = 0, part: str | None = None) -
         mlp = 2 * arch.experts.active(block)
     else:
         mlp = 2 * h * arch.ffn * (3 if arch.gated else 2)
-    return {"attention": attention, "mlp": mlp}.get(part, attention + mlp) if part else attention + mlp
+    return {"attention": attention, "mlp": mlp}[part] if part else attention + mlp
 
 
 def blocks_flops(arch: Arch, seq: int, lo: int = 0, hi: int | None = None, part: str | None = None) -> float:

@@ -94,11 +94,11 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     # of train.selective_checkpoint. Each keeps only its input (counted with the linear inputs).
     parts = ([(RECOMPUTED_TERMS["mlp"], run.tiled_mlp)] if run.tiled_mlp else []) + (
         [(RECOMPUTED_TERMS[run.selective_checkpoint], 1)] if run.selective_checkpoint else [])
-    mlp = [sum(t.get(k, 0.0) for names, _ in parts for k in names) for t in terms]
+    recomputed = [sum(t.get(k, 0.0) for names, _ in parts for k in names) for t in terms]
     tile = max((max(sum(t.get(k, 0.0) for k in names) for t in terms) / pieces for names, pieces in parts if terms),
                default=0.0)
-    saved = [sum(t.values()) - t.get("attention mask", 0.0) - m + lora_activation_change(run, b, t, runtime)
-             for b, t, m in zip(held, terms, mlp)]
+    saved = [sum(t.values()) - t.get("attention mask", 0.0) - r + lora_activation_change(run, b, t, runtime)
+             for b, t, r in zip(held, terms, recomputed)]
     if saved:
         saved[0] += shared_mask
     frozen = run.lora is not None   # LoRA: the embedding is outside autograd's graph, it saves nothing

@@ -142,7 +142,7 @@ class Block(nn.Module):
         if builder.selective_checkpoint:
             checkpoint_part(self.layer, self.config, builder.selective_checkpoint)
         if builder.float8:
-            to_float8(self.layer, self.config)
+            to_float8(self.layer, self.config, builder.device)
         self.router_logits: list[torch.Tensor] = []
         aux = self.family.router_aux if getattr(self.config, "output_router_logits", False) else None
         self.aux = aux
@@ -226,18 +226,24 @@ def checkpoint_part(layer: nn.Module, config: Any, part: str) -> None:
     module.forward = types.MethodType(_recomputed_forward, module)
 
 
-def to_float8(layer: nn.Module, config: Any) -> None:
+def to_float8(layer: nn.Module, config: Any, device: torch.device) -> None:
     """``train.float8``: the block's ``nn.Linear`` layers become torchao's ``Float8Linear`` (the same weight and bias
     parameters, so checkpoints and exports are unchanged), those whose widths float8 matmuls take (multiples of 16).
-    Refused with one line for a block with none (GPT-2's layers are ``Conv1D``)."""
-    from torchao.float8 import convert_to_float8_training
-
+    Refused with one line for a block with none (GPT-2's layers are ``Conv1D``) and on a GPU without float8 matmuls
+    (compute capability below 8.9: an A100's)."""
     def fits(module: nn.Module, name: str) -> bool:
         return isinstance(module, nn.Linear) and module.in_features % 16 == 0 and module.out_features % 16 == 0
 
     if not any(fits(module, name) for name, module in layer.named_modules()):
         raise UserError("train.float8", f"true is not available for {config.model_type}: its blocks have no "
                                         "nn.Linear layer whose widths are multiples of 16; set train.float8 false")
+    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+        raise UserError("train.float8", f"true needs float8 matmuls (compute capability 8.9 or higher: H100, H200, "
+                                        f"L40S), and {torch.cuda.get_device_name(device)} has "
+                                        f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}; set "
+                                        "train.float8 false")
+    from torchao.float8 import convert_to_float8_training
+
     convert_to_float8_training(layer, module_filter_fn=fits)
 
 

@@ -62,13 +62,33 @@ def default_attention(hf_config: Any) -> str:
     """What Hugging Face picks when no kernel is asked for: ``sdpa`` unless a model class of this config (causal or
     masked LM, or the base model) says it has no SDPA path (``_supports_sdpa = False``: Gemma 2, state-space models),
     then ``eager``."""
+    return "eager" if any(not getattr(cls, "_supports_sdpa", True) for cls in model_classes(hf_config)) else "sdpa"
+
+
+def model_classes(hf_config: Any) -> list[Any]:
+    """The causal LM, masked LM and base model classes transformers maps ``hf_config`` to (those it has)."""
     import transformers
 
-    for auto in (transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM, transformers.AutoModel):
-        cls = auto._model_mapping.get(type(hf_config), None)
-        if cls is not None and not getattr(cls, "_supports_sdpa", True):
-            return "eager"
-    return "sdpa"
+    autos = (transformers.AutoModelForCausalLM, transformers.AutoModelForMaskedLM, transformers.AutoModel)
+    return [cls for cls in (auto._model_mapping.get(type(hf_config), None) for auto in autos) if cls is not None]
+
+
+# Where configs keep the dropout of the attention probabilities (Llama's, BERT's, GPT-2's names).
+ATTENTION_DROPOUT = ("attention_dropout", "attention_probs_dropout_prob", "attn_pdrop")
+
+
+def check_flex(hf_config: Any) -> None:
+    """``model.attn_implementation: flex_attention`` where transformers would refuse it in the middle of training: a
+    model class without FlexAttention, or dropout on the attention probabilities (flex takes none)."""
+    for cls in model_classes(hf_config)[:1]:
+        if not getattr(cls, "_supports_flex_attn", False):
+            raise UserError("model.attn_implementation", f"'flex_attention': {cls.__name__} does not support "
+                                                         "FlexAttention in transformers; use 'sdpa' or 'eager'")
+    for name in ATTENTION_DROPOUT:
+        if getattr(hf_config, name, 0) or 0:
+            raise UserError("model.attn_implementation", f"'flex_attention' takes no attention dropout, and "
+                                                         f"{hf_config.model_type}'s {name} is {getattr(hf_config, name)}; "
+                                                         f'set model.overrides {{"{name}": 0}} or use \'sdpa\'')
 
 
 def use_attention(hf_config: Any, kernel: str) -> None:
@@ -77,6 +97,8 @@ def use_attention(hf_config: Any, kernel: str) -> None:
     PITFALLS 1); a transformers that no longer takes it is one line, not a model that silently sees the future."""
     import transformers
 
+    if kernel == "flex_attention":
+        check_flex(hf_config)
     hf_config._attn_implementation = kernel
     if getattr(hf_config, "_attn_implementation", None) != kernel:
         raise UserError("model.attn_implementation", f"{kernel!r} did not take effect: transformers "
