@@ -8,15 +8,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from hybrid_ds.config import load_config_dict
 from hybrid_ds.errors import UserError
 from hybrid_ds.runtime.plan import build_plan
-
-
-def config(name: str, float8: bool = True, **top):
-    train = {"float8": float8, **top.pop("train", {})}
-    return load_config_dict({"model": {"name": name}, "pipeline": {"stages": 2}, "data": {"seq_len": 64},
-                             "train": train, "train_micro_batch_size_per_gpu": 2, **top})
+from test_float8 import config
 
 
 def stages_of(cfg):

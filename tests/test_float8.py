@@ -20,9 +20,10 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOAT8 = ROOT / ".float8"
 
 
-def config(name: str, **top):
+def config(name: str, float8: bool = True, **top):
+    """``name`` at 2 stages with train.float8 (also tests/float8_checks.py's)."""
     return load_config_dict({"model": {"name": name}, "pipeline": {"stages": 2}, "data": {"seq_len": 64},
-                             "train": {"float8": True}, "train_micro_batch_size_per_gpu": 2, **top})
+                             "train": {"float8": float8}, "train_micro_batch_size_per_gpu": 2, **top})
 
 
 @pytest.mark.parametrize("make, key, says", [

@@ -76,6 +76,15 @@ RECOMPUTED_TERMS = {
 }
 
 
+def recomputed_parts(run: Run) -> dict[str, int]:
+    """The parts of every block that backward recomputes, short of whole blocks, and in how many pieces: the MLP of
+    train.tiled_mlp (a tile at a time) and the part of train.selective_checkpoint (whole)."""
+    parts = {"mlp": run.tiled_mlp} if run.tiled_mlp else {}
+    if run.selective_checkpoint:
+        parts[run.selective_checkpoint] = 1
+    return parts
+
+
 def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cuda") -> tuple[float, int, float, float]:
     """(activations, micro-batches in flight, logits, pipeline buffers) of the stage holding layers [lo, hi)."""
     arch, p, w = run.arch, run.stages, DTYPE_BYTES[run.precision]
@@ -90,10 +99,9 @@ def stage_activations(run: Run, stage: int, lo: int, hi: int, runtime: str = "cu
     terms = [kinds[(arch.experts.routed[b], arch.experts.always[b]) if arch.experts else 0] for b in held]
     # a materialized attention mask is made once for the stage's blocks (models.layers.additive): saved once
     shared_mask = max((t.get("attention mask", 0.0) for t in terms), default=0.0)
-    # Parts recomputed in backward, one block at a time: train.tiled_mlp's MLP (a tile of it at a time) and the part
-    # of train.selective_checkpoint. Each keeps only its input (counted with the linear inputs).
-    parts = ([(RECOMPUTED_TERMS["mlp"], run.tiled_mlp)] if run.tiled_mlp else []) + (
-        [(RECOMPUTED_TERMS[run.selective_checkpoint], 1)] if run.selective_checkpoint else [])
+    # Parts recomputed in backward, one block at a time (recomputed_parts), each a piece at a time: each keeps only its
+    # input (counted with the linear inputs), and one piece of one block's exists while its backward recomputes it.
+    parts = [(RECOMPUTED_TERMS[part], pieces) for part, pieces in recomputed_parts(run).items()]
     recomputed = [sum(t.get(k, 0.0) for names, _ in parts for k in names) for t in terms]
     tile = max((max(sum(t.get(k, 0.0) for k in names) for t in terms) / pieces for names, pieces in parts if terms),
                default=0.0)
@@ -204,8 +212,7 @@ def recompute_flops(run: Run, lo: int = 0, hi: int | None = None) -> float:
     arch, seq = run.arch, run.seq_len
     if run.checkpoint_interval:
         return blocks_flops(arch, seq, lo, hi)
-    parts = {run.selective_checkpoint} | ({"mlp"} if run.tiled_mlp else set())
-    return sum(blocks_flops(arch, seq, lo, hi, part) for part in sorted(parts - {None}))
+    return sum(blocks_flops(arch, seq, lo, hi, part) for part in recomputed_parts(run))
 
 
 def stage_comm(run: Run, stage: int, params: int, persistent: int, blocks: int = 0) -> dict[str, float]:

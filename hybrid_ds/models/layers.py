@@ -237,11 +237,11 @@ def to_float8(layer: nn.Module, config: Any, device: torch.device) -> None:
     if not any(fits(module, name) for name, module in layer.named_modules()):
         raise UserError("train.float8", f"true is not available for {config.model_type}: its blocks have no "
                                         "nn.Linear layer whose widths are multiples of 16; set train.float8 false")
-    if device.type == "cuda" and torch.cuda.get_device_capability(device) < (8, 9):
+    capability = torch.cuda.get_device_capability(device) if device.type == "cuda" else None
+    if capability is not None and capability < (8, 9):
         raise UserError("train.float8", f"true needs float8 matmuls (compute capability 8.9 or higher: H100, H200, "
                                         f"L40S), and {torch.cuda.get_device_name(device)} has "
-                                        f"{'.'.join(map(str, torch.cuda.get_device_capability(device)))}; set "
-                                        "train.float8 false")
+                                        f"{'.'.join(map(str, capability))}; set train.float8 false")
     from torchao.float8 import convert_to_float8_training
 
     convert_to_float8_training(layer, module_filter_fn=fits)

@@ -80,10 +80,10 @@ ATTENTION_DROPOUT = ("attention_dropout", "attention_probs_dropout_prob", "attn_
 def check_flex(hf_config: Any) -> None:
     """``model.attn_implementation: flex_attention`` where transformers would refuse it in the middle of training: a
     model class without FlexAttention, or dropout on the attention probabilities (flex takes none)."""
-    for cls in model_classes(hf_config)[:1]:
-        if not getattr(cls, "_supports_flex_attn", False):
-            raise UserError("model.attn_implementation", f"'flex_attention': {cls.__name__} does not support "
-                                                         "FlexAttention in transformers; use 'sdpa' or 'eager'")
+    classes = model_classes(hf_config)
+    if classes and not getattr(classes[0], "_supports_flex_attn", False):
+        raise UserError("model.attn_implementation", f"'flex_attention': {classes[0].__name__} does not support "
+                                                     "FlexAttention in transformers; use 'sdpa' or 'eager'")
     for name in ATTENTION_DROPOUT:
         if getattr(hf_config, name, 0) or 0:
             raise UserError("model.attn_implementation", f"'flex_attention' takes no attention dropout, and "
